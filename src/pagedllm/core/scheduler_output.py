@@ -1,0 +1,49 @@
+"""The scheduler's decision for one step, as plain data sent to the model runner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pagedllm.sampling_params import SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    """A request the runner has not seen yet (or one resumed after preemption): everything."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    # Tokens already generated (non-empty only for a request resumed after preemption).
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class CachedRequestData:
+    """A request the runner already holds: only what changed since the last step."""
+
+    req_id: str
+    new_block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    """What to run this step: how many tokens of which requests, and their new blocks."""
+
+    scheduled_new_reqs: list[NewRequestData]
+    scheduled_cached_reqs: list[CachedRequestData]
+    # req_id -> number of tokens to compute this step (prefill chunk length, or 1 for a decode).
+    num_scheduled_tokens: dict[str, int]
+    total_num_scheduled_tokens: int
+    # Requests finished or preempted since the last step: the runner drops its state for them.
+    finished_req_ids: set[str] = field(default_factory=set)
+    # Blocks that must be copied before this step runs (copy-on-write), as (src, dst) pairs.
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        """True when nothing is scheduled this step."""
+        return self.total_num_scheduled_tokens == 0

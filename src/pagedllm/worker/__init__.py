@@ -1,0 +1,1 @@
+"""Workers: turn a SchedulerOutput into sampled tokens (model runner, sampler)."""
