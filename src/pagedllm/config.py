@@ -77,6 +77,7 @@ class EngineArgs:
 
     model: str | None = None
     tokenizer: str | None = None
+    skip_tokenizer_init: bool = False
     load_format: str = "auto"  # auto | safetensors | gguf | dummy
     dtype: str = "auto"
     seed: int = 0
@@ -104,6 +105,8 @@ class EngineArgs:
         group.add_argument("--model", type=str, default=None,
                            help="HF model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
         group.add_argument("--tokenizer", type=str, default=None, help="tokenizer directory (default: the model's)")
+        group.add_argument("--skip-tokenizer-init", action="store_true",
+                           help="run without a tokenizer (prompts as token ids, no text output)")
         group.add_argument("--load-format", choices=["auto", "safetensors", "gguf", "dummy"], default="auto")
         group.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
         group.add_argument("--seed", type=int, default=defaults.seed)
@@ -132,3 +135,164 @@ class EngineArgs:
     def resolved_model(self) -> str:
         """The model path, falling back to the embedded default model."""
         return self.model if self.model else default_model_path()
+
+
+_DTYPES = {"float32": "float32", "float": "float32", "bfloat16": "bfloat16", "float16": "float16", "half": "float16"}
+
+
+@dataclass
+class ModelConfig:
+    """What the engine needs to know about the model: its HF config, dtype and length limit."""
+
+    model: str
+    hf_config: dict[str, Any]
+    dtype: str  # "float32" | "bfloat16" | "float16"
+    max_model_len: int
+    load_format: str  # "safetensors" | "gguf" | "dummy"
+    tokenizer: str | None
+
+    @property
+    def architectures(self) -> list[str]:
+        """The config's `architectures` list."""
+        return list(self.hf_config.get("architectures") or [])
+
+    @property
+    def vocab_size(self) -> int:
+        """Vocabulary size of the embedding / LM head."""
+        return int(self.hf_config["vocab_size"])
+
+    @property
+    def num_layers(self) -> int:
+        """Number of transformer layers (each has its own KV cache)."""
+        return int(self.hf_config["num_hidden_layers"])
+
+    @property
+    def num_kv_heads(self) -> int:
+        """Total key/value heads (before tensor-parallel sharding)."""
+        return int(self.hf_config.get("num_key_value_heads") or self.hf_config["num_attention_heads"])
+
+    @property
+    def head_dim(self) -> int:
+        """Size of one attention head."""
+        c = self.hf_config
+        return int(c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"])
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        """End-of-sequence ids named by the model config (the tokenizer may add more)."""
+        eos = self.hf_config.get("eos_token_id")
+        if eos is None:
+            return set()
+        return {int(e) for e in (eos if isinstance(eos, list) else [eos])}
+
+
+def resolve_dtype(requested: str, hf_config: dict[str, Any], device: str) -> str:
+    """`auto` is float32 on the CPU and the config's dtype (bf16 when unknown) on a GPU."""
+    if requested != "auto":
+        if requested not in _DTYPES:
+            raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {requested!r}.")
+        return _DTYPES[requested]
+    if device == "cpu":
+        return "float32"
+    name = hf_config.get("dtype") or hf_config.get("torch_dtype") or "bfloat16"
+    resolved = _DTYPES.get(str(name).replace("torch.", ""), "bfloat16")
+    return "bfloat16" if resolved == "float32" else resolved
+
+
+def derive_max_model_len(hf_config: dict[str, Any], requested: int | None) -> int:
+    """The context limit: the requested one if the model allows it, else the model's own."""
+    model_limit = int(hf_config.get("max_position_embeddings") or 2048)
+    window = hf_config.get("sliding_window")
+    if window and hf_config.get("use_sliding_window", True) and int(window) < model_limit:
+        # Sliding-window attention is not implemented yet: within the window it equals full attention.
+        model_limit = int(window)
+    if requested is None:
+        return model_limit
+    if requested < 1:
+        raise ValueError(f"max_model_len must be >= 1, got {requested}.")
+    if requested > model_limit:
+        raise ValueError(
+            f"max_model_len={requested} exceeds what the model supports ({model_limit}, from "
+            f"max_position_embeddings / sliding_window in its config)."
+        )
+    return requested
+
+
+@dataclass
+class EngineConfig:
+    """Every validated setting of one engine, derived once from EngineArgs."""
+
+    model_config: ModelConfig
+    cache_config: CacheConfig
+    scheduler_config: SchedulerConfig
+    device: str  # "cpu" | "cuda"
+    seed: int
+    enforce_eager: bool
+    tensor_parallel_size: int
+
+
+def resolve_device(requested: str) -> str:
+    """`auto` picks CUDA when a GPU is visible, else the CPU."""
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but no CUDA GPU is visible to PyTorch.")
+    if requested not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda; got {requested!r}.")
+    return requested
+
+
+def create_engine_config(args: EngineArgs) -> EngineConfig:
+    """Validate EngineArgs against the model and derive every config the engine needs."""
+    from pagedllm.loader.model_loader import is_gguf, load_hf_config
+
+    model_path = args.resolved_model()
+    hf_config = load_hf_config(model_path)
+    if args.hf_overrides:
+        hf_config.update(args.hf_overrides)
+    load_format = args.load_format
+    if load_format == "auto":
+        load_format = "gguf" if is_gguf(model_path) else "safetensors"
+    elif load_format == "gguf" and not is_gguf(model_path):
+        raise ValueError(f"--load-format gguf needs a .gguf file, got {model_path!r}.")
+    device = resolve_device(args.device)
+    max_model_len = derive_max_model_len(hf_config, args.max_model_len)
+    model_config = ModelConfig(
+        model=model_path,
+        hf_config=hf_config,
+        dtype=resolve_dtype(args.dtype, hf_config, device),
+        max_model_len=max_model_len,
+        load_format=load_format,
+        tokenizer=None if args.skip_tokenizer_init else (args.tokenizer or model_path),
+    )
+    cache_config = CacheConfig(
+        block_size=args.block_size,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        num_gpu_blocks_override=args.num_gpu_blocks_override,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enable_prefix_caching=args.enable_prefix_caching,
+    )
+    max_num_batched_tokens = args.max_num_batched_tokens
+    if max_num_batched_tokens is None:
+        max_num_batched_tokens = 8192 if device == "cuda" else 2048
+        if not args.enable_chunked_prefill:
+            max_num_batched_tokens = max(max_num_batched_tokens, max_model_len)
+    scheduler_config = SchedulerConfig(
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=max_model_len,
+        enable_chunked_prefill=args.enable_chunked_prefill,
+    )
+    if args.tensor_parallel_size != 1:
+        raise ValueError("tensor_parallel_size > 1 is not supported yet.")
+    return EngineConfig(
+        model_config=model_config,
+        cache_config=cache_config,
+        scheduler_config=scheduler_config,
+        device=device,
+        seed=args.seed,
+        enforce_eager=args.enforce_eager,
+        tensor_parallel_size=args.tensor_parallel_size,
+    )

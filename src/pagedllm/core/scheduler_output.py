@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.worker.runner_output import LogprobsLists
 
 
 @dataclass
@@ -47,3 +48,26 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         """True when nothing is scheduled this step."""
         return self.total_num_scheduled_tokens == 0
+
+
+@dataclass
+class EngineCoreOutput:
+    """What one request gained in one step, sent from the scheduler to the output processor."""
+
+    req_id: str
+    new_token_ids: list[int]
+    # Logprobs of new_token_ids (one row per token), when the request asked for logprobs.
+    new_logprobs: LogprobsLists | None = None
+    # Prompt logprobs of the prompt positions computed this step, when asked for.
+    new_prompt_logprobs: LogprobsLists | None = None
+    # "stop", "length" or "abort" once the request has finished, else None.
+    finish_reason: str | None = None
+    # The stop token id that ended the request (None for EOS, length or abort).
+    stop_reason: int | str | None = None
+    # Prompt tokens served from the prefix cache.
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        """True when this is the request's last output."""
+        return self.finish_reason is not None

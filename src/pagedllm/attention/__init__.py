@@ -1,0 +1,1 @@
+"""Paged attention: the batch metadata and the backends that read/write the paged KV cache."""

@@ -1,0 +1,34 @@
+"""The Attention layer models use: writes new K/V into the paged cache and attends over it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pagedllm.attention import torch_backend
+from pagedllm.attention.metadata import AttentionMetadata
+
+
+class Attention(nn.Module):
+    """Paged attention for one transformer layer; the runner binds its KV cache tensor."""
+
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.num_kv_heads = num_kv_heads
+        self.scale = scale
+        # [2, num_blocks, block_size, num_kv_heads, head_dim]; bound by the model runner.
+        self.kv_cache = torch.empty(0)
+
+    def forward(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        """query [T, H*D], key/value [T, Hkv*D] -> attention output [T, H*D]."""
+        num_tokens = query.shape[0]
+        q = query.view(num_tokens, self.num_heads, self.head_dim)
+        k = key.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = value.view(num_tokens, self.num_kv_heads, self.head_dim)
+        torch_backend.write_to_kv_cache(k, v, self.kv_cache, metadata.slot_mapping)
+        out = torch_backend.paged_attention(q, self.kv_cache, metadata, self.scale)
+        return out.view(num_tokens, self.num_heads * self.head_dim)

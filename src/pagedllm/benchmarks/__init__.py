@@ -1,0 +1,1 @@
+"""Benchmarks run by `pagedllm bench ...` (workloads defined in shared/BENCHMARKS.md)."""

@@ -1,0 +1,41 @@
+"""Tensor-parallel process-group state and collectives (a single rank unless initialised)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+_TP_RANK = 0
+_TP_SIZE = 1
+
+
+def set_tensor_parallel_state(rank: int, world_size: int) -> None:
+    """Record this process's tensor-parallel rank and world size (after init_process_group)."""
+    global _TP_RANK, _TP_SIZE
+    _TP_RANK, _TP_SIZE = rank, world_size
+
+
+def get_tp_rank() -> int:
+    """This process's rank in the tensor-parallel group (0 without parallelism)."""
+    return _TP_RANK
+
+
+def get_tp_size() -> int:
+    """Number of tensor-parallel ranks (1 without parallelism)."""
+    return _TP_SIZE
+
+
+def tensor_model_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over the tensor-parallel ranks, in place; a no-op on one rank."""
+    if _TP_SIZE > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def tensor_model_parallel_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Concatenate each rank's tensor along `dim`; identity on one rank."""
+    if _TP_SIZE == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(_TP_SIZE)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=dim)

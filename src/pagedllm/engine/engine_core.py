@@ -1,0 +1,67 @@
+"""EngineCore: the step loop — schedule -> execute -> update — over the KV pool it sizes."""
+
+from __future__ import annotations
+
+import logging
+
+from pagedllm.config import EngineConfig
+from pagedllm.core.kv_cache_manager import KVCacheManager
+from pagedllm.core.scheduler import Scheduler
+from pagedllm.core.scheduler_output import EngineCoreOutput
+from pagedllm.executor.uniproc import UniProcExecutor
+from pagedllm.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    """Owns the scheduler, the KV cache manager and the executor; runs one step at a time."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.executor = UniProcExecutor(config)
+        cache, sched = config.cache_config, config.scheduler_config
+        num_blocks = self.executor.determine_num_blocks()
+        blocks_for_one_request = -(-sched.max_model_len // cache.block_size)
+        if num_blocks < blocks_for_one_request:
+            raise ValueError(
+                f"The KV cache holds {num_blocks} blocks of {cache.block_size} tokens, but one request of "
+                f"max_model_len={sched.max_model_len} tokens needs {blocks_for_one_request}. Give the cache "
+                f"more memory (--kv-cache-memory-bytes / --gpu-memory-utilization / "
+                f"--num-gpu-blocks-override) or lower --max-model-len."
+            )
+        cache.num_blocks = num_blocks
+        self.executor.initialize_cache(num_blocks)
+        self.kv_cache_manager = KVCacheManager(num_blocks, cache.block_size, sched.max_model_len)
+        self.scheduler = Scheduler(sched, self.kv_cache_manager)
+        num_tokens = num_blocks * cache.block_size
+        logger.info("KV cache: %d tokens (%d blocks), max concurrency %.2fx at max_model_len %d",
+                    num_tokens, num_blocks, num_tokens / sched.max_model_len, sched.max_model_len)
+
+    def add_request(self, request: Request) -> None:
+        """Queue a validated request."""
+        self.scheduler.add_request(request)
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        """Finish requests early (client abort, stop string); their blocks are freed."""
+        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def finish_requests_stopped(self, request_ids: list[str]) -> None:
+        """Finish requests that hit a stop string found after detokenization."""
+        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_STOPPED)
+
+    def has_unfinished_requests(self) -> bool:
+        """True while any request is waiting or running."""
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[EngineCoreOutput]:
+        """Schedule, run the model once, and return what each request produced."""
+        if not self.scheduler.has_unfinished_requests():
+            return []
+        scheduler_output = self.scheduler.schedule()
+        runner_output = self.executor.execute_model(scheduler_output)
+        return self.scheduler.update_from_output(scheduler_output, runner_output)
+
+    def shutdown(self) -> None:
+        """Release the executor."""
+        self.executor.shutdown()

@@ -1,0 +1,1 @@
+"""Executors drive the workers; one interface for a single process or many."""

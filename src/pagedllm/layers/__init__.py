@@ -1,0 +1,1 @@
+"""Model building blocks: linear layers (tensor-parallel ready), norms, rotary embedding, activations."""

@@ -1,0 +1,52 @@
+"""Token embedding and LM head, split along the vocabulary for tensor parallelism."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedllm.distributed import (
+    get_tp_rank,
+    get_tp_size,
+    tensor_model_parallel_all_gather,
+    tensor_model_parallel_all_reduce,
+)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding whose rows (vocabulary entries) are split across ranks, padded to divide evenly."""
+
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.vocab_size = vocab_size
+        self.num_per_partition = -(-vocab_size // self.tp_size)
+        self.vocab_start = self.tp_rank * self.num_per_partition
+        self.weight = nn.Parameter(torch.zeros(self.num_per_partition, hidden_size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        """Copy this rank's vocabulary rows (the padding rows stay zero)."""
+        rows = loaded[self.vocab_start : self.vocab_start + self.num_per_partition]
+        param.data[: rows.shape[0]].copy_(rows)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Look up token embeddings [T] -> [T, hidden]."""
+        if self.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.num_per_partition)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out.masked_fill_(outside.unsqueeze(-1), 0)
+        return tensor_model_parallel_all_reduce(out)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Output projection to vocabulary logits; may share its weight with the embedding."""
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Logits [N, vocab_size] for hidden states [N, hidden] (gathered across ranks)."""
+        logits = F.linear(hidden_states, self.weight)
+        logits = tensor_model_parallel_all_gather(logits, dim=-1)
+        return logits[..., : self.vocab_size]

@@ -1,0 +1,94 @@
+"""Finds a model's config and weights and builds the model on a device."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagedllm.config import ModelConfig
+from pagedllm.models.registry import resolve_model_class
+
+
+def is_gguf(path: str) -> bool:
+    """True for a path to a .gguf file."""
+    return path.endswith(".gguf") and os.path.isfile(path)
+
+
+def load_hf_config(path: str) -> dict[str, Any]:
+    """The HF-style config dict of a model directory (config.json) or a .gguf file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Model path {path!r} does not exist (give a local HF directory or a .gguf file).")
+    if is_gguf(path):
+        from pagedllm.loader.gguf_loader import load_gguf_config
+
+        return load_gguf_config(path)
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"Model directory {path!r} has no config.json.")
+    with open(config_path) as f:
+        config = json.load(f)
+    if "text_config" in config and "num_hidden_layers" not in config:
+        # Multimodal wrappers keep the language model's settings in text_config.
+        config = {**config["text_config"], "architectures": config.get("architectures", [])}
+    return config
+
+
+def _iter_safetensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"Model directory {path!r} has no *.safetensors files (or use --load-format dummy).")
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def _iter_weights(model_config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    if model_config.load_format == "gguf":
+        from pagedllm.loader.gguf_loader import iter_gguf_weights
+
+        return iter_gguf_weights(model_config.model, model_config.hf_config)
+    return _iter_safetensors(model_config.model)
+
+
+def _initialize_dummy_weights(model: nn.Module, seed: int, device: torch.device) -> None:
+    """Small random weights: enough to benchmark, and to run without a checkpoint."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.data.fill_(1.0)
+        else:
+            param.data.uniform_(-0.02, 0.02, generator=generator)
+
+
+def get_model(model_config: ModelConfig, device: torch.device, seed: int = 0) -> nn.Module:
+    """Build the model class its config names, load its weights, and move it to `device`."""
+    model_class = resolve_model_class(model_config.architectures)
+    dtype = getattr(torch, model_config.dtype)
+    hf_config = {**model_config.hf_config, "_max_model_len": model_config.max_model_len}
+    # Parameters are created directly on the device in the target dtype (rotary tables stay fp32).
+    previous_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = model_class(hf_config)
+    finally:
+        torch.set_default_dtype(previous_dtype)
+    if model_config.load_format == "dummy":
+        _initialize_dummy_weights(model, seed, device)
+    else:
+        loaded = model.load_weights(_iter_weights(model_config))
+        expected = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ValueError(f"Checkpoint at {model_config.model!r} lacks weights for: {', '.join(missing[:8])}"
+                             + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+    return model.eval()

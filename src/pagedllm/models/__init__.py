@@ -1,0 +1,1 @@
+"""Model families, looked up by the `architectures` entry of their config."""

@@ -1,0 +1,195 @@
+"""The Llama family: Llama, Mistral, Qwen2 and Qwen3 (and SmolLM, which is a Llama).
+
+Differences handled by the config: GQA, RoPE scaling, tied embeddings, QKV bias (Qwen2),
+per-head q/k RMSNorm (Qwen3), explicit head_dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagedllm.attention.layer import Attention
+from pagedllm.attention.metadata import AttentionMetadata
+from pagedllm.distributed import get_tp_size
+from pagedllm.layers.activation import SiluAndMul
+from pagedllm.layers.layernorm import RMSNorm
+from pagedllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from pagedllm.layers.rotary import RotaryEmbedding, rope_parameters
+from pagedllm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
+
+# checkpoint name fragment -> (fused parameter fragment, shard id)
+_STACKED_PARAMS = [
+    (".q_proj.", ".qkv_proj.", "q"),
+    (".k_proj.", ".qkv_proj.", "k"),
+    (".v_proj.", ".qkv_proj.", "v"),
+    (".gate_proj.", ".gate_up_proj.", 0),
+    (".up_proj.", ".gate_up_proj.", 1),
+]
+
+
+class LlamaAttention(nn.Module):
+    """Self-attention: fused QKV projection, optional q/k norm, RoPE, paged attention, output projection."""
+
+    def __init__(self, config: dict[str, Any], rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        hidden = config["hidden_size"]
+        total_heads = config["num_attention_heads"]
+        total_kv_heads = config.get("num_key_value_heads") or total_heads
+        self.head_dim = config.get("head_dim") or hidden // total_heads
+        model_type = config.get("model_type", "llama")
+        # Qwen2 always has q/k/v biases and no output bias; the others follow attention_bias.
+        qkv_bias = model_type == "qwen2" or bool(config.get("attention_bias", False))
+        o_bias = model_type != "qwen2" and bool(config.get("attention_bias", False))
+        self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, total_heads, total_kv_heads, bias=qkv_bias)
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.o_proj = RowParallelLinear(total_heads * self.head_dim, hidden, bias=o_bias)
+        self.qk_norm = model_type == "qwen3"
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config["rms_norm_eps"])
+            self.k_norm = RMSNorm(self.head_dim, config["rms_norm_eps"])
+        self.rotary = rotary
+        self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim**-0.5)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        """Hidden states [T, hidden] -> attention output [T, hidden]."""
+        qkv = self.qkv_proj(hidden)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        num_tokens = hidden.shape[0]
+        q = q.reshape(num_tokens, self.num_heads, self.head_dim)
+        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        out = self.attn(q.reshape(num_tokens, -1), k.reshape(num_tokens, -1), v, metadata)
+        return self.o_proj(out)
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up fused in one matmul."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        hidden, inter = config["hidden_size"], config["intermediate_size"]
+        bias = bool(config.get("mlp_bias", False))
+        self.gate_up_proj = MergedColumnParallelLinear(hidden, [inter, inter], bias=bias)
+        self.down_proj = RowParallelLinear(inter, hidden, bias=bias)
+        if config.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {config.get('hidden_act')!r} is not supported by the Llama family (silu only).")
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, hidden] -> [T, hidden]."""
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm transformer block with the residual carried alongside (fused add + norm)."""
+
+    def __init__(self, config: dict[str, Any], rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, rotary)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config["hidden_size"], config["rms_norm_eps"])
+        self.post_attention_layernorm = RMSNorm(config["hidden_size"], config["rms_norm_eps"])
+
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, metadata: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One block; returns (hidden, residual) with the residual add deferred to the next norm."""
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers and final norm."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config["vocab_size"], config["hidden_size"])
+        heads = config["num_attention_heads"]
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        rope = rope_parameters(config)
+        rotary_dim = int(head_dim * config.get("partial_rotary_factor", 1.0))
+        max_position = max(config.get("max_position_embeddings", 2048), config.get("_max_model_len", 0))
+        rotary = RotaryEmbedding(head_dim, rotary_dim, max_position, rope)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary) for _ in range(config["num_hidden_layers"]))
+        self.norm = RMSNorm(config["hidden_size"], config["rms_norm_eps"])
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        """Token ids [T] at positions [T] -> final hidden states [T, hidden]."""
+        hidden = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, metadata)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """A Llama-family causal LM: hidden states from the model, logits from the LM head."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.tie_word_embeddings = bool(config.get("tie_word_embeddings", False))
+        self.lm_head = ParallelLMHead(config["vocab_size"], config["hidden_size"])
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        """Final hidden states for every token of the flat batch."""
+        return self.model(input_ids, positions, metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits for the selected hidden states [N, hidden] -> [N, vocab]."""
+        return self.lm_head.compute_logits(hidden)
+
+    def attention_layers(self) -> list[Attention]:
+        """The Attention modules in layer order (the runner binds one KV cache to each)."""
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load checkpoint tensors named as in Hugging Face; returns the parameter names loaded."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.tie_word_embeddings:
+                continue
+            for ckpt_part, param_part, shard_id in _STACKED_PARAMS:
+                if ckpt_part in name:
+                    target = name.replace(ckpt_part, param_part)
+                    param = params[target]
+                    param.weight_loader(param, tensor, shard_id)
+                    break
+            else:
+                target = name
+                if target not in params:
+                    raise ValueError(f"Checkpoint tensor {name!r} has no matching parameter in {type(self).__name__}.")
+                param = params[target]
+                loader = getattr(param, "weight_loader", None)
+                if loader is None:
+                    if param.shape != tensor.shape:
+                        raise ValueError(f"Checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}.")
+                    param.data.copy_(tensor)
+                else:
+                    loader(param, tensor)
+            loaded.add(target)
+        if self.tie_word_embeddings:
+            loaded.add("lm_head.weight")
+        return loaded

@@ -1,0 +1,134 @@
+"""ModelRunner: keeps per-request state, builds each step's batch, runs the model and samples."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from pagedllm.config import CacheConfig, ModelConfig
+from pagedllm.core.scheduler_output import SchedulerOutput
+from pagedllm.loader import get_model
+from pagedllm.worker.input_batch import BatchInputs, CachedRequestState, prepare_inputs
+from pagedllm.worker.runner_output import LogprobsLists, ModelRunnerOutput
+from pagedllm.worker.sampler import Sampler, compute_logprobs
+from pagedllm.worker.sampling_metadata import build_sampling_metadata
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    """Runs one step of the model for a SchedulerOutput on one device."""
+
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, device: torch.device, seed: int = 0) -> None:
+        self.model_config = model_config
+        self.cache_config = cache_config
+        self.device = device
+        self.seed = seed
+        self.block_size = cache_config.block_size
+        self.dtype = getattr(torch, model_config.dtype)
+        self.requests: dict[str, CachedRequestState] = {}
+        self.sampler = Sampler()
+        self.model: torch.nn.Module | None = None
+        self.kv_caches: list[torch.Tensor] = []
+
+    def load_model(self) -> None:
+        """Build the model and load its weights onto the device."""
+        self.model = get_model(self.model_config, self.device, seed=self.seed)
+
+    def kv_cache_bytes_per_block(self) -> int:
+        """Bytes one block takes across all layers (keys and values)."""
+        layer = self.model.attention_layers()[0]  # type: ignore[union-attr]
+        per_layer = 2 * self.block_size * layer.num_kv_heads * layer.head_dim * self.dtype.itemsize
+        return per_layer * len(self.model.attention_layers())  # type: ignore[union-attr]
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        """Allocate the paged KV pool ([2, num_blocks, block_size, Hkv, D] per layer) and bind it."""
+        self.kv_caches = []
+        for layer in self.model.attention_layers():  # type: ignore[union-attr]
+            cache = torch.zeros(2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim,
+                                dtype=self.dtype, device=self.device)
+            layer.kv_cache = cache
+            self.kv_caches.append(cache)
+
+    def _update_states(self, scheduler_output: SchedulerOutput) -> None:
+        for req_id in scheduler_output.finished_req_ids:
+            self.requests.pop(req_id, None)
+        for new in scheduler_output.scheduled_new_reqs:
+            params = new.sampling_params
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator(device=self.device).manual_seed(params.seed)
+            self.requests[new.req_id] = CachedRequestState(
+                req_id=new.req_id,
+                prompt_token_ids=list(new.prompt_token_ids),
+                output_token_ids=list(new.output_token_ids),
+                sampling_params=params,
+                generator=generator,
+                block_ids=list(new.block_ids),
+                num_computed_tokens=new.num_computed_tokens,
+            )
+        for cached in scheduler_output.scheduled_cached_reqs:
+            state = self.requests[cached.req_id]
+            state.block_ids.extend(cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
+
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """Run the scheduled tokens through the model and sample where a request reached its end."""
+        self._update_states(scheduler_output)
+        if scheduler_output.is_empty:
+            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+        batch = prepare_inputs(scheduler_output, self.requests, self.block_size, self.device)
+        hidden = self.model(batch.input_ids, batch.positions, batch.attn_metadata)  # type: ignore[misc]
+        sampled: dict[str, list[int]] = {}
+        logprobs: dict[str, LogprobsLists] = {}
+        if batch.sampling_req_ids:
+            logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))  # type: ignore[union-attr]
+            sampled, logprobs = self._sample(batch, logits.float())
+        prompt_logprobs = self._prompt_logprobs(batch, hidden) if batch.prompt_logprob_spans else {}
+        for req_id in batch.req_ids:
+            # The runner advances its own view; the scheduler sends the authoritative count next step.
+            self.requests[req_id].num_computed_tokens += scheduler_output.num_scheduled_tokens[req_id]
+        return ModelRunnerOutput(
+            req_ids=batch.req_ids,
+            sampled_token_ids=[sampled.get(r, []) for r in batch.req_ids],
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )
+
+    def _sample(self, batch: BatchInputs, logits: torch.Tensor) -> tuple[dict[str, list[int]], dict[str, LogprobsLists]]:
+        states = [self.requests[r] for r in batch.sampling_req_ids]
+        metadata = build_sampling_metadata(
+            [s.sampling_params for s in states],
+            [s.prompt_token_ids for s in states],
+            [s.output_token_ids for s in states],
+            [s.generator for s in states],
+            vocab_size=logits.shape[-1],
+            device=self.device,
+        )
+        out = self.sampler.forward(logits, metadata)
+        token_ids = out.sampled_token_ids.tolist()
+        sampled: dict[str, list[int]] = {}
+        logprobs: dict[str, LogprobsLists] = {}
+        for row, state in enumerate(states):
+            state.append_output_token(token_ids[row])
+            sampled[state.req_id] = [token_ids[row]]
+            if out.logprobs is not None and state.sampling_params.logprobs is not None:
+                k = state.sampling_params.logprobs + 1
+                logprobs[state.req_id] = LogprobsLists(
+                    token_ids=[out.logprobs.token_ids[row][:k]],
+                    logprobs=[out.logprobs.logprobs[row][:k]],
+                    ranks=[out.logprobs.ranks[row]],
+                )
+        return sampled, logprobs
+
+    def _prompt_logprobs(self, batch: BatchInputs, hidden: torch.Tensor) -> dict[str, LogprobsLists]:
+        result: dict[str, LogprobsLists] = {}
+        for req_id, (start, rows, first_pos) in batch.prompt_logprob_spans.items():
+            state = self.requests[req_id]
+            logits = self.model.compute_logits(hidden[start : start + rows]).float()  # type: ignore[union-attr]
+            next_tokens = torch.tensor(state.prompt_token_ids[first_pos + 1 : first_pos + 1 + rows], device=self.device)
+            lp = torch.log_softmax(logits, dim=-1)
+            result[req_id] = compute_logprobs(lp, state.sampling_params.prompt_logprobs or 0, next_tokens)
+        return result

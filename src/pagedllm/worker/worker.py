@@ -1,0 +1,45 @@
+"""Worker: one device's model runner, plus sizing of its share of the KV pool."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from pagedllm.config import DEFAULT_KV_CACHE_MEMORY_BYTES, EngineConfig
+from pagedllm.core.scheduler_output import SchedulerOutput
+from pagedllm.worker.model_runner import ModelRunner
+from pagedllm.worker.runner_output import ModelRunnerOutput
+
+logger = logging.getLogger(__name__)
+
+
+class Worker:
+    """Owns a device and its ModelRunner; the executor drives it."""
+
+    def __init__(self, config: EngineConfig, rank: int = 0) -> None:
+        self.config = config
+        self.rank = rank
+        self.device = torch.device(config.device)
+        torch.manual_seed(config.seed)
+        self.model_runner = ModelRunner(config.model_config, config.cache_config, self.device, seed=config.seed)
+
+    def load_model(self) -> None:
+        """Load the model's weights onto this worker's device."""
+        self.model_runner.load_model()
+
+    def determine_num_blocks(self) -> int:
+        """How many KV blocks fit the memory given to the cache (or the pinned override)."""
+        cache = self.config.cache_config
+        if cache.num_gpu_blocks_override is not None:
+            return cache.num_gpu_blocks_override
+        budget = cache.kv_cache_memory_bytes or DEFAULT_KV_CACHE_MEMORY_BYTES
+        return max(budget // self.model_runner.kv_cache_bytes_per_block(), 0)
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        """Allocate the KV pool on the device."""
+        self.model_runner.initialize_kv_cache(num_blocks)
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one scheduled step."""
+        return self.model_runner.execute_model(scheduler_output)
