@@ -1,6 +1,6 @@
 """Microbenchmark of the sampler: ms per forward for 256 rows at two vocabulary sizes.
 
-Run: PYTHONPATH=src python benchmarks/bench_sampler.py [--rows 256] [--iters 5]
+Run: PYTHONPATH=src python benchmarks/bench_sampler.py [--rows 256] [--iters 5] [--device cpu]
 
 Logits are "LM-like" (Gaussian with std 4: a peaked distribution whose 0.95 nucleus holds tens
 to hundreds of tokens), except the "flat" case (std 1), the worst case for top-p because its
@@ -53,24 +53,27 @@ CASES: list[tuple[str, Callable[[int], SamplingParams], float]] = [
 ]
 
 
-def bench(rows: int, vocab_size: int, iters: int) -> None:
+def bench(rows: int, vocab_size: int, iters: int, device: torch.device) -> None:
     """Print build and forward ms for every case at one vocabulary size."""
     rng = random.Random(0)
     prompts = [[rng.randrange(vocab_size) for _ in range(512)] for _ in range(rows)]
     outputs = [[rng.randrange(vocab_size) for _ in range(128)] for _ in range(rows)]
     sampler = Sampler()
-    buffer = torch.empty(rows, vocab_size)
+    buffer = torch.empty(rows, vocab_size, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for name, make, scale in CASES:
-        source = torch.randn(rows, vocab_size, generator=torch.Generator().manual_seed(1)) * scale
+        source = (torch.randn(rows, vocab_size, generator=torch.Generator().manual_seed(1)) * scale).to(device)
         params = [make(i) for i in range(rows)]
         build_s = forward_s = 0.0
         for it in range(iters + 1):  # the first iteration warms up
             t0 = time.perf_counter()
-            md = build_sampling_metadata(params, prompts, outputs, [None] * rows, vocab_size, torch.device("cpu"))
+            md = build_sampling_metadata(params, prompts, outputs, [None] * rows, vocab_size, device)
+            sync()
             t1 = time.perf_counter()
             buffer.copy_(source)  # the forward overwrites its logits
+            sync()
             t2 = time.perf_counter()
-            sampler.forward(buffer, md)
+            sampler.forward(buffer, md).sampled_token_ids.tolist()  # as the runner does
             t3 = time.perf_counter()
             if it:
                 build_s += t1 - t0
@@ -86,10 +89,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rows} rows")
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rows} rows on {device}")
     for vocab_size in (49152, 151936):
-        bench(args.rows, vocab_size, args.iters)
+        bench(args.rows, vocab_size, args.iters, device)
 
 
 if __name__ == "__main__":

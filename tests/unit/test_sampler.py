@@ -13,6 +13,7 @@ from pagedllm.sampling_params import SamplingParams
 from pagedllm.worker.sampler import (
     Sampler,
     apply_penalties_,
+    candidate_thresholds,
     compute_logprobs,
     exponential_race,
     sample_random,
@@ -190,6 +191,20 @@ def test_top_k_larger_than_the_vocabulary_keeps_every_token() -> None:
     torch.manual_seed(0)
     sampled = sample_random(logits, torch.ones(2000), top_k=torch.full((2000,), 10_000))
     assert len(set(sampled.tolist())) == 50
+
+
+def test_candidates_ending_in_zero_probability_cover_the_row() -> None:
+    # At a low temperature the k-th value underflows to 0: every token left out has P = 0,
+    # so the row must not be sent on to a larger candidate set (a full sort).
+    values = torch.tensor([[1.0, 0.3, 0.0, 0.0]])
+    threshold, covered = candidate_thresholds(values, torch.tensor([4]), None, None, None, complete=False)
+    assert bool(covered.all()) and float(threshold[0]) == 0.0
+
+
+def test_candidates_cut_at_a_tie_with_the_last_one_need_more() -> None:
+    values = torch.tensor([[1.0, 0.5, 0.5, 0.5]])
+    _, covered = candidate_thresholds(values, torch.tensor([2]), None, None, None, complete=False)
+    assert not bool(covered.any())
 
 
 def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:

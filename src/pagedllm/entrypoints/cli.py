@@ -16,7 +16,7 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--top-p", type=float, default=1.0)
     group.add_argument("--top-k", type=int, default=0)
     group.add_argument("--min-p", type=float, default=0.0)
-    group.add_argument("--seed", dest="sampling_seed", type=int, default=None)
+    group.add_argument("--sampling-seed", type=int, default=None, help="seed of the sampled request")
     group.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
 

@@ -8,7 +8,7 @@ Random rows work on unnormalised probabilities P = exp((logit - row_max) / T), w
 is exactly 1, so every filter is a per-row threshold "keep P >= thr" (ties at the threshold
 are kept, as in HF and vLLM). Top-k and top-p need the largest values of a row: they are found
 with `topk` over a few candidates (128 first, 8x more for rows whose cut lies beyond them)
-instead of sorting the whole vocabulary, which on a CPU costs ~1.5 s at 256 x 152k.
+instead of sorting the whole vocabulary, which on a CPU costs 1.5-3 s at 256 x 152k.
 
 Sampling is the exponential race: argmax(P / E) with E ~ Exp(1) i.i.d. picks token i with
 probability P_i / sum(P). E = -log(U) with U uniform: torch's `exponential_` is ~4x slower on
@@ -77,7 +77,7 @@ def _sanitize_bad_rows_(logits: torch.Tensor, row_max: torch.Tensor) -> torch.Te
     bad = (~torch.isfinite(row_max)).nonzero().squeeze(1)
     if bad.numel() == 0:
         return row_max
-    fixed = sanitized(logits.index_select(0, bad))
+    fixed = sanitized(logits[bad])
     logits.index_copy_(0, bad, fixed)
     return row_max.index_copy(0, bad, fixed.amax(-1))
 
@@ -87,7 +87,7 @@ def raw_logprobs(logits: torch.Tensor) -> torch.Tensor:
     logprobs = torch.log_softmax(logits, dim=-1)
     bad = (~torch.isfinite(logprobs.amax(-1))).nonzero().squeeze(1)
     if bad.numel():
-        logprobs.index_copy_(0, bad, torch.log_softmax(sanitized(logits.index_select(0, bad)), dim=-1))
+        logprobs.index_copy_(0, bad, torch.log_softmax(sanitized(logits[bad]), dim=-1))
     return logprobs
 
 
@@ -130,7 +130,7 @@ def sample_greedy(logits: torch.Tensor) -> torch.Tensor:
     chosen = logits.gather(1, token_ids.unsqueeze(1)).squeeze(1)
     nan_rows = chosen.isnan().nonzero().squeeze(1)
     if nan_rows.numel():
-        token_ids[nan_rows] = sanitized(logits.index_select(0, nan_rows)).argmax(-1)
+        token_ids[nan_rows] = sanitized(logits[nan_rows]).argmax(-1)
     return token_ids
 
 
@@ -195,13 +195,16 @@ def candidate_thresholds(
         threshold = torch.where(top_p < 1.0, torch.maximum(threshold, nucleus), threshold)
     if min_p is not None:
         threshold = torch.maximum(threshold, min_p)  # P's max is 1: min_p * max_p == min_p
-    covered = (covered & (threshold > last)) | complete
+    # Tokens outside the candidates have P <= last; when last underflowed to 0 they cannot be
+    # drawn, so the row is covered (low temperatures would otherwise force a full sort).
+    covered = (covered & (threshold > last)) | (last == 0.0) | complete
     return threshold, covered
 
 
-def _take(x: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
+def _take(x: torch.Tensor | None, rows: torch.Tensor | slice | None) -> torch.Tensor | None:
     """x[rows], or x itself when rows is None (all rows)."""
-    return x if x is None or rows is None else x.index_select(0, rows)
+    # Not index_select: on CPU with 2 busy threads it was up to 100x slower than x[rows].
+    return x if x is None or rows is None else x[rows]
 
 
 def _sample_filtered(
@@ -241,7 +244,9 @@ def _sample_filtered(
             token_ids[done if pending is None else pending[done]] = indices[done].gather(1, position).squeeze(1)
         still = (~covered).nonzero().squeeze(1)
         pending = still if pending is None else pending[still]
-        num_candidates = min(vocab_size, num_candidates * _CANDIDATE_GROWTH)
+        num_candidates *= _CANDIDATE_GROWTH
+        if num_candidates * 4 > vocab_size:
+            num_candidates = vocab_size  # topk of a large fraction costs as much as a full sort
 
 
 def sample_random(
@@ -275,7 +280,7 @@ def sample_random(
     token_ids[plain] = exponential_race(plain_probs, generator)
     rows = filtered.nonzero().squeeze(1)
     token_ids[rows] = _sample_filtered(
-        probs.index_select(0, rows), _take(top_k, rows), _take(top_p, rows), _take(min_p, rows), generator
+        probs[rows], _take(top_k, rows), _take(top_p, rows), _take(min_p, rows), generator
     )
     return token_ids
 
@@ -303,10 +308,10 @@ class Sampler:
                 # Greedy rows: argmax over the whole batch is one pass and no copy.
                 sampled = sample_greedy(logits)
             if unseeded.numel():
-                sampled[unseeded] = self._sample_random_rows(logits.index_select(0, unseeded), md, unseeded)
+                sampled[unseeded] = self._sample_random_rows(logits[unseeded], md, unseeded)
             for row in md.seeded_random_rows:
-                one = torch.tensor([row], device=logits.device)
-                sampled[row] = self._sample_random_rows(logits[row : row + 1], md, one, md.generators[row])[0]
+                one = slice(row, row + 1)
+                sampled[row] = self._sample_random_rows(logits[one], md, one, md.generators[row])[0]
 
         lists = None
         if logprobs is not None:
@@ -319,7 +324,7 @@ class Sampler:
     def _sample_random_rows(
         logits: torch.Tensor,
         md: SamplingMetadata,
-        rows: torch.Tensor | None,
+        rows: torch.Tensor | slice | None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """sample_random on `logits` (the metadata rows `rows`; None = all), flags applied."""
