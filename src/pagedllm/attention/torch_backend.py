@@ -86,10 +86,12 @@ def _decode_attention(
     seq_lens = metadata.seq_lens[:batch]
     max_len = max(metadata.seq_lens_cpu[:batch])
     num_blocks = -(-max_len // block_size)
-    tables = metadata.block_tables[:batch, :num_blocks]
-    # [B, nb, bs, Hkv, D] -> [B, Hkv, L, D]
-    keys = kv_cache[0][tables].flatten(1, 2).permute(0, 2, 1, 3).to(query.dtype)
-    values = kv_cache[1][tables].flatten(1, 2).permute(0, 2, 1, 3).to(query.dtype)
+    blocks = metadata.block_tables[:batch, :num_blocks].flatten()
+    # index_select on a flat block list is several times faster on CPU than 2-D advanced indexing.
+    # [B * nb, bs, Hkv, D] -> [B, Hkv, L, D]
+    shape = (batch, num_blocks * block_size, num_kv_heads, head_dim)
+    keys = kv_cache[0].index_select(0, blocks).view(shape).transpose(1, 2).to(query.dtype)
+    values = kv_cache[1].index_select(0, blocks).view(shape).transpose(1, 2).to(query.dtype)
     # The query heads of one KV head act as that head's "query sequence": GQA without copies.
     group = num_heads // num_kv_heads
     q = query.view(batch, num_kv_heads, group, head_dim)

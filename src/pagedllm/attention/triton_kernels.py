@@ -1,0 +1,287 @@
+"""Triton kernels for the paged KV cache: slot writes, varlen paged attention, split-KV decode.
+
+Launch them through `pagedllm.attention.triton_backend`, which picks tile sizes and grids.
+
+Shared conventions:
+- One layer's KV cache is [2, num_blocks, PAGE, num_kv_heads, head_dim]; the kernels get the key
+  and value halves as two pointers with the same (block, token, head) strides; head_dim is
+  contiguous. A KV token n of a request lives in block `block_table[n // PAGE]`, row `n % PAGE`.
+  Block ids are read as int64, so offsets into a large pool do not overflow.
+- Softmax runs in base 2: scores are multiplied by `scale * log2(e)` once and exp2 is used.
+- GQA: the query heads that share a KV head are stacked on the M dimension of tl.dot, so every
+  KV tile is loaded once per KV head and serves the whole group.
+- Nothing that changes from step to step (sequence lengths, number of requests, split length)
+  is a constexpr: those come from tensors or plain int arguments excluded from specialization,
+  so a captured CUDA graph and a new batch never force a recompilation.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _reshape_and_cache_kernel(
+    key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_mapping_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_cb, stride_ct, stride_ch,
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+):
+    """One program per token: copy its [Hkv, D] key and value into the slot it was given."""
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot < 0:  # padding token (CUDA-graph padding or a skipped row)
+        return
+    block = slot // PAGE
+    row = slot % PAGE
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_h < NUM_KV_HEADS)[:, None]
+    if BLOCK_D != HEAD_DIM:
+        mask = mask & (offs_d < HEAD_DIM)[None, :]
+    k = tl.load(key_ptr + token * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
+    v = tl.load(value_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+    dst = block * stride_cb + row * stride_ct + offs_h[:, None] * stride_ch + offs_d[None, :]
+    tl.store(key_cache_ptr + dst, k.to(key_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(value_cache_ptr + dst, v.to(value_cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _attend_kv_tile(
+    acc, l_i, m_i, q, q_pos,
+    key_cache_ptr, value_cache_ptr, block_table_ptr,
+    start_n, kv_end, kv_head, scale_log2,
+    stride_cb, stride_ct, stride_ch,
+    offs_d,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+    MASK_END: tl.constexpr, MASK_CAUSAL: tl.constexpr,
+    DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """Fold KV tokens [start_n, start_n + BLOCK_N) into the online-softmax state (acc, l_i, m_i).
+
+    MASK_END masks tokens at or past kv_end; MASK_CAUSAL also hides keys after each row's q_pos.
+    Unmasked tiles skip every mask so their loads stay fully vectorized.
+    """
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if MASK_END:
+        n_valid = offs_n < kv_end
+        # Past the last block the table may end: never read it there.
+        block = tl.load(block_table_ptr + offs_n // PAGE, mask=n_valid, other=0).to(tl.int64)
+    else:
+        block = tl.load(block_table_ptr + offs_n // PAGE).to(tl.int64)
+    kv_offs = block * stride_cb + (offs_n % PAGE) * stride_ct + kv_head * stride_ch
+    ptrs = kv_offs[:, None] + offs_d[None, :]
+    if MASK_END:
+        kv_mask = n_valid[:, None]
+        if BLOCK_D != HEAD_DIM:
+            kv_mask = kv_mask & (offs_d < HEAD_DIM)[None, :]
+        k = tl.load(key_cache_ptr + ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(value_cache_ptr + ptrs, mask=kv_mask, other=0.0)
+    elif BLOCK_D != HEAD_DIM:
+        d_mask = (offs_d < HEAD_DIM)[None, :]
+        k = tl.load(key_cache_ptr + ptrs, mask=d_mask, other=0.0)
+        v = tl.load(value_cache_ptr + ptrs, mask=d_mask, other=0.0)
+    else:
+        k = tl.load(key_cache_ptr + ptrs)
+        v = tl.load(value_cache_ptr + ptrs)
+    k = k.to(q.dtype)
+    v = v.to(q.dtype)
+
+    if DOT_UPCAST:  # the interpreter cannot multiply bf16 tiles: do it in fp32 there
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=DOT_PREC)
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    s = s * scale_log2
+    if MASK_CAUSAL:
+        s = tl.where((offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :], s, float("-inf"))
+    elif MASK_END:
+        s = tl.where(n_valid[None, :], s, float("-inf"))
+
+    # Every row sees key 0 in its first tile, so m_new is finite and no inf - inf appears,
+    # except in empty split-KV partitions, which never enter this function.
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if DOT_UPCAST:
+        pv = tl.dot(p, v.to(tl.float32), input_precision=DOT_PREC)
+    else:
+        pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    acc = acc * alpha[:, None] + pv
+    return acc, l_i, m_new
+
+
+@triton.jit(do_not_specialize=["num_reqs"])
+def _varlen_attention_kernel(
+    q_ptr, key_cache_ptr, value_cache_ptr, out_ptr,
+    query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
+    num_reqs, scale_log2,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_cb, stride_ct, stride_ch, stride_bt,
+    GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+    DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """Causal attention of a tile of BLOCK_Q query tokens x GROUP heads over one request's KV.
+
+    Grid: (num_tokens // BLOCK_Q + num_reqs, num_kv_heads). Request i owns the tile indices
+    starting at qsl[i] // BLOCK_Q + i: monotonic, at least cdiv(query_len, BLOCK_Q) apart, so
+    a binary search finds the request and spare tiles simply exit. The grid depends only on
+    the token and request counts, never on query lengths.
+    """
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    q_base = tl.load(query_start_loc_ptr)
+
+    # Largest request whose first tile index is <= tile.
+    lo = tl.full([], 0, tl.int32)
+    hi = num_reqs + tl.full([], 0, tl.int32)
+    while lo + 1 < hi:
+        mid = (lo + hi) // 2
+        first_tile = (tl.load(query_start_loc_ptr + mid) - q_base) // BLOCK_Q + mid
+        lo = tl.where(first_tile <= tile, mid, lo)
+        hi = tl.where(first_tile <= tile, hi, mid)
+    req = lo
+
+    q_start = tl.load(query_start_loc_ptr + req)
+    q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
+    q_tile = tile - ((q_start - q_base) // BLOCK_Q + req)
+    if q_tile * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + req).to(tl.int32)
+    context_len = seq_len - q_len  # tokens cached before this step's chunk
+
+    # Row r of the tile is token r // GROUP, query head kv_head * GROUP + r % GROUP.
+    rows = tl.arange(0, BLOCK_M)
+    tok = q_tile * BLOCK_Q + rows // GROUP
+    row_valid = (rows < BLOCK_Q * GROUP) & (tok < q_len)
+    head = kv_head * GROUP + rows % GROUP
+    q_pos = context_len + tok
+    offs_d = tl.arange(0, BLOCK_D)
+    q_mask = row_valid[:, None]
+    if BLOCK_D != HEAD_DIM:
+        q_mask = q_mask & (offs_d < HEAD_DIM)[None, :]
+    tok64 = (q_start + tok).to(tl.int64)
+    q = tl.load(q_ptr + tok64[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=q_mask, other=0.0)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    block_table_ptr = block_tables_ptr + req.to(tl.int64) * stride_bt
+
+    # Keys before the tile's first query position are visible to every row: no masks there.
+    first_pos = context_len + q_tile * BLOCK_Q
+    last_tok = tl.minimum(q_tile * BLOCK_Q + BLOCK_Q, q_len) - 1
+    kv_end = context_len + last_tok + 1
+    full_end = (first_pos + 1) // BLOCK_N * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, l_i, m_i = _attend_kv_tile(
+            acc, l_i, m_i, q, q_pos, key_cache_ptr, value_cache_ptr, block_table_ptr,
+            start_n, kv_end, kv_head, scale_log2, stride_cb, stride_ct, stride_ch, offs_d,
+            HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, False, False, DOT_PREC, DOT_UPCAST)
+    for start_n in range(full_end, kv_end, BLOCK_N):
+        acc, l_i, m_i = _attend_kv_tile(
+            acc, l_i, m_i, q, q_pos, key_cache_ptr, value_cache_ptr, block_table_ptr,
+            start_n, kv_end, kv_head, scale_log2, stride_cb, stride_ct, stride_ch, offs_d,
+            HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, True, True, DOT_PREC, DOT_UPCAST)
+
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + tok64[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit(do_not_specialize=["num_splits"])
+def _decode_attention_kernel(
+    q_ptr, key_cache_ptr, value_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
+    num_splits, scale_log2,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_cb, stride_ct, stride_ch, stride_bt,
+    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """One query token's GROUP heads over one partition of its request's KV (flash-decoding).
+
+    Grid: (num_decodes, num_kv_heads, num_splits). The partition length is derived from the
+    request's seq_len in the kernel (a multiple of BLOCK_N), so the split count may stay fixed
+    while lengths change. With SPLIT the normalized partial output and its log2-sum-exp go to
+    fp32 scratch for `_reduce_splits_kernel`; without it the output is written directly.
+    """
+    req = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + req).to(tl.int32)
+    part_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    kv_start = split * part_len
+    kv_end = tl.minimum(kv_start + part_len, seq_len)
+
+    rows = tl.arange(0, BLOCK_M)
+    row_valid = rows < GROUP
+    head = kv_head * GROUP + rows
+    offs_d = tl.arange(0, BLOCK_D)
+    q_mask = row_valid[:, None]
+    if BLOCK_D != HEAD_DIM:
+        q_mask = q_mask & (offs_d < HEAD_DIM)[None, :]
+    token = tl.load(query_start_loc_ptr + req).to(tl.int64)
+    q = tl.load(q_ptr + token * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=q_mask, other=0.0)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    block_table_ptr = block_tables_ptr + req.to(tl.int64) * stride_bt
+    # The decode query is the newest token: it sees every cached key, so only the end is masked.
+    full_end = kv_start + (kv_end - kv_start) // BLOCK_N * BLOCK_N
+    for start_n in range(kv_start, full_end, BLOCK_N):
+        acc, l_i, m_i = _attend_kv_tile(
+            acc, l_i, m_i, q, rows, key_cache_ptr, value_cache_ptr, block_table_ptr,
+            start_n, kv_end, kv_head, scale_log2, stride_cb, stride_ct, stride_ch, offs_d,
+            HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, False, False, DOT_PREC, DOT_UPCAST)
+    for start_n in range(full_end, kv_end, BLOCK_N):
+        acc, l_i, m_i = _attend_kv_tile(
+            acc, l_i, m_i, q, rows, key_cache_ptr, value_cache_ptr, block_table_ptr,
+            start_n, kv_end, kv_head, scale_log2, stride_cb, stride_ct, stride_ch, offs_d,
+            HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, True, False, DOT_PREC, DOT_UPCAST)
+
+    # An empty partition (short sequence, or a seq_len-0 padding request) has l_i == 0:
+    # it yields zeros and a -inf weight instead of 0/0.
+    nonempty = l_i > 0
+    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    if SPLIT:
+        part = (req * NUM_HEADS + head).to(tl.int64) * num_splits + split
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=q_mask)
+        lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + part, lse, mask=row_valid)
+    else:
+        tl.store(out_ptr + token * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit(do_not_specialize=["num_splits"])
+def _reduce_splits_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, query_start_loc_ptr,
+    num_splits, stride_ot, stride_oh,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Combine the partial outputs of one (request, head) weighted by exp2(lse - max lse)."""
+    req = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_valid = offs_s < num_splits
+    base = (req * NUM_HEADS + head).to(tl.int64) * num_splits
+    lse = tl.load(part_lse_ptr + base + offs_s, mask=s_valid, other=float("-inf"))
+    lse_max = tl.max(lse, axis=0)
+    # Empty partitions (lse = -inf) weigh nothing, even when all are empty (seq_len 0).
+    weight = tl.where(lse > float("-inf"), tl.exp2(lse - lse_max), 0.0)
+    total = tl.sum(weight, axis=0)
+    mask = s_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
+    parts = tl.load(part_out_ptr + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
+    out = tl.sum(parts * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    token = tl.load(query_start_loc_ptr + req).to(tl.int64)
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d,
+             out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
