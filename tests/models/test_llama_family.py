@@ -26,11 +26,13 @@ def tiny(request, tmp_path_factory):
     return path, hf_greedy(hf_model, _prompts(), MAX_NEW_TOKENS)
 
 
-def _generate(path: str, **engine_args) -> list[list[int]]:
+def _generate(path: str, expect_preemption: bool = False, **engine_args) -> list[list[int]]:
     llm = LLM(path, skip_tokenizer_init=True, **engine_args)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": p} for p in _prompts()], params, use_tqdm=False)
-    assert llm.llm_engine.engine_core.kv_cache_manager.num_free_blocks == llm.llm_engine.config.cache_config.num_blocks
+    core = llm.llm_engine.engine_core
+    assert core.kv_cache_manager.num_free_blocks == llm.llm_engine.config.cache_config.num_blocks
+    assert (core.scheduler.num_preemptions > 0) == expect_preemption
     return [o.outputs[0].token_ids for o in outputs]
 
 
@@ -42,7 +44,7 @@ def test_greedy_matches_hf(tiny):
 def test_greedy_matches_hf_under_preemption(tiny):
     path, expected = tiny
     # 12 blocks of 16 tokens: one 174-token sequence fits, eight together do not.
-    llm_outputs = _generate(path, num_gpu_blocks_override=12, max_model_len=192)
+    llm_outputs = _generate(path, expect_preemption=True, num_gpu_blocks_override=12, max_model_len=192)
     assert llm_outputs == expected
 
 

@@ -141,7 +141,7 @@ def _varlen_attention_kernel(
     while lo + 1 < hi:
         mid = (lo + hi) // 2
         first_tile = (tl.load(query_start_loc_ptr + mid) - q_base) // BLOCK_Q + mid
-        lo = tl.where(first_tile <= tile, mid, lo)
+        lo = tl.where(first_tile < tile, mid, lo)
         hi = tl.where(first_tile <= tile, hi, mid)
     req = lo
 
@@ -276,8 +276,10 @@ def _reduce_splits_kernel(
     base = (req * NUM_HEADS + head).to(tl.int64) * num_splits
     lse = tl.load(part_lse_ptr + base + offs_s, mask=s_valid, other=float("-inf"))
     lse_max = tl.max(lse, axis=0)
-    # Empty partitions (lse = -inf) weigh nothing, even when all are empty (seq_len 0).
-    weight = tl.where(lse > float("-inf"), tl.exp2(lse - lse_max), 0.0)
+    # Empty partitions (lse = -inf) weigh exp2(-inf) = 0; when all are empty (seq_len 0)
+    # a finite stand-in max keeps -inf - -inf (NaN) out.
+    lse_max = tl.where(lse_max > float("-inf"), lse_max, 0.0)
+    weight = tl.exp2(lse - lse_max)
     total = tl.sum(weight, axis=0)
     mask = s_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
     parts = tl.load(part_out_ptr + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)

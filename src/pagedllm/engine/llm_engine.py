@@ -8,9 +8,9 @@ import time
 from pagedllm.config import EngineArgs, EngineConfig, create_engine_config
 from pagedllm.engine.engine_core import EngineCore
 from pagedllm.engine.input_processor import InputProcessor, PromptType
-from pagedllm.engine.output_processor import OutputProcessor, ParentRequest
+from pagedllm.engine.output_processor import OutputProcessor
+from pagedllm.engine.request_fanout import make_engine_core_requests, model_eos_token_ids
 from pagedllm.outputs import RequestOutput
-from pagedllm.request import Request
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.tokenizer import Tokenizer, get_tokenizer
 
@@ -24,9 +24,7 @@ class LLMEngine:
         self.config = config
         model_config = config.model_config
         self.tokenizer: Tokenizer | None = get_tokenizer(model_config.tokenizer) if model_config.tokenizer else None
-        self.eos_token_ids = set(model_config.eos_token_ids)
-        if self.tokenizer is not None:
-            self.eos_token_ids |= self.tokenizer.eos_token_ids
+        self.eos_token_ids = model_eos_token_ids(model_config, self.tokenizer)
         self.input_processor = InputProcessor(self.tokenizer, model_config.max_model_len, model_config.vocab_size)
         self.engine_core = EngineCore(config)
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -41,21 +39,11 @@ class LLMEngine:
     ) -> None:
         """Validate and queue one request (fanned out into children when n > 1)."""
         processed = self.input_processor.process(prompt, params)
-        params = params.clone()
-        params.update_from_generation_config(self.eos_token_ids)
-        if params.max_tokens is None:
-            params.max_tokens = self.config.model_config.max_model_len - len(processed.prompt_token_ids)
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
-        if params.n == 1:
-            children = [(request_id, params, 0)]
-            parent = None
-        else:
-            parent = ParentRequest(request_id, params)
-            children = parent.child_requests()
-        for child_id, child_params, index in children:
-            self.output_processor.add_request(child_id, processed.prompt, processed.prompt_token_ids, child_params,
-                                              arrival_time, parent=parent, index=index)
-            self.engine_core.add_request(Request(child_id, processed.prompt_token_ids, child_params, arrival_time))
+        requests = make_engine_core_requests(request_id, processed, params, arrival_time, self.eos_token_ids,
+                                             self.config.model_config.max_model_len, self.output_processor)
+        for request in requests:
+            self.engine_core.add_request(request)
 
     def abort_request(self, request_ids: list[str]) -> None:
         """Stop requests (by their ids, or their parent's id) and free their blocks."""

@@ -1,4 +1,4 @@
-"""The `pagedllm` command: generate, chat, bench (and serve, once the server lands)."""
+"""The `pagedllm` command: serve, generate, chat, bench."""
 
 from __future__ import annotations
 
@@ -46,17 +46,44 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return run_chat(EngineArgs.from_cli_args(args), _sampling_params(args), args.system)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from pagedllm.entrypoints.openai.api_server import run_server
+    from pagedllm.entrypoints.openai.cli_args import resolve_model_arg
+
+    resolve_model_arg(args)
+    return run_server(args)
+
+
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    from pagedllm.benchmarks.serve import run_serve_benchmark_cli
+
+    return run_serve_benchmark_cli(args)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from pagedllm.benchmarks.throughput import run_throughput_cli
 
     return run_throughput_cli(args)
 
 
+def _cmd_bench_latency(args: argparse.Namespace) -> int:
+    from pagedllm.benchmarks.latency import run_latency_cli
+
+    return run_latency_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="pagedllm", description="LLM inference on a paged KV cache.")
-    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="default: INFO for serve, WARNING otherwise")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    from pagedllm.entrypoints.openai.cli_args import add_serve_args
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (default model: embedded SmolLM2-135M-Instruct)")
+    add_serve_args(serve)
+    serve.set_defaults(func=_cmd_serve, default_log_level="INFO")
 
     gen = sub.add_parser("generate", help="complete prompts (default model: embedded SmolLM2-135M-Instruct)")
     gen.add_argument("prompt", nargs="*", help="prompt text (read from stdin when omitted)")
@@ -79,13 +106,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_throughput_args(throughput)
     EngineArgs.add_cli_args(throughput)
     throughput.set_defaults(func=_cmd_bench)
+
+    from pagedllm.benchmarks.latency import add_latency_args
+
+    latency = bench_sub.add_parser("latency", help="single-stream latency: TTFT and time per output token (L1)")
+    add_latency_args(latency)
+    EngineArgs.add_cli_args(latency)
+    latency.set_defaults(func=_cmd_bench_latency)
+
+    from pagedllm.benchmarks.serve import add_serve_benchmark_args
+
+    serve_bench = bench_sub.add_parser("serve", help="online serving load generator (workload S1)")
+    add_serve_benchmark_args(serve_bench)
+    serve_bench.set_defaults(func=_cmd_bench_serve)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `pagedllm` command."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    log_level = args.log_level or getattr(args, "default_log_level", "WARNING")
+    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:

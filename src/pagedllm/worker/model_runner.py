@@ -51,6 +51,38 @@ class ModelRunner:
             layer.kv_cache = cache
             self.kv_caches.append(cache)
 
+    def profile_run(self, num_tokens: int, num_seqs: int) -> int:
+        """Run one prefill-only step of `num_tokens` tokens over `num_seqs` requests, to find peak memory.
+
+        Uses a temporary KV cache just large enough for the dummy prompts (freed afterwards);
+        returns its size in bytes so the caller can leave it out of the activation peak.
+        """
+        from pagedllm.core.scheduler_output import NewRequestData, SchedulerOutput
+        from pagedllm.sampling_params import SamplingParams
+
+        num_seqs = max(1, min(num_seqs, num_tokens))
+        lengths = [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
+        blocks_per_seq = [-(-n // self.block_size) for n in lengths]
+        self.initialize_kv_cache(sum(blocks_per_seq))
+        new_reqs, next_block = [], 0
+        for i, (n, nb) in enumerate(zip(lengths, blocks_per_seq)):
+            new_reqs.append(NewRequestData(
+                req_id=f"profile-{i}", prompt_token_ids=[0] * n, output_token_ids=[],
+                sampling_params=SamplingParams(temperature=1.0, max_tokens=1),
+                block_ids=list(range(next_block, next_block + nb)), num_computed_tokens=0))
+            next_block += nb
+        output = SchedulerOutput(
+            scheduled_new_reqs=new_reqs, scheduled_cached_reqs=[],
+            num_scheduled_tokens={r.req_id: len(r.prompt_token_ids) for r in new_reqs},
+            total_num_scheduled_tokens=num_tokens)
+        self.execute_model(output)
+        self.requests.clear()
+        for layer in self.model.attention_layers():  # type: ignore[union-attr]
+            layer.kv_cache = torch.empty(0)
+        temporary_cache_bytes = sum(blocks_per_seq) * self.kv_cache_bytes_per_block()
+        self.kv_caches = []
+        return temporary_cache_bytes
+
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
         for req_id in scheduler_output.finished_req_ids:
             self.requests.pop(req_id, None)

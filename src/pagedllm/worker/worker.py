@@ -33,8 +33,31 @@ class Worker:
         cache = self.config.cache_config
         if cache.num_gpu_blocks_override is not None:
             return cache.num_gpu_blocks_override
-        budget = cache.kv_cache_memory_bytes or DEFAULT_KV_CACHE_MEMORY_BYTES
+        if cache.kv_cache_memory_bytes is not None or self.device.type != "cuda":
+            budget = cache.kv_cache_memory_bytes or DEFAULT_KV_CACHE_MEMORY_BYTES
+        else:
+            budget = self._profile_kv_cache_budget()
         return max(budget // self.model_runner.kv_cache_bytes_per_block(), 0)
+
+    def _profile_kv_cache_budget(self) -> int:
+        """Bytes left for the KV cache: total x gpu_memory_utilization minus weights, other
+        processes' and non-torch memory, and the activation peak of one full-budget forward pass."""
+        sched = self.config.scheduler_config
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        baseline_allocated = torch.cuda.memory_allocated(self.device)
+        temporary_cache = self.model_runner.profile_run(sched.max_num_batched_tokens, sched.max_num_seqs)
+        torch.cuda.synchronize(self.device)
+        activation_peak = torch.cuda.max_memory_allocated(self.device) - baseline_allocated - temporary_cache
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        # Everything in use now (weights, CUDA context, other processes), plus the transient peak.
+        in_use = total - free
+        budget = int(total * self.config.cache_config.gpu_memory_utilization) - in_use - activation_peak
+        logger.info("Memory profile: total %.2f GiB, in use %.2f GiB, activation peak %.2f GiB, KV budget %.2f GiB",
+                    total / 2**30, in_use / 2**30, activation_peak / 2**30, budget / 2**30)
+        return max(budget, 0)
 
     def initialize_cache(self, num_blocks: int) -> None:
         """Allocate the KV pool on the device."""

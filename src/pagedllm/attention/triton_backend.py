@@ -1,0 +1,261 @@
+"""Triton paged attention: the CUDA path, with the same contract as `torch_backend`.
+
+`reshape_and_cache` writes a step's new keys/values into their slots; `paged_attention` runs
+one mixed batch: the decodes (first `num_decodes` requests, one token each) through the split-KV
+decode kernel, the prefill chunks through the varlen kernel. The kernels live in
+`triton_kernels.py`; this module checks inputs, picks tiles and grids, and launches them.
+
+Under `TRITON_INTERPRET=1` the same code runs on CPU tensors (the CI tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+
+from pagedllm.attention import triton_kernels as kernels
+from pagedllm.attention.metadata import AttentionMetadata
+
+LOG2_E = 1.4426950408889634
+# Split-KV heuristic: aim for this many programs per SM, and give each partition at least
+# this many KV tokens so the partial writes and the reduce stay small next to the KV reads.
+_TARGET_PROGRAMS_PER_SM = 2
+_MIN_PARTITION_TOKENS = 256
+MAX_KV_SPLITS = 64
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _dot_args(dtype: torch.dtype) -> tuple[str, bool]:
+    """(input precision, upcast) for tl.dot: exact fp32 for fp32 inputs (no TF32 rounding);
+    under the interpreter, bf16 tiles are multiplied in fp32 because numpy lacks bf16."""
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    return precision, _interpreting() and dtype == torch.bfloat16
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (8 on CPU, where only the interpreter runs)."""
+    if device.type != "cuda":
+        return 8
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def choose_num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, sm_count: int) -> int:
+    """How many partitions each decode's KV is split into (a power of two, 1 = no split).
+
+    Without splitting, the decode grid has num_seqs x num_kv_heads programs; when that leaves
+    SMs idle (few or single long sequences) we split until about _TARGET_PROGRAMS_PER_SM
+    programs per SM exist, but never into partitions shorter than _MIN_PARTITION_TOKENS.
+    For CUDA graphs, call it with max_model_len so one count serves every replay.
+    """
+    programs = max(1, num_seqs * num_kv_heads)
+    wanted = math.ceil(_TARGET_PROGRAMS_PER_SM * sm_count / programs)
+    by_length = max(1, max_seq_len // _MIN_PARTITION_TOKENS)
+    splits = max(1, min(wanted, by_length, MAX_KV_SPLITS))
+    return 1 << (splits.bit_length() - 1)  # round down to a power of two: few compiled variants
+
+
+def reshape_and_cache(
+    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store new keys/values [T, Hkv, D] at their flat slots; padding slots (-1) are skipped.
+
+    Only the first slot_mapping.shape[0] tokens are written; values are cast to the cache dtype.
+    """
+    num_tokens = slot_mapping.shape[0]
+    if num_tokens == 0:
+        return
+    _check_kv_cache(kv_cache)
+    if key.stride(-1) != 1:
+        key = key.contiguous()
+    if value.stride(-1) != 1:
+        value = value.contiguous()
+    _, _, page, num_kv_heads, head_dim = kv_cache.shape
+    key_cache, value_cache = kv_cache[0], kv_cache[1]
+    kernels._reshape_and_cache_kernel[(num_tokens,)](
+        key, value, key_cache, value_cache, slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+        PAGE=page,
+    )
+
+
+def paged_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+    out: torch.Tensor | None = None,
+    *,
+    num_kv_splits: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of query tokens [T, H, D] over each request's cached keys/values.
+
+    Same contract as `torch_backend.paged_attention`: rows past metadata's last request are
+    left untouched. `num_kv_splits` fixes the decode split count (None: `choose_num_kv_splits`).
+    """
+    if out is None:
+        out = torch.empty_like(query)
+    num_decodes = metadata.num_decodes
+    num_reqs = metadata.num_reqs
+    qsl = metadata.query_start_loc_cpu
+    if num_decodes:
+        if num_kv_splits is None:
+            max_decode_len = max(metadata.seq_lens_cpu[:num_decodes])
+            num_kv_splits = choose_num_kv_splits(num_decodes, kv_cache.shape[3], max_decode_len,
+                                                 num_sms(query.device))
+        decode_attention(query, kv_cache, metadata.query_start_loc, metadata.seq_lens,
+                         metadata.block_tables, num_decodes, scale, out, num_kv_splits=num_kv_splits)
+    if num_reqs > num_decodes:
+        varlen_attention(query, kv_cache, metadata.query_start_loc, metadata.seq_lens,
+                         metadata.block_tables, num_decodes, num_reqs, qsl[num_reqs] - qsl[num_decodes],
+                         scale, out)
+    return out
+
+
+def decode_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    num_decodes: int,
+    scale: float,
+    out: torch.Tensor,
+    *,
+    num_kv_splits: int = 1,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """Single-token attention for requests [0, num_decodes), each KV split into partitions.
+
+    Tile overrides (block_n, num_warps, num_stages) exist for tests and benchmarks.
+    """
+    _check_inputs(query, kv_cache, out, block_tables)
+    _, num_heads, head_dim = query.shape
+    _, _, page, num_kv_heads, _ = kv_cache.shape
+    group = num_heads // num_kv_heads
+    if num_kv_splits < 1:
+        raise ValueError(f"num_kv_splits must be at least 1, got {num_kv_splits}")
+    block_n = block_n or (32 if head_dim > 128 else 64)
+    num_warps = num_warps or 4
+    num_stages = num_stages or (2 if head_dim > 128 else 3)
+    key_cache, value_cache = kv_cache[0], kv_cache[1]
+    split = num_kv_splits > 1
+    if split:
+        part_out = torch.empty(num_decodes, num_heads, num_kv_splits, head_dim,
+                               dtype=torch.float32, device=query.device)
+        part_lse = torch.empty(num_decodes, num_heads, num_kv_splits, dtype=torch.float32, device=query.device)
+    else:
+        part_out = part_lse = out  # unused by the kernel when SPLIT is off
+    precision, upcast = _dot_args(query.dtype)
+    block_d = triton.next_power_of_2(head_dim)
+    kernels._decode_attention_kernel[(num_decodes, num_kv_heads, num_kv_splits)](
+        query, key_cache, value_cache, out, part_out, part_lse,
+        query_start_loc, seq_lens, block_tables,
+        num_kv_splits, scale * LOG2_E,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
+        NUM_HEADS=num_heads, GROUP=group,
+        # tl.dot needs M >= 16: small groups leave rows idle, which costs no extra KV reads.
+        BLOCK_M=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=page,
+        SPLIT=split, DOT_PREC=precision, DOT_UPCAST=upcast,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if split:
+        kernels._reduce_splits_kernel[(num_decodes, num_heads)](
+            part_out, part_lse, out, query_start_loc,
+            num_kv_splits, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
+            BLOCK_S=triton.next_power_of_2(num_kv_splits),
+            num_warps=4,
+        )
+    return out
+
+
+def varlen_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    first_req: int,
+    num_reqs: int,
+    num_tokens: int,
+    scale: float,
+    out: torch.Tensor,
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """Causal attention for requests [first_req, num_reqs) of any query length (decodes too).
+
+    num_tokens is the query tokens of those requests together (sizes the grid); tile
+    overrides exist for tests and benchmarks.
+    """
+    _check_inputs(query, kv_cache, out, block_tables)
+    _, num_heads, head_dim = query.shape
+    _, _, page, num_kv_heads, _ = kv_cache.shape
+    group = num_heads // num_kv_heads
+    default_m, default_n, default_warps = (64, 32, 4) if head_dim > 128 else (128, 64, 8)
+    block_m = max(block_m or default_m, 16, triton.next_power_of_2(group))
+    block_n = block_n or default_n
+    num_warps = num_warps or default_warps
+    num_stages = num_stages or 2
+    block_q = block_m // group
+    n_reqs = num_reqs - first_req
+    key_cache, value_cache = kv_cache[0], kv_cache[1]
+    precision, upcast = _dot_args(query.dtype)
+    grid = (num_tokens // block_q + n_reqs, num_kv_heads)
+    kernels._varlen_attention_kernel[grid](
+        query, key_cache, value_cache, out,
+        query_start_loc[first_req:], seq_lens[first_req:], block_tables[first_req:],
+        n_reqs, scale * LOG2_E,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
+        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), PAGE=page,
+        DOT_PREC=precision, DOT_UPCAST=upcast,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+def _check_kv_cache(kv_cache: torch.Tensor) -> None:
+    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
+        raise ValueError(f"kv_cache must be [2, num_blocks, block_size, num_kv_heads, head_dim], "
+                         f"got {tuple(kv_cache.shape)}")
+    if kv_cache.stride(-1) != 1:
+        raise ValueError("kv_cache must be contiguous in head_dim")
+    page = kv_cache.shape[2]
+    if page & (page - 1):
+        raise ValueError(f"block_size must be a power of two for the Triton backend, got {page}")
+
+
+def _check_inputs(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, block_tables: torch.Tensor) -> None:
+    _check_kv_cache(kv_cache)
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads = kv_cache.shape[3]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if kv_cache.shape[4] != head_dim:
+        raise ValueError(f"query head_dim {head_dim} does not match the cache's {kv_cache.shape[4]}")
+    if query.stride(-1) != 1 or out.stride(-1) != 1 or block_tables.stride(-1) != 1:
+        raise ValueError("query, out and block_tables must be contiguous in their last dimension")

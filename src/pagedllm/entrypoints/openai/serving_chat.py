@@ -1,0 +1,161 @@
+"""POST /v1/chat/completions: a conversation, rendered with the model's chat template, -> the assistant's answer."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import jinja2
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+
+from pagedllm.engine.async_llm import AsyncLLM
+from pagedllm.engine.core_client import EngineDeadError
+from pagedllm.entrypoints.openai.protocol import (
+    ChatChoiceLogprobs,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionResponseChoice,
+    ChatCompletionStreamChoice,
+    ChatCompletionStreamResponse,
+    ChatMessage,
+    ChatResponseMessage,
+    ChatTokenLogprob,
+    ChatTopLogprob,
+    DeltaMessage,
+    UsageInfo,
+    random_id,
+)
+from pagedllm.entrypoints.openai.serving_engine import SSE_DONE, OpenAIError, OpenAIServing, sse_event
+from pagedllm.outputs import CompletionOutput, RequestOutput
+from pagedllm.tokenizer import Tokenizer
+
+_MIN_LOGPROB = -9999.0
+
+
+def chat_logprobs(completion: CompletionOutput, num_top: int, tokenizer: Tokenizer) -> ChatChoiceLogprobs:
+    """Chat-format logprobs of a choice's tokens: the sampled token and its `num_top` best alternatives."""
+    content: list[ChatTokenLogprob] = []
+    for token_id, entry in zip(completion.token_ids, completion.logprobs or []):
+        sampled = entry.get(token_id)
+        token = tokenizer.id_to_text(token_id)
+        ranked = sorted((lp.rank, tid, lp) for tid, lp in entry.items() if lp.rank is not None and lp.rank <= num_top)
+        top = []
+        for _, tid, lp in ranked[:num_top]:
+            text = lp.decoded_token if lp.decoded_token is not None else tokenizer.id_to_text(tid)
+            top.append(ChatTopLogprob(token=text, logprob=max(lp.logprob, _MIN_LOGPROB), bytes=list(text.encode())))
+        content.append(ChatTokenLogprob(token=token, logprob=max(sampled.logprob, _MIN_LOGPROB) if sampled else _MIN_LOGPROB,
+                                        bytes=list(token.encode()), top_logprobs=top))
+    return ChatChoiceLogprobs(content=content)
+
+
+def render_messages(tokenizer: Tokenizer, messages: list[ChatMessage], chat_template: str | None,
+                    add_generation_prompt: bool, template_kwargs: dict | None) -> str:
+    """The conversation as prompt text, via the chat template; 400 if it cannot be rendered."""
+    conversation = [m.model_dump(exclude_none=True) for m in messages]
+    try:
+        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
+                                             chat_template=chat_template, **(template_kwargs or {}))
+    except (ValueError, TypeError, jinja2.TemplateError) as e:
+        raise OpenAIError(f"The messages could not be rendered with the chat template: {e}", 400,
+                          param="messages") from e
+    assert isinstance(text, str)
+    return text
+
+
+class OpenAIServingChat(OpenAIServing):
+    """Handles /v1/chat/completions."""
+
+    def __init__(self, engine: AsyncLLM, served_model_names: list[str], max_logprobs: int,
+                 chat_template: str | None) -> None:
+        super().__init__(engine, served_model_names, max_logprobs)
+        self.chat_template = chat_template
+
+    async def create_chat_completion(self, request: ChatCompletionRequest) -> Response:
+        """Validate, render and queue the conversation; return the JSON response or the SSE stream."""
+        self.check_model(request.model)
+        self.check_stream_options(request)
+        if request.top_logprobs is not None and not request.logprobs:
+            raise OpenAIError("top_logprobs needs logprobs to be true.", 400, param="top_logprobs")
+        num_logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        self.check_logprobs(num_logprobs, "top_logprobs")
+        max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+        param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+        if max_tokens is not None and max_tokens < 1:
+            raise OpenAIError(f"{param} must be at least 1, got {max_tokens}.", 400, param=param)
+        tokenizer = self.engine.get_tokenizer()
+        text = render_messages(tokenizer, request.messages, request.chat_template or self.chat_template,
+                               request.add_generation_prompt, request.chat_template_kwargs)
+        # The template writes its own special tokens (BOS included), so none are added on top.
+        prompt_ids = tokenizer.encode(text, add_special_tokens=False)
+        self.check_length(len(prompt_ids), max_tokens, "messages")
+        params = self.make_sampling_params(request, max_tokens, num_logprobs, None)
+        request_id = random_id("chatcmpl")
+        [stream] = self.add_requests(request_id, [{"prompt": text, "prompt_token_ids": prompt_ids}], params,
+                                     "messages", set(ChatCompletionRequest.model_fields))
+        sub_ids = [f"{request_id}-0"]
+        if request.stream:
+            return StreamingResponse(self._stream(request, request_id, stream, len(prompt_ids)),
+                                     media_type="text/event-stream", background=BackgroundTask(self.abort_all, sub_ids))
+        final: RequestOutput | None = None
+        try:
+            async for output in stream:
+                final = output
+        finally:
+            self.abort_all(sub_ids)
+        if final is None:
+            raise OpenAIError("The request ended without a result.", 500)
+        return JSONResponse(self._make_response(request, request_id, final, num_logprobs).model_dump())
+
+    def _make_response(self, request: ChatCompletionRequest, request_id: str, output: RequestOutput,
+                       num_logprobs: int | None) -> ChatCompletionResponse:
+        tokenizer = self.engine.get_tokenizer()
+        choices = []
+        for completion in output.outputs:
+            logprobs = chat_logprobs(completion, num_logprobs, tokenizer) if num_logprobs is not None else None
+            choices.append(ChatCompletionResponseChoice(
+                index=completion.index, message=ChatResponseMessage(content=completion.text), logprobs=logprobs,
+                finish_reason=completion.finish_reason, stop_reason=completion.stop_reason))
+        num_prompt = len(output.prompt_token_ids)
+        num_generated = sum(len(c.token_ids) for c in output.outputs)
+        usage = UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_generated,
+                          total_tokens=num_prompt + num_generated)
+        return ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage)
+
+    async def _stream(self, request: ChatCompletionRequest, request_id: str, stream: AsyncIterator[RequestOutput],
+                      num_prompt_tokens: int) -> AsyncIterator[str]:
+        """SSE chunks: the role first, content deltas, one finish chunk per choice, usage, [DONE]."""
+        tokenizer = self.engine.get_tokenizer()
+        created = int(time.time())
+        num_logprobs = (request.top_logprobs or 0) if request.logprobs else None
+
+        def chunk(choice: ChatCompletionStreamChoice) -> str:
+            body = ChatCompletionStreamResponse(id=request_id, created=created, model=self.model_name, choices=[choice])
+            return sse_event(body.model_dump_json())
+
+        num_generated = 0
+        for index in range(request.n):
+            yield chunk(ChatCompletionStreamChoice(index=index, delta=DeltaMessage(role="assistant", content="")))
+        try:
+            async for output in stream:
+                for completion in output.outputs:
+                    num_generated += len(completion.token_ids)
+                    if not completion.text and not completion.token_ids and completion.finish_reason is None:
+                        continue
+                    logprobs = None
+                    if num_logprobs is not None:
+                        logprobs = chat_logprobs(completion, num_logprobs, tokenizer)
+                    yield chunk(ChatCompletionStreamChoice(
+                        index=completion.index, delta=DeltaMessage(content=completion.text), logprobs=logprobs,
+                        finish_reason=completion.finish_reason, stop_reason=completion.stop_reason))
+            if request.stream_options is not None and request.stream_options.include_usage:
+                usage = UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=num_generated,
+                                  total_tokens=num_prompt_tokens + num_generated)
+                body = ChatCompletionStreamResponse(id=request_id, created=created, model=self.model_name,
+                                                    choices=[], usage=usage)
+                yield sse_event(body.model_dump_json())
+        except (OpenAIError, ValueError, EngineDeadError) as e:
+            error = e if isinstance(e, OpenAIError) else OpenAIError(
+                str(e), 503 if isinstance(e, EngineDeadError) else 400)
+            yield sse_event(error.to_body().model_dump_json())
+        yield SSE_DONE

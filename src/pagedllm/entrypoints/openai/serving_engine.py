@@ -1,0 +1,223 @@
+"""What the completion and chat handlers share: errors, model checks, sampling params, stream plumbing."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from pagedllm.engine.async_llm import AsyncLLM
+from pagedllm.engine.input_processor import PromptType
+from pagedllm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, SamplingRequestFields
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+
+T = TypeVar("T")
+
+_ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error"}
+
+
+class OpenAIError(Exception):
+    """An error to return in OpenAI's shape; raised anywhere in a handler, rendered by the app."""
+
+    def __init__(self, message: str, status_code: int = 400, param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.param = param
+        self.code = code
+
+    def to_body(self) -> ErrorResponse:
+        """The `{"error": {...}}` body."""
+        err_type = _ERROR_TYPES.get(self.status_code, "server_error" if self.status_code >= 500 else "invalid_request_error")
+        return ErrorResponse(error=ErrorInfo(message=self.message, type=err_type, param=self.param, code=self.code))
+
+    def to_response(self) -> JSONResponse:
+        """The HTTP response carrying this error."""
+        return JSONResponse(self.to_body().model_dump(), status_code=self.status_code)
+
+
+def bad_request_from(error: ValueError, default_param: str | None, fields: set[str]) -> OpenAIError:
+    """A 400 from a validation ValueError; its param is the field the message starts with, if any."""
+    message = str(error)
+    match = re.match(r"[A-Za-z_]+", message)
+    param = match.group(0) if match and match.group(0) in fields else default_param
+    return OpenAIError(message, 400, param=param)
+
+
+def sse_event(payload: str) -> str:
+    """One Server-Sent Event carrying a JSON payload."""
+    return f"data: {payload}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class OpenAIServing:
+    """Base of the endpoint handlers: the engine, the served names and request validation."""
+
+    def __init__(self, engine: AsyncLLM, served_model_names: list[str], max_logprobs: int) -> None:
+        self.engine = engine
+        self.served_model_names = served_model_names
+        self.model_name = served_model_names[0]
+        self.max_logprobs = max_logprobs
+        self.max_model_len = engine.max_model_len
+
+    def check_model(self, model: str | None) -> None:
+        """404 unless `model` (when given) is one of the served names."""
+        if model is not None and model not in self.served_model_names:
+            raise OpenAIError(f"The model `{model}` does not exist. This server serves: "
+                              f"{', '.join(self.served_model_names)}.", 404, param="model", code="model_not_found")
+
+    def check_engine(self) -> None:
+        """503 while the engine core is dead."""
+        if not self.engine.is_running:
+            raise OpenAIError("The engine core is not running; the server cannot serve requests.", 503,
+                              code="engine_dead")
+
+    @staticmethod
+    def check_stream_options(request: SamplingRequestFields) -> None:
+        """400 for stream_options without stream."""
+        if request.stream_options is not None and not request.stream:
+            raise OpenAIError("stream_options is only allowed when stream is true.", 400, param="stream_options")
+
+    def check_logprobs(self, num_logprobs: int | None, param: str) -> None:
+        """400 for more logprobs than --max-logprobs allows (or a negative number)."""
+        if num_logprobs is None:
+            return
+        if num_logprobs < 0:
+            raise OpenAIError(f"{param} must be a non-negative integer, got {num_logprobs}.", 400, param=param)
+        if num_logprobs > self.max_logprobs:
+            raise OpenAIError(f"{param}={num_logprobs} exceeds the maximum allowed value of {self.max_logprobs} "
+                              "(the server's --max-logprobs).", 400, param=param)
+
+    def check_length(self, num_prompt_tokens: int, max_tokens: int | None, prompt_param: str) -> None:
+        """400 when the prompt plus max_tokens does not fit max_model_len."""
+        limit = self.max_model_len
+        if num_prompt_tokens >= limit:
+            raise OpenAIError(f"This model's maximum context length is {limit} tokens, and the prompt has "
+                              f"{num_prompt_tokens} tokens, leaving no room for a completion. Please shorten the "
+                              f"{prompt_param}.", 400, param=prompt_param, code="context_length_exceeded")
+        if max_tokens is not None and num_prompt_tokens + max_tokens > limit:
+            raise OpenAIError(f"This model's maximum context length is {limit} tokens. However, you requested "
+                              f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the {prompt_param}, "
+                              f"{max_tokens} for the completion). Please reduce the length of the {prompt_param} "
+                              "or max_tokens.", 400, param="max_tokens", code="context_length_exceeded")
+
+    @staticmethod
+    def make_sampling_params(request: SamplingRequestFields, max_tokens: int | None, logprobs: int | None,
+                             prompt_logprobs: int | None) -> SamplingParams:
+        """The request's SamplingParams (DELTA outputs when streaming); 400 naming a bad field."""
+
+        def pick(value: Any, default: Any) -> Any:
+            return default if value is None else value
+
+        try:
+            return SamplingParams(
+                n=request.n,
+                presence_penalty=pick(request.presence_penalty, 0.0),
+                frequency_penalty=pick(request.frequency_penalty, 0.0),
+                repetition_penalty=pick(request.repetition_penalty, 1.0),
+                temperature=pick(request.temperature, 1.0),
+                top_p=pick(request.top_p, 1.0),
+                top_k=pick(request.top_k, 0),
+                min_p=pick(request.min_p, 0.0),
+                seed=request.seed,
+                stop=request.stop,
+                stop_token_ids=request.stop_token_ids,
+                ignore_eos=request.ignore_eos,
+                max_tokens=max_tokens,
+                min_tokens=request.min_tokens,
+                logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
+                skip_special_tokens=request.skip_special_tokens,
+                spaces_between_special_tokens=request.spaces_between_special_tokens,
+                include_stop_str_in_output=request.include_stop_str_in_output,
+                logit_bias=request.logit_bias,
+                output_kind=RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY,
+            )
+        except ValueError as e:
+            raise bad_request_from(e, None, set(type(request).model_fields)) from e
+
+    def add_requests(self, request_id: str, prompts: list[PromptType], params: SamplingParams,
+                     prompt_param: str, fields: set[str]) -> list[AsyncIterator[RequestOutput]]:
+        """Queue one engine request per prompt (ids `{request_id}-{i}`); all or none (400 on bad input)."""
+        self.check_engine()
+        added: list[str] = []
+        streams: list[AsyncIterator[RequestOutput]] = []
+        try:
+            for i, prompt in enumerate(prompts):
+                sub_id = f"{request_id}-{i}"
+                queue = self.engine.add_request(sub_id, prompt, params)
+                added.append(sub_id)
+                streams.append(self.engine.stream_outputs(sub_id, queue))
+        except ValueError as e:
+            self.abort_all(added)
+            raise bad_request_from(e, prompt_param, fields) from e
+        return streams
+
+    def abort_all(self, request_ids: list[str]) -> None:
+        """Abort requests that may still run (finished or unknown ids are ignored)."""
+        for request_id in request_ids:
+            self.engine.abort_now(request_id)
+
+
+async def merge_async_iterators(iterators: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Yield (index, item) from several async iterators as items arrive; cancels them all on exit."""
+    if len(iterators) == 1:
+        async for item in iterators[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    finished = object()
+
+    async def drain(index: int, iterator: AsyncIterator[T]) -> None:
+        try:
+            async for item in iterator:
+                queue.put_nowait((index, item))
+        except Exception as e:  # handed to the consumer; cancellation just ends the task
+            queue.put_nowait((index, e))
+        finally:
+            queue.put_nowait((index, finished))
+
+    tasks = [asyncio.create_task(drain(i, it)) for i, it in enumerate(iterators)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is finished:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def run_unless_disconnected(raw_request: Request, handler: Callable[[], Awaitable[T]]) -> T | None:
+    """Run a non-streaming handler, cancelling it (and so aborting its requests) if the client leaves."""
+
+    async def wait_for_disconnect() -> None:
+        while True:
+            message = await raw_request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    work = asyncio.ensure_future(handler())
+    watcher = asyncio.ensure_future(wait_for_disconnect())
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not work.done():
+            work.cancel()
+    if work.cancelled():
+        return None
+    return work.result()

@@ -1,0 +1,284 @@
+"""Specification of the Triton KV-cache and attention kernels, checked against the torch backend.
+
+On CPU they run under TRITON_INTERPRET=1 (set by conftest.py), so shapes stay small; block
+tiles are shrunk where a test needs several query or KV tiles per request.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="triton is not installed")
+
+from pagedllm.attention import torch_backend  # noqa: E402
+from pagedllm.attention import triton_backend as tb  # noqa: E402
+from pagedllm.attention.metadata import AttentionMetadata  # noqa: E402
+
+DEVICE = torch.device("cuda" if os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("without CUDA the Triton kernels run only under TRITON_INTERPRET=1", allow_module_level=True)
+
+SCALE = 0.125
+
+
+@dataclass
+class Batch:
+    """A random paged batch: queries, a filled KV pool with shuffled blocks, and its metadata."""
+
+    query: torch.Tensor
+    kv_cache: torch.Tensor
+    metadata: AttentionMetadata
+
+
+def make_batch(
+    query_lens: list[int],
+    seq_lens: list[int],
+    *,
+    num_kv_heads: int = 2,
+    group: int = 2,
+    head_dim: int = 64,
+    block_size: int = 16,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> Batch:
+    """Requests ordered decodes first; request i has seq_lens[i] tokens, the last query_lens[i] new."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per_req = [-(-s // block_size) for s in seq_lens]
+    num_blocks = sum(blocks_per_req) + 5  # spare blocks: tables must not depend on a tight pool
+    pool = torch.randperm(num_blocks, generator=gen)
+    block_tables = torch.zeros(len(seq_lens), max(blocks_per_req), dtype=torch.int64)
+    used = 0
+    for i, n in enumerate(blocks_per_req):
+        block_tables[i, :n] = pool[used : used + n]
+        used += n
+    kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
+    qsl = [0]
+    for q in query_lens:
+        qsl.append(qsl[-1] + q)
+    num_tokens = qsl[-1]
+    query = torch.randn(num_tokens, num_kv_heads * group, head_dim, generator=gen).to(dtype)
+    metadata = AttentionMetadata(
+        num_actual_tokens=num_tokens,
+        num_decodes=sum(1 for q in query_lens if q == 1),
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=DEVICE),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=DEVICE),
+        slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=DEVICE),
+        block_tables=block_tables.to(DEVICE),
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+        query_start_loc_cpu=qsl,
+        seq_lens_cpu=list(seq_lens),
+    )
+    return Batch(query.to(DEVICE), kv_cache.to(DEVICE), metadata)
+
+
+def reference(batch: Batch) -> torch.Tensor:
+    """The torch backend's answer, computed in fp32."""
+    out = torch_backend.paged_attention(batch.query.float(), batch.kv_cache.float(), batch.metadata, SCALE)
+    return out[: batch.metadata.num_actual_tokens]
+
+
+def max_error(out: torch.Tensor, batch: Batch) -> float:
+    n = batch.metadata.num_actual_tokens
+    return (out[:n].float() - reference(batch)).abs().max().item()
+
+
+# ---------------------------------------------------------------- reshape_and_cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reshape_and_cache_writes_each_token_to_its_slot_and_skips_padding(dtype: torch.dtype) -> None:
+    num_blocks, block_size, num_kv_heads, head_dim = 6, 8, 3, 32
+    gen = torch.Generator().manual_seed(1)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:9]
+    slots[[2, 7]] = -1
+    key = torch.randn(10, num_kv_heads, head_dim, generator=gen).to(dtype)  # one row past the slots
+    value = torch.randn(10, num_kv_heads, head_dim, generator=gen).to(dtype)
+    expected = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
+    actual = expected.clone().to(DEVICE)
+    torch_backend.write_to_kv_cache(key, value, expected, slots)
+    tb.reshape_and_cache(key.to(DEVICE), value.to(DEVICE), actual, slots.to(DEVICE))
+    assert torch.equal(actual.cpu(), expected)
+
+
+def test_reshape_and_cache_reads_strided_views_of_a_fused_qkv_output() -> None:
+    num_kv_heads, head_dim, num_tokens = 2, 16, 5
+    qkv = torch.randn(num_tokens, 4 * num_kv_heads * head_dim, device=DEVICE)
+    key = qkv[:, 2 * num_kv_heads * head_dim : 3 * num_kv_heads * head_dim].view(num_tokens, num_kv_heads, head_dim)
+    value = qkv[:, 3 * num_kv_heads * head_dim :].view(num_tokens, num_kv_heads, head_dim)
+    slots = torch.tensor([3, 17, 0, 9, 30], device=DEVICE)
+    cache = torch.zeros(2, 4, 8, num_kv_heads, head_dim, device=DEVICE)
+    tb.reshape_and_cache(key, value, cache, slots)
+    assert torch.equal(cache[0].view(-1, num_kv_heads, head_dim)[slots], key)
+    assert torch.equal(cache[1].view(-1, num_kv_heads, head_dim)[slots], value)
+
+
+# ---------------------------------------------------------------- decodes (split-KV)
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("num_kv_splits", [1, 3])
+def test_decode_batch_matches_torch(group: int, head_dim: int, num_kv_splits: int) -> None:
+    batch = make_batch([1, 1, 1], [37, 1, 70], group=group, head_dim=head_dim, seed=group)
+    out = tb.paged_attention(batch.query, batch.kv_cache, batch.metadata, SCALE, num_kv_splits=num_kv_splits)
+    assert max_error(out, batch) < 1e-5
+
+
+def test_decode_split_count_beyond_the_context_leaves_empty_partitions_harmless() -> None:
+    # 16-token tiles, 8 splits of a 20-token context: six partitions see no keys at all.
+    batch = make_batch([1, 1], [20, 3], seed=3)
+    out = torch.empty_like(batch.query)
+    md = batch.metadata
+    tb.decode_attention(batch.query, batch.kv_cache, md.query_start_loc, md.seq_lens, md.block_tables,
+                        2, SCALE, out, num_kv_splits=8, block_n=16)
+    assert max_error(out, batch) < 1e-5
+
+
+def test_padded_decode_requests_with_empty_context_yield_zeros_not_nan() -> None:
+    # CUDA-graph padding: dummy decode requests with seq_len 0 must not poison the batch.
+    batch = make_batch([1, 1, 1], [25, 9, 1], seed=4)
+    batch.metadata.seq_lens[2] = 0
+    for splits in (1, 4):
+        out = torch.full_like(batch.query, float("nan"))
+        out = tb.paged_attention(batch.query, batch.kv_cache, batch.metadata, SCALE, out=out, num_kv_splits=splits)
+        assert torch.equal(out[2], torch.zeros_like(out[2]))
+        batch.metadata.seq_lens[2] = 1
+        expected = reference(batch)
+        batch.metadata.seq_lens[2] = 0
+        assert (out[:2] - expected[:2]).abs().max().item() < 1e-5
+
+
+# ---------------------------------------------------------------- prefill and mixed batches
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_mixed_batch_of_decodes_chunked_prefills_and_fresh_prompts_matches_torch(group: int) -> None:
+    # Decodes, a chunk with cached context, a whole prompt, a chunk ending a block boundary.
+    batch = make_batch([1, 1, 9, 21, 16], [40, 2, 29, 21, 48], group=group, seed=10 + group)
+    out = tb.paged_attention(batch.query, batch.kv_cache, batch.metadata, SCALE)
+    assert max_error(out, batch) < 1e-5
+
+
+@pytest.mark.parametrize(("block_m", "block_n"), [(16, 16), (32, 16), (16, 32)])
+def test_prefill_spanning_several_query_and_kv_tiles_matches_torch(block_m: int, block_n: int) -> None:
+    batch = make_batch([1, 19, 37, 5], [23, 50, 37, 6], group=2, seed=20)
+    md = batch.metadata
+    out = tb.paged_attention(batch.query, batch.kv_cache, md, SCALE, num_kv_splits=2)
+    # Re-run the prefill part with small tiles: many tiles per request, causal and context phases.
+    tb.varlen_attention(batch.query, batch.kv_cache, md.query_start_loc, md.seq_lens, md.block_tables,
+                        md.num_decodes, md.num_reqs, md.num_actual_tokens - md.num_decodes, SCALE, out,
+                        block_m=block_m, block_n=block_n)
+    assert max_error(out, batch) < 1e-5
+
+
+def test_varlen_kernel_alone_serves_decodes_too() -> None:
+    batch = make_batch([1, 1, 7], [33, 17, 12], group=4, seed=30)
+    md = batch.metadata
+    out = torch.empty_like(batch.query)
+    tb.varlen_attention(batch.query, batch.kv_cache, md.query_start_loc, md.seq_lens, md.block_tables,
+                        0, md.num_reqs, md.num_actual_tokens, SCALE, out, block_m=16, block_n=16)
+    assert max_error(out, batch) < 1e-5
+
+
+def test_group_of_three_query_heads_per_kv_head_matches_torch() -> None:
+    # SmolLM2-135M: 9 query heads over 3 KV heads; tiles hold 5 tokens x 3 heads (+1 idle row).
+    batch = make_batch([1, 11], [26, 30], num_kv_heads=3, group=3, seed=40)
+    out = tb.paged_attention(batch.query, batch.kv_cache, batch.metadata, SCALE, num_kv_splits=2)
+    assert max_error(out, batch) < 1e-5
+
+
+def test_head_dim_256_matches_torch() -> None:
+    batch = make_batch([1, 6], [30, 20], num_kv_heads=1, head_dim=256, seed=50)
+    out = tb.paged_attention(batch.query, batch.kv_cache, batch.metadata, SCALE, num_kv_splits=2)
+    assert max_error(out, batch) < 1e-5
+
+
+def test_head_dim_that_is_not_a_power_of_two_matches_torch() -> None:
+    batch = make_batch([1, 5], [19, 22], head_dim=48, seed=55)
+    out = tb.paged_attention(batch.query, batch.kv_cache, batch.metadata, SCALE, num_kv_splits=2)
+    assert max_error(out, batch) < 1e-5
+
+
+@pytest.mark.parametrize("block_size", [8, 32])
+def test_other_power_of_two_block_sizes_match_torch(block_size: int) -> None:
+    batch = make_batch([1, 1, 13], [45, 8, 40], block_size=block_size, seed=60 + block_size)
+    out = tb.paged_attention(batch.query, batch.kv_cache, batch.metadata, SCALE, num_kv_splits=2)
+    assert max_error(out, batch) < 1e-5
+
+
+def test_rows_past_the_last_request_are_left_untouched() -> None:
+    # CUDA-graph style padding: the query tensor is larger than the scheduled tokens.
+    batch = make_batch([1, 4], [10, 12], seed=70)
+    padded = torch.cat([batch.query, torch.zeros(3, *batch.query.shape[1:], device=DEVICE)])
+    out = torch.full_like(padded, 7.0)
+    tb.paged_attention(padded, batch.kv_cache, batch.metadata, SCALE, out=out)
+    assert torch.equal(out[5:], torch.full_like(out[5:], 7.0))
+    assert max_error(out, batch) < 1e-5
+
+
+# ---------------------------------------------------------------- half precision
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_match_fp32_reference(dtype: torch.dtype) -> None:
+    batch = make_batch([1, 1, 9, 14], [50, 6, 30, 14], group=2, dtype=dtype, seed=80)
+    for splits in (1, 4):
+        out = tb.paged_attention(batch.query, batch.kv_cache, batch.metadata, SCALE, num_kv_splits=splits)
+        assert out.dtype == dtype
+        assert max_error(out, batch) < 2e-2
+
+
+# ---------------------------------------------------------------- end to end with cache writes
+
+
+def test_write_then_attend_equals_the_torch_backend_doing_both() -> None:
+    batch = make_batch([1, 1, 6], [17, 30, 22], seed=90)
+    md = batch.metadata
+    num_kv_heads, head_dim = batch.kv_cache.shape[3], batch.kv_cache.shape[4]
+    block_size = batch.kv_cache.shape[2]
+    # New tokens are the last query_len positions of each request; one padding row is appended.
+    slots = []
+    for i in range(md.num_reqs):
+        q_len = md.query_start_loc_cpu[i + 1] - md.query_start_loc_cpu[i]
+        for pos in range(md.seq_lens_cpu[i] - q_len, md.seq_lens_cpu[i]):
+            block = int(md.block_tables[i, pos // block_size])
+            slots.append(block * block_size + pos % block_size)
+    slot_mapping = torch.tensor(slots + [-1], device=DEVICE)
+    key = torch.randn(len(slots) + 1, num_kv_heads, head_dim, device=DEVICE)
+    value = torch.randn(len(slots) + 1, num_kv_heads, head_dim, device=DEVICE)
+    expected_cache = batch.kv_cache.clone()
+    torch_backend.write_to_kv_cache(key, value, expected_cache, slot_mapping)
+    expected = torch_backend.paged_attention(batch.query, expected_cache, md, SCALE)
+    tb.reshape_and_cache(key, value, batch.kv_cache, slot_mapping)
+    out = tb.paged_attention(batch.query, batch.kv_cache, md, SCALE)
+    assert torch.equal(batch.kv_cache, expected_cache)
+    assert (out - expected).abs().max().item() < 1e-5
+
+
+# ---------------------------------------------------------------- split heuristic
+
+
+def test_split_heuristic_splits_few_long_sequences_and_leaves_large_batches_alone() -> None:
+    assert tb.choose_num_kv_splits(1, 8, 32768, sm_count=132) > 8
+    assert tb.choose_num_kv_splits(256, 8, 1024, sm_count=132) == 1
+    assert tb.choose_num_kv_splits(1, 8, 100, sm_count=132) == 1  # too short to be worth it
+
+
+def test_split_heuristic_returns_a_power_of_two_within_bounds() -> None:
+    for num_seqs in (1, 3, 16, 64):
+        for seq_len in (1, 300, 5000, 100000):
+            splits = tb.choose_num_kv_splits(num_seqs, 8, seq_len, sm_count=132)
+            assert 1 <= splits <= tb.MAX_KV_SPLITS
+            assert splits & (splits - 1) == 0
+
+
+def test_mismatched_head_counts_are_rejected_with_a_clear_message() -> None:
+    batch = make_batch([1], [5], num_kv_heads=2, group=2)
+    bad_query = batch.query[:, :3]
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        tb.paged_attention(bad_query, batch.kv_cache, batch.metadata, SCALE)

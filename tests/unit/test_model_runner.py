@@ -1,0 +1,18 @@
+"""The model runner's memory-profiling pass runs a full-budget prefill and leaves no state behind."""
+
+from __future__ import annotations
+
+from pagedllm.config import EngineArgs, create_engine_config
+from pagedllm.worker.worker import Worker
+from tests.models.tiny_models import build_tiny_model
+
+
+def test_profile_run_executes_a_full_budget_step_and_cleans_up(tmp_path):
+    build_tiny_model("LlamaForCausalLM", str(tmp_path))
+    config = create_engine_config(EngineArgs(model=str(tmp_path), skip_tokenizer_init=True, device="cpu"))
+    worker = Worker(config)
+    worker.load_model()
+    runner = worker.model_runner
+    cache_bytes = runner.profile_run(num_tokens=100, num_seqs=3)
+    assert cache_bytes == (3 * 3) * runner.kv_cache_bytes_per_block()  # 34, 33, 33 tokens -> 3 blocks each
+    assert runner.requests == {} and runner.kv_caches == []
