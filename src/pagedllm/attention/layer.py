@@ -9,6 +9,13 @@ from pagedllm.attention import torch_backend
 from pagedllm.attention.metadata import AttentionMetadata
 
 
+def _triton_backend():
+    # Imported on first CUDA use only: the CPU path needs no Triton.
+    from pagedllm.attention import triton_backend
+
+    return triton_backend
+
+
 class Attention(nn.Module):
     """Paged attention for one transformer layer; the runner binds its KV cache tensor."""
 
@@ -29,6 +36,12 @@ class Attention(nn.Module):
         q = query.view(num_tokens, self.num_heads, self.head_dim)
         k = key.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = value.view(num_tokens, self.num_kv_heads, self.head_dim)
-        torch_backend.write_to_kv_cache(k, v, self.kv_cache, metadata.slot_mapping)
-        out = torch_backend.paged_attention(q, self.kv_cache, metadata, self.scale)
+        if q.is_cuda:
+            backend = _triton_backend()
+            backend.reshape_and_cache(k, v, self.kv_cache, metadata.slot_mapping)
+            out = backend.paged_attention(q, self.kv_cache, metadata, self.scale,
+                                          num_kv_splits=metadata.num_kv_splits)
+        else:
+            torch_backend.write_to_kv_cache(k, v, self.kv_cache, metadata.slot_mapping)
+            out = torch_backend.paged_attention(q, self.kv_cache, metadata, self.scale)
         return out.view(num_tokens, self.num_heads * self.head_dim)

@@ -30,6 +30,8 @@ class AttentionMetadata:
     # Host copies for backends that loop over prefill requests on the CPU.
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
+    # Fixed split-KV partition count for decodes (set for CUDA graphs; None: chosen per step).
+    num_kv_splits: int | None = None
 
     @property
     def num_reqs(self) -> int:

@@ -9,6 +9,7 @@ import torch
 from pagedllm.config import CacheConfig, ModelConfig
 from pagedllm.core.scheduler_output import SchedulerOutput
 from pagedllm.loader import get_model
+from pagedllm.worker.cuda_graph import CUDAGraphRunner
 from pagedllm.worker.input_batch import BatchInputs, CachedRequestState, prepare_inputs
 from pagedllm.worker.runner_output import LogprobsLists, ModelRunnerOutput
 from pagedllm.worker.sampler import Sampler, compute_logprobs
@@ -31,6 +32,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.model: torch.nn.Module | None = None
         self.kv_caches: list[torch.Tensor] = []
+        self.cuda_graphs: CUDAGraphRunner | None = None
 
     def load_model(self) -> None:
         """Build the model and load its weights onto the device."""
@@ -83,6 +85,20 @@ class ModelRunner:
         self.kv_caches = []
         return temporary_cache_bytes
 
+    def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        """Capture decode-step CUDA graphs for a ladder of batch sizes (after the KV cache exists)."""
+        from pagedllm.attention import triton_backend
+
+        num_kv_heads = self.model.attention_layers()[0].num_kv_heads  # type: ignore[union-attr]
+        sms = triton_backend.num_sms(self.device)
+
+        def choose_splits(batch: int, max_len: int) -> int:
+            return triton_backend.choose_num_kv_splits(batch, num_kv_heads, max_len, sms)
+
+        self.cuda_graphs = CUDAGraphRunner(self.model, max_num_seqs, max_model_len, self.block_size,  # type: ignore[arg-type]
+                                           self.device, choose_splits)
+        self.cuda_graphs.capture()
+
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
         for req_id in scheduler_output.finished_req_ids:
             self.requests.pop(req_id, None)
@@ -112,7 +128,10 @@ class ModelRunner:
         if scheduler_output.is_empty:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
         batch = prepare_inputs(scheduler_output, self.requests, self.block_size, self.device)
-        hidden = self.model(batch.input_ids, batch.positions, batch.attn_metadata)  # type: ignore[misc]
+        if self.cuda_graphs is not None and self.cuda_graphs.can_run(batch.attn_metadata):
+            hidden = self.cuda_graphs.run(batch.input_ids, batch.positions, batch.attn_metadata)
+        else:
+            hidden = self.model(batch.input_ids, batch.positions, batch.attn_metadata)  # type: ignore[misc]
         sampled: dict[str, list[int]] = {}
         logprobs: dict[str, LogprobsLists] = {}
         if batch.sampling_req_ids:

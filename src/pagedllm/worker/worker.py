@@ -60,8 +60,11 @@ class Worker:
         return max(budget, 0)
 
     def initialize_cache(self, num_blocks: int) -> None:
-        """Allocate the KV pool on the device."""
+        """Allocate the KV pool on the device, then capture CUDA graphs unless --enforce-eager."""
         self.model_runner.initialize_kv_cache(num_blocks)
+        if self.device.type == "cuda" and not self.config.enforce_eager:
+            sched = self.config.scheduler_config
+            self.model_runner.capture_cuda_graphs(sched.max_num_seqs, sched.max_model_len)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Run one scheduled step."""

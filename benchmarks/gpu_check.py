@@ -1,0 +1,202 @@
+"""GPU acceptance run (issue 9): correctness first, then T1 / L1 timings. One command:
+
+    PYTHONPATH=src:. python benchmarks/gpu_check.py [--skip-t1] [--skip-l1]
+
+Needs only torch, triton and transformers. Prints a short table last and writes JSON to $OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from pagedllm import LLM, SamplingParams  # noqa: E402
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
+RESULTS: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+
+
+def section(name):
+    def wrap(fn):
+        def run(*a, **k):
+            t0 = time.perf_counter()
+            print(f"=== {name}", flush=True)
+            try:
+                RESULTS[name] = fn(*a, **k)
+            except Exception as e:  # keep going: GPU time is scarce
+                traceback.print_exc()
+                RESULTS[name] = {"error": repr(e)}
+            print(f"--- {name}: {RESULTS[name]} ({time.perf_counter() - t0:.1f} s)", flush=True)
+        return run
+    return wrap
+
+
+def _hf_greedy(model, prompts, n):
+    out = []
+    for p in prompts:
+        ids = torch.tensor([p], device=model.device)
+        with torch.no_grad():
+            g = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                               min_new_tokens=n, eos_token_id=None, pad_token_id=0)
+        out.append(g[0, len(p):].tolist())
+    return out
+
+
+def _random_hf_model(config_dir_or_arch, path, dtype=torch.float32, std=0.05):
+    import transformers
+
+    if os.path.isdir(config_dir_or_arch):
+        config = transformers.AutoConfig.from_pretrained(config_dir_or_arch)
+    else:
+        from tests.models.tiny_models import _COMMON, TINY_CONFIGS
+
+        cls = getattr(transformers, config_dir_or_arch.replace("ForCausalLM", "Config"))
+        config = cls(**_COMMON, **TINY_CONFIGS[config_dir_or_arch])
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, std)
+    model.save_pretrained(path)
+    return model.to("cuda", dtype).eval()
+
+
+def _prompts(vocab, n=8, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, min(vocab, 5000)) for _ in range(L)] for L in (1, 7, 16, 33, 64, 100, 129, 200)[:n]]
+
+
+@section("tiny_fp32_vs_hf")
+def tiny_vs_hf():
+    res = {}
+    for arch in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
+        with tempfile.TemporaryDirectory() as d:
+            hf = _random_hf_model(arch, d, std=0.08)
+            prompts = _prompts(512)
+            expected = _hf_greedy(hf, prompts, 24)
+            for eager in (True, False):
+                llm = LLM(d, skip_tokenizer_init=True, dtype="float32", enforce_eager=eager, max_model_len=512,
+                          gpu_memory_utilization=0.3, max_num_seqs=16)
+                outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                    SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+                res[f"{arch}_{'eager' if eager else 'graph'}"] = [o.outputs[0].token_ids for o in outs] == expected
+                del llm
+            del hf
+    return res
+
+
+@section("smollm2_shape")
+def smollm2_shape():
+    res = {}
+    with tempfile.TemporaryDirectory() as d:
+        hf = _random_hf_model(os.path.join(CONFIGS, "smollm2-135m"), d, std=0.05)
+        prompts = _prompts(49152)
+        expected = _hf_greedy(hf, prompts, 32)
+        tokens = {}
+        for eager in (True, False):
+            llm = LLM(d, skip_tokenizer_init=True, dtype="float32", enforce_eager=eager, max_model_len=1024,
+                      gpu_memory_utilization=0.3, max_num_seqs=16)
+            outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
+            toks = [o.outputs[0].token_ids for o in outs]
+            res[f"fp32_{'eager' if eager else 'graph'}_equals_hf"] = toks == expected
+            tokens[eager] = toks
+            del llm
+        res["graph_equals_eager"] = tokens[True] == tokens[False]
+        # bf16: logprobs of the greedy tokens close to HF bf16's.
+        hf = hf.to(torch.bfloat16)
+        llm = LLM(d, skip_tokenizer_init=True, dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.3)
+        p = prompts[5]
+        out = llm.generate([{"prompt_token_ids": p}], SamplingParams(temperature=0, max_tokens=8, logprobs=1,
+                                                                     ignore_eos=True), use_tqdm=False)[0].outputs[0]
+        seq = torch.tensor([p + out.token_ids], device="cuda")
+        with torch.no_grad():
+            logits = hf(seq).logits[0, len(p) - 1 : -1].float().log_softmax(-1)
+        hf_lp = [logits[i, t].item() for i, t in enumerate(out.token_ids)]
+        ours = [out.logprobs[i][t].logprob for i, t in enumerate(out.token_ids)]
+        res["bf16_max_abs_logprob_diff"] = max(abs(a - b) for a, b in zip(hf_lp, ours))
+        del llm, hf
+    return res
+
+
+@section("t1")
+def t1(hf_requests: int):
+    from pagedllm.benchmarks.throughput import bench_pagedllm
+
+    random.seed(0)
+    reqs = []
+    for _ in range(256):
+        pl, ol = random.randint(100, 1024), random.randint(100, 1024)
+        reqs.append(([random.randint(0, 9999) for _ in range(pl)], ol))
+    t0 = time.perf_counter()
+    llm = LLM(os.path.join(CONFIGS, "qwen3-0.6b"), load_format="dummy", skip_tokenizer_init=True,
+              max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=16384)
+    startup = time.perf_counter() - t0
+    res = {"startup_s": startup, "num_blocks": llm.llm_engine.config.cache_config.num_blocks}
+    r = bench_pagedllm(llm, reqs, 0.6)
+    res.update({k: r[k] for k in ("seconds", "output_tokens", "output_tok_s")})
+    del llm
+    torch.cuda.empty_cache()
+    return res
+
+
+@section("l1")
+def l1():
+    from pagedllm.benchmarks.latency import measure_latency
+    from pagedllm.engine.llm_engine import LLMEngine
+    from pagedllm.config import EngineArgs
+
+    res = {}
+    for eager in (False, True):
+        t0 = time.perf_counter()
+        eng = LLMEngine.from_engine_args(EngineArgs(model=os.path.join(CONFIGS, "llama-3.1-8b"), load_format="dummy",
+                                                    skip_tokenizer_init=True, max_model_len=4096, max_num_seqs=8,
+                                                    enforce_eager=eager))
+        startup = time.perf_counter() - t0
+        rng = random.Random(0)
+        prompt = [[rng.randrange(100, 10000) for _ in range(128)]]
+        measure_latency(eng, prompt, 8)
+        runs = [measure_latency(eng, prompt, 256) for _ in range(3)]
+        key = "eager" if eager else "graph"
+        res[key] = {"startup_s": startup, "ttft_ms": min(r["ttft_s"] for r in runs) * 1e3,
+                    "tpot_ms": sorted(r["tpot_median_s"] for r in runs)[1] * 1e3}
+        del eng
+        torch.cuda.empty_cache()
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--skip-t1", action="store_true")
+    ap.add_argument("--skip-l1", action="store_true")
+    ap.add_argument("--skip-correctness", action="store_true")
+    ap.add_argument("--hf-requests", type=int, default=0)
+    args = ap.parse_args()
+    if not args.skip_correctness:
+        tiny_vs_hf()
+        smollm2_shape()
+    if not args.skip_l1:
+        l1()
+    if not args.skip_t1:
+        t1(args.hf_requests)
+    print(json.dumps(RESULTS, indent=1))
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "gpu_check.json"), "w") as f:
+            json.dump(RESULTS, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
