@@ -10,6 +10,8 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.sampling_params import SamplingParams
+from tests.unit.bpe_tokenizer import BpeTokenizer
+from tests.unit.bpe_tokenizer import train_byte_level_bpe as train_bpe
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CORPUS = [
@@ -20,37 +22,9 @@ CORPUS = [
 ]
 
 
-class BpeTokenizer:
-    """Test double of pagedllm.tokenizer.Tokenizer around a real `tokenizers.Tokenizer`."""
-
-    def __init__(self, backend: HFTokenizer) -> None:
-        self.backend = backend
-        self.eos_token_id = backend.token_to_id("<|endoftext|>")
-        self.all_special_ids = {backend.token_to_id(t) for t in SPECIAL_TOKENS}
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
-
-    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
-        return [self.backend.id_to_token(i) for i in ids]
-
-    def id_to_text(self, token_id: int) -> str:
-        return self.backend.decode([token_id], skip_special_tokens=False)
-
-
 def train_byte_level_bpe() -> BpeTokenizer:
     """A small byte-level BPE: every byte is a token, so rare characters split across tokens."""
-    backend = HFTokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(CORPUS * 20, trainer)
-    return BpeTokenizer(backend)
+    return train_bpe(CORPUS * 20, 400, SPECIAL_TOKENS)
 
 
 def train_metaspace_bpe() -> BpeTokenizer:
@@ -60,7 +34,7 @@ def train_metaspace_bpe() -> BpeTokenizer:
     backend.decoder = decoders.Metaspace()
     trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=SPECIAL_TOKENS, show_progress=False)
     backend.train_from_iterator(CORPUS[:1] * 20, trainer)
-    return BpeTokenizer(backend)
+    return BpeTokenizer(backend, SPECIAL_TOKENS)
 
 
 TOKENIZER = train_byte_level_bpe()

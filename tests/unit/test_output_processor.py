@@ -3,47 +3,18 @@
 from __future__ import annotations
 
 import pytest
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from pagedllm.core.scheduler_output import EngineCoreOutput
 from pagedllm.engine.output_processor import OutputProcessor, ParentRequest
 from pagedllm.outputs import Logprob, RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 from pagedllm.worker.runner_output import LogprobsLists
+from tests.unit.bpe_tokenizer import train_byte_level_bpe
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_end|>"]
 
 
-class BpeTokenizer:
-    """Test double of pagedllm.tokenizer.Tokenizer around a real byte-level BPE."""
-
-    def __init__(self) -> None:
-        backend = HFTokenizer(models.BPE())
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        backend.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=300,
-            special_tokens=SPECIAL_TOKENS,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
-        backend.train_from_iterator(["Hello world, the quick brown fox. 你好 😀"] * 20, trainer)
-        self.backend = backend
-        self.eos_token_id = backend.token_to_id("<|endoftext|>")
-        self.all_special_ids = {backend.token_to_id(t) for t in SPECIAL_TOKENS}
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
-
-    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
-        return [self.backend.id_to_token(i) for i in ids]
-
-    def id_to_text(self, token_id: int) -> str:
-        return self.backend.decode([token_id], skip_special_tokens=False)
-
-
-TOKENIZER = BpeTokenizer()
+TOKENIZER = train_byte_level_bpe(["Hello world, the quick brown fox. 你好 😀"] * 20, 300, SPECIAL_TOKENS)
 PROMPT_IDS = TOKENIZER.backend.encode("Hello world").ids
 
 
