@@ -176,6 +176,17 @@ def test_prefill_spanning_several_query_and_kv_tiles_matches_torch(block_m: int,
     assert max_error(out, batch) < 1e-5
 
 
+@pytest.mark.parametrize("context_len", [14, 15, 16, 17])
+def test_chunk_starting_next_to_a_kv_tile_boundary_sees_exactly_its_causal_keys(context_len: int) -> None:
+    # Tiles wholly before the first query skip the causal mask; the tile holding it must not.
+    batch = make_batch([6], [context_len + 6], seed=context_len)
+    md = batch.metadata
+    out = torch.empty_like(batch.query)
+    tb.varlen_attention(batch.query, batch.kv_cache, md.query_start_loc, md.seq_lens, md.block_tables,
+                        0, 1, 6, SCALE, out, block_m=16, block_n=16)
+    assert max_error(out, batch) < 1e-5
+
+
 def test_varlen_kernel_alone_serves_decodes_too() -> None:
     batch = make_batch([1, 1, 7], [33, 17, 12], group=4, seed=30)
     md = batch.metadata

@@ -11,7 +11,6 @@ Under `TRITON_INTERPRET=1` the same code runs on CPU tensors (the CI tests).
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import torch
@@ -21,10 +20,11 @@ from pagedllm.attention import triton_kernels as kernels
 from pagedllm.attention.metadata import AttentionMetadata
 
 LOG2_E = 1.4426950408889634
-# Split-KV heuristic: aim for this many programs per SM, and give each partition at least
-# this many KV tokens so the partial writes and the reduce stay small next to the KV reads.
+# Split-KV heuristic, fitted on an H200 (benchmarks/bench_attention_gpu.py --sweep full): the
+# decode kernel streams KV best with about two programs per SM; more programs only add partial
+# writes and shorter pipelines. Partitions shorter than _MIN_PARTITION_TOKENS are not worth it.
 _TARGET_PROGRAMS_PER_SM = 2
-_MIN_PARTITION_TOKENS = 256
+_MIN_PARTITION_TOKENS = 128
 MAX_KV_SPLITS = 64
 
 
@@ -55,12 +55,12 @@ def choose_num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, sm_
     """How many partitions each decode's KV is split into (a power of two, 1 = no split).
 
     Without splitting, the decode grid has num_seqs x num_kv_heads programs; when that leaves
-    SMs idle (few or single long sequences) we split until about _TARGET_PROGRAMS_PER_SM
-    programs per SM exist, but never into partitions shorter than _MIN_PARTITION_TOKENS.
+    SMs idle (few or single long sequences) we split up to about _TARGET_PROGRAMS_PER_SM
+    programs per SM, but never into partitions shorter than _MIN_PARTITION_TOKENS.
     For CUDA graphs, call it with max_model_len so one count serves every replay.
     """
     programs = max(1, num_seqs * num_kv_heads)
-    wanted = math.ceil(_TARGET_PROGRAMS_PER_SM * sm_count / programs)
+    wanted = _TARGET_PROGRAMS_PER_SM * sm_count // programs
     by_length = max(1, max_seq_len // _MIN_PARTITION_TOKENS)
     splits = max(1, min(wanted, by_length, MAX_KV_SPLITS))
     return 1 << (splits.bit_length() - 1)  # round down to a power of two: few compiled variants
@@ -151,9 +151,13 @@ def decode_attention(
     group = num_heads // num_kv_heads
     if num_kv_splits < 1:
         raise ValueError(f"num_kv_splits must be at least 1, got {num_kv_splits}")
-    block_n = block_n or (32 if head_dim > 128 else 64)
+    # Few resident programs per SM each need more bytes in flight: larger KV tiles then
+    # (H200 sweep: 128-token tiles win up to ~2 programs per SM, 64-token tiles beyond;
+    # 32 KB tiles prefer 2 pipeline stages, smaller ones 3).
+    few_programs = num_decodes * num_kv_heads * num_kv_splits <= _TARGET_PROGRAMS_PER_SM * num_sms(query.device)
+    block_n = block_n or min(128, max(16, (16384 if few_programs else 8192) // triton.next_power_of_2(head_dim)))
     num_warps = num_warps or 4
-    num_stages = num_stages or (2 if head_dim > 128 else 3)
+    num_stages = num_stages or (2 if block_n * head_dim >= 16384 else 3)
     key_cache, value_cache = kv_cache[0], kv_cache[1]
     split = num_kv_splits > 1
     if split:
@@ -214,11 +218,13 @@ def varlen_attention(
     _, num_heads, head_dim = query.shape
     _, _, page, num_kv_heads, _ = kv_cache.shape
     group = num_heads // num_kv_heads
-    default_m, default_n, default_warps = (64, 32, 4) if head_dim > 128 else (128, 64, 8)
+    # H200 sweep, 4 x 2048 causal bf16 at head_dim 128: (128, 64, 4 warps, 3 stages) 289 TFLOP/s,
+    # (128, 64, 8, 2) 244; head_dim 256 halves the tiles to stay within shared memory.
+    default_m, default_n, default_stages = (64, 32, 2) if head_dim > 128 else (128, 64, 3)
     block_m = max(block_m or default_m, 16, triton.next_power_of_2(group))
     block_n = block_n or default_n
-    num_warps = num_warps or default_warps
-    num_stages = num_stages or 2
+    num_warps = num_warps or 4
+    num_stages = num_stages or default_stages
     block_q = block_m // group
     n_reqs = num_reqs - first_req
     key_cache, value_cache = kv_cache[0], kv_cache[1]

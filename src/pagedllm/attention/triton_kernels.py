@@ -131,7 +131,9 @@ def _varlen_attention_kernel(
     a binary search finds the request and spare tiles simply exit. The grid depends only on
     the token and request counts, never on query lengths.
     """
-    tile = tl.program_id(0)
+    # Highest tile first: a request's last query tiles see the most keys, so the long programs
+    # start early and the short ones fill the tail.
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
     q_base = tl.load(query_start_loc_ptr)
 
@@ -141,8 +143,9 @@ def _varlen_attention_kernel(
     while lo + 1 < hi:
         mid = (lo + hi) // 2
         first_tile = (tl.load(query_start_loc_ptr + mid) - q_base) // BLOCK_Q + mid
-        lo = tl.where(first_tile < tile, mid, lo)
-        hi = tl.where(first_tile <= tile, hi, mid)
+        starts_before = first_tile <= tile
+        lo = tl.where(starts_before, mid, lo)
+        hi = tl.where(starts_before, hi, mid)
     req = lo
 
     q_start = tl.load(query_start_loc_ptr + req)
