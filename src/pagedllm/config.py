@@ -38,7 +38,8 @@ class CacheConfig:
     kv_cache_memory_bytes: int | None = None
     num_gpu_blocks_override: int | None = None
     gpu_memory_utilization: float = 0.9
-    enable_prefix_caching: bool = False
+    # Automatic prefix caching: share computed blocks between requests (and parallel samples).
+    enable_prefix_caching: bool = True
     num_blocks: int = 0  # filled in once the pool is sized
 
     def __post_init__(self) -> None:
@@ -89,7 +90,7 @@ class EngineArgs:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool = True
-    enable_prefix_caching: bool = False
+    enable_prefix_caching: bool = True
     enforce_eager: bool = False
     device: str = "auto"
     tensor_parallel_size: int = 1
@@ -120,7 +121,9 @@ class EngineArgs:
         group.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
         group.add_argument("--max-num-batched-tokens", type=int, default=None)
         group.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
-        group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=False)
+        group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                           default=defaults.enable_prefix_caching,
+                           help="reuse the KV cache of shared prompt prefixes and parallel samples")
         group.add_argument("--enforce-eager", action="store_true")
         group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
         group.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)

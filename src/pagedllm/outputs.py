@@ -59,3 +59,30 @@ class RequestMetrics:
     last_token_time: float | None = None
     finished_time: float | None = None
     token_times: list[float] = field(default_factory=list, repr=False)
+
+
+@dataclass
+class BeamSearchSequence:
+    """One finished beam: its tokens (prompt included, as in vLLM), text and scores."""
+
+    tokens: list[int]
+    # Top-k log-probabilities at each generated position, the chosen token included.
+    logprobs: SampleLogprobs
+    cum_logprob: float
+    # cum_logprob divided by (generated length ** length_penalty): what beams are ranked by.
+    score: float
+    text: str | None = None
+    finish_reason: str | None = None  # "stop" (ended with EOS) or "length"
+    num_prompt_tokens: int = 0
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        """The generated tokens only."""
+        return self.tokens[self.num_prompt_tokens :]
+
+
+@dataclass
+class BeamSearchOutput:
+    """The beam search result of one prompt: its best sequences, best first."""
+
+    sequences: list[BeamSearchSequence]

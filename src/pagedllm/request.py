@@ -40,7 +40,12 @@ class Request:
     """One sequence in the engine core.
 
     `all_token_ids` is prompt + output; the first `num_computed_tokens` of them have their
-    K/V in the cache. A preempted request drops its cache and recomputes from zero.
+    K/V in the cache. A preempted request drops its cache and recomputes from zero (or from
+    what the prefix cache still holds).
+
+    `cache_salt` keeps the request's prefix-cache entries apart from those of requests with
+    another salt (e.g. per tenant). `fork_source_id` names a sibling with the same prompt (the
+    first of n parallel samples) whose prompt blocks this request shares once they are computed.
     """
 
     def __init__(
@@ -50,18 +55,24 @@ class Request:
         sampling_params: SamplingParams,
         arrival_time: float | None = None,
         priority: int = 0,
+        cache_salt: str | None = None,
+        fork_source_id: str | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.priority = priority
+        self.cache_salt = cache_salt
+        self.fork_source_id = fork_source_id
         self.status = RequestStatus.WAITING
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
         self.num_preemptions = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
+        # Prefix-cache hash of each full block of all_token_ids (filled by the KV cache manager).
+        self.block_hashes: list[bytes] = []
         self.stop_reason: int | str | None = None
         max_tokens = sampling_params.max_tokens
         self.max_tokens: int = max_tokens if max_tokens is not None else 1 << 62

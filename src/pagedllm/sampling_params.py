@@ -125,3 +125,28 @@ class SamplingParams:
         out = SamplingParams(**values)
         out._all_stop_token_ids = set(self._all_stop_token_ids)
         return out
+
+
+@dataclass
+class BeamSearchParams:
+    """Parameters of `LLM.beam_search` (vLLM's fields, plus Hugging Face's `early_stopping`).
+
+    The search is Hugging Face's (`generate(num_beams=beam_width, do_sample=False, ...)`):
+    `length_penalty` divides a finished sequence's log-probability by its generated length to
+    that power; `early_stopping` is True (stop once beam_width sequences have finished), False
+    (also stop when no running beam is likely to beat them) or "never" (only when none can).
+    """
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.beam_width, int) or self.beam_width < 1:
+            raise ValueError(f"beam_width must be an integer >= 1, got {self.beam_width!r}.")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens!r}.")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}.")

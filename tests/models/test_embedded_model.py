@@ -53,3 +53,11 @@ def test_text_prompt_is_tokenized_and_detokenized(llm):
     assert output.prompt_token_ids == tokenizer.encode("The capital of France is")
     assert output.outputs[0].text == tokenizer.decode(output.outputs[0].token_ids)
     assert "Paris" in output.outputs[0].text
+
+
+def test_bfloat16_on_cpu_gives_the_same_answer():
+    llm = LLM(dtype="bfloat16", max_model_len=512)
+    outputs = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                       SamplingParams(temperature=0.0, max_tokens=32), use_tqdm=False)
+    assert llm.llm_engine.config.model_config.dtype == "bfloat16"
+    assert "Paris" in outputs[0].outputs[0].text

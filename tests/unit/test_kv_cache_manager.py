@@ -107,9 +107,15 @@ def test_allocation_beyond_max_model_len_raises() -> None:
         manager.allocate_slots(make_request("a", 9), 9)
 
 
-def test_prefix_caching_hook_finds_nothing_yet() -> None:
+def test_a_prefix_never_computed_has_no_computed_blocks() -> None:
     manager = KVCacheManager(num_blocks=4, block_size=4, max_model_len=32)
     assert manager.get_computed_blocks(make_request("a", 8)) == ([], 0)
+
+
+def test_without_caching_a_computed_prefix_is_not_found() -> None:
+    manager = KVCacheManager(num_blocks=4, block_size=4, max_model_len=32, enable_caching=False)
+    manager.allocate_slots(make_request("a", 8), 8)
+    assert manager.get_computed_blocks(make_request("b", 8)) == ([], 0)
 
 
 def test_computed_blocks_are_shared_not_allocated() -> None:

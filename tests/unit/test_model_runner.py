@@ -16,3 +16,18 @@ def test_profile_run_executes_a_full_budget_step_and_cleans_up(tmp_path):
     cache_bytes = runner.profile_run(num_tokens=100, num_seqs=3)
     assert cache_bytes == (3 * 3) * runner.kv_cache_bytes_per_block()  # 34, 33, 33 tokens -> 3 blocks each
     assert runner.requests == {} and runner.kv_caches == []
+
+
+def test_block_copies_read_every_source_before_writing_any_destination():
+    import torch
+
+    from pagedllm.worker.model_runner import ModelRunner
+
+    runner = ModelRunner.__new__(ModelRunner)  # only the KV pool is needed
+    runner.device = torch.device("cpu")
+    cache = torch.arange(2 * 4 * 2, dtype=torch.float32).view(2, 4, 2, 1, 1)  # [2, blocks, size, heads, dim]
+    before = cache.clone()
+    runner.kv_caches = [cache]
+    runner._copy_blocks([(0, 1), (1, 2)])  # block 1 is both a destination and a source
+    assert torch.equal(cache[:, 1], before[:, 0]) and torch.equal(cache[:, 2], before[:, 1])
+    assert torch.equal(cache[:, [0, 3]], before[:, [0, 3]])

@@ -4,8 +4,9 @@
 sends random-token prompts to /v1/completions (streaming, `ignore_eos`) at each request rate
 (Poisson arrivals; `inf` sends everything at once) and reports request throughput, output tok/s,
 TTFT and inter-token latency p50/p99, and errors. `--launch-server` starts the server itself with
-`--server-args`; `--compare-offline` then also runs the offline engine (same engine flags, same
-requests) after the server has stopped, so both numbers come from one run.
+`--server-args`; `--compare-offline` also runs the offline engine (same engine flags, same
+requests) in this process, alternating with saturation runs of the idle-in-between server, so both
+numbers come from one run on the same machine state.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def add_serve_benchmark_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--launch-server", action="store_true", help="start `pagedllm serve --server-args ...` itself")
     parser.add_argument("--server-args", default="", help="engine/server flags for --launch-server and the offline run")
     parser.add_argument("--compare-offline", action="store_true",
-                        help="also time the offline engine on the same requests (after the server stopped)")
+                        help="also time the offline engine on the same requests, alternating with the server")
+    parser.add_argument("--repeats", type=int, default=1, help="server/offline pairs for --compare-offline")
     parser.add_argument("--model", default=None, help="model name sent in requests (default: the server's first)")
     parser.add_argument("--num-prompts", type=int, default=500)
     parser.add_argument("--input-len", type=int, default=1024)
@@ -154,6 +156,7 @@ async def run_load(base_url: str, model: str, requests: list[BenchRequest], requ
         duration = time.perf_counter() - start
     ok = [r for r in results if r.success]
     itls = [x for r in ok for x in r.itls]
+    ttfts = [r.ttft for r in ok]
     output_tokens = sum(r.output_tokens for r in ok)
     errors = [r.error for r in results if not r.success]
     return {
@@ -161,7 +164,7 @@ async def run_load(base_url: str, model: str, requests: list[BenchRequest], requ
         "completed": len(ok), "errors": len(errors), "first_error": errors[0] if errors else None,
         "duration_s": duration, "request_throughput": len(ok) / duration, "output_tok_s": output_tokens / duration,
         "output_tokens": output_tokens,
-        "ttft_p50_ms": 1000 * percentile([r.ttft for r in ok], 50), "ttft_p99_ms": 1000 * percentile([r.ttft for r in ok], 99),
+        "ttft_p50_ms": 1000 * percentile(ttfts, 50), "ttft_p99_ms": 1000 * percentile(ttfts, 99),
         "itl_p50_ms": 1000 * percentile(itls, 50), "itl_p99_ms": 1000 * percentile(itls, 99),
     }
 
@@ -193,8 +196,8 @@ def launch_server(server_args: str, port: int, timeout: float = 300.0) -> subpro
     raise RuntimeError(f"The server did not become healthy within {timeout} s.")
 
 
-def run_offline(server_args: str, requests: list[BenchRequest], temperature: float) -> dict[str, Any]:
-    """Output tok/s of the offline engine (same engine flags) on the same requests, after one warm-up."""
+def make_offline_engine(server_args: str) -> Any:
+    """The offline engine with the server's engine flags, warmed up."""
     from pagedllm.config import EngineArgs
     from pagedllm.entrypoints.llm import LLM
     from pagedllm.entrypoints.openai.cli_args import add_serve_args, resolve_model_arg
@@ -205,8 +208,14 @@ def run_offline(server_args: str, requests: list[BenchRequest], temperature: flo
     ns = parser.parse_args(shlex.split(server_args))
     resolve_model_arg(ns)
     llm = LLM(**vars(EngineArgs.from_cli_args(ns)))
-    llm.generate([{"prompt_token_ids": requests[0].prompt_token_ids}], SamplingParams(max_tokens=4, ignore_eos=True),
-                 use_tqdm=False)
+    llm.generate([[100, 101, 102]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    return llm
+
+
+def run_offline(llm: Any, requests: list[BenchRequest], temperature: float) -> dict[str, Any]:
+    """Output tok/s of the offline engine on the same requests."""
+    from pagedllm.sampling_params import SamplingParams
+
     params = [SamplingParams(temperature=temperature, max_tokens=r.output_len, ignore_eos=True) for r in requests]
     start = time.perf_counter()
     outputs = llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in requests], params, use_tqdm=False)
@@ -216,8 +225,22 @@ def run_offline(server_args: str, requests: list[BenchRequest], temperature: flo
             "request_throughput": len(requests) / elapsed}
 
 
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    print(f"{'rate':>6} {'req/s':>7} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} "
+          f"{'ITL p99':>8} {'errors':>6}")
+    for r in rows:
+        print(f"{r['request_rate']:>6} {r['request_throughput']:>7.2f} {r['output_tok_s']:>10.1f} "
+              f"{r['ttft_p50_ms']:>7.0f}ms {r['ttft_p99_ms']:>7.0f}ms {r['itl_p50_ms']:>6.0f}ms "
+              f"{r['itl_p99_ms']:>6.0f}ms {r['errors']:>6}")
+
+
 def run_serve_benchmark_cli(args: argparse.Namespace) -> int:
-    """Run the load at every request rate (and the offline baseline), print a table, write JSON."""
+    """Run the load at every request rate (and the offline baseline), print a table, write JSON.
+
+    With --compare-offline, saturation runs of the server (rate inf) and offline runs alternate
+    --repeats times while the other side idles, so both see the same machine; the best of each
+    and the ratio of every pair are reported (shared CPU machines drift by several times).
+    """
     import httpx
 
     rates = [float(r) for r in args.request_rates.split(",")]
@@ -228,37 +251,46 @@ def run_serve_benchmark_cli(args: argparse.Namespace) -> int:
         port = _free_port()
         proc = launch_server(args.server_args, port)
         base_url = f"http://127.0.0.1:{port}"
-    rows = []
+    rows: list[dict[str, Any]] = []
+    info: dict[str, Any] = {"num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
+                            "random_range_ratio": args.random_range_ratio, "server_args": args.server_args,
+                            "rows": rows}
     try:
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         model = args.model or httpx.get(f"{base_url}/v1/models", headers=headers).json()["data"][0]["id"]
-        # Warm-up: the first steps of a fresh engine are slow (lazy initialisation).
-        asyncio.run(run_load(base_url, model, requests[:1], float("inf"), args.temperature, args.seed, args.api_key))
+
+        def load(rate: float, reqs: list[BenchRequest]) -> dict[str, Any]:
+            return asyncio.run(run_load(base_url, model, reqs, rate, args.temperature, args.seed, args.api_key))
+
+        load(float("inf"), requests[:1])  # warm-up: a fresh engine's first steps are slow
         for rate in rates:
-            rows.append(asyncio.run(run_load(base_url, model, requests, rate, args.temperature, args.seed,
-                                             args.api_key)))
+            rows.append(load(rate, requests))
+        if args.compare_offline:
+            llm = make_offline_engine(args.server_args)
+            pairs = []
+            for _ in range(args.repeats):
+                offline = run_offline(llm, requests, args.temperature)
+                server = load(float("inf"), requests)
+                pairs.append({"server_output_tok_s": server["output_tok_s"], "server_errors": server["errors"],
+                              "offline_output_tok_s": offline["output_tok_s"],
+                              "ratio": server["output_tok_s"] / offline["output_tok_s"]})
+            info["offline_comparison"] = pairs
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=30)
-    info: dict[str, Any] = {"num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
-                            "random_range_ratio": args.random_range_ratio, "server_args": args.server_args,
-                            "rows": rows}
-    if args.compare_offline:
-        info["offline"] = run_offline(args.server_args, requests, args.temperature)
-    print(f"{'rate':>6} {'req/s':>7} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} "
-          f"{'ITL p99':>8} {'errors':>6}")
-    for r in rows:
-        print(f"{r['request_rate']:>6} {r['request_throughput']:>7.2f} {r['output_tok_s']:>10.1f} "
-              f"{r['ttft_p50_ms']:>7.0f}ms {r['ttft_p99_ms']:>7.0f}ms {r['itl_p50_ms']:>6.0f}ms "
-              f"{r['itl_p99_ms']:>6.0f}ms {r['errors']:>6}")
-    if "offline" in info:
-        offline = info["offline"]["output_tok_s"]
-        best = max(r["output_tok_s"] for r in rows)
-        info["server_over_offline"] = best / offline
-        print(f"offline engine: {offline:.1f} output tok/s; server at saturation: {best:.1f} "
-              f"({100 * best / offline:.0f}% of offline)")
+    _print_table(rows)
+    errors = sum(r["errors"] for r in rows)
+    if "offline_comparison" in info:
+        pairs = info["offline_comparison"]
+        errors += sum(p["server_errors"] for p in pairs)
+        best_server = max(p["server_output_tok_s"] for p in pairs)
+        best_offline = max(p["offline_output_tok_s"] for p in pairs)
+        info["server_over_offline_best"] = best_server / best_offline
+        ratios = ", ".join(f"{p['ratio']:.2f}" for p in pairs)
+        print(f"saturation (rate inf), alternating runs: server best {best_server:.1f} output tok/s, offline best "
+              f"{best_offline:.1f} ({100 * best_server / best_offline:.0f}%); per-pair ratios: {ratios}")
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(info, f, indent=2)
-    return 0 if all(r["errors"] == 0 for r in rows) else 1
+    return 0 if errors == 0 else 1

@@ -1,4 +1,5 @@
-"""The pool of KV cache blocks: reference counts and the free queue (LRU eviction order)."""
+"""The pool of KV cache blocks: reference counts, the free queue (LRU eviction order), and the
+prefix cache's hash -> block map."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ class KVCacheBlock:
     """One block of the paged KV cache: `block_size` token slots in every layer's cache tensor.
 
     `ref_cnt` counts the requests whose block table holds the block; a block is in the free
-    queue exactly when `ref_cnt == 0`. Identity, not value, equality: two blocks are never equal.
+    queue exactly when `ref_cnt == 0`. A free block that still has a `block_hash` is a cached
+    prefix: a later request can take it back until the block is reused (evicted). Identity, not
+    value, equality: two blocks are never equal.
     """
 
     block_id: int
     ref_cnt: int = 0
-    # Hash of the full block's tokens (and its prefix), set once prefix caching registers it.
-    block_hash: int | None = None
+    # Hash of the block's tokens and prefix (core/kv_cache_utils.py) while the prefix cache holds it.
+    block_hash: bytes | None = None
     # Intrusive links of the free queue: None while the block is not in it.
     prev_free_block: KVCacheBlock | None = None
     next_free_block: KVCacheBlock | None = None
@@ -89,7 +92,12 @@ class FreeKVCacheBlockQueue:
 
 
 class BlockPool:
-    """Owns every KV cache block: hands out free ones, takes them back when unreferenced."""
+    """Owns every KV cache block: hands out free ones, takes them back when unreferenced.
+
+    Also the prefix cache's index: `cached_block_hash_to_block` maps a hash to the block holding
+    that prefix's K/V. Freed blocks keep their hash; one is evicted (its hash dropped) only when
+    the free queue hands it out again, so the least recently freed cached block goes first.
+    """
 
     def __init__(self, num_blocks: int) -> None:
         if num_blocks < 1:
@@ -97,6 +105,11 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.blocks = [KVCacheBlock(block_id=i) for i in range(num_blocks)]
         self.free_block_queue = FreeKVCacheBlockQueue(self.blocks)
+        self.cached_block_hash_to_block: dict[bytes, KVCacheBlock] = {}
+        # Blocks taken from the free queue since the pool was created (for memory accounting).
+        self.num_allocated_blocks = 0
+        # Cached blocks whose hash was dropped to reuse their memory.
+        self.num_evicted_blocks = 0
 
     def get_new_blocks(self, num_blocks: int) -> list[KVCacheBlock]:
         """Take `num_blocks` blocks from the head of the free queue, each with ref_cnt 1."""
@@ -111,12 +124,41 @@ class BlockPool:
         new_blocks = []
         for _ in range(num_blocks):
             block = self.free_block_queue.popleft()
-            # Reusing a block evicts whatever cached prefix it held (prefix caching drops the
-            # hash -> block entry here once it exists).
-            block.block_hash = None
+            # Reusing a block evicts whatever cached prefix it held.
+            self._evict(block)
             block.ref_cnt = 1
             new_blocks.append(block)
+        self.num_allocated_blocks += num_blocks
         return new_blocks
+
+    def _evict(self, block: KVCacheBlock) -> None:
+        if block.block_hash is None:
+            return
+        if self.cached_block_hash_to_block.get(block.block_hash) is block:
+            del self.cached_block_hash_to_block[block.block_hash]
+            self.num_evicted_blocks += 1
+        block.block_hash = None
+
+    def get_cached_block(self, block_hash: bytes) -> KVCacheBlock | None:
+        """The block holding the prefix with this hash, if the cache still has it."""
+        return self.cached_block_hash_to_block.get(block_hash)
+
+    def cache_block(self, block: KVCacheBlock, block_hash: bytes) -> bool:
+        """Register a block whose K/V is (or is being) computed under its prefix hash.
+
+        Returns False, changing nothing, when the block is already registered or another block
+        holds the same prefix (two requests computed it at once): the first copy stays cached and
+        this one is simply never found by a lookup.
+        """
+        if block.block_hash is not None or block_hash in self.cached_block_hash_to_block:
+            return False
+        block.block_hash = block_hash
+        self.cached_block_hash_to_block[block_hash] = block
+        return True
+
+    def get_num_cached_blocks(self) -> int:
+        """Blocks the prefix cache can currently find (referenced or free)."""
+        return len(self.cached_block_hash_to_block)
 
     def free_blocks(self, blocks: Iterable[KVCacheBlock]) -> None:
         """Drop one reference to each block; blocks left unreferenced join the free queue's tail.

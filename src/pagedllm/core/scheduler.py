@@ -9,6 +9,11 @@ waiting ones in FCFS order, chunking a prompt that does not fit the rest of the 
 When the pool runs out of blocks, the newest running request is preempted (its blocks freed,
 recomputed later). The oldest running request is therefore never preempted while another one
 holds blocks, so as long as one request of max_model_len fits the pool, every request completes.
+
+With prefix caching, a request admitted from the queue starts after the tokens the KV cache
+manager already holds for its prefix. Parallel samples (requests with a `fork_source_id`) wait
+until their first sibling has computed the shared prompt, then fork its blocks: the prompt is
+prefilled once.
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ class SchedulerStats:
     kv_cache_usage: float
     # Preemptions since the scheduler was created.
     num_preemptions: int
+    # Prefix cache, since the scheduler was created: prompt tokens of newly admitted requests
+    # looked up (queries) and found cached (hits). Both stay 0 with prefix caching off.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
 
 class Scheduler:
@@ -70,6 +79,8 @@ class Scheduler:
         # Finished or preempted since the last schedule(): the runner drops their state.
         self.finished_req_ids: set[str] = set()
         self.num_preemptions = 0
+        self.num_prefix_cache_queries = 0
+        self.num_prefix_cache_hits = 0
 
     # ---- requests in and out ----------------------------------------------------------------
 
@@ -145,6 +156,8 @@ class Scheduler:
             num_waiting=len(self.waiting),
             kv_cache_usage=self.kv_cache_manager.usage,
             num_preemptions=self.num_preemptions,
+            prefix_cache_queries=self.num_prefix_cache_queries,
+            prefix_cache_hits=self.num_prefix_cache_hits,
         )
 
     # ---- one step -----------------------------------------------------------------------------
@@ -183,26 +196,39 @@ class Scheduler:
             req_index += 1
 
         # Then waiting requests, FCFS, unless this step already had to preempt (the pool is full).
+        # Parallel samples waiting for their sibling's prompt are passed over, keeping their place.
+        passed_over: list[Request] = []
+        new_req_ids: set[str] = set()
         while (self.waiting and not preempted_any and token_budget > 0
                and len(self.running) < self.max_num_seqs):
             request = self.waiting[0]
-            computed_blocks, num_computed_tokens = self.kv_cache_manager.get_computed_blocks(request)
+            must_wait, fork_source = self._get_fork_source(request, new_req_ids)
+            if must_wait:
+                passed_over.append(self.waiting.popleft())
+                continue
+            computed_blocks, num_computed_tokens = self.kv_cache_manager.get_computed_blocks(request, fork_source)
             num_tokens_left = request.num_tokens - num_computed_tokens
             if not self.scheduler_config.enable_chunked_prefill and num_tokens_left > token_budget:
                 break
             num_new_tokens = min(num_tokens_left, token_budget)
-            new_blocks = self.kv_cache_manager.allocate_slots(request, num_new_tokens, computed_blocks)
+            new_blocks = self.kv_cache_manager.allocate_slots(request, num_new_tokens, computed_blocks,
+                                                              num_computed_tokens)
             if new_blocks is None:
                 break
             self.waiting.popleft()
             if request.status == RequestStatus.WAITING:
                 request.num_cached_tokens = num_computed_tokens
+                if self.kv_cache_manager.enable_caching:
+                    self.num_prefix_cache_queries += request.num_tokens
+                    self.num_prefix_cache_hits += num_computed_tokens
             request.num_computed_tokens = num_computed_tokens
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             new_reqs.append(request)
+            new_req_ids.add(request.request_id)
             num_scheduled_tokens[request.request_id] = num_new_tokens
             token_budget -= num_new_tokens
+        self.waiting.extendleft(reversed(passed_over))
 
         scheduler_output = self._make_output(new_reqs, num_scheduled_tokens, new_blocks_of)
         # Advance progress now that the output recorded the pre-step values: the next
@@ -210,6 +236,25 @@ class Scheduler:
         for req_id, num_tokens in num_scheduled_tokens.items():
             self.requests[req_id].num_computed_tokens += num_tokens
         return scheduler_output
+
+    def _get_fork_source(self, request: Request, new_req_ids: set[str]) -> tuple[bool, Request | None]:
+        """For a parallel sample: (must it wait, the running sibling whose prompt blocks it forks).
+
+        The sibling's blocks can be forked once it has computed all but the last prompt token
+        in an earlier step (the partial block is copied, so its K/V must exist before this
+        step). Until then the sample waits, rather than prefilling the same prompt again. A
+        sibling that finished or was aborted left its blocks in the prefix cache instead.
+        """
+        if (request.fork_source_id is None or not self.kv_cache_manager.enable_caching
+                or request.num_prompt_tokens <= 1):
+            return False, None
+        source = self.requests.get(request.fork_source_id)
+        if source is None or source.sampling_params.prompt_logprobs is not None:
+            return False, None
+        if (source.status == RequestStatus.RUNNING and source.request_id not in new_req_ids
+                and source.num_computed_tokens >= request.num_prompt_tokens - 1):
+            return False, source
+        return True, None
 
     def _preempt(self, request: Request) -> None:
         """Drop a running request's cache and requeue it at the front for recomputation."""
@@ -254,6 +299,7 @@ class Scheduler:
             num_scheduled_tokens=num_scheduled_tokens,
             total_num_scheduled_tokens=sum(num_scheduled_tokens.values()),
             finished_req_ids=self.finished_req_ids,
+            blocks_to_copy=self.kv_cache_manager.take_blocks_to_copy(),
         )
         self.finished_req_ids = set()
         return output

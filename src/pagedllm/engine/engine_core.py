@@ -32,7 +32,8 @@ class EngineCore:
             )
         cache.num_blocks = num_blocks
         self.executor.initialize_cache(num_blocks)
-        self.kv_cache_manager = KVCacheManager(num_blocks, cache.block_size, sched.max_model_len)
+        self.kv_cache_manager = KVCacheManager(num_blocks, cache.block_size, sched.max_model_len,
+                                               enable_caching=cache.enable_prefix_caching)
         self.scheduler = Scheduler(sched, self.kv_cache_manager)
         num_tokens = num_blocks * cache.block_size
         logger.info("KV cache: %d tokens (%d blocks), max concurrency %.2fx at max_model_len %d",

@@ -8,16 +8,19 @@ from typing import Any, Union
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.tokenizer import Tokenizer
 
-# vLLM's prompt shapes: a string, {"prompt": str}, or {"prompt_token_ids": [...]}.
+# vLLM's prompt shapes: a string, {"prompt": str}, or {"prompt_token_ids": [...]}; a dict may
+# also carry "cache_salt" (a string keeping its prefix-cache entries apart from other salts').
 PromptType = Union[str, dict[str, Any], list[int]]
 
 
 @dataclass
 class ProcessedPrompt:
-    """A prompt as text (when known) and token ids."""
+    """A prompt as text (when known) and token ids, with its prefix-cache salt (if any)."""
 
     prompt: str | None
     prompt_token_ids: list[int]
+    # Requests share prefix-cache blocks only with requests of the same salt (None: the common pool).
+    cache_salt: str | None = None
 
 
 class InputProcessor:
@@ -31,6 +34,9 @@ class InputProcessor:
     def process(self, prompt: PromptType, params: SamplingParams) -> ProcessedPrompt:
         """Tokenize `prompt` and check it and `params`; raises ValueError naming the problem."""
         text, token_ids = self._tokenize(prompt)
+        cache_salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise ValueError(f"cache_salt must be a non-empty string, got {cache_salt!r}.")
         if not token_ids:
             raise ValueError("The prompt is empty: give at least one token.")
         if len(token_ids) > self.max_model_len - 1:
@@ -54,7 +60,7 @@ class InputProcessor:
             value = getattr(params, name)
             if value is not None and value > self.vocab_size:
                 raise ValueError(f"{name}={value} exceeds the vocabulary size {self.vocab_size}.")
-        return ProcessedPrompt(text, token_ids)
+        return ProcessedPrompt(text, token_ids, cache_salt)
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

@@ -38,7 +38,9 @@ def make_engine_core_requests(
     """Register a request with the output processor and return the Requests for the engine core.
 
     With n == 1 that is one Request under `request_id`; with n > 1 a ParentRequest gathers n
-    children (ids `"{i}_{request_id}"`), each an independent one-sample Request.
+    children (ids `"{i}_{request_id}"`), each a one-sample Request. Children after the first
+    name it as their fork source: with prefix caching they share its prompt blocks rather than
+    prefilling the prompt again.
     """
     params = params.clone()
     params.update_from_generation_config(eos_token_ids)
@@ -54,5 +56,7 @@ def make_engine_core_requests(
     for child_id, child_params, index in children:
         output_processor.add_request(child_id, processed.prompt, processed.prompt_token_ids, child_params,
                                      arrival_time, parent=parent, index=index)
-        requests.append(Request(child_id, processed.prompt_token_ids, child_params, arrival_time))
+        fork_source_id = children[0][0] if index > 0 else None
+        requests.append(Request(child_id, processed.prompt_token_ids, child_params, arrival_time,
+                                cache_salt=processed.cache_salt, fork_source_id=fork_source_id))
     return requests

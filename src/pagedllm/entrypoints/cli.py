@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from pagedllm.entrypoints.openai.cli_args import add_serve_args
 
-    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (default model: embedded SmolLM2-135M-Instruct)")
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (default: embedded SmolLM2-135M-Instruct)")
     add_serve_args(serve)
     serve.set_defaults(func=_cmd_serve, default_log_level="INFO")
 

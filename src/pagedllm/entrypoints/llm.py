@@ -9,10 +9,11 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from pagedllm.config import EngineArgs
+from pagedllm.engine.beam_search import BeamSearchInstance
 from pagedllm.engine.input_processor import PromptType
 from pagedllm.engine.llm_engine import LLMEngine
-from pagedllm.outputs import RequestOutput
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.outputs import BeamSearchOutput, RequestOutput
+from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 from pagedllm.tokenizer import Tokenizer
 
 ChatMessages = list[dict[str, Any]]
@@ -77,6 +78,61 @@ class LLM:
             # The template already holds any BOS token, so none is added again.
             prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def beam_search(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        params: BeamSearchParams,
+        use_tqdm: bool = False,
+    ) -> list[BeamSearchOutput]:
+        """Beam search for every prompt; one BeamSearchOutput per prompt, in order.
+
+        Reproduces Hugging Face's `generate(num_beams=beam_width, do_sample=False,
+        length_penalty=..., early_stopping=...)`; see engine/beam_search.py. Runs as one
+        generate call per step over all live beams of all prompts, which share their
+        blocks through the prefix cache.
+        """
+        engine = self.llm_engine
+        max_model_len = engine.config.model_config.max_model_len
+        searches: list[BeamSearchInstance] = []
+        cache_salts: list[str | None] = []
+        for prompt in self._as_prompt_list(prompts):
+            processed = engine.input_processor.process(prompt, SamplingParams(max_tokens=1))
+            searches.append(BeamSearchInstance(processed.prompt_token_ids, params, engine.eos_token_ids,
+                                               max_model_len))
+            cache_salts.append(processed.cache_salt)
+        with tqdm(total=params.max_tokens, desc="Beam search steps", disable=not use_tqdm,
+                  dynamic_ncols=True) as bar:
+            while True:
+                active = [i for i, search in enumerate(searches) if not search.done]
+                if not active:
+                    break
+                step_prompts: list[PromptType] = []
+                step_params: list[SamplingParams] = []
+                for i in active:
+                    for beam in searches[i].beams:
+                        step_prompt: dict[str, Any] = {"prompt_token_ids": beam.tokens}
+                        if cache_salts[i] is not None:
+                            step_prompt["cache_salt"] = cache_salts[i]
+                        step_prompts.append(step_prompt)
+                        step_params.append(searches[i].step_params())
+                outputs = iter(self._run(step_prompts, step_params, use_tqdm=False))
+                for i in active:
+                    search = searches[i]
+                    search.update([next(outputs).outputs[0].logprobs[0] for _ in search.beams])
+                bar.update(1)
+        tokenizer = engine.tokenizer
+        results: list[BeamSearchOutput] = []
+        for search in searches:
+            sequences = search.results()
+            for sequence in sequences:
+                if tokenizer is not None:
+                    generated = sequence.output_token_ids
+                    if sequence.finish_reason == "stop":
+                        generated = generated[:-1]  # the EOS token has no text
+                    sequence.text = tokenizer.decode(generated)
+            results.append(BeamSearchOutput(sequences))
+        return results
 
     @staticmethod
     def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:

@@ -125,6 +125,8 @@ class ModelRunner:
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Run the scheduled tokens through the model and sample where a request reached its end."""
         self._update_states(scheduler_output)
+        if scheduler_output.blocks_to_copy:
+            self._copy_blocks(scheduler_output.blocks_to_copy)
         if scheduler_output.is_empty:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
         batch = prepare_inputs(scheduler_output, self.requests, self.block_size, self.device)
@@ -147,6 +149,17 @@ class ModelRunner:
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
         )
+
+    def _copy_blocks(self, blocks_to_copy: list[tuple[int, int]]) -> None:
+        """Copy-on-write: copy K/V blocks src -> dst in every layer before the step writes anything.
+
+        Every source is read before any destination is written (gather, then scatter), so a copy
+        may read a block that another copy of the same step writes.
+        """
+        src = torch.tensor([s for s, _ in blocks_to_copy], dtype=torch.long, device=self.device)
+        dst = torch.tensor([d for _, d in blocks_to_copy], dtype=torch.long, device=self.device)
+        for cache in self.kv_caches:
+            cache[:, dst] = cache[:, src]
 
     def _sample(self, batch: BatchInputs, logits: torch.Tensor) -> tuple[dict[str, list[int]], dict[str, LogprobsLists]]:
         states = [self.requests[r] for r in batch.sampling_req_ids]

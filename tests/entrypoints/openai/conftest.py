@@ -124,3 +124,12 @@ def offline_llm():
     from pagedllm import LLM
 
     return LLM(max_model_len=MAX_MODEL_LEN, kv_cache_memory_bytes=KV_CACHE_BYTES)
+
+
+def parallel(*calls):
+    """Run blocking calls at once (the server batches them together); their results in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+        return [f.result() for f in futures]

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.conftest import requires_embedded_model
-from tests.entrypoints.openai.conftest import MODEL_ALIAS, MODEL_NAME
+from tests.entrypoints.openai.conftest import MODEL_ALIAS, MODEL_NAME, parallel
 
 pytestmark = requires_embedded_model
 
@@ -45,8 +45,8 @@ def test_greedy_results_equal_offline_generate_for_the_same_prompts(client, offl
     from pagedllm import SamplingParams
 
     prompts = [PROMPT, "def fibonacci(n):", "Water boils at", "My favourite colour is"]
-    offline = offline_llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)
-    response = client.completions.create(model=MODEL_NAME, prompt=prompts, max_tokens=16, temperature=0)
+    offline = offline_llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10), use_tqdm=False)
+    response = client.completions.create(model=MODEL_NAME, prompt=prompts, max_tokens=10, temperature=0)
     assert [c.index for c in response.choices] == [0, 1, 2, 3]
     assert [c.text for c in response.choices] == [o.outputs[0].text for o in offline]
     assert [c.finish_reason for c in response.choices] == [o.outputs[0].finish_reason for o in offline]
@@ -55,18 +55,20 @@ def test_greedy_results_equal_offline_generate_for_the_same_prompts(client, offl
 
 def test_the_served_alias_and_token_id_prompts_give_the_same_completion(client, http):
     ids = http.post("/tokenize", json={"prompt": PROMPT}).json()["tokens"]
-    by_text = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=6, temperature=0)
-    by_ids = client.completions.create(model=MODEL_ALIAS, prompt=[ids, ids], max_tokens=6, temperature=0)
+    by_text, by_ids = parallel(
+        lambda: client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=6, temperature=0),
+        lambda: client.completions.create(model=MODEL_ALIAS, prompt=[ids, ids], max_tokens=6, temperature=0))
     assert [c.text for c in by_ids.choices] == [by_text.choices[0].text] * 2
     assert by_ids.usage.prompt_tokens == 2 * by_text.usage.prompt_tokens
 
 
 def test_stream_concatenates_to_the_non_streamed_result_with_one_finish_per_choice(client):
-    kwargs = dict(model=MODEL_NAME, prompt=[PROMPT, "Once upon a time"], max_tokens=12, n=2, temperature=0.8,
+    kwargs = dict(model=MODEL_NAME, prompt=[PROMPT, "Once upon a time"], max_tokens=8, n=2, temperature=0.8,
                   seed=11)
-    full = client.completions.create(**kwargs)
-    stream = client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs)
-    texts, finishes, usage = _stream_texts(stream)
+    full, (texts, finishes, usage) = parallel(
+        lambda: client.completions.create(**kwargs),
+        lambda: _stream_texts(client.completions.create(stream=True, stream_options={"include_usage": True},
+                                                        **kwargs)))
     assert texts == {c.index: c.text for c in full.choices}
     assert finishes == {c.index: [c.finish_reason] for c in full.choices}
     assert usage.model_dump() == full.usage.model_dump()
@@ -74,17 +76,18 @@ def test_stream_concatenates_to_the_non_streamed_result_with_one_finish_per_choi
 
 
 def test_n_samples_are_reproducible_with_a_seed_and_differ_between_seeds(client):
-    def sample(seed: int) -> list[str]:
-        response = client.completions.create(model=MODEL_NAME, prompt="List three random words:", n=3, max_tokens=8,
-                                             temperature=1.0, seed=seed, extra_body={"ignore_eos": True})
-        assert [c.index for c in response.choices] == [0, 1, 2]
-        assert response.usage.completion_tokens == 24
-        return [c.text for c in response.choices]
+    def sample(seed: int):
+        return lambda: client.completions.create(model=MODEL_NAME, prompt="List three random words:", n=3,
+                                                 max_tokens=6, temperature=1.0, seed=seed,
+                                                 extra_body={"ignore_eos": True})
 
-    first = sample(1234)
-    assert sample(1234) == first
-    assert len(set(first)) > 1
-    assert sample(99) != first
+    first, again, other = parallel(sample(1234), sample(1234), sample(99))
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert first.usage.completion_tokens == 18
+    texts = [c.text for c in first.choices]
+    assert [c.text for c in again.choices] == texts
+    assert len(set(texts)) > 1
+    assert [c.text for c in other.choices] != texts
 
 
 def test_logprobs_list_each_token_with_its_top_alternatives(client):
@@ -100,30 +103,31 @@ def test_logprobs_list_each_token_with_its_top_alternatives(client):
 
 
 def test_echo_prepends_the_prompt_and_its_logprobs(client):
-    plain = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=4, temperature=0)
-    echoed = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=4, temperature=0, echo=True,
-                                       logprobs=1)
+    plain, echoed, (streamed, _, _) = parallel(
+        lambda: client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=4, temperature=0),
+        lambda: client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=4, temperature=0, echo=True,
+                                          logprobs=1),
+        lambda: _stream_texts(client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=4,
+                                                        temperature=0, echo=True, stream=True)))
     choice = echoed.choices[0]
     assert choice.text == PROMPT + plain.choices[0].text
     num_prompt = echoed.usage.prompt_tokens
     assert len(choice.logprobs.tokens) == num_prompt + 4
     assert choice.logprobs.token_logprobs[0] is None  # nothing precedes the first prompt token
     assert all(lp is not None for lp in choice.logprobs.token_logprobs[1:])
-    streamed, _, _ = _stream_texts(client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=4,
-                                                             temperature=0, echo=True, stream=True))
     assert streamed[0] == choice.text
 
 
 def test_stop_string_cuts_the_text_in_both_modes(client):
-    full = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=16, temperature=0,
+    full = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=10, temperature=0,
                                      extra_body={"ignore_eos": True}).choices[0].text
     stop = full[5:8]
-    kwargs = dict(model=MODEL_NAME, prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop, "zzzz"])
-    cut = client.completions.create(**kwargs).choices[0]
+    kwargs = dict(model=MODEL_NAME, prompt=PROMPT, max_tokens=10, temperature=0, stop=[stop, "zzzz"])
+    cut, (texts, finishes, _) = parallel(lambda: client.completions.create(**kwargs).choices[0],
+                                         lambda: _stream_texts(client.completions.create(stream=True, **kwargs)))
     assert cut.text == full[: full.index(stop)]
     assert cut.finish_reason == "stop"
     assert cut.model_extra["stop_reason"] == stop
-    texts, finishes, _ = _stream_texts(client.completions.create(stream=True, **kwargs))
     assert texts == {0: cut.text} and finishes == {0: ["stop"]}
 
 

@@ -33,7 +33,7 @@ from pagedllm.entrypoints.openai.protocol import (
 )
 from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
-from pagedllm.entrypoints.openai.serving_engine import OpenAIError, run_unless_disconnected
+from pagedllm.entrypoints.openai.serving_engine import OpenAIError, as_openai_error, run_unless_disconnected
 from pagedllm.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 
 logger = logging.getLogger("pagedllm.entrypoints.openai.api_server")
@@ -64,7 +64,10 @@ class ApiKeyMiddleware:
         if scope["type"] == "http" and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
             auth = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(auth, self.expected):
-                message = "Incorrect API key provided." if auth else "Missing API key: send 'Authorization: Bearer <key>'."
+                if auth:
+                    message = "Incorrect API key provided."
+                else:
+                    message = "Missing API key: send 'Authorization: Bearer <key>'."
                 error = OpenAIError(message, 401, code="invalid_api_key")
                 await error.to_response()(scope, receive, send)
                 return
@@ -95,6 +98,8 @@ def build_app(engine: AsyncLLM, settings: ServerSettings, stat_logger: Prometheu
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         engine.start()  # the output handler must live on the server's event loop
         yield
+        # Here, not after uvicorn returns: uvicorn re-raises SIGTERM once it has shut down.
+        engine.shutdown()
 
     app = FastAPI(title="pagedllm OpenAI-compatible server", version=pagedllm.__version__, lifespan=lifespan)
     names = settings.served_model_names
@@ -118,7 +123,7 @@ def build_app(engine: AsyncLLM, settings: ServerSettings, stat_logger: Prometheu
 
     @app.exception_handler(EngineDeadError)
     async def engine_dead(_: Request, exc: EngineDeadError) -> JSONResponse:
-        return OpenAIError(f"The engine is dead: {exc}", 503, code="engine_dead").to_response()
+        return as_openai_error(exc).to_response()
 
     @app.get("/health")
     async def health() -> Response:
@@ -208,6 +213,8 @@ def run_server(args: argparse.Namespace) -> int:
         uvicorn_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=log_level,
                                         access_log=not args.disable_access_log, timeout_keep_alive=5)
         uvicorn.Server(uvicorn_config).run()
+    except KeyboardInterrupt:
+        pass  # uvicorn has shut down gracefully and re-raised Ctrl-C
     finally:
         engine.shutdown()
     return 0

@@ -10,7 +10,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from pagedllm.engine.async_llm import AsyncLLM
-from pagedllm.engine.core_client import EngineDeadError
 from pagedllm.entrypoints.openai.protocol import (
     ChatChoiceLogprobs,
     ChatCompletionRequest,
@@ -26,12 +25,17 @@ from pagedllm.entrypoints.openai.protocol import (
     UsageInfo,
     random_id,
 )
-from pagedllm.entrypoints.openai.serving_engine import SSE_DONE, OpenAIError, OpenAIServing, sse_event
+from pagedllm.entrypoints.openai.serving_engine import (
+    MIN_LOGPROB,
+    SSE_DONE,
+    OpenAIError,
+    OpenAIServing,
+    as_openai_error,
+    sse_event,
+    stream_error_event,
+)
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.tokenizer import Tokenizer
-
-_MIN_LOGPROB = -9999.0
-
 
 def chat_logprobs(completion: CompletionOutput, num_top: int, tokenizer: Tokenizer) -> ChatChoiceLogprobs:
     """Chat-format logprobs of a choice's tokens: the sampled token and its `num_top` best alternatives."""
@@ -43,9 +47,9 @@ def chat_logprobs(completion: CompletionOutput, num_top: int, tokenizer: Tokeniz
         top = []
         for _, tid, lp in ranked[:num_top]:
             text = lp.decoded_token if lp.decoded_token is not None else tokenizer.id_to_text(tid)
-            top.append(ChatTopLogprob(token=text, logprob=max(lp.logprob, _MIN_LOGPROB), bytes=list(text.encode())))
-        content.append(ChatTokenLogprob(token=token, logprob=max(sampled.logprob, _MIN_LOGPROB) if sampled else _MIN_LOGPROB,
-                                        bytes=list(token.encode()), top_logprobs=top))
+            top.append(ChatTopLogprob(token=text, logprob=max(lp.logprob, MIN_LOGPROB), bytes=list(text.encode())))
+        logprob = max(sampled.logprob, MIN_LOGPROB) if sampled is not None else MIN_LOGPROB
+        content.append(ChatTokenLogprob(token=token, logprob=logprob, bytes=list(token.encode()), top_logprobs=top))
     return ChatChoiceLogprobs(content=content)
 
 
@@ -83,7 +87,7 @@ class OpenAIServingChat(OpenAIServing):
         param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         if max_tokens is not None and max_tokens < 1:
             raise OpenAIError(f"{param} must be at least 1, got {max_tokens}.", 400, param=param)
-        tokenizer = self.engine.get_tokenizer()
+        tokenizer = self.get_tokenizer()
         text = render_messages(tokenizer, request.messages, request.chat_template or self.chat_template,
                                request.add_generation_prompt, request.chat_template_kwargs)
         # The template writes its own special tokens (BOS included), so none are added on top.
@@ -101,6 +105,8 @@ class OpenAIServingChat(OpenAIServing):
         try:
             async for output in stream:
                 final = output
+        except ValueError as e:  # refused by the engine core after queueing
+            raise as_openai_error(e) from e
         finally:
             self.abort_all(sub_ids)
         if final is None:
@@ -109,7 +115,7 @@ class OpenAIServingChat(OpenAIServing):
 
     def _make_response(self, request: ChatCompletionRequest, request_id: str, output: RequestOutput,
                        num_logprobs: int | None) -> ChatCompletionResponse:
-        tokenizer = self.engine.get_tokenizer()
+        tokenizer = self.get_tokenizer()
         choices = []
         for completion in output.outputs:
             logprobs = chat_logprobs(completion, num_logprobs, tokenizer) if num_logprobs is not None else None
@@ -125,7 +131,7 @@ class OpenAIServingChat(OpenAIServing):
     async def _stream(self, request: ChatCompletionRequest, request_id: str, stream: AsyncIterator[RequestOutput],
                       num_prompt_tokens: int) -> AsyncIterator[str]:
         """SSE chunks: the role first, content deltas, one finish chunk per choice, usage, [DONE]."""
-        tokenizer = self.engine.get_tokenizer()
+        tokenizer = self.get_tokenizer()
         created = int(time.time())
         num_logprobs = (request.top_logprobs or 0) if request.logprobs else None
 
@@ -154,8 +160,6 @@ class OpenAIServingChat(OpenAIServing):
                 body = ChatCompletionStreamResponse(id=request_id, created=created, model=self.model_name,
                                                     choices=[], usage=usage)
                 yield sse_event(body.model_dump_json())
-        except (OpenAIError, ValueError, EngineDeadError) as e:
-            error = e if isinstance(e, OpenAIError) else OpenAIError(
-                str(e), 503 if isinstance(e, EngineDeadError) else 400)
-            yield sse_event(error.to_body().model_dump_json())
+        except Exception as e:
+            yield stream_error_event(e)
         yield SSE_DONE

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from pagedllm.engine.core_client import EngineDeadError
 from pagedllm.entrypoints.openai.protocol import (
     CompletionLogProbs,
     CompletionRequest,
@@ -19,18 +18,17 @@ from pagedllm.entrypoints.openai.protocol import (
     random_id,
 )
 from pagedllm.entrypoints.openai.serving_engine import (
+    MIN_LOGPROB,
     SSE_DONE,
     OpenAIError,
     OpenAIServing,
+    as_openai_error,
     merge_async_iterators,
     sse_event,
+    stream_error_event,
 )
 from pagedllm.outputs import CompletionOutput, PromptLogprobs, RequestOutput, SampleLogprobs
 from pagedllm.tokenizer import Tokenizer
-
-# The API's floor for -inf logprobs (JSON has no infinity).
-_MIN_LOGPROB = -9999.0
-
 
 def completion_logprobs(token_ids: list[int], logprobs: SampleLogprobs | PromptLogprobs, tokenizer: Tokenizer,
                         text_offset: int) -> CompletionLogProbs:
@@ -47,11 +45,12 @@ def completion_logprobs(token_ids: list[int], logprobs: SampleLogprobs | PromptL
             result.top_logprobs.append(None)
             continue
         sampled = entry.get(token_id)
-        result.token_logprobs.append(max(sampled.logprob, _MIN_LOGPROB) if sampled is not None else None)
-        result.top_logprobs.append({
-            (lp.decoded_token if lp.decoded_token is not None else tokenizer.id_to_text(tid)): max(lp.logprob, _MIN_LOGPROB)
-            for tid, lp in entry.items()
-        })
+        result.token_logprobs.append(max(sampled.logprob, MIN_LOGPROB) if sampled is not None else None)
+        top: dict[str, float] = {}
+        for tid, lp in entry.items():
+            text = lp.decoded_token if lp.decoded_token is not None else tokenizer.id_to_text(tid)
+            top[text] = max(lp.logprob, MIN_LOGPROB)
+        result.top_logprobs.append(top)
     return result
 
 
@@ -76,7 +75,7 @@ class OpenAIServingCompletion(OpenAIServing):
         if request.best_of is not None and request.best_of != request.n:
             raise OpenAIError("best_of is not supported (only best_of == n).", 400, param="best_of")
         self.check_logprobs(request.logprobs, "logprobs")
-        tokenizer = self.engine.get_tokenizer()
+        tokenizer = self.get_tokenizer()
         prompts = self._prompts_of(request, tokenizer)
         for _, ids in prompts:
             self.check_length(len(ids), request.max_tokens, "prompt")
@@ -86,8 +85,9 @@ class OpenAIServingCompletion(OpenAIServing):
         streams = self.add_requests(request_id, [{"prompt": text, "prompt_token_ids": ids} for text, ids in prompts],
                                     params, "prompt", set(CompletionRequest.model_fields))
         sub_ids = [f"{request_id}-{i}" for i in range(len(prompts))]
-        prompt_texts = [text if text is not None else tokenizer.decode(ids, skip_special_tokens=False)
-                        for text, ids in prompts]
+        # Only echo shows the prompt; a token-id prompt is then decoded (with its special tokens).
+        prompt_texts = [(text if text is not None else tokenizer.decode(ids, skip_special_tokens=False))
+                        if request.echo else "" for text, ids in prompts]
         if request.stream:
             generator = self._stream(request, request_id, streams, prompt_texts, [len(ids) for _, ids in prompts])
             return StreamingResponse(generator, media_type="text/event-stream",
@@ -96,6 +96,8 @@ class OpenAIServingCompletion(OpenAIServing):
             finals: list[RequestOutput | None] = [None] * len(prompts)
             async for index, output in merge_async_iterators(streams):
                 finals[index] = output
+        except ValueError as e:  # refused by the engine core after queueing
+            raise as_openai_error(e) from e
         finally:
             self.abort_all(sub_ids)
         response = self._make_response(request, request_id, finals, prompt_texts)
@@ -126,7 +128,7 @@ class OpenAIServingCompletion(OpenAIServing):
 
     def _make_response(self, request: CompletionRequest, request_id: str, finals: list[RequestOutput | None],
                        prompt_texts: list[str]) -> CompletionResponse:
-        tokenizer = self.engine.get_tokenizer()
+        tokenizer = self.get_tokenizer()
         choices: list[CompletionResponseChoice] = []
         num_prompt_tokens = num_generated_tokens = 0
         for i, output in enumerate(finals):
@@ -141,7 +143,7 @@ class OpenAIServingCompletion(OpenAIServing):
                     text = prompt_texts[i] + text
                 if request.logprobs is not None:
                     echoed_logprobs = output.prompt_logprobs if request.echo else None
-                    logprobs = self._choice_logprobs(request, output, completion, prompt_texts[i], tokenizer, 0,
+                    logprobs = self._choice_logprobs(output, completion, prompt_texts[i], tokenizer, 0,
                                                      echoed_logprobs)
                 choices.append(CompletionResponseChoice(
                     index=i * request.n + completion.index, text=text, logprobs=logprobs,
@@ -151,7 +153,7 @@ class OpenAIServingCompletion(OpenAIServing):
         return CompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage)
 
     @staticmethod
-    def _choice_logprobs(request: CompletionRequest, output: RequestOutput, completion: CompletionOutput,
+    def _choice_logprobs(output: RequestOutput, completion: CompletionOutput,
                          prompt_text: str, tokenizer: Tokenizer, text_offset: int,
                          prompt_logprobs: PromptLogprobs | None = None) -> CompletionLogProbs:
         """Logprobs of one choice's new tokens, preceded by the prompt's when echoing (first chunk only)."""
@@ -165,7 +167,7 @@ class OpenAIServingCompletion(OpenAIServing):
     async def _stream(self, request: CompletionRequest, request_id: str, streams: list[AsyncIterator[RequestOutput]],
                       prompt_texts: list[str], prompt_lens: list[int]) -> AsyncIterator[str]:
         """SSE chunks: per choice its text deltas (prompt first when echoing), one finish chunk, usage, [DONE]."""
-        tokenizer = self.engine.get_tokenizer()
+        tokenizer = self.get_tokenizer()
         created = int(time.time())
         n = request.n
         num_choices = len(streams) * n
@@ -189,7 +191,7 @@ class OpenAIServingCompletion(OpenAIServing):
                         continue
                     logprobs = None
                     if request.logprobs is not None:
-                        logprobs = self._choice_logprobs(request, output, completion, prompt_texts[i], tokenizer,
+                        logprobs = self._choice_logprobs(output, completion, prompt_texts[i], tokenizer,
                                                          text_offsets[index], prompt_logprobs[i] if first else None)
                     text_offsets[index] += len(text)
                     chunk = CompletionStreamResponse(
@@ -205,8 +207,6 @@ class OpenAIServingCompletion(OpenAIServing):
                 chunk = CompletionStreamResponse(id=request_id, created=created, model=self.model_name, choices=[],
                                                  usage=usage)
                 yield sse_event(chunk.model_dump_json())
-        except (OpenAIError, ValueError, EngineDeadError) as e:
-            error = e if isinstance(e, OpenAIError) else OpenAIError(
-                str(e), 503 if isinstance(e, EngineDeadError) else 400)
-            yield sse_event(error.to_body().model_dump_json())
+        except Exception as e:
+            yield stream_error_event(e)
         yield SSE_DONE

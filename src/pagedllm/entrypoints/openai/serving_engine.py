@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -11,14 +12,19 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from pagedllm.engine.async_llm import AsyncLLM
+from pagedllm.engine.core_client import EngineDeadError
 from pagedllm.engine.input_processor import PromptType
 from pagedllm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, SamplingRequestFields
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+from pagedllm.tokenizer import Tokenizer
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error"}
+# The API's floor for -inf logprobs (JSON has no infinity).
+MIN_LOGPROB = -9999.0
 
 
 class OpenAIError(Exception):
@@ -34,7 +40,8 @@ class OpenAIError(Exception):
 
     def to_body(self) -> ErrorResponse:
         """The `{"error": {...}}` body."""
-        err_type = _ERROR_TYPES.get(self.status_code, "server_error" if self.status_code >= 500 else "invalid_request_error")
+        default = "server_error" if self.status_code >= 500 else "invalid_request_error"
+        err_type = _ERROR_TYPES.get(self.status_code, default)
         return ErrorResponse(error=ErrorInfo(message=self.message, type=err_type, param=self.param, code=self.code))
 
     def to_response(self) -> JSONResponse:
@@ -58,6 +65,23 @@ def sse_event(payload: str) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
+def as_openai_error(error: Exception) -> OpenAIError:
+    """An error raised while a request ran, as the OpenAI error to report (503 once the engine is dead)."""
+    if isinstance(error, OpenAIError):
+        return error
+    if isinstance(error, EngineDeadError):
+        return OpenAIError(f"The engine is dead: {error}", 503, code="engine_dead")
+    if isinstance(error, ValueError):
+        return OpenAIError(str(error), 400)
+    logger.error("Request failed", exc_info=error)
+    return OpenAIError(f"Internal server error: {error!r}", 500)
+
+
+def stream_error_event(error: Exception) -> str:
+    """The SSE event that reports an error in the middle of a stream (a [DONE] event follows it)."""
+    return sse_event(as_openai_error(error).to_body().model_dump_json())
+
+
 class OpenAIServing:
     """Base of the endpoint handlers: the engine, the served names and request validation."""
 
@@ -67,6 +91,13 @@ class OpenAIServing:
         self.model_name = served_model_names[0]
         self.max_logprobs = max_logprobs
         self.max_model_len = engine.max_model_len
+
+    def get_tokenizer(self) -> Tokenizer:
+        """The model's tokenizer; 400 when the server runs without one (--skip-tokenizer-init)."""
+        if self.engine.tokenizer is None:
+            raise OpenAIError("This server runs without a tokenizer (--skip-tokenizer-init), so it cannot "
+                              "tokenize text, render chats or return text.", 400)
+        return self.engine.tokenizer
 
     def check_model(self, model: str | None) -> None:
         """404 unless `model` (when given) is one of the served names."""

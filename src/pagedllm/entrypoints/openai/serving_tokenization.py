@@ -23,7 +23,7 @@ class OpenAIServingTokenization(OpenAIServing):
     def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
         """Token ids of a prompt, or of chat messages rendered with the chat template."""
         self.check_model(request.model)
-        tokenizer = self.engine.get_tokenizer()
+        tokenizer = self.get_tokenizer()
         if (request.prompt is None) == (request.messages is None):
             raise OpenAIError("Give exactly one of prompt or messages.", 400, param="prompt")
         if request.messages is not None:
@@ -37,7 +37,7 @@ class OpenAIServingTokenization(OpenAIServing):
     def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
         """The text of a list of token ids."""
         self.check_model(request.model)
-        tokenizer = self.engine.get_tokenizer()
+        tokenizer = self.get_tokenizer()
         vocab_size = self.engine.config.model_config.vocab_size
         bad = [t for t in request.tokens if not 0 <= t < vocab_size]
         if bad:
