@@ -92,6 +92,7 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
+    quantization: str | None = None
     device: str = "auto"
     tensor_parallel_size: int = 1
     trust_remote_code: bool = False
@@ -125,6 +126,8 @@ class EngineArgs:
                            default=defaults.enable_prefix_caching,
                            help="reuse the KV cache of shared prompt prefixes and parallel samples")
         group.add_argument("--enforce-eager", action="store_true")
+        group.add_argument("--quantization", "-q", choices=["int8"], default=None,
+                           help="weight-only int8 linear layers (CPU; activations in bfloat16)")
         group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
         group.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
         return parser
@@ -153,6 +156,7 @@ class ModelConfig:
     max_model_len: int
     load_format: str  # "safetensors" | "gguf" | "dummy"
     tokenizer: str | None
+    quantization: str | None = None  # None | "int8" (weight-only, CPU)
 
     @property
     def architectures(self) -> list[str]:
@@ -247,6 +251,20 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+def _resolve_model_dtype(args: EngineArgs, hf_config: dict[str, Any], device: str) -> str:
+    """The compute dtype; int8 weight-only quantization computes in bfloat16 on the CPU."""
+    dtype = resolve_dtype(args.dtype, hf_config, device)
+    if args.quantization is None:
+        return dtype
+    if args.quantization != "int8":
+        raise ValueError(f"quantization must be 'int8' or unset, got {args.quantization!r}.")
+    if device != "cpu":
+        raise ValueError("quantization='int8' is implemented for the CPU only (use --device cpu).")
+    if args.dtype not in ("auto", "bfloat16"):
+        raise ValueError(f"quantization='int8' computes in bfloat16; --dtype {args.dtype} cannot be combined with it.")
+    return "bfloat16"
+
+
 def create_engine_config(args: EngineArgs) -> EngineConfig:
     """Validate EngineArgs against the model and derive every config the engine needs."""
     from pagedllm.loader.model_loader import is_gguf, load_hf_config
@@ -265,10 +283,11 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
     model_config = ModelConfig(
         model=model_path,
         hf_config=hf_config,
-        dtype=resolve_dtype(args.dtype, hf_config, device),
+        dtype=_resolve_model_dtype(args, hf_config, device),
         max_model_len=max_model_len,
         load_format=load_format,
         tokenizer=None if args.skip_tokenizer_init else (args.tokenizer or model_path),
+        quantization=args.quantization,
     )
     cache_config = CacheConfig(
         block_size=args.block_size,

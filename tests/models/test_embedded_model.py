@@ -61,3 +61,10 @@ def test_bfloat16_on_cpu_gives_the_same_answer():
                        SamplingParams(temperature=0.0, max_tokens=32), use_tqdm=False)
     assert llm.llm_engine.config.model_config.dtype == "bfloat16"
     assert "Paris" in outputs[0].outputs[0].text
+
+
+def test_int8_weight_only_quantization_gives_the_same_answer():
+    llm = LLM(quantization="int8", max_model_len=512)
+    outputs = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                       SamplingParams(temperature=0.0, max_tokens=32), use_tqdm=False)
+    assert "Paris" in outputs[0].outputs[0].text

@@ -27,6 +27,8 @@ def add_throughput_args(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated concurrencies to run, e.g. 1,32 (default: --num-prompts)")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--compare-hf", action="store_true", help="also time HF transformers generate")
+    parser.add_argument("--hf-dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="dtype of the HF baseline (default: the same as pagedllm's)")
     parser.add_argument("--output-json", type=str, default=None)
 
 
@@ -128,12 +130,13 @@ def run_throughput_cli(args: argparse.Namespace) -> int:
                "pagedllm_s": result["seconds"]}
         if args.compare_hf:
             if hf_model is None:
-                hf_model = build_hf_model(engine_args, dtype, device)
+                hf_model = build_hf_model(engine_args, args.hf_dtype or dtype, device)
             bench_hf(hf_model, requests[:1], 1) if batch == batch_sizes[0] else None  # warm-up
             hf = bench_hf(hf_model, requests, batch)
             row.update(hf_tok_s=hf["output_tok_s"], hf_s=hf["seconds"], speedup=result["output_tok_s"] / hf["output_tok_s"])
         rows.append(row)
     info = {"model": engine_args.resolved_model(), "threads": torch.get_num_threads(), "workload": args.workload,
+            "dtype": engine_args.dtype, "quantization": engine_args.quantization, "hf_dtype": args.hf_dtype,
             "input_len": args.input_len, "output_len": args.output_len, "rows": rows}
     print(f"model={info['model']} threads={info['threads']} workload={args.workload}")
     header = f"{'batch':>6} {'pagedllm tok/s':>15}" + (f" {'HF tok/s':>10} {'speedup':>8}" if args.compare_hf else "")

@@ -13,7 +13,7 @@ from pagedllm.engine.beam_search import BeamSearchInstance
 from pagedllm.engine.input_processor import PromptType
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.outputs import BeamSearchOutput, RequestOutput
-from pagedllm.sampling_params import BeamSearchParams, SamplingParams
+from pagedllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 from pagedllm.tokenizer import Tokenizer
 
 ChatMessages = list[dict[str, Any]]
@@ -146,6 +146,9 @@ class LLM:
     def _run(self, prompts: list[PromptType], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
         ids = [str(next(self._request_counter)) for _ in prompts]
+        # Only final outputs are returned, so intermediate RequestOutputs need not be built.
+        final_only = RequestOutputKind.FINAL_ONLY
+        params = [p if p.output_kind == final_only else p.clone(output_kind=final_only) for p in params]
         added: list[str] = []
         try:
             for request_id, prompt, p in zip(ids, prompts, params):

@@ -91,4 +91,8 @@ def get_model(model_config: ModelConfig, device: torch.device, seed: int = 0) ->
         if missing:
             raise ValueError(f"Checkpoint at {model_config.model!r} lacks weights for: {', '.join(missing[:8])}"
                              + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+    if model_config.quantization is not None:
+        from pagedllm.layers.quantization import quantize_model
+
+        quantize_model(model, model_config.quantization)
     return model.eval()
