@@ -15,14 +15,15 @@ import time
 from collections.abc import AsyncIterator
 
 from pagedllm.config import EngineArgs, EngineConfig, create_engine_config
+from pagedllm.engine.beam_search import BeamSearchInstance, beam_search_request_output
 from pagedllm.engine.core_client import EngineCoreClient, EngineCoreMessage, EngineDeadError
 from pagedllm.engine.core_proc import EngineCoreFailure, EngineCoreOutputs, EngineCoreReady
-from pagedllm.engine.input_processor import InputProcessor, PromptType
+from pagedllm.engine.input_processor import InputProcessor, ProcessedPrompt, PromptType
 from pagedllm.engine.output_processor import OutputProcessor, RequestState
 from pagedllm.engine.request_fanout import make_engine_core_requests, model_eos_token_ids
 from pagedllm.engine.stats import IterationStats, StatLogger
 from pagedllm.outputs import RequestOutput
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 from pagedllm.tokenizer import Tokenizer, get_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -148,6 +149,50 @@ class AsyncLLM:
         finally:
             if not finished:
                 self.abort_now(request_id)
+
+    def beam_search(self, prompt: PromptType, params: BeamSearchParams,
+                    request_id: str) -> AsyncIterator[RequestOutput]:
+        """Validate a beam search now (ValueError); the returned iterator runs it and yields one output.
+
+        That finished RequestOutput holds the best sequences, best first, as `outputs` (vLLM's
+        shape) and the prompt's prefix-cache hits. Each step queues one request per live beam
+        (ids `{request_id}-s{step}-b{beam}`) together, so they run in one engine step and share
+        their blocks through the prefix cache. Abandoning the iterator aborts the step's requests.
+        """
+        self.start()
+        self.check_health()
+        processed = self.input_processor.process(prompt, SamplingParams(max_tokens=1))
+        search = BeamSearchInstance(processed.prompt_token_ids, params, self.eos_token_ids, self.max_model_len,
+                                    cache_salt=processed.cache_salt)
+        return self._run_beam_search(request_id, processed, search)
+
+    async def _run_beam_search(self, request_id: str, processed: ProcessedPrompt,
+                               search: BeamSearchInstance) -> AsyncIterator[RequestOutput]:
+        num_cached_tokens: int | None = None
+        step = 0
+        while not search.done:
+            sub_ids: list[str] = []
+            try:
+                queues = []
+                for beam, (beam_prompt, beam_params) in enumerate(search.step_requests()):
+                    sub_id = f"{request_id}-s{step}-b{beam}"
+                    queues.append(self.add_request(sub_id, beam_prompt, beam_params))
+                    sub_ids.append(sub_id)
+                outputs: list[RequestOutput] = []
+                for sub_id, queue in zip(sub_ids, queues):
+                    async for output in self.stream_outputs(sub_id, queue):
+                        if output.finished:
+                            outputs.append(output)
+            except BaseException:
+                for sub_id in sub_ids:
+                    self.abort_now(sub_id)
+                raise
+            if num_cached_tokens is None:
+                num_cached_tokens = outputs[0].num_cached_tokens  # the first step looks up the prompt
+            search.update_from_outputs(outputs)
+            step += 1
+        yield beam_search_request_output(request_id, processed.prompt, processed.prompt_token_ids,
+                                         search.results(self.tokenizer), num_cached_tokens or 0)
 
     async def abort(self, request_id: str) -> None:
         """Stop a request (its id as given to generate()); its blocks are freed within one engine step."""

@@ -6,8 +6,11 @@ the prefix cache: a beam's request hits its parent's full blocks (shared by refe
 and its parent's partial last block (copied on write), so every step computes one new token
 per beam rather than the beam's whole sequence.
 
-`BeamSearchInstance` is the search for one prompt, independent of how the steps are run (the
-offline `LLM.beam_search` batches the beams of every prompt into one generate call per step).
+`BeamSearchInstance` is the search for one prompt, independent of how the steps are run: a
+driver sends `step_requests()` to an engine, feeds their finished outputs to
+`update_from_outputs()`, and repeats until `done`. The offline `LLM.beam_search` batches the
+beams of every prompt into one generate call per step; the server's `AsyncLLM.beam_search`
+queues each step's requests together so they share an engine step.
 It reproduces Hugging Face transformers' beam search (`generate(num_beams=beam_width,
 do_sample=False, length_penalty=..., early_stopping=...)`, the vectorized implementation of
 transformers >= 4.50) token for token, given the same log-probabilities:
@@ -26,10 +29,14 @@ transformers >= 4.50) token for token, given the same log-probabilities:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from pagedllm.outputs import BeamSearchSequence, Logprob, SampleLogprobs
-from pagedllm.sampling_params import BeamSearchParams, SamplingParams
+from pagedllm.engine.input_processor import PromptType
+from pagedllm.outputs import BeamSearchSequence, CompletionOutput, Logprob, RequestOutput, SampleLogprobs
+from pagedllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
+from pagedllm.tokenizer import Tokenizer
 
 
 @dataclass
@@ -60,8 +67,10 @@ class BeamSearchInstance:
         params: BeamSearchParams,
         eos_token_ids: set[int],
         max_model_len: int,
+        cache_salt: str | None = None,
     ) -> None:
         self.params = params
+        self.cache_salt = cache_salt
         self.num_prompt_tokens = len(prompt_token_ids)
         self.eos_token_ids = set() if params.ignore_eos else set(eos_token_ids)
         # Keep enough candidates that beam_width of them survive even if the best ones all end in EOS.
@@ -80,7 +89,21 @@ class BeamSearchInstance:
     def step_params(self) -> SamplingParams:
         """The SamplingParams of each beam's request for one step: one token, the top-K logprobs."""
         return SamplingParams(temperature=0.0, max_tokens=1, logprobs=self.num_candidates, ignore_eos=True,
-                              detokenize=False)
+                              detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)
+
+    def step_requests(self) -> list[tuple[PromptType, SamplingParams]]:
+        """The (prompt, params) of this step's engine requests: one per live beam, in `beams` order."""
+        requests: list[tuple[PromptType, SamplingParams]] = []
+        for beam in self.beams:
+            prompt: dict[str, Any] = {"prompt_token_ids": beam.tokens}
+            if self.cache_salt is not None:
+                prompt["cache_salt"] = self.cache_salt  # beams share blocks only within their salt
+            requests.append((prompt, self.step_params()))
+        return requests
+
+    def update_from_outputs(self, outputs: Sequence[RequestOutput]) -> None:
+        """Advance one step from the finished outputs of `step_requests()`, in the same order."""
+        self.update([output.outputs[0].logprobs[0] for output in outputs])
 
     def update(self, next_token_logprobs: list[dict[int, Logprob]]) -> None:
         """Advance one step, given the next-token logprobs (top K at least) of each beam in `beams`."""
@@ -149,6 +172,26 @@ class BeamSearchInstance:
         return _Beam(beam.tokens + [candidate.token_id], candidate.cum_logprob,
                      beam.logprobs + [candidate.logprobs])
 
-    def results(self) -> list[BeamSearchSequence]:
-        """The finished sequences, best first (at most beam_width)."""
-        return list(self.finished)
+    def results(self, tokenizer: Tokenizer | None = None) -> list[BeamSearchSequence]:
+        """The finished sequences, best first (at most beam_width); with a tokenizer, their text too."""
+        sequences = list(self.finished)
+        if tokenizer is not None:
+            for sequence in sequences:
+                generated = sequence.output_token_ids
+                if sequence.finish_reason == "stop":
+                    generated = generated[:-1]  # the EOS token has no text
+                sequence.text = tokenizer.decode(generated)
+        return sequences
+
+
+def beam_search_request_output(request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                               sequences: list[BeamSearchSequence], num_cached_tokens: int = 0) -> RequestOutput:
+    """Finished beams as one finished RequestOutput (vLLM's server shape): output i is the i-th best beam."""
+    outputs = [
+        CompletionOutput(index=i, text=sequence.text or "", token_ids=sequence.output_token_ids,
+                         cumulative_logprob=sequence.cum_logprob, logprobs=sequence.logprobs,
+                         finish_reason=sequence.finish_reason or "length")
+        for i, sequence in enumerate(sequences)
+    ]
+    return RequestOutput(request_id=request_id, prompt=prompt, prompt_token_ids=prompt_token_ids,
+                         prompt_logprobs=None, outputs=outputs, finished=True, num_cached_tokens=num_cached_tokens)

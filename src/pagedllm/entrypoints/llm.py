@@ -95,44 +95,23 @@ class LLM:
         engine = self.llm_engine
         max_model_len = engine.config.model_config.max_model_len
         searches: list[BeamSearchInstance] = []
-        cache_salts: list[str | None] = []
         for prompt in self._as_prompt_list(prompts):
             processed = engine.input_processor.process(prompt, SamplingParams(max_tokens=1))
             searches.append(BeamSearchInstance(processed.prompt_token_ids, params, engine.eos_token_ids,
-                                               max_model_len))
-            cache_salts.append(processed.cache_salt)
+                                               max_model_len, cache_salt=processed.cache_salt))
         with tqdm(total=params.max_tokens, desc="Beam search steps", disable=not use_tqdm,
                   dynamic_ncols=True) as bar:
             while True:
-                active = [i for i, search in enumerate(searches) if not search.done]
+                active = [search for search in searches if not search.done]
                 if not active:
                     break
-                step_prompts: list[PromptType] = []
-                step_params: list[SamplingParams] = []
-                for i in active:
-                    for beam in searches[i].beams:
-                        step_prompt: dict[str, Any] = {"prompt_token_ids": beam.tokens}
-                        if cache_salts[i] is not None:
-                            step_prompt["cache_salt"] = cache_salts[i]
-                        step_prompts.append(step_prompt)
-                        step_params.append(searches[i].step_params())
-                outputs = iter(self._run(step_prompts, step_params, use_tqdm=False))
-                for i in active:
-                    search = searches[i]
-                    search.update([next(outputs).outputs[0].logprobs[0] for _ in search.beams])
+                step_requests = [r for search in active for r in search.step_requests()]
+                outputs = iter(self._run([p for p, _ in step_requests], [sp for _, sp in step_requests],
+                                         use_tqdm=False))
+                for search in active:
+                    search.update_from_outputs([next(outputs) for _ in search.beams])
                 bar.update(1)
-        tokenizer = engine.tokenizer
-        results: list[BeamSearchOutput] = []
-        for search in searches:
-            sequences = search.results()
-            for sequence in sequences:
-                if tokenizer is not None:
-                    generated = sequence.output_token_ids
-                    if sequence.finish_reason == "stop":
-                        generated = generated[:-1]  # the EOS token has no text
-                    sequence.text = tokenizer.decode(generated)
-            results.append(BeamSearchOutput(sequences))
-        return results
+        return [BeamSearchOutput(search.results(engine.tokenizer)) for search in searches]
 
     @staticmethod
     def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:

@@ -37,6 +37,7 @@ def test_metrics_expose_the_pagedllm_families(http):
     text = http.get("/metrics").text
     for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prompt_tokens_total",
                  "generation_tokens_total", "request_success_total", "num_preemptions_total",
+                 "prefix_cache_queries_total", "prefix_cache_hits_total",
                  "time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket",
                  "e2e_request_latency_seconds_bucket", "request_queue_time_seconds_bucket"):
         assert f"pagedllm:{name}" in text, name

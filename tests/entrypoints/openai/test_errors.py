@@ -50,6 +50,14 @@ def _assert_error(response: httpx.Response, status: int, param: str | None = Non
     ({"logprobs": -1}, "logprobs"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"suffix": "x"}, "suffix"),
+    ({"cache_salt": ""}, "cache_salt"),
+    ({"cache_salt": 5}, "cache_salt"),
+    ({"best_of": 2}, "best_of"),
+    ({"use_beam_search": True, "n": 3, "best_of": 2}, "best_of"),
+    ({"use_beam_search": True, "logprobs": 2}, "logprobs"),
+    ({"use_beam_search": True, "stop": ["x"]}, "stop"),
+    ({"use_beam_search": True, "max_tokens": 0}, "max_tokens"),
+    ({"use_beam_search": True, "early_stopping": "sometimes"}, "early_stopping"),
 ])
 def test_invalid_completion_parameters_are_400_naming_the_parameter(http, change, param):
     _assert_error(http.post("/v1/completions", json={**COMPLETION, **change}), 400, param)
@@ -64,6 +72,8 @@ def test_invalid_completion_parameters_are_400_naming_the_parameter(http, change
     ({"max_completion_tokens": 0}, "max_completion_tokens"),
     ({"stream_options": {"include_usage": True}, "stream": False}, "stream_options"),
     ({"temperature": -0.5}, "temperature"),
+    ({"use_beam_search": True, "logprobs": True}, "logprobs"),
+    ({"use_beam_search": True, "n": 0}, "n"),
 ])
 def test_invalid_chat_parameters_are_400_naming_the_parameter(http, change, param):
     _assert_error(http.post("/v1/chat/completions", json={**CHAT, **change}), 400, param)

@@ -90,6 +90,16 @@ def test_prometheus_logger_counts_tokens_requests_and_preemption_increases():
     assert 'pagedllm:inter_token_latency_seconds_count{model_name="m"} 2.0' in text
 
 
+def test_prometheus_logger_adds_the_increase_of_the_cumulative_prefix_cache_counts():
+    logger = PrometheusStatLogger("m")
+    for queries, hits in ((100, 0), (300, 160), (300, 160)):
+        logger.record(SchedulerStats(num_running=0, num_waiting=0, kv_cache_usage=0.0, num_preemptions=0,
+                                     prefix_cache_queries=queries, prefix_cache_hits=hits), None)
+    text = logger.render()[0].decode()
+    assert 'pagedllm:prefix_cache_queries_total{model_name="m"} 300.0' in text
+    assert 'pagedllm:prefix_cache_hits_total{model_name="m"} 160.0' in text
+
+
 def test_benchmark_workload_is_reproducible_and_sized_as_asked():
     first = make_requests(8, 100, 20, 0.5, seed=3)
     assert [(r.prompt_token_ids, r.output_len) for r in first] == \

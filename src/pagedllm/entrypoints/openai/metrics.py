@@ -44,6 +44,10 @@ class PrometheusStatLogger:
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens processed.").labels(model_name)
         self.generation_tokens = counter("generation_tokens", "Tokens generated.").labels(model_name)
         self.preemptions = counter("num_preemptions", "Requests preempted (KV cache full).").labels(model_name)
+        self.prefix_cache_queries = counter(
+            "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.").labels(model_name)
+        self.prefix_cache_hits = counter(
+            "prefix_cache_hits", "Prompt tokens found in the prefix cache.").labels(model_name)
         finished = Counter("pagedllm:request_success", "Finished requests by finish reason.",
                            ["model_name", "finished_reason"], registry=r)
         self.finished = {reason: finished.labels(model_name, reason) for reason in FINISH_REASONS}
@@ -56,7 +60,7 @@ class PrometheusStatLogger:
                              _REQUEST_LATENCY_BUCKETS).labels(model_name)
         self.queue_time = histogram("request_queue_time_seconds", "Arrival to first scheduled.",
                                     _REQUEST_LATENCY_BUCKETS).labels(model_name)
-        self._last_num_preemptions = 0
+        self._last_totals: dict[str, int] = {}
 
     def record(self, scheduler_stats: SchedulerStats | None, iteration_stats: IterationStats | None) -> None:
         """Take one update from AsyncLLM."""
@@ -64,11 +68,10 @@ class PrometheusStatLogger:
             self.num_running.set(scheduler_stats.num_running)
             self.num_waiting.set(scheduler_stats.num_waiting)
             self.kv_cache_usage.set(scheduler_stats.kv_cache_usage)
-            # The scheduler counts preemptions since it started; the counter takes the increase.
-            new_preemptions = scheduler_stats.num_preemptions - self._last_num_preemptions
-            if new_preemptions > 0:
-                self.preemptions.inc(new_preemptions)
-            self._last_num_preemptions = scheduler_stats.num_preemptions
+            # The scheduler counts these since it started; each counter takes the increase.
+            self._add_increase(self.preemptions, "num_preemptions", scheduler_stats.num_preemptions)
+            self._add_increase(self.prefix_cache_queries, "prefix_cache_queries", scheduler_stats.prefix_cache_queries)
+            self._add_increase(self.prefix_cache_hits, "prefix_cache_hits", scheduler_stats.prefix_cache_hits)
         if iteration_stats is None:
             return
         if iteration_stats.num_prompt_tokens:
@@ -89,6 +92,13 @@ class PrometheusStatLogger:
                 self.e2e.observe(finished.e2e_latency)
             if finished.queue_time is not None:
                 self.queue_time.observe(finished.queue_time)
+
+    def _add_increase(self, counter: Counter, name: str, total: int) -> None:
+        """Increment `counter` by how much the cumulative `total` grew since the last snapshot."""
+        increase = total - self._last_totals.get(name, 0)
+        if increase > 0:
+            counter.inc(increase)
+        self._last_totals[name] = total
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text of every metric, and its content type."""

@@ -52,12 +52,19 @@ class StreamOptions(OpenAIBaseModel):
     include_usage: bool | None = False
 
 
+class PromptTokenUsageInfo(OpenAIBaseModel):
+    """`usage.prompt_tokens_details`: prompt tokens served from the prefix cache."""
+
+    cached_tokens: int = 0
+
+
 class UsageInfo(OpenAIBaseModel):
-    """Token counts of a request: prompt + completion = total."""
+    """Token counts of a request: prompt + completion = total (details only with prefix caching on)."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokenUsageInfo | None = None
 
 
 class SamplingRequestFields(OpenAIBaseModel):
@@ -85,6 +92,13 @@ class SamplingRequestFields(OpenAIBaseModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    # Prefix-cache entries are shared only between requests with the same salt.
+    cache_salt: str | None = None
+    # Beam search: best_of is the beam width (default n) and the n best beams are returned.
+    best_of: int | None = None
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
 
 
 # ---- /v1/completions ------------------------------------------------------------------------------
@@ -99,7 +113,6 @@ class CompletionRequest(SamplingRequestFields):
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
 
 
 class CompletionLogProbs(OpenAIBaseModel):

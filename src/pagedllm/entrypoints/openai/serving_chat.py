@@ -22,7 +22,6 @@ from pagedllm.entrypoints.openai.protocol import (
     ChatTokenLogprob,
     ChatTopLogprob,
     DeltaMessage,
-    UsageInfo,
     random_id,
 )
 from pagedllm.entrypoints.openai.serving_engine import (
@@ -79,6 +78,7 @@ class OpenAIServingChat(OpenAIServing):
         """Validate, render and queue the conversation; return the JSON response or the SSE stream."""
         self.check_model(request.model)
         self.check_stream_options(request)
+        self.check_best_of(request)
         if request.top_logprobs is not None and not request.logprobs:
             raise OpenAIError("top_logprobs needs logprobs to be true.", 400, param="top_logprobs")
         num_logprobs = (request.top_logprobs or 0) if request.logprobs else None
@@ -93,10 +93,15 @@ class OpenAIServingChat(OpenAIServing):
         # The template writes its own special tokens (BOS included), so none are added on top.
         prompt_ids = tokenizer.encode(text, add_special_tokens=False)
         self.check_length(len(prompt_ids), max_tokens, "messages")
-        params = self.make_sampling_params(request, max_tokens, num_logprobs, None)
         request_id = random_id("chatcmpl")
-        [stream] = self.add_requests(request_id, [{"prompt": text, "prompt_token_ids": prompt_ids}], params,
-                                     "messages", set(ChatCompletionRequest.model_fields))
+        prompt = self.make_prompt(text, prompt_ids, request)
+        fields = set(ChatCompletionRequest.model_fields)
+        if request.use_beam_search:
+            beam_params = self.make_beam_search_params(request, max_tokens, "logprobs" if request.logprobs else None)
+            [stream] = self.start_beam_searches(request_id, [prompt], beam_params, request.n, "messages", fields)
+        else:
+            params = self.make_sampling_params(request, max_tokens, num_logprobs, None)
+            [stream] = self.add_requests(request_id, [prompt], params, "messages", fields)
         sub_ids = [f"{request_id}-0"]
         if request.stream:
             return StreamingResponse(self._stream(request, request_id, stream, len(prompt_ids)),
@@ -122,10 +127,8 @@ class OpenAIServingChat(OpenAIServing):
             choices.append(ChatCompletionResponseChoice(
                 index=completion.index, message=ChatResponseMessage(content=completion.text), logprobs=logprobs,
                 finish_reason=completion.finish_reason, stop_reason=completion.stop_reason))
-        num_prompt = len(output.prompt_token_ids)
         num_generated = sum(len(c.token_ids) for c in output.outputs)
-        usage = UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_generated,
-                          total_tokens=num_prompt + num_generated)
+        usage = self.make_usage(len(output.prompt_token_ids), num_generated, output.num_cached_tokens)
         return ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage)
 
     async def _stream(self, request: ChatCompletionRequest, request_id: str, stream: AsyncIterator[RequestOutput],
@@ -139,11 +142,12 @@ class OpenAIServingChat(OpenAIServing):
             body = ChatCompletionStreamResponse(id=request_id, created=created, model=self.model_name, choices=[choice])
             return sse_event(body.model_dump_json())
 
-        num_generated = 0
+        num_generated = num_cached = 0
         for index in range(request.n):
             yield chunk(ChatCompletionStreamChoice(index=index, delta=DeltaMessage(role="assistant", content="")))
         try:
             async for output in stream:
+                num_cached = output.num_cached_tokens
                 for completion in output.outputs:
                     num_generated += len(completion.token_ids)
                     if not completion.text and not completion.token_ids and completion.finish_reason is None:
@@ -155,8 +159,7 @@ class OpenAIServingChat(OpenAIServing):
                         index=completion.index, delta=DeltaMessage(content=completion.text), logprobs=logprobs,
                         finish_reason=completion.finish_reason, stop_reason=completion.stop_reason))
             if request.stream_options is not None and request.stream_options.include_usage:
-                usage = UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=num_generated,
-                                  total_tokens=num_prompt_tokens + num_generated)
+                usage = self.make_usage(num_prompt_tokens, num_generated, num_cached)
                 body = ChatCompletionStreamResponse(id=request_id, created=created, model=self.model_name,
                                                     choices=[], usage=usage)
                 yield sse_event(body.model_dump_json())

@@ -14,7 +14,6 @@ from pagedllm.entrypoints.openai.protocol import (
     CompletionResponse,
     CompletionResponseChoice,
     CompletionStreamResponse,
-    UsageInfo,
     random_id,
 )
 from pagedllm.entrypoints.openai.serving_engine import (
@@ -72,18 +71,23 @@ class OpenAIServingCompletion(OpenAIServing):
         self.check_stream_options(request)
         if request.suffix is not None:
             raise OpenAIError("suffix is not supported by this server.", 400, param="suffix")
-        if request.best_of is not None and request.best_of != request.n:
-            raise OpenAIError("best_of is not supported (only best_of == n).", 400, param="best_of")
+        self.check_best_of(request)
         self.check_logprobs(request.logprobs, "logprobs")
         tokenizer = self.get_tokenizer()
         prompts = self._prompts_of(request, tokenizer)
         for _, ids in prompts:
             self.check_length(len(ids), request.max_tokens, "prompt")
-        prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
-        params = self.make_sampling_params(request, request.max_tokens, request.logprobs, prompt_logprobs)
         request_id = random_id("cmpl")
-        streams = self.add_requests(request_id, [{"prompt": text, "prompt_token_ids": ids} for text, ids in prompts],
-                                    params, "prompt", set(CompletionRequest.model_fields))
+        engine_prompts = [self.make_prompt(text, ids, request) for text, ids in prompts]
+        fields = set(CompletionRequest.model_fields)
+        if request.use_beam_search:
+            beam_params = self.make_beam_search_params(request, request.max_tokens,
+                                                       "logprobs" if request.logprobs is not None else None)
+            streams = self.start_beam_searches(request_id, engine_prompts, beam_params, request.n, "prompt", fields)
+        else:
+            prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
+            params = self.make_sampling_params(request, request.max_tokens, request.logprobs, prompt_logprobs)
+            streams = self.add_requests(request_id, engine_prompts, params, "prompt", fields)
         sub_ids = [f"{request_id}-{i}" for i in range(len(prompts))]
         # Only echo shows the prompt; a token-id prompt is then decoded (with its special tokens).
         prompt_texts = [(text if text is not None else tokenizer.decode(ids, skip_special_tokens=False))
@@ -130,11 +134,12 @@ class OpenAIServingCompletion(OpenAIServing):
                        prompt_texts: list[str]) -> CompletionResponse:
         tokenizer = self.get_tokenizer()
         choices: list[CompletionResponseChoice] = []
-        num_prompt_tokens = num_generated_tokens = 0
+        num_prompt_tokens = num_generated_tokens = num_cached_tokens = 0
         for i, output in enumerate(finals):
             if output is None:
                 raise OpenAIError("A request ended without a result.", 500)
             num_prompt_tokens += len(output.prompt_token_ids)
+            num_cached_tokens += output.num_cached_tokens
             for completion in output.outputs:
                 num_generated_tokens += len(completion.token_ids)
                 text = completion.text
@@ -148,8 +153,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 choices.append(CompletionResponseChoice(
                     index=i * request.n + completion.index, text=text, logprobs=logprobs,
                     finish_reason=completion.finish_reason, stop_reason=completion.stop_reason))
-        usage = UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=num_generated_tokens,
-                          total_tokens=num_prompt_tokens + num_generated_tokens)
+        usage = self.make_usage(num_prompt_tokens, num_generated_tokens, num_cached_tokens)
         return CompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage)
 
     @staticmethod
@@ -175,8 +179,10 @@ class OpenAIServingCompletion(OpenAIServing):
         echoed = [False] * num_choices
         text_offsets = [0] * num_choices
         prompt_logprobs: list[PromptLogprobs | None] = [None] * len(streams)
+        num_cached = [0] * len(streams)
         try:
             async for i, output in merge_async_iterators(streams):
+                num_cached[i] = output.num_cached_tokens
                 if output.prompt_logprobs is not None:
                     prompt_logprobs[i] = output.prompt_logprobs
                 for completion in output.outputs:
@@ -201,9 +207,7 @@ class OpenAIServingCompletion(OpenAIServing):
                                                           stop_reason=completion.stop_reason)])
                     yield sse_event(chunk.model_dump_json())
             if request.stream_options is not None and request.stream_options.include_usage:
-                prompt_tokens = sum(prompt_lens)
-                usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=sum(num_generated),
-                                  total_tokens=prompt_tokens + sum(num_generated))
+                usage = self.make_usage(sum(prompt_lens), sum(num_generated), sum(num_cached))
                 chunk = CompletionStreamResponse(id=request_id, created=created, model=self.model_name, choices=[],
                                                  usage=usage)
                 yield sse_event(chunk.model_dump_json())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,9 +15,15 @@ from fastapi.responses import JSONResponse
 from pagedllm.engine.async_llm import AsyncLLM
 from pagedllm.engine.core_client import EngineDeadError
 from pagedllm.engine.input_processor import PromptType
-from pagedllm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, SamplingRequestFields
+from pagedllm.entrypoints.openai.protocol import (
+    ErrorInfo,
+    ErrorResponse,
+    PromptTokenUsageInfo,
+    SamplingRequestFields,
+    UsageInfo,
+)
 from pagedllm.outputs import RequestOutput
-from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+from pagedllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 from pagedllm.tokenizer import Tokenizer
 
 T = TypeVar("T")
@@ -91,6 +98,7 @@ class OpenAIServing:
         self.model_name = served_model_names[0]
         self.max_logprobs = max_logprobs
         self.max_model_len = engine.max_model_len
+        self.enable_prefix_caching = engine.config.cache_config.enable_prefix_caching
 
     def get_tokenizer(self) -> Tokenizer:
         """The model's tokenizer; 400 when the server runs without one (--skip-tokenizer-init)."""
@@ -139,6 +147,58 @@ class OpenAIServing:
                               f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the {prompt_param}, "
                               f"{max_tokens} for the completion). Please reduce the length of the {prompt_param} "
                               "or max_tokens.", 400, param="max_tokens", code="context_length_exceeded")
+
+    @staticmethod
+    def check_best_of(request: SamplingRequestFields) -> None:
+        """400 unless best_of is unset, equals n, or is a beam width of at least n (with use_beam_search)."""
+        if request.best_of is None:
+            return
+        if not request.use_beam_search and request.best_of != request.n:
+            raise OpenAIError("best_of is only supported with use_beam_search (as the beam width) or equal to n.",
+                              400, param="best_of")
+        if request.use_beam_search and request.best_of < request.n:
+            raise OpenAIError(f"best_of (the beam width) must be at least n={request.n}, got {request.best_of}.",
+                              400, param="best_of")
+
+    @staticmethod
+    def make_prompt(text: str | None, token_ids: list[int], request: SamplingRequestFields) -> PromptType:
+        """The engine prompt dict of one prompt, with the request's cache_salt."""
+        prompt: dict[str, Any] = {"prompt": text, "prompt_token_ids": token_ids}
+        if request.cache_salt is not None:
+            prompt["cache_salt"] = request.cache_salt
+        return prompt
+
+    def make_usage(self, num_prompt_tokens: int, num_generated_tokens: int, num_cached_tokens: int) -> UsageInfo:
+        """The usage block; `prompt_tokens_details.cached_tokens` when prefix caching is on."""
+        details = PromptTokenUsageInfo(cached_tokens=num_cached_tokens) if self.enable_prefix_caching else None
+        return UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=num_generated_tokens,
+                         total_tokens=num_prompt_tokens + num_generated_tokens, prompt_tokens_details=details)
+
+    def make_beam_search_params(self, request: SamplingRequestFields, max_tokens: int | None,
+                                logprobs_param: str | None) -> BeamSearchParams:
+        """BeamSearchParams of a use_beam_search request (width best_of or n); 400 for what it cannot honour.
+
+        `logprobs_param` names the request's logprobs field when the request asks for logprobs.
+        Sampling fields (temperature, top_p, seed, penalties, ...) do not apply to beam search.
+        """
+        if logprobs_param is not None:
+            raise OpenAIError(f"{logprobs_param} is not supported with use_beam_search.", 400, param=logprobs_param)
+        for name in ("stop", "stop_token_ids"):
+            if getattr(request, name):
+                raise OpenAIError(f"{name} is not supported with use_beam_search.", 400, param=name)
+        if request.n < 1:
+            raise OpenAIError(f"n must be at least 1, got {request.n}.", 400, param="n")
+        try:
+            return BeamSearchParams(
+                beam_width=request.best_of if request.best_of is not None else request.n,
+                # None: as much as max_model_len leaves (the search stops there anyway).
+                max_tokens=max_tokens if max_tokens is not None else self.max_model_len,
+                ignore_eos=request.ignore_eos,
+                length_penalty=request.length_penalty,
+                early_stopping=request.early_stopping,
+            )
+        except ValueError as e:
+            raise bad_request_from(e, None, set(type(request).model_fields)) from e
 
     @staticmethod
     def make_sampling_params(request: SamplingRequestFields, max_tokens: int | None, logprobs: int | None,
@@ -192,10 +252,27 @@ class OpenAIServing:
             raise bad_request_from(e, prompt_param, fields) from e
         return streams
 
+    def start_beam_searches(self, request_id: str, prompts: list[PromptType], params: BeamSearchParams, n: int,
+                            prompt_param: str, fields: set[str]) -> list[AsyncIterator[RequestOutput]]:
+        """Start one beam search per prompt (ids `{request_id}-{i}`); each yields one output of its n best beams."""
+        self.check_engine()
+        try:
+            searches = [self.engine.beam_search(prompt, params, f"{request_id}-{i}")
+                        for i, prompt in enumerate(prompts)]
+        except ValueError as e:
+            raise bad_request_from(e, prompt_param, fields) from e
+        return [_best_beams(search, n) for search in searches]
+
     def abort_all(self, request_ids: list[str]) -> None:
         """Abort requests that may still run (finished or unknown ids are ignored)."""
         for request_id in request_ids:
             self.engine.abort_now(request_id)
+
+
+async def _best_beams(search: AsyncIterator[RequestOutput], n: int) -> AsyncIterator[RequestOutput]:
+    """A beam search's output with only its n best sequences."""
+    async for output in search:
+        yield dataclasses.replace(output, outputs=output.outputs[:n])
 
 
 async def merge_async_iterators(iterators: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
