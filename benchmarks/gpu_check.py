@@ -145,8 +145,9 @@ def t1(hf_requests: int):
               max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=16384)
     startup = time.perf_counter() - t0
     res = {"startup_s": startup, "num_blocks": llm.llm_engine.config.cache_config.num_blocks}
-    r = bench_pagedllm(llm, reqs, 0.6)
-    res.update({k: r[k] for k in ("seconds", "output_tokens", "output_tok_s")})
+    runs = [bench_pagedllm(llm, reqs, 0.6) for _ in range(2)]
+    res["runs_output_tok_s"] = [r["output_tok_s"] for r in runs]
+    res.update({k: runs[-1][k] for k in ("seconds", "output_tokens", "output_tok_s")})
     del llm
     torch.cuda.empty_cache()
     return res
