@@ -36,6 +36,19 @@ def load_hf_config(path: str) -> dict[str, Any]:
     if "text_config" in config and "num_hidden_layers" not in config:
         # Multimodal wrappers keep the language model's settings in text_config.
         config = {**config["text_config"], "architectures": config.get("architectures", [])}
+    return _add_standard_names(config)
+
+
+# GPT-2-style config names -> the standard names the engine reads
+_GPT2_NAMES = {"n_embd": "hidden_size", "n_head": "num_attention_heads", "n_layer": "num_hidden_layers",
+               "n_positions": "max_position_embeddings"}
+
+
+def _add_standard_names(config: dict[str, Any]) -> dict[str, Any]:
+    """Also give GPT-2-style fields (n_embd, n_layer, ...) their standard names; the originals stay."""
+    for old, new in _GPT2_NAMES.items():
+        if old in config and new not in config:
+            config[new] = config[old]
     return config
 
 

@@ -50,7 +50,7 @@ class LlamaAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.o_proj = RowParallelLinear(total_heads * self.head_dim, hidden, bias=o_bias)
-        self.qk_norm = model_type == "qwen3"
+        self.qk_norm = model_type in ("qwen3", "qwen3_moe")
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config["rms_norm_eps"])
             self.k_norm = RMSNorm(self.head_dim, config["rms_norm_eps"])
@@ -92,10 +92,10 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm transformer block with the residual carried alongside (fused add + norm)."""
 
-    def __init__(self, config: dict[str, Any], rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: dict[str, Any], rotary: RotaryEmbedding, layer_idx: int = 0) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, rotary)
-        self.mlp = LlamaMLP(config)
+        self.mlp = self.make_mlp(config, layer_idx)
         self.input_layernorm = RMSNorm(config["hidden_size"], config["rms_norm_eps"])
         self.post_attention_layernorm = RMSNorm(config["hidden_size"], config["rms_norm_eps"])
 
@@ -112,11 +112,15 @@ class LlamaDecoderLayer(nn.Module):
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
+    def make_mlp(self, config: dict[str, Any], layer_idx: int) -> nn.Module:
+        """The feed-forward block of layer `layer_idx` (subclasses return e.g. a mixture of experts)."""
+        return LlamaMLP(config)
+
 
 class LlamaModel(nn.Module):
     """Embedding, decoder layers and final norm."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config["vocab_size"], config["hidden_size"])
         heads = config["num_attention_heads"]
@@ -125,7 +129,7 @@ class LlamaModel(nn.Module):
         rotary_dim = int(head_dim * config.get("partial_rotary_factor", 1.0))
         max_position = max(config.get("max_position_embeddings", 2048), config.get("_max_model_len", 0))
         rotary = RotaryEmbedding(head_dim, rotary_dim, max_position, rope)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary) for _ in range(config["num_hidden_layers"]))
+        self.layers = nn.ModuleList(layer_cls(config, rotary, i) for i in range(config["num_hidden_layers"]))
         self.norm = RMSNorm(config["hidden_size"], config["rms_norm_eps"])
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
@@ -141,10 +145,12 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """A Llama-family causal LM: hidden states from the model, logits from the LM head."""
 
+    decoder_layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer
+
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.model = LlamaModel(config, self.decoder_layer_cls)
         self.tie_word_embeddings = bool(config.get("tie_word_embeddings", False))
         self.lm_head = ParallelLMHead(config["vocab_size"], config["hidden_size"])
         if self.tie_word_embeddings:

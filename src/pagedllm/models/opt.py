@@ -1,0 +1,177 @@
+"""OPT: learned positions (offset 2), ReLU MLP, pre- or post-LayerNorm blocks, optional
+project_in/project_out when word_embed_proj_dim != hidden_size, tied LM head."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedllm.attention.layer import Attention
+from pagedllm.attention.metadata import AttentionMetadata
+from pagedllm.layers.layernorm import LayerNorm
+from pagedllm.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from pagedllm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
+
+# OPT's position table has two extra leading rows (a fairseq legacy): position p uses row p + 2.
+_POSITION_OFFSET = 2
+
+# checkpoint name fragment -> (fused parameter fragment, shard id)
+_STACKED_PARAMS = [(".q_proj.", ".qkv_proj.", "q"), (".k_proj.", ".qkv_proj.", "k"), (".v_proj.", ".qkv_proj.", "v")]
+
+
+def _layer_norm(config: dict[str, Any], size: int) -> LayerNorm:
+    return LayerNorm(size, 1e-5, elementwise_affine=config.get("layer_norm_elementwise_affine", True),
+                     bias=config.get("enable_bias", True))
+
+
+class OPTAttention(nn.Module):
+    """Multi-head self-attention: fused QKV projection, paged attention, output projection."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        hidden, heads = config["hidden_size"], config["num_attention_heads"]
+        bias = config.get("enable_bias", True)
+        self.head_dim = hidden // heads
+        self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, heads, heads, bias=bias)
+        self.num_heads = self.qkv_proj.num_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.out_proj = RowParallelLinear(hidden, hidden, bias=bias)
+        self.attn = Attention(self.num_heads, self.head_dim, self.num_heads, self.head_dim**-0.5)
+
+    def forward(self, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        """[T, hidden] -> [T, hidden]."""
+        q, k, v = self.qkv_proj(hidden).split([self.q_size] * 3, dim=-1)
+        return self.out_proj(self.attn(q, k, v, metadata))
+
+
+class OPTDecoderLayer(nn.Module):
+    """Attention and ReLU MLP blocks, each with LayerNorm before (pre-LN) or after (post-LN) its residual add."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        hidden = config["hidden_size"]
+        bias = config.get("enable_bias", True)
+        act = config.get("activation_function", "relu")
+        if act != "relu":
+            raise ValueError(f"activation_function {act!r} is not supported by OPT (relu only).")
+        self.do_layer_norm_before = config.get("do_layer_norm_before", True)
+        self.self_attn = OPTAttention(config)
+        self.self_attn_layer_norm = _layer_norm(config, hidden)
+        self.fc1 = ColumnParallelLinear(hidden, config["ffn_dim"], bias=bias)
+        self.fc2 = RowParallelLinear(config["ffn_dim"], hidden, bias=bias)
+        self.final_layer_norm = _layer_norm(config, hidden)
+
+    def forward(self, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        """One decoder layer, [T, hidden] -> [T, hidden]."""
+        residual = hidden
+        if self.do_layer_norm_before:
+            hidden = self.self_attn_layer_norm(hidden)
+        hidden = residual + self.self_attn(hidden, metadata)
+        if not self.do_layer_norm_before:
+            hidden = self.self_attn_layer_norm(hidden)
+        residual = hidden
+        if self.do_layer_norm_before:
+            hidden = self.final_layer_norm(hidden)
+        hidden = residual + self.fc2(F.relu(self.fc1(hidden)))
+        if not self.do_layer_norm_before:
+            hidden = self.final_layer_norm(hidden)
+        return hidden
+
+
+class OPTDecoder(nn.Module):
+    """Embeddings (with optional input projection), decoder layers, final norm and optional output projection."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        hidden = config["hidden_size"]
+        embed_dim = config.get("word_embed_proj_dim") or hidden
+        self.embed_tokens = VocabParallelEmbedding(config["vocab_size"], embed_dim)
+        self.embed_positions = nn.Embedding(config["max_position_embeddings"] + _POSITION_OFFSET, hidden)
+        self.embed_positions.weight.requires_grad_(False)
+        if embed_dim != hidden:
+            # Small and replicated on every rank (their outputs feed replicated tensors).
+            self.project_in: nn.Linear | None = nn.Linear(embed_dim, hidden, bias=False).requires_grad_(False)
+            self.project_out: nn.Linear | None = nn.Linear(hidden, embed_dim, bias=False).requires_grad_(False)
+        else:
+            self.project_in = self.project_out = None
+        has_final_norm = config.get("do_layer_norm_before", True) and not config.get("_remove_final_layer_norm", False)
+        self.final_layer_norm = _layer_norm(config, hidden) if has_final_norm else None
+        self.layers = nn.ModuleList(OPTDecoderLayer(config) for _ in range(config["num_hidden_layers"]))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        """Token ids [T] at absolute positions [T] -> final hidden states [T, word_embed_proj_dim]."""
+        hidden = self.embed_tokens(input_ids)
+        if self.project_in is not None:
+            hidden = self.project_in(hidden)
+        hidden = hidden + self.embed_positions(positions + _POSITION_OFFSET)
+        for layer in self.layers:
+            hidden = layer(hidden, metadata)
+        if self.final_layer_norm is not None:
+            hidden = self.final_layer_norm(hidden)
+        if self.project_out is not None:
+            hidden = self.project_out(hidden)
+        return hidden
+
+
+class OPTModel(nn.Module):
+    """Holds the decoder (mirrors HF's `model.decoder.*` parameter names)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.decoder = OPTDecoder(config)
+
+
+class OPTForCausalLM(nn.Module):
+    """OPT causal LM with the LM head tied to the token embedding."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.config = config
+        self.model = OPTModel(config)
+        embed_dim = config.get("word_embed_proj_dim") or config["hidden_size"]
+        self.lm_head = ParallelLMHead(config["vocab_size"], embed_dim)
+        self.lm_head.weight = self.model.decoder.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        """Final hidden states for every token of the flat batch."""
+        return self.model.decoder(input_ids, positions, metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits [N, vocab] for hidden states [N, word_embed_proj_dim]."""
+        return self.lm_head.compute_logits(hidden)
+
+    def attention_layers(self) -> list[Attention]:
+        """The Attention modules in layer order (the runner binds one KV cache to each)."""
+        return [layer.self_attn.attn for layer in self.model.decoder.layers]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load HF OPT tensors (q/k/v fused into qkv_proj); returns the parameter names loaded."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if name == "lm_head.weight":
+                continue  # tied to the embedding
+            if name.startswith("decoder."):
+                name = "model." + name  # checkpoints of the bare OPTModel
+            for ckpt_part, param_part, shard_id in _STACKED_PARAMS:
+                if ckpt_part in name:
+                    name = name.replace(ckpt_part, param_part)
+                    params[name].weight_loader(params[name], tensor, shard_id)
+                    break
+            else:
+                if name not in params:
+                    raise ValueError(f"Checkpoint tensor {name!r} has no matching parameter in {type(self).__name__}.")
+                param = params[name]
+                if hasattr(param, "weight_loader"):
+                    param.weight_loader(param, tensor)
+                else:
+                    if param.shape != tensor.shape:
+                        raise ValueError(f"Checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}.")
+                    param.data.copy_(tensor)
+            loaded.add(name)
+        loaded.add("lm_head.weight")
+        return loaded

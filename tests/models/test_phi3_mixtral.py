@@ -1,0 +1,128 @@
+"""Phi-3, Mixtral and Qwen3-MoE: greedy ids equal Hugging Face's (also preempted / chunked), logprobs match."""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+import pytest
+import torch
+
+from pagedllm import LLM, SamplingParams
+from tests.models.tiny_models import VOCAB_SIZE, hf_greedy
+
+MAX_NEW_TOKENS = 16
+
+_COMMON: dict[str, Any] = dict(
+    vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+    bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+)
+
+# architecture -> extra config fields exercising that family's features
+CONFIGS: dict[str, dict[str, Any]] = {
+    "Phi3ForCausalLM": dict(partial_rotary_factor=0.5, sliding_window=None, hidden_act="silu"),
+    "MixtralForCausalLM": dict(num_local_experts=8, num_experts_per_tok=2, sliding_window=None),
+    "Qwen3MoeForCausalLM": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=32,
+                                norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1]),
+}
+
+
+def _build(architecture: str, path: str, seed: int = 0) -> torch.nn.Module:
+    """Create, save and return a tiny random HF model of `architecture`."""
+    import transformers
+
+    config = getattr(transformers, architecture.replace("ForCausalLM", "Config"))(**_COMMON, **CONFIGS[architecture])
+    torch.manual_seed(seed)
+    model = getattr(transformers, architecture)(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.normal_(0.0, 0.08)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    return model
+
+
+def _prompts() -> list[list[int]]:
+    rng = random.Random(0)
+    return [[rng.randrange(3, VOCAB_SIZE) for _ in range(n)] for n in [1, 3, 8, 16, 17, 24, 33, 48]]
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def tiny(request, tmp_path_factory):
+    """(model dir, HF model, HF greedy outputs for the shared prompts) for one architecture."""
+    path = str(tmp_path_factory.mktemp(request.param))
+    hf_model = _build(request.param, path)
+    return path, hf_model, hf_greedy(hf_model, _prompts(), MAX_NEW_TOKENS)
+
+
+def _generate(path: str, expect_preemption: bool = False, **engine_args) -> list[list[int]]:
+    llm = LLM(path, skip_tokenizer_init=True, **engine_args)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in _prompts()], params, use_tqdm=False)
+    core = llm.llm_engine.engine_core
+    assert core.kv_cache_manager.num_free_blocks == llm.llm_engine.config.cache_config.num_blocks
+    assert (core.scheduler.num_preemptions > 0) == expect_preemption
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def test_greedy_matches_hf(tiny):
+    path, _, expected = tiny
+    assert _generate(path) == expected
+
+
+def test_greedy_matches_hf_under_preemption(tiny):
+    path, _, expected = tiny
+    # 5 blocks of 16 tokens: one 64-token sequence fits, eight together do not.
+    assert _generate(path, expect_preemption=True, num_gpu_blocks_override=5, max_model_len=80) == expected
+
+
+def test_greedy_matches_hf_with_every_prompt_chunked(tiny):
+    path, _, expected = tiny
+    assert _generate(path, max_num_batched_tokens=7) == expected
+
+
+def test_logprobs_match_hf_fp32(tiny):
+    path, hf_model, _ = tiny
+    prompt = _prompts()[4]
+    llm = LLM(path, skip_tokenizer_init=True, dtype="float32")
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=1)
+    out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0]
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([prompt + out.token_ids[:-1]])).logits[0, len(prompt) - 1 :].float()
+    hf_logprobs = torch.log_softmax(logits, dim=-1)
+    for position, (token, entry) in enumerate(zip(out.token_ids, out.logprobs)):
+        assert token == int(hf_logprobs[position].argmax())
+        assert abs(entry[token].logprob - float(hf_logprobs[position, token])) < 1e-4
+
+
+def test_sync_free_experts_match_gathered_experts():
+    from pagedllm.layers.moe import dense_experts, fused_experts, route
+
+    torch.manual_seed(0)
+    x, w13, w2 = torch.randn(13, 16), torch.randn(8, 24, 16), torch.randn(8, 16, 12)
+    weights, ids = route(torch.randn(13, 8), top_k=2, renormalize=True)
+    assert torch.allclose(fused_experts(x, w13, w2, weights, ids), dense_experts(x, w13, w2, weights, ids), atol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ["MixtralForCausalLM", "Qwen3MoeForCausalLM"])
+def test_stacked_expert_checkpoint_loads_like_per_expert(architecture, tmp_path):
+    """HF v5 in-memory names (experts.gate_up_proj [E, 2I, H]) load like the saved per-expert ones."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from pagedllm.models.registry import resolve_model_class
+
+    hf_model = _build(architecture, str(tmp_path))
+    config = {**json.load(open(tmp_path / "config.json")), "_max_model_len": 64}
+    cls = resolve_model_class([architecture])
+    saved, stacked = cls(config), cls(config)
+    names = {n for n, _ in saved.named_parameters(remove_duplicate=False)}
+    assert saved.load_weights(load_file(str(tmp_path / "model.safetensors")).items()) == names
+    assert any(".experts.gate_up_proj" in n for n in hf_model.state_dict())
+    assert stacked.load_weights(hf_model.state_dict().items()) == names
+    for (name, a), (_, b) in zip(saved.state_dict().items(), stacked.state_dict().items()):
+        assert torch.equal(a, b), name
