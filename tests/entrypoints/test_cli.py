@@ -5,8 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
 from tests.conftest import requires_embedded_model
 
 pytestmark = requires_embedded_model

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import random
 
 import pytest
 
-from pagedllm import LLM, SamplingParams
-from tests.models.tiny_models import TINY_CONFIGS, VOCAB_SIZE, build_tiny_model, hf_greedy
+from tests.models.tiny_models import TINY_CONFIGS, build_tiny_model, engine_greedy, hf_greedy, random_prompts
 
 MAX_NEW_TOKENS = 24
 
 
 def _prompts(seed: int = 0, count: int = 8) -> list[list[int]]:
-    rng = random.Random(seed)
-    lengths = [1, 5, 16, 17, 33, 60, 100, 150][:count]
-    return [[rng.randrange(3, VOCAB_SIZE) for _ in range(n)] for n in lengths]
+    return random_prompts([1, 5, 16, 17, 33, 60, 100, 150][:count], seed=seed)
 
 
 @pytest.fixture(scope="module", params=sorted(TINY_CONFIGS))
@@ -27,13 +23,7 @@ def tiny(request, tmp_path_factory):
 
 
 def _generate(path: str, expect_preemption: bool = False, **engine_args) -> list[list[int]]:
-    llm = LLM(path, skip_tokenizer_init=True, **engine_args)
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in _prompts()], params, use_tqdm=False)
-    core = llm.llm_engine.engine_core
-    assert core.kv_cache_manager.num_free_blocks == llm.llm_engine.config.cache_config.num_blocks
-    assert (core.scheduler.num_preemptions > 0) == expect_preemption
-    return [o.outputs[0].token_ids for o in outputs]
+    return engine_greedy(path, _prompts(), MAX_NEW_TOKENS, expect_preemption, **engine_args)
 
 
 def test_greedy_matches_hf(tiny):

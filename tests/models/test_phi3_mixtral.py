@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import random
 from typing import Any
 
 import pytest
 import torch
 
 from pagedllm import LLM, SamplingParams
-from tests.models.tiny_models import VOCAB_SIZE, hf_greedy
+from tests.models.tiny_models import VOCAB_SIZE, engine_greedy, hf_greedy, random_prompts
 
 MAX_NEW_TOKENS = 16
 
@@ -46,8 +45,7 @@ def _build(architecture: str, path: str, seed: int = 0) -> torch.nn.Module:
 
 
 def _prompts() -> list[list[int]]:
-    rng = random.Random(0)
-    return [[rng.randrange(3, VOCAB_SIZE) for _ in range(n)] for n in [1, 3, 8, 16, 17, 24, 33, 48]]
+    return random_prompts([1, 3, 8, 16, 17, 24, 33, 48], seed=0)
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
@@ -59,13 +57,7 @@ def tiny(request, tmp_path_factory):
 
 
 def _generate(path: str, expect_preemption: bool = False, **engine_args) -> list[list[int]]:
-    llm = LLM(path, skip_tokenizer_init=True, **engine_args)
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in _prompts()], params, use_tqdm=False)
-    core = llm.llm_engine.engine_core
-    assert core.kv_cache_manager.num_free_blocks == llm.llm_engine.config.cache_config.num_blocks
-    assert (core.scheduler.num_preemptions > 0) == expect_preemption
-    return [o.outputs[0].token_ids for o in outputs]
+    return engine_greedy(path, _prompts(), MAX_NEW_TOKENS, expect_preemption, **engine_args)
 
 
 def test_greedy_matches_hf(tiny):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 from typing import Any
 
 import torch
@@ -66,3 +67,23 @@ def hf_greedy(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: 
                                  eos_token_id=None, pad_token_id=0)
         outputs.append(out[0, len(prompt):].tolist())
     return outputs
+
+
+def random_prompts(lengths: list[int], vocab_size: int = VOCAB_SIZE, seed: int = 0) -> list[list[int]]:
+    """Reproducible random token-id prompts of the given lengths (ids 0-2 left for special tokens)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab_size) for _ in range(n)] for n in lengths]
+
+
+def engine_greedy(path: str, prompts: list[list[int]], max_new_tokens: int, expect_preemption: bool = False,
+                  **engine_args: Any) -> list[list[int]]:
+    """Greedy completions from pagedllm; asserts the pool ends empty and whether preemption happened."""
+    from pagedllm import LLM, SamplingParams
+
+    llm = LLM(path, skip_tokenizer_init=True, **engine_args)
+    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    core = llm.llm_engine.engine_core
+    assert core.kv_cache_manager.num_free_blocks == llm.llm_engine.config.cache_config.num_blocks
+    assert (core.scheduler.num_preemptions > 0) == expect_preemption
+    return [o.outputs[0].token_ids for o in outputs]
