@@ -6,7 +6,7 @@ from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.kv_cache_utils import hash_block_tokens, update_request_block_hashes
 from pagedllm.request import Request, RequestStatus
 from pagedllm.sampling_params import SamplingParams
-from tests.unit.test_scheduler import FakeModelRunner, make_scheduler, step
+from tests.unit.scheduler_harness import FakeModelRunner, make_scheduler, step
 
 
 def make_request(request_id: str, token_ids: list[int], cache_salt: str | None = None,

@@ -25,7 +25,7 @@ from pagedllm.core.scheduler_output import SchedulerOutput
 from pagedllm.request import Request, RequestStatus
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.worker.runner_output import ModelRunnerOutput
-from tests.unit.test_scheduler import make_scheduler
+from tests.unit.scheduler_harness import make_scheduler
 
 VOCAB = 6  # a small vocabulary makes outputs repeat and prompts share prefixes
 STOP_TOKEN = 0
