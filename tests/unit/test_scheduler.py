@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from pagedllm.core.scheduler import Scheduler, SchedulerStats
 from pagedllm.core.scheduler_output import SchedulerOutput
 from pagedllm.request import RequestStatus
 from pagedllm.worker.runner_output import LogprobsLists, ModelRunnerOutput
-
 from tests.unit.scheduler_harness import (FakeModelRunner, make_request, make_scheduler, run_to_completion, step,
                                          tokens_of)
 
