@@ -15,8 +15,9 @@ from torch import nn
 from pagedllm.attention.layer import Attention
 from pagedllm.attention.metadata import AttentionMetadata
 from pagedllm.layers.layernorm import LayerNorm
-from pagedllm.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear
 from pagedllm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
+from pagedllm.models.mha import MultiHeadSelfAttention
 
 # HF activation name -> torch gelu "approximate" argument
 _GELU_APPROXIMATION = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
@@ -28,26 +29,13 @@ def _gelu_approximation(name: str) -> str:
     return _GELU_APPROXIMATION[name]
 
 
-class GPT2Attention(nn.Module):
-    """Multi-head self-attention with a fused (biased) QKV projection and paged attention."""
-
-    def __init__(self, config: dict[str, Any], layer_idx: int) -> None:
-        super().__init__()
-        hidden, heads = config["n_embd"], config["n_head"]
-        self.head_dim = hidden // heads
-        self.c_attn = QKVParallelLinear(hidden, self.head_dim, heads, heads, bias=True)
-        self.num_heads = self.c_attn.num_heads
-        self.q_size = self.num_heads * self.head_dim
-        self.c_proj = RowParallelLinear(hidden, hidden, bias=True)
-        scale = self.head_dim**-0.5 if config.get("scale_attn_weights", True) else 1.0
-        if config.get("scale_attn_by_inverse_layer_idx", False):
-            scale /= float(layer_idx + 1)
-        self.attn = Attention(self.num_heads, self.head_dim, self.num_heads, scale)
-
-    def forward(self, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
-        """[T, hidden] -> [T, hidden]."""
-        q, k, v = self.c_attn(hidden).split([self.q_size] * 3, dim=-1)
-        return self.c_proj(self.attn(q, k, v, metadata))
+def gpt2_attention(config: dict[str, Any], layer_idx: int) -> MultiHeadSelfAttention:
+    """GPT-2's self-attention: biased fused QKV, optionally unscaled or scaled by 1 / (layer_idx + 1)."""
+    hidden, heads = config["n_embd"], config["n_head"]
+    scale = (hidden // heads) ** -0.5 if config.get("scale_attn_weights", True) else 1.0
+    if config.get("scale_attn_by_inverse_layer_idx", False):
+        scale /= float(layer_idx + 1)
+    return MultiHeadSelfAttention(hidden, heads, bias=True, scale=scale)
 
 
 class GPT2MLP(nn.Module):
@@ -73,7 +61,7 @@ class GPT2Block(nn.Module):
         super().__init__()
         hidden, eps = config["n_embd"], config.get("layer_norm_epsilon", 1e-5)
         self.ln_1 = LayerNorm(hidden, eps)
-        self.attn = GPT2Attention(config, layer_idx)
+        self.attn = gpt2_attention(config, layer_idx)
         self.ln_2 = LayerNorm(hidden, eps)
         self.mlp = GPT2MLP(config)
 
@@ -134,13 +122,16 @@ class GPT2LMHeadModel(nn.Module):
                 continue  # causal-mask buffers of old checkpoints; the LM head is tied
             if not name.startswith("transformer."):
                 name = "transformer." + name  # checkpoints of the bare GPT2Model
+            is_conv1d = name.endswith(".weight") and any(p in name for p in (".c_attn.", ".c_proj.", ".c_fc."))
+            is_fused_qkv = ".c_attn." in name
+            # The shared attention module names its projections qkv_proj / out_proj.
+            name = name.replace(".attn.c_attn.", ".attn.qkv_proj.").replace(".attn.c_proj.", ".attn.out_proj.")
             if name not in params:
                 raise ValueError(f"Checkpoint tensor {name!r} has no matching parameter in {type(self).__name__}.")
             param = params[name]
-            is_conv1d = name.endswith(".weight") and any(p in name for p in (".c_attn.", ".c_proj.", ".c_fc."))
             if is_conv1d:
                 tensor = tensor.t()
-            if ".c_attn." in name:
+            if is_fused_qkv:
                 for shard_id, part in zip("qkv", tensor.chunk(3, dim=0)):
                     param.weight_loader(param, part, shard_id)
             elif hasattr(param, "weight_loader"):

@@ -13,8 +13,9 @@ from torch import nn
 from pagedllm.attention.layer import Attention
 from pagedllm.attention.metadata import AttentionMetadata
 from pagedllm.layers.layernorm import LayerNorm
-from pagedllm.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear
 from pagedllm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
+from pagedllm.models.mha import MultiHeadSelfAttention
 
 # OPT's position table has two extra leading rows (a fairseq legacy): position p uses row p + 2.
 _POSITION_OFFSET = 2
@@ -28,26 +29,6 @@ def _layer_norm(config: dict[str, Any], size: int) -> LayerNorm:
                      bias=config.get("enable_bias", True))
 
 
-class OPTAttention(nn.Module):
-    """Multi-head self-attention: fused QKV projection, paged attention, output projection."""
-
-    def __init__(self, config: dict[str, Any]) -> None:
-        super().__init__()
-        hidden, heads = config["hidden_size"], config["num_attention_heads"]
-        bias = config.get("enable_bias", True)
-        self.head_dim = hidden // heads
-        self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, heads, heads, bias=bias)
-        self.num_heads = self.qkv_proj.num_heads
-        self.q_size = self.num_heads * self.head_dim
-        self.out_proj = RowParallelLinear(hidden, hidden, bias=bias)
-        self.attn = Attention(self.num_heads, self.head_dim, self.num_heads, self.head_dim**-0.5)
-
-    def forward(self, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
-        """[T, hidden] -> [T, hidden]."""
-        q, k, v = self.qkv_proj(hidden).split([self.q_size] * 3, dim=-1)
-        return self.out_proj(self.attn(q, k, v, metadata))
-
-
 class OPTDecoderLayer(nn.Module):
     """Attention and ReLU MLP blocks, each with LayerNorm before (pre-LN) or after (post-LN) its residual add."""
 
@@ -59,7 +40,7 @@ class OPTDecoderLayer(nn.Module):
         if act != "relu":
             raise ValueError(f"activation_function {act!r} is not supported by OPT (relu only).")
         self.do_layer_norm_before = config.get("do_layer_norm_before", True)
-        self.self_attn = OPTAttention(config)
+        self.self_attn = MultiHeadSelfAttention(hidden, config["num_attention_heads"], bias=bias)
         self.self_attn_layer_norm = _layer_norm(config, hidden)
         self.fc1 = ColumnParallelLinear(hidden, config["ffn_dim"], bias=bias)
         self.fc2 = RowParallelLinear(config["ffn_dim"], hidden, bias=bias)
