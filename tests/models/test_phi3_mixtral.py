@@ -2,46 +2,23 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pytest
 import torch
 
 from pagedllm import LLM, SamplingParams
-from tests.models.tiny_models import VOCAB_SIZE, engine_greedy, hf_greedy, random_prompts
+from tests.models.tiny_models import build_tiny_model, engine_greedy, hf_greedy, random_prompts
 
 MAX_NEW_TOKENS = 16
 
-_COMMON: dict[str, Any] = dict(
-    vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
-    bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
-)
-
-# architecture -> extra config fields exercising that family's features
+# architecture -> fields added to the shared tiny shape (LM heads untied)
 CONFIGS: dict[str, dict[str, Any]] = {
-    "Phi3ForCausalLM": dict(partial_rotary_factor=0.5, sliding_window=None, hidden_act="silu"),
-    "MixtralForCausalLM": dict(num_local_experts=8, num_experts_per_tok=2, sliding_window=None),
+    "Phi3ForCausalLM": dict(partial_rotary_factor=0.5, sliding_window=None, hidden_act="silu", tie_word_embeddings=False),
+    "MixtralForCausalLM": dict(num_local_experts=8, num_experts_per_tok=2, sliding_window=None, tie_word_embeddings=False),
     "Qwen3MoeForCausalLM": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=32,
-                                norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1]),
+                                norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1], tie_word_embeddings=False),
 }
-
-
-def _build(architecture: str, path: str, seed: int = 0) -> torch.nn.Module:
-    """Create, save and return a tiny random HF model of `architecture`."""
-    import transformers
-
-    config = getattr(transformers, architecture.replace("ForCausalLM", "Config"))(**_COMMON, **CONFIGS[architecture])
-    torch.manual_seed(seed)
-    model = getattr(transformers, architecture)(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" not in name:
-                param.normal_(0.0, 0.08)
-    os.makedirs(path, exist_ok=True)
-    model.save_pretrained(path)
-    return model
 
 
 def _prompts() -> list[list[int]]:
@@ -52,7 +29,7 @@ def _prompts() -> list[list[int]]:
 def tiny(request, tmp_path_factory):
     """(model dir, HF model, HF greedy outputs for the shared prompts) for one architecture."""
     path = str(tmp_path_factory.mktemp(request.param))
-    hf_model = _build(request.param, path)
+    hf_model = build_tiny_model(request.param, path, configs=CONFIGS)
     return path, hf_model, hf_greedy(hf_model, _prompts(), MAX_NEW_TOKENS)
 
 
@@ -108,7 +85,7 @@ def test_stacked_expert_checkpoint_loads_like_per_expert(architecture, tmp_path)
 
     from pagedllm.models.registry import resolve_model_class
 
-    hf_model = _build(architecture, str(tmp_path))
+    hf_model = build_tiny_model(architecture, str(tmp_path), configs=CONFIGS)
     config = {**json.load(open(tmp_path / "config.json")), "_max_model_len": 64}
     cls = resolve_model_class([architecture])
     saved, stacked = cls(config), cls(config)

@@ -38,12 +38,16 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def build_tiny_model(architecture: str, path: str, seed: int = 0) -> torch.nn.Module:
-    """Create, save (safetensors + config.json) and return a tiny random HF model."""
+def build_tiny_model(architecture: str, path: str, seed: int = 0,
+                     configs: dict[str, dict[str, Any]] = TINY_CONFIGS) -> torch.nn.Module:
+    """Create, save (safetensors + config.json) and return a tiny random HF model.
+
+    `configs` maps the architecture to the fields it adds to (or overrides in) the shared tiny shape.
+    """
     import transformers
 
     config_class = getattr(transformers, architecture.replace("ForCausalLM", "Config"))
-    config = config_class(**_COMMON, **TINY_CONFIGS[architecture])
+    config = config_class(**{**_COMMON, **configs[architecture]})
     torch.manual_seed(seed)
     model = getattr(transformers, architecture)(config).eval()
     # Larger-than-default weights give well-separated logits, so argmax is numerically stable.
