@@ -66,7 +66,7 @@ def build_hf_model(engine_args: EngineArgs, dtype: str, device: str) -> Any:
     import transformers
 
     from pagedllm.config import create_engine_config
-    from pagedllm.loader.model_loader import _iter_weights
+    from pagedllm.loader.model_loader import iter_weights
 
     config = create_engine_config(engine_args)
     mc = config.model_config
@@ -77,7 +77,7 @@ def build_hf_model(engine_args: EngineArgs, dtype: str, device: str) -> Any:
     with torch.device(device):
         model = getattr(transformers, arch)(hf_config).to(getattr(torch, dtype))
     if mc.load_format != "dummy":
-        state = dict(_iter_weights(mc))
+        state = dict(iter_weights(mc))
         model.load_state_dict(state, strict=False)
         if hf_config.tie_word_embeddings:
             model.tie_weights()

@@ -64,7 +64,8 @@ def _iter_safetensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-def _iter_weights(model_config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_weights(model_config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors under Hugging Face names (GGUF dequantized to fp32), one at a time."""
     if model_config.load_format == "gguf":
         from pagedllm.loader.gguf_loader import iter_gguf_weights
 
@@ -98,7 +99,7 @@ def get_model(model_config: ModelConfig, device: torch.device, seed: int = 0) ->
     if model_config.load_format == "dummy":
         _initialize_dummy_weights(model, seed, device)
     else:
-        loaded = model.load_weights(_iter_weights(model_config))
+        loaded = model.load_weights(iter_weights(model_config))
         expected = {name for name, _ in model.named_parameters(remove_duplicate=False)}
         missing = sorted(expected - loaded)
         if missing:
