@@ -22,8 +22,9 @@ class CachedRequestState:
     sampling_params: SamplingParams
     generator: torch.Generator | None
     block_ids: list[int]
+    # As of the start of the step being run: the scheduler sends it with every scheduled request.
     num_computed_tokens: int
-    # Prompt logprob rows are produced as prefill chunks run; remembers where we are.
+    # Prompt + output tokens, the source of each step's input ids.
     token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:

@@ -140,9 +140,6 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))  # type: ignore[union-attr]
             sampled, logprobs = self._sample(batch, logits.float())
         prompt_logprobs = self._prompt_logprobs(batch, hidden) if batch.prompt_logprob_spans else {}
-        for req_id in batch.req_ids:
-            # The runner advances its own view; the scheduler sends the authoritative count next step.
-            self.requests[req_id].num_computed_tokens += scheduler_output.num_scheduled_tokens[req_id]
         return ModelRunnerOutput(
             req_ids=batch.req_ids,
             sampled_token_ids=[sampled.get(r, []) for r in batch.req_ids],
