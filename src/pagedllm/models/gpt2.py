@@ -18,6 +18,7 @@ from pagedllm.layers.layernorm import LayerNorm
 from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear
 from pagedllm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from pagedllm.models.mha import MultiHeadSelfAttention
+from pagedllm.models.weight_utils import load_tensor
 
 # HF activation name -> torch gelu "approximate" argument
 _GELU_APPROXIMATION = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
@@ -134,12 +135,8 @@ class GPT2LMHeadModel(nn.Module):
             if is_fused_qkv:
                 for shard_id, part in zip("qkv", tensor.chunk(3, dim=0)):
                     param.weight_loader(param, part, shard_id)
-            elif hasattr(param, "weight_loader"):
-                param.weight_loader(param, tensor)
             else:
-                if param.shape != tensor.shape:
-                    raise ValueError(f"Checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}.")
-                param.data.copy_(tensor)
+                load_tensor(param, tensor, name)
             loaded.add(name)
         loaded.add("lm_head.weight")
         return loaded

@@ -19,6 +19,7 @@ from pagedllm.layers.layernorm import RMSNorm
 from pagedllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from pagedllm.layers.rotary import RotaryEmbedding, rope_parameters
 from pagedllm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
+from pagedllm.models.weight_utils import load_tensor
 
 # checkpoint name fragment -> (fused parameter fragment, shard id)
 _STACKED_PARAMS = [
@@ -186,14 +187,7 @@ class LlamaForCausalLM(nn.Module):
                 target = name
                 if target not in params:
                     raise ValueError(f"Checkpoint tensor {name!r} has no matching parameter in {type(self).__name__}.")
-                param = params[target]
-                loader = getattr(param, "weight_loader", None)
-                if loader is None:
-                    if param.shape != tensor.shape:
-                        raise ValueError(f"Checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}.")
-                    param.data.copy_(tensor)
-                else:
-                    loader(param, tensor)
+                load_tensor(params[target], tensor, name)
             loaded.add(target)
         if self.tie_word_embeddings:
             loaded.add("lm_head.weight")

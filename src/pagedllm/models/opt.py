@@ -16,6 +16,7 @@ from pagedllm.layers.layernorm import LayerNorm
 from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear
 from pagedllm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from pagedllm.models.mha import MultiHeadSelfAttention
+from pagedllm.models.weight_utils import load_tensor
 
 # OPT's position table has two extra leading rows (a fairseq legacy): position p uses row p + 2.
 _POSITION_OFFSET = 2
@@ -146,13 +147,7 @@ class OPTForCausalLM(nn.Module):
             else:
                 if name not in params:
                     raise ValueError(f"Checkpoint tensor {name!r} has no matching parameter in {type(self).__name__}.")
-                param = params[name]
-                if hasattr(param, "weight_loader"):
-                    param.weight_loader(param, tensor)
-                else:
-                    if param.shape != tensor.shape:
-                        raise ValueError(f"Checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}.")
-                    param.data.copy_(tensor)
+                load_tensor(params[name], tensor, name)
             loaded.add(name)
         loaded.add("lm_head.weight")
         return loaded
