@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_KV_CACHE_MEMORY_BYTES = 2 * 1024**3  # CPU default when not profiled
@@ -95,6 +95,8 @@ class EngineArgs:
     quantization: str | None = None
     device: str = "auto"
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None  # uni | mp | ray (default: uni for one rank, else mp)
     trust_remote_code: bool = False
     disable_log_stats: bool = True
     hf_overrides: dict[str, Any] | None = None
@@ -129,7 +131,14 @@ class EngineArgs:
         group.add_argument("--quantization", "-q", choices=["int8"], default=None,
                            help="weight-only int8 linear layers (CPU; activations in bfloat16)")
         group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-        group.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+        group.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                           help="shard the model over this many devices (CPU: processes over gloo)")
+        group.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                           help="only 1 is supported (see docs/parallelism.md)")
+        group.add_argument("--distributed-executor-backend", choices=["uni", "mp", "ray"], default=None,
+                           help="how ranks run: uni (in process, one rank), mp (one process per rank on this "
+                                "machine; the default for several ranks), ray (Ray actors, possibly on several "
+                                "machines; joins the cluster at RAY_ADDRESS or starts a local one)")
         return parser
 
     @classmethod
@@ -226,6 +235,19 @@ def derive_max_model_len(hf_config: dict[str, Any], requested: int | None) -> in
 
 
 @dataclass
+class ParallelConfig:
+    """How the model is split over ranks and how the ranks are run."""
+
+    tensor_parallel_size: int = 1
+    distributed_executor_backend: str = "uni"  # uni | mp | ray
+
+    @property
+    def world_size(self) -> int:
+        """Number of worker ranks (one device each)."""
+        return self.tensor_parallel_size
+
+
+@dataclass
 class EngineConfig:
     """Every validated setting of one engine, derived once from EngineArgs."""
 
@@ -235,7 +257,7 @@ class EngineConfig:
     device: str  # "cpu" | "cuda"
     seed: int
     enforce_eager: bool
-    tensor_parallel_size: int
+    parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def resolve_device(requested: str) -> str:
@@ -307,8 +329,7 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         max_model_len=max_model_len,
         enable_chunked_prefill=args.enable_chunked_prefill,
     )
-    if args.tensor_parallel_size != 1:
-        raise ValueError("tensor_parallel_size > 1 is not supported yet.")
+    parallel_config = create_parallel_config(args, hf_config, device)
     return EngineConfig(
         model_config=model_config,
         cache_config=cache_config,
@@ -316,5 +337,35 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         device=device,
         seed=args.seed,
         enforce_eager=args.enforce_eager,
-        tensor_parallel_size=args.tensor_parallel_size,
+        parallel_config=parallel_config,
     )
+
+
+def create_parallel_config(args: EngineArgs, hf_config: dict[str, Any], device: str) -> ParallelConfig:
+    """Check the parallel layout against the model and the machine; pick the executor backend."""
+    tp = args.tensor_parallel_size
+    if tp < 1:
+        raise ValueError(f"tensor_parallel_size must be >= 1, got {tp}.")
+    if args.pipeline_parallel_size != 1:
+        raise ValueError("pipeline_parallel_size > 1 is not supported: pagedllm splits models with tensor "
+                         "parallelism only (see docs/parallelism.md); use --tensor-parallel-size.")
+    backend = args.distributed_executor_backend or ("uni" if tp == 1 else "mp")
+    if backend not in ("uni", "mp", "ray"):
+        raise ValueError(f"distributed_executor_backend must be uni, mp or ray; got {backend!r}.")
+    if backend == "uni" and tp > 1:
+        raise ValueError(f"distributed_executor_backend 'uni' runs one rank; tensor_parallel_size={tp} needs "
+                         "'mp' (this machine) or 'ray'.")
+    heads = hf_config.get("num_attention_heads") or 1
+    kv_heads = hf_config.get("num_key_value_heads") or heads
+    if heads % tp:
+        raise ValueError(f"The model's {heads} attention heads cannot be split over tensor_parallel_size={tp} "
+                         "ranks (it must divide the number of heads).")
+    if kv_heads % tp and tp % kv_heads:
+        raise ValueError(f"The model's {kv_heads} key/value heads cannot be split or replicated over "
+                         f"tensor_parallel_size={tp} ranks (one must divide the other).")
+    if device == "cuda" and backend == "mp":
+        import torch
+
+        if tp > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size={tp} needs {tp} GPUs; {torch.cuda.device_count()} visible.")
+    return ParallelConfig(tensor_parallel_size=tp, distributed_executor_backend=backend)

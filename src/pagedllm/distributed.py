@@ -25,6 +25,29 @@ def get_tp_size() -> int:
     return _TP_SIZE
 
 
+def init_distributed_environment(rank: int, world_size: int, init_method: str, device: torch.device) -> None:
+    """Join the tensor-parallel process group: NCCL between GPUs, gloo between CPU processes."""
+    if world_size > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, **kwargs)
+    set_tensor_parallel_state(rank, world_size)
+
+
+def destroy_distributed_environment() -> None:
+    """Leave the process group (if any) and return to single-rank state."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    set_tensor_parallel_state(0, 1)
+
+
+def tensor_model_parallel_broadcast(x: torch.Tensor) -> torch.Tensor:
+    """Give every rank rank 0's copy of `x`, in place; a no-op on one rank."""
+    if _TP_SIZE > 1:
+        dist.broadcast(x, src=0)
+    return x
+
+
 def tensor_model_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over the tensor-parallel ranks, in place; a no-op on one rank."""
     if _TP_SIZE > 1:

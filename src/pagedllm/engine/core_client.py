@@ -8,6 +8,7 @@ if the core dies, the callback gets an EngineCoreFailure naming its exit code.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing
 import queue
@@ -42,9 +43,12 @@ class EngineCoreClient:
         ctx = multiprocessing.get_context("spawn")
         input_recv, self._input_send = ctx.Pipe(duplex=False)
         self._output_recv, output_send = ctx.Pipe(duplex=False)
+        # Not a daemon: a daemonic process may not start children, and with tensor parallelism the
+        # core starts one worker process per rank. atexit stops it if the front end never does.
         self.process = ctx.Process(target=run_engine_core, args=(config, input_recv, output_send, log_level),
-                                   name="EngineCore", daemon=True)
+                                   name="EngineCore", daemon=False)
         self.process.start()
+        atexit.register(self.shutdown)
         # Our copies of the child's ends must go, or EOF would never show that the child died.
         input_recv.close()
         output_send.close()
@@ -105,7 +109,8 @@ class EngineCoreClient:
         return self.process.is_alive()
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        """Ask the core to stop, then make sure it has (terminate, kill)."""
+        """Ask the core to stop, then make sure it has (terminate, kill); safe to call twice."""
+        atexit.unregister(self.shutdown)
         self._closing = True
         if self.process.is_alive():
             self._send_queue.put((EngineCoreRequestType.SHUTDOWN, None))

@@ -25,6 +25,8 @@ from pagedllm.request import RequestStatus
 
 logger = logging.getLogger(__name__)
 
+HEALTH_CHECK_INTERVAL_S = 2.0
+
 
 class EngineCoreRequestType(enum.Enum):
     """Kinds of messages the front end sends to the engine-core process."""
@@ -113,8 +115,10 @@ def _busy_loop(engine_core: Any, input_conn: Connection, output_conn: Connection
     """Drain inputs -> step -> send outputs, until SHUTDOWN; block on the input pipe while idle."""
     scheduler = engine_core.scheduler
     while True:
-        if not engine_core.has_unfinished_requests():
-            input_conn.poll(None)  # idle: sleep until a message (or EOF) arrives
+        # Idle: sleep until a message (or EOF) arrives, checking now and then that every worker
+        # rank is still alive, so that a dead one is reported even when no request comes.
+        while not engine_core.has_unfinished_requests() and not input_conn.poll(HEALTH_CHECK_INTERVAL_S):
+            engine_core.check_health()
         result = EngineCoreOutputs()
         had_input = False
         while input_conn.poll():

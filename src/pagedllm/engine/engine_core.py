@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import weakref
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.core.scheduler_output import EngineCoreOutput
-from pagedllm.executor.uniproc import UniProcExecutor
+from pagedllm.executor.abstract import Executor
 from pagedllm.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -19,7 +20,9 @@ class EngineCore:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.executor = UniProcExecutor(config)
+        self.executor = Executor.create(config)
+        # Worker processes (tensor parallelism) must not outlive an engine that is dropped unclosed.
+        self._finalizer = weakref.finalize(self, self.executor.shutdown)
         cache, sched = config.cache_config, config.scheduler_config
         num_blocks = self.executor.determine_num_blocks()
         blocks_for_one_request = -(-sched.max_model_len // cache.block_size)
@@ -63,6 +66,10 @@ class EngineCore:
         runner_output = self.executor.execute_model(scheduler_output)
         return self.scheduler.update_from_output(scheduler_output, runner_output)
 
+    def check_health(self) -> None:
+        """Raise if a worker rank is gone (WorkerDiedError names it)."""
+        self.executor.check_health()
+
     def shutdown(self) -> None:
-        """Release the executor."""
-        self.executor.shutdown()
+        """Release the executor (stops tensor-parallel workers); safe to call twice."""
+        self._finalizer()

@@ -50,6 +50,10 @@ class LLMEngine:
         ids = self.output_processor.abort_requests(request_ids)
         self.engine_core.abort_requests(ids)
 
+    def shutdown(self) -> None:
+        """Stop the engine core's workers (also done when the engine is garbage-collected)."""
+        self.engine_core.shutdown()
+
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns the outputs ready for users."""
         core_outputs = self.engine_core.step()

@@ -34,6 +34,16 @@ class LLM:
         self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
         self._request_counter = itertools.count()
 
+    def shutdown(self) -> None:
+        """Stop the engine's worker processes now (tensor parallelism); the LLM cannot be used after."""
+        self.llm_engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+
     def get_tokenizer(self) -> Tokenizer:
         """The model's tokenizer."""
         return self.llm_engine.get_tokenizer()

@@ -4,24 +4,22 @@ from __future__ import annotations
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.scheduler_output import SchedulerOutput
+from pagedllm.executor.abstract import Executor
 from pagedllm.worker.runner_output import ModelRunnerOutput
 from pagedllm.worker.worker import Worker
 
 
-class UniProcExecutor:
-    """Runs the model in this process (the default for one device)."""
+class UniProcExecutor(Executor):
+    """Runs the model in this process (one rank: the default for one device)."""
 
     def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
         self.worker = Worker(config)
         self.worker.load_model()
 
-    def determine_num_blocks(self) -> int:
-        """Blocks the KV pool can have."""
-        return self.worker.determine_num_blocks()
-
-    def initialize_cache(self, num_blocks: int) -> None:
-        """Allocate the pool on every worker."""
-        self.worker.initialize_cache(num_blocks)
+    def collective_rpc(self, method: str, *args: object) -> list[object]:
+        """Call the one worker directly."""
+        return [getattr(self.worker, method)(*args)]
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step and return the sampled tokens."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -73,14 +74,41 @@ def iter_weights(model_config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]
     return _iter_safetensors(model_config.model)
 
 
-def _initialize_dummy_weights(model: nn.Module, seed: int, device: torch.device) -> None:
+def _dummy_value(name: str, shape: torch.Size, dtype: torch.dtype, device: torch.device, seed: int) -> torch.Tensor:
+    """A small random tensor that depends only on (seed, name, shape): norms are 1, the rest U(-0.02, 0.02)."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, dtype=dtype, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.empty(shape, dtype=dtype, device=device).uniform_(-0.02, 0.02, generator=generator)
+
+
+def iter_dummy_checkpoint(hf_config: dict[str, Any], seed: int, dtype: torch.dtype,
+                          device: torch.device) -> Iterator[tuple[str, torch.Tensor]] | None:
+    """Random weights shaped and named like the model's Hugging Face checkpoint, or None if
+    transformers cannot describe the model. Each tensor depends only on its name, so every
+    tensor-parallel rank slices the same full weights: TP=N gives TP=1's tokens."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        fields = {k: v for k, v in hf_config.items() if not k.startswith("_") and k != "model_type"}
+        hf = AutoConfig.for_model(hf_config["model_type"], **fields)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(hf)
+    except Exception:  # noqa: BLE001 - unknown to this transformers: fall back to per-parameter init
+        return None
+    shapes = [(name, p.shape) for name, p in skeleton.named_parameters()]
+    return ((name, _dummy_value(name, shape, dtype, device, seed)) for name, shape in shapes)
+
+
+def _initialize_dummy_weights(model: nn.Module, hf_config: dict[str, Any], seed: int, dtype: torch.dtype,
+                              device: torch.device) -> None:
     """Small random weights: enough to benchmark, and to run without a checkpoint."""
-    generator = torch.Generator(device=device).manual_seed(seed)
+    checkpoint = iter_dummy_checkpoint(hf_config, seed, dtype, device)
+    if checkpoint is not None:
+        model.load_weights(checkpoint)  # type: ignore[operator]
+        return
     for name, param in model.named_parameters():
-        if name.endswith("norm.weight"):
-            param.data.fill_(1.0)
-        else:
-            param.data.uniform_(-0.02, 0.02, generator=generator)
+        param.data.copy_(_dummy_value(name, param.shape, param.dtype, device, seed))
 
 
 def get_model(model_config: ModelConfig, device: torch.device, seed: int = 0) -> nn.Module:
@@ -97,7 +125,7 @@ def get_model(model_config: ModelConfig, device: torch.device, seed: int = 0) ->
     finally:
         torch.set_default_dtype(previous_dtype)
     if model_config.load_format == "dummy":
-        _initialize_dummy_weights(model, seed, device)
+        _initialize_dummy_weights(model, model_config.hf_config, seed, dtype, device)
     else:
         loaded = model.load_weights(iter_weights(model_config))
         expected = {name for name, _ in model.named_parameters(remove_duplicate=False)}

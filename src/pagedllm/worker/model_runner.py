@@ -8,6 +8,7 @@ import torch
 
 from pagedllm.config import CacheConfig, ModelConfig
 from pagedllm.core.scheduler_output import SchedulerOutput
+from pagedllm.distributed import tensor_model_parallel_broadcast
 from pagedllm.loader import get_model
 from pagedllm.worker.cuda_graph import CUDAGraphRunner
 from pagedllm.worker.input_batch import BatchInputs, CachedRequestState, prepare_inputs
@@ -169,7 +170,9 @@ class ModelRunner:
             device=self.device,
         )
         out = self.sampler.forward(logits, metadata)
-        token_ids = out.sampled_token_ids.tolist()
+        # Every tensor-parallel rank samples from the same gathered logits; rank 0's tokens are
+        # broadcast anyway so that the ranks' request states can never drift apart.
+        token_ids = tensor_model_parallel_broadcast(out.sampled_token_ids).tolist()
         sampled: dict[str, list[int]] = {}
         logprobs: dict[str, LogprobsLists] = {}
         for row, state in enumerate(states):

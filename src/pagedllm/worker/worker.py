@@ -8,6 +8,7 @@ import torch
 
 from pagedllm.config import DEFAULT_KV_CACHE_MEMORY_BYTES, EngineConfig
 from pagedllm.core.scheduler_output import SchedulerOutput
+from pagedllm.distributed import destroy_distributed_environment, init_distributed_environment
 from pagedllm.worker.model_runner import ModelRunner
 from pagedllm.worker.runner_output import ModelRunnerOutput
 
@@ -15,12 +16,27 @@ logger = logging.getLogger(__name__)
 
 
 class Worker:
-    """Owns a device and its ModelRunner; the executor drives it."""
+    """Owns a device and its ModelRunner; the executor drives it.
 
-    def __init__(self, config: EngineConfig, rank: int = 0) -> None:
+    With tensor parallelism there is one Worker per rank, each in its own process: it joins the
+    process group before the model is built (layers read their rank and the group size then),
+    and holds its rank's shard of the weights and of every layer's KV heads.
+    """
+
+    def __init__(self, config: EngineConfig, rank: int = 0, local_rank: int = 0,
+                 distributed_init_method: str | None = None) -> None:
         self.config = config
         self.rank = rank
-        self.device = torch.device(config.device)
+        world_size = config.parallel_config.world_size
+        if config.device == "cuda":
+            self.device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        if world_size > 1:
+            if distributed_init_method is None:
+                raise ValueError("A tensor-parallel worker needs a distributed_init_method (tcp://host:port).")
+            init_distributed_environment(rank, world_size, distributed_init_method, self.device)
         torch.manual_seed(config.seed)
         self.model_runner = ModelRunner(config.model_config, config.cache_config, self.device, seed=config.seed)
 
@@ -69,3 +85,8 @@ class Worker:
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Run one scheduled step."""
         return self.model_runner.execute_model(scheduler_output)
+
+    def shutdown(self) -> None:
+        """Leave the process group (tensor parallelism)."""
+        if self.config.parallel_config.world_size > 1:
+            destroy_distributed_environment()

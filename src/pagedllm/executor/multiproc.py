@@ -1,0 +1,192 @@
+"""The multiprocess executor: one worker process per tensor-parallel rank on this machine.
+
+Every rank runs in its own spawned process (none in the engine's process: a rank blocked in a
+collective whose peer died must never block the engine). Each step the scheduler output is
+pickled once and the same bytes go down every rank's pipe; the scheduler output is already a
+delta (new requests in full, running ones as new block ids and a token count), so the message
+stays small. Only rank 0 answers a step; any other rank speaks only to report an error.
+
+A dead rank is seen through its process sentinel while the engine waits for a reply, so a crash
+turns into a WorkerDiedError naming the rank instead of a hang.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import pickle
+import signal
+import socket
+import traceback
+from multiprocessing.connection import Connection, wait
+
+from pagedllm.config import EngineConfig
+from pagedllm.core.scheduler_output import SchedulerOutput
+from pagedllm.executor.abstract import Executor, WorkerDiedError
+from pagedllm.worker.runner_output import ModelRunnerOutput
+
+logger = logging.getLogger(__name__)
+
+_SHUTDOWN = "shutdown"
+
+
+def get_open_port() -> int:
+    """A free TCP port on this machine (for the process group's rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_worker_process(config: EngineConfig, rank: int, init_method: str, conn: Connection, log_level: int) -> None:
+    """A worker process: build this rank's Worker, then serve (method, args) calls until shutdown."""
+    logging.basicConfig(level=log_level, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the engine's to handle, not ours
+    import torch
+
+    from pagedllm.worker.worker import Worker
+
+    world_size = config.parallel_config.world_size
+    if config.device == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    try:
+        worker = Worker(config, rank=rank, local_rank=rank, distributed_init_method=init_method)
+        worker.load_model()
+    except BaseException:  # noqa: BLE001 - reported to the engine, which names the rank
+        conn.send(("error", traceback.format_exc()))
+        return
+    conn.send(("ok", None))
+    while True:
+        try:
+            method, args = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            break  # the engine is gone
+        if method == _SHUTDOWN:
+            break
+        try:
+            result = getattr(worker, method)(*args)
+        except BaseException:  # noqa: BLE001
+            conn.send(("error", traceback.format_exc()))
+            break
+        if rank == 0 or method != "execute_model":
+            conn.send(("ok", result))
+    worker.shutdown()
+
+
+class MultiprocExecutor(Executor):
+    """Tensor parallelism on one machine: N spawned worker processes, one per rank (device)."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
+        self.world_size = config.parallel_config.world_size
+        ctx = multiprocessing.get_context("spawn")
+        init_method = f"tcp://127.0.0.1:{get_open_port()}"
+        self.processes: list[multiprocessing.process.BaseProcess] = []
+        self.conns: list[Connection] = []
+        self._closed = False
+        for rank in range(self.world_size):
+            parent_end, child_end = ctx.Pipe(duplex=True)
+            process = ctx.Process(target=run_worker_process, name=f"TPWorker-{rank}", daemon=True,
+                                  args=(config, rank, init_method, child_end, logging.getLogger().level))
+            process.start()
+            child_end.close()
+            self.processes.append(process)
+            self.conns.append(parent_end)
+        self._receive(range(self.world_size))  # every rank loaded its shard
+
+    def collective_rpc(self, method: str, *args: object) -> list[object]:
+        """Call `Worker.<method>` on every rank and wait for all answers."""
+        self._send(method, args)
+        return self._receive(range(self.world_size))
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """Broadcast the step to every rank; rank 0's output comes back."""
+        self._send("execute_model", (scheduler_output,))
+        return self._receive([0])[0]  # type: ignore[return-value]
+
+    def check_health(self) -> None:
+        """Raise WorkerDiedError for the first rank whose process is gone."""
+        for rank, process in enumerate(self.processes):
+            if not process.is_alive():
+                raise self._failure(rank, f"process {process.pid} exited with code {process.exitcode}")
+
+    def shutdown(self) -> None:
+        """Ask every rank to stop, then make sure each process is gone."""
+        if self._closed:
+            return
+        self._closed = True
+        message = pickle.dumps((_SHUTDOWN, ()))
+        for conn in self.conns:
+            try:
+                conn.send_bytes(message)
+            except OSError:
+                pass
+        for process in self.processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=5)
+        for conn in self.conns:
+            conn.close()
+
+    # ---- the pipe protocol -----------------------------------------------------------------------
+
+    def _send(self, method: str, args: tuple[object, ...]) -> None:
+        if self._closed:
+            raise RuntimeError("The executor has been shut down.")
+        message = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
+        for rank, conn in enumerate(self.conns):
+            try:
+                conn.send_bytes(message)
+            except OSError as e:
+                raise self._failure(rank, f"its pipe is closed ({e})") from None
+
+    def _receive(self, ranks: range | list[int]) -> list[object]:
+        """Wait for one answer from each of `ranks`; any message or exit of any rank that is an
+        error (or any rank's process ending) raises WorkerDiedError naming that rank."""
+        expected = set(ranks)
+        results: dict[int, object] = {}
+        sentinels = {process.sentinel: rank for rank, process in enumerate(self.processes)}
+        conn_ranks = {id(conn): rank for rank, conn in enumerate(self.conns)}
+        while len(results) < len(expected):
+            for ready in wait(list(self.conns) + list(sentinels)):
+                if isinstance(ready, int):
+                    rank = sentinels[ready]
+                    if self.conns[rank].poll():  # it may have reported why before exiting
+                        self._read(rank, expected, results)
+                    process = self.processes[rank]
+                    process.join(timeout=1)
+                    raise self._failure(rank, f"process {process.pid} exited with code {process.exitcode}")
+                self._read(conn_ranks[id(ready)], expected, results)
+        return [results[rank] for rank in sorted(expected)]
+
+    def _read(self, rank: int, expected: set[int], results: dict[int, object]) -> None:
+        try:
+            status, payload = self.conns[rank].recv()
+        except (EOFError, OSError):
+            process = self.processes[rank]
+            process.join(timeout=1)
+            raise self._failure(rank, f"process {process.pid} exited with code {process.exitcode}") from None
+        if status == "error":
+            raise self._failure(rank, f"\n{payload}")
+        if rank not in expected:
+            raise self._failure(rank, f"unexpected message {status!r}")
+        results[rank] = payload
+
+    def _failure(self, rank: int, detail: str) -> WorkerDiedError:
+        """Build the error for a failed rank and stop every other rank (nothing may hang on it)."""
+        error = WorkerDiedError(rank, detail)
+        logger.error("%s", error)
+        self.shutdown_after_failure()
+        return error
+
+    def shutdown_after_failure(self) -> None:
+        """Kill every worker without waiting: after one rank failed the others may sit in a collective."""
+        if self._closed:
+            return
+        self._closed = True
+        for process in self.processes:
+            if process.is_alive():
+                process.kill()
+        for process in self.processes:
+            process.join(timeout=5)

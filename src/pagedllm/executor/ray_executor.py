@@ -1,0 +1,144 @@
+"""The Ray executor: one Ray actor per tensor-parallel rank, placed by a placement group.
+
+Joins the Ray cluster named by RAY_ADDRESS (a cluster started with `ray start`, possibly many
+machines) or starts a local one. A placement group reserves one bundle per rank (a GPU, or a CPU
+on CPU-only clusters) before any actor starts, so ranks are placed all-or-nothing. Rank 0's node
+hosts the process group's rendezvous. Each step the scheduler output is put in the object store
+once and every actor reads the same object; only rank 0's answer is used.
+
+A dead actor (process killed, node lost) surfaces as a Ray error on its result, which becomes a
+WorkerDiedError naming the rank; results are awaited one at a time as they complete, so a rank
+stuck in a collective behind a dead peer never blocks the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from pagedllm.config import EngineConfig
+from pagedllm.core.scheduler_output import SchedulerOutput
+from pagedllm.executor.abstract import Executor, WorkerDiedError
+from pagedllm.worker.runner_output import ModelRunnerOutput
+
+logger = logging.getLogger(__name__)
+
+
+class RayWorkerWrapper:
+    """The actor body: builds this rank's Worker on request and forwards calls to it."""
+
+    def __init__(self) -> None:
+        self.worker: Any = None
+
+    def node_ip_and_free_port(self) -> tuple[str, int]:
+        """Where rank 0 can host the rendezvous."""
+        import ray
+
+        from pagedllm.executor.multiproc import get_open_port
+
+        return ray.util.get_node_ip_address(), get_open_port()
+
+    def init_worker(self, config: EngineConfig, rank: int, init_method: str) -> None:
+        """Join the process group and load this rank's weights (Ray set CUDA_VISIBLE_DEVICES to one GPU)."""
+        import torch
+
+        from pagedllm.worker.worker import Worker
+
+        if config.device == "cpu":
+            torch.set_num_threads(max(1, int(os.environ.get("PAGEDLLM_RAY_CPU_THREADS", "1"))))
+        self.worker = Worker(config, rank=rank, local_rank=0, distributed_init_method=init_method)
+        self.worker.load_model()
+
+    def execute_method(self, method: str, *args: Any) -> Any:
+        """Call `Worker.<method>(*args)`."""
+        return getattr(self.worker, method)(*args)
+
+    def pid(self) -> int:
+        """The actor's process id (tests kill it to check failure handling)."""
+        return os.getpid()
+
+
+class RayExecutor(Executor):
+    """Tensor parallelism over Ray actors, one per rank, possibly on different machines."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
+        try:
+            import ray
+            from ray.util.placement_group import placement_group
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        except ImportError as e:
+            raise ImportError("--distributed-executor-backend ray needs the `ray` package (pip install ray).") from e
+        self.ray = ray
+        self.world_size = config.parallel_config.world_size
+        if not ray.is_initialized():
+            address = os.environ.get("RAY_ADDRESS")
+            ray.init(address=address or None, ignore_reinit_error=True, log_to_driver=True)
+        resource = {"GPU": 1, "CPU": 1} if config.device == "cuda" else {"CPU": 1}
+        self.placement_group = placement_group([resource] * self.world_size, strategy="PACK")
+        ready, _ = ray.wait([self.placement_group.ready()], timeout=120)
+        if not ready:
+            ray.util.remove_placement_group(self.placement_group)
+            raise RuntimeError(f"The Ray cluster cannot place {self.world_size} bundles of {resource} "
+                               f"(cluster resources: {ray.cluster_resources()}).")
+        actor_cls = ray.remote(RayWorkerWrapper)
+        self.workers = [
+            actor_cls.options(
+                num_cpus=resource["CPU"], num_gpus=resource.get("GPU", 0),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.placement_group, placement_group_bundle_index=rank),
+            ).remote()
+            for rank in range(self.world_size)
+        ]
+        self._closed = False
+        ip, port = self._gather([self.workers[0].node_ip_and_free_port.remote()])[0]
+        init_method = f"tcp://{ip}:{port}"
+        self._gather([w.init_worker.remote(config, rank, init_method) for rank, w in enumerate(self.workers)])
+
+    def collective_rpc(self, method: str, *args: object) -> list[object]:
+        """Call `Worker.<method>` on every rank (arguments put in the object store once)."""
+        refs = [self.ray.put(a) for a in args]
+        return self._gather([w.execute_method.remote(method, *refs) for w in self.workers])
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """Run the step on every rank; rank 0's output."""
+        return self.collective_rpc("execute_model", scheduler_output)[0]  # type: ignore[return-value]
+
+    def check_health(self) -> None:
+        """Ping every actor; a dead one raises WorkerDiedError."""
+        self._gather([w.pid.remote() for w in self.workers])
+
+    def worker_pids(self) -> list[int]:
+        """Process id of each rank's actor."""
+        return self._gather([w.pid.remote() for w in self.workers])  # type: ignore[return-value]
+
+    def shutdown(self) -> None:
+        """Kill the actors and free the placement group."""
+        if self._closed:
+            return
+        self._closed = True
+        for worker in self.workers:
+            try:
+                self.ray.kill(worker)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        try:
+            self.ray.util.remove_placement_group(self.placement_group)
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _gather(self, refs: list[Any]) -> list[Any]:
+        """Results of `refs` (one per rank, in rank order), failing on the first rank that fails."""
+        rank_of = {ref: rank for rank, ref in enumerate(refs)}
+        results: dict[int, Any] = {}
+        pending = list(refs)
+        while pending:
+            done, pending = self.ray.wait(pending, num_returns=1)
+            rank = rank_of[done[0]]
+            try:
+                results[rank] = self.ray.get(done[0])
+            except Exception as e:  # noqa: BLE001 - RayActorError, RayTaskError, ...
+                self.shutdown()
+                raise WorkerDiedError(rank, f"{type(e).__name__}: {e}") from None
+        return [results[rank] for rank in range(len(refs))]

@@ -1,0 +1,130 @@
+"""Tensor parallelism on CPU over gloo: TP=2 (and TP=4) give TP=1's greedy tokens, for the Llama
+family, MoE and the other families, through the mp and the Ray executors; a dead worker fails
+loudly, naming its rank, and never hangs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.executor.abstract import WorkerDiedError
+from tests.models.test_gpt2_opt import TINY_CONFIGS as GPT2_OPT_CONFIGS
+from tests.models.test_gpt2_opt import build_tiny as build_gpt2_or_opt
+from tests.models.test_phi3_mixtral import CONFIGS as MOE_AND_PHI3_CONFIGS
+from tests.models.tiny_models import TINY_CONFIGS, build_tiny_model, random_prompts
+
+PROMPTS = random_prompts([1, 5, 16, 17, 33, 40], seed=3)
+MAX_TOKENS = 24
+CONFIGS: dict[str, dict[str, Any]] = {**TINY_CONFIGS, **MOE_AND_PHI3_CONFIGS}
+# Small pools and chunks so TP runs also preempt and chunk (the control messages carry all of it).
+ENGINE_ARGS = dict(skip_tokenizer_init=True, enforce_eager=True, max_num_batched_tokens=24,
+                   num_gpu_blocks_override=6, max_model_len=96)
+
+
+def _greedy(path: str, **engine_args: Any) -> list[list[int]]:
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    with LLM(path, **{**ENGINE_ARGS, **engine_args}) as llm:
+        outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+        core = llm.llm_engine.engine_core
+        assert core.kv_cache_manager.num_free_blocks == llm.llm_engine.config.cache_config.num_blocks
+        assert core.scheduler.num_preemptions > 0  # the small pool forced preemption
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+class _ModelDirs(dict):
+    """architecture (or GPT-2/OPT variant) -> directory of a tiny random model, built on first use."""
+
+    def __init__(self, factory: pytest.TempPathFactory) -> None:
+        super().__init__()
+        self.factory = factory
+
+    def __missing__(self, name: str) -> str:
+        path = str(self.factory.mktemp(name))
+        if name in GPT2_OPT_CONFIGS:
+            build_gpt2_or_opt(name, path)
+        else:
+            build_tiny_model(name, path, configs=CONFIGS)
+        self[name] = path
+        return path
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory) -> _ModelDirs:
+    """Tiny random models shared by the module's tests."""
+    return _ModelDirs(tmp_path_factory)
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MixtralForCausalLM"])
+def test_tp2_mp_gives_tp1_tokens(model_dirs, arch):
+    path = model_dirs[arch]
+    assert _greedy(path, tensor_parallel_size=2) == _greedy(path)
+
+
+@pytest.mark.parametrize("arch", ["Qwen2ForCausalLM", "Phi3ForCausalLM", "Qwen3MoeForCausalLM", "gpt2",
+                                  "opt-pre-ln-proj"])
+def test_tp2_covers_every_family(model_dirs, arch):
+    # QKV bias (Qwen2), fused checkpoints (Phi-3), MoE with dense layers (Qwen3-MoE), MHA with
+    # learned positions and biases (GPT-2, OPT with embedding projections).
+    path = model_dirs[arch]
+    assert _greedy(path, tensor_parallel_size=2) == _greedy(path)
+
+
+def test_tp4_replicates_kv_heads(model_dirs):
+    # 4 query heads, 2 KV heads: with 4 ranks every KV head lives on two ranks.
+    path = model_dirs["Qwen3ForCausalLM"]
+    assert _greedy(path, tensor_parallel_size=4) == _greedy(path)
+
+
+def test_tp2_seeded_sampling_matches_tp1(model_dirs):
+    path = model_dirs["LlamaForCausalLM"]
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=8, seed=7)
+    results = []
+    for tp in (1, 2):
+        with LLM(path, **{**ENGINE_ARGS, "num_gpu_blocks_override": 64}, tensor_parallel_size=tp) as llm:
+            out = llm.generate([{"prompt_token_ids": p} for p in PROMPTS[:3]], params, use_tqdm=False)
+            results.append([o.outputs[0].token_ids for o in out])
+    assert results[0] == results[1]
+
+
+def _kill_after_first_step(pid: int, llm: LLM) -> threading.Thread:
+    def kill() -> None:
+        core = llm.llm_engine.engine_core
+        deadline = time.monotonic() + 60
+        while not core.scheduler.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGKILL)
+
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_killed_mp_worker_fails_the_engine_naming_its_rank(model_dirs):
+    llm = LLM(model_dirs["LlamaForCausalLM"], skip_tokenizer_init=True, enforce_eager=True, tensor_parallel_size=2,
+              num_gpu_blocks_override=64)
+    try:
+        executor = llm.llm_engine.engine_core.executor
+        killer = _kill_after_first_step(executor.processes[1].pid, llm)
+        params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+        with pytest.raises(WorkerDiedError, match="rank 1"):
+            llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+        killer.join(timeout=10)
+        assert not any(p.is_alive() for p in executor.processes)  # nothing left behind, nothing hangs
+    finally:
+        llm.shutdown()
+
+
+def test_tensor_parallel_size_is_checked_against_the_model(model_dirs):
+    with pytest.raises(ValueError, match="attention heads"):
+        LLM(model_dirs["LlamaForCausalLM"], skip_tokenizer_init=True, tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="pipeline"):
+        LLM(model_dirs["LlamaForCausalLM"], skip_tokenizer_init=True, pipeline_parallel_size=2)
+    with pytest.raises(ValueError, match="uni"):
+        LLM(model_dirs["LlamaForCausalLM"], skip_tokenizer_init=True, tensor_parallel_size=2,
+            distributed_executor_backend="uni")
