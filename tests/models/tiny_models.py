@@ -37,16 +37,36 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "Qwen3ForCausalLM": dict(head_dim=32, tie_word_embeddings=True, attention_bias=False),
 }
 
+# Sliding-window models: windows shorter than most test prompts, every other Gemma feature on
+# (Gemma 2: layers sliding / global alternately, both soft caps; Gemma 3: q/k norm, a 2:1
+# local / global pattern, separate local RoPE base and linear RoPE scaling on global layers).
+SLIDING_WINDOW = 12
+SLIDING_WINDOW_CONFIGS: dict[str, dict[str, Any]] = {
+    "Gemma2ForCausalLM": dict(num_hidden_layers=4, head_dim=16, sliding_window=SLIDING_WINDOW,
+                              query_pre_attn_scalar=24, attn_logit_softcapping=2.0, final_logit_softcapping=5.0),
+    "Gemma3ForCausalLM": dict(num_hidden_layers=4, head_dim=16, sliding_window=SLIDING_WINDOW,
+                              sliding_window_pattern=3, query_pre_attn_scalar=32, final_logit_softcapping=8.0,
+                              rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                               "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                                  "rope_theta": 1000000.0}}),
+    # Every layer slides: the KV cache manager frees the blocks behind the window.
+    "MistralForCausalLM": dict(sliding_window=SLIDING_WINDOW, head_dim=16, tie_word_embeddings=False),
+}
+
+# architectures whose config class is not named after them
+_CONFIG_CLASSES = {"Gemma3ForCausalLM": "Gemma3TextConfig"}
+
 
 def build_tiny_model(architecture: str, path: str, seed: int = 0,
-                     configs: dict[str, dict[str, Any]] = TINY_CONFIGS) -> torch.nn.Module:
+                     configs: dict[str, dict[str, Any]] = TINY_CONFIGS, perturb_norms: bool = False) -> torch.nn.Module:
     """Create, save (safetensors + config.json) and return a tiny random HF model.
 
-    `configs` maps the architecture to the fields it adds to (or overrides in) the shared tiny shape.
+    `configs` maps the architecture to the fields it adds to (or overrides in) the shared tiny shape;
+    `perturb_norms` adds noise to the norm weights too (e.g. to check Gemma's 1 + weight scaling).
     """
     import transformers
 
-    config_class = getattr(transformers, architecture.replace("ForCausalLM", "Config"))
+    config_class = getattr(transformers, _CONFIG_CLASSES.get(architecture, architecture.replace("ForCausalLM", "Config")))
     config = config_class(**{**_COMMON, **configs[architecture]})
     torch.manual_seed(seed)
     model = getattr(transformers, architecture)(config).eval()
@@ -55,6 +75,8 @@ def build_tiny_model(architecture: str, path: str, seed: int = 0,
         for name, param in model.named_parameters():
             if "norm" not in name:
                 param.normal_(0.0, 0.08)
+            elif perturb_norms:
+                param.add_(torch.randn_like(param) * 0.1)
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
     return model
@@ -91,3 +113,23 @@ def engine_greedy(path: str, prompts: list[list[int]], max_new_tokens: int, expe
     assert core.kv_cache_manager.num_free_blocks == llm.llm_engine.config.cache_config.num_blocks
     assert (core.scheduler.num_preemptions > 0) == expect_preemption
     return [o.outputs[0].token_ids for o in outputs]
+
+
+def save_tiny_tokenizer(path: str, vocab_size: int = VOCAB_SIZE) -> None:
+    """Train a byte-level BPE of `vocab_size` tokens in-process and save it next to a tiny model,
+    so that servers and text APIs can run on it (bos/eos are `<|endoftext|>`)."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = ["The quick brown fox jumps over the lazy dog.", "Paged attention stores keys and values in blocks.",
+              "Tensor parallelism splits every layer across devices."] * 20
+    backend.train_from_iterator(corpus, trainer)
+    backend.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "add_bos_token": False}, f)

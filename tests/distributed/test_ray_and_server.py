@@ -1,0 +1,132 @@
+"""Tensor parallelism through a Ray cluster started by the test, and through the OpenAI server
+(mp executor): TP=2 answers equal TP=1's; a killed worker is reported with its rank and turns
+the server's /health to 503 within seconds."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+
+import httpx
+import pytest
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.executor.abstract import WorkerDiedError
+from tests.entrypoints.openai.conftest import start_server, stop_server
+from tests.models.tiny_models import build_tiny_model, random_prompts, save_tiny_tokenizer
+
+PROMPTS = random_prompts([1, 7, 16, 17, 30], seed=5)
+ENGINE_ARGS = dict(skip_tokenizer_init=True, enforce_eager=True, num_gpu_blocks_override=64, max_model_len=128)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> str:
+    """A tiny Llama with a trained BPE tokenizer."""
+    path = str(tmp_path_factory.mktemp("tp-llama"))
+    build_tiny_model("LlamaForCausalLM", path)
+    save_tiny_tokenizer(path)
+    return path
+
+
+def _greedy_ids(path: str, max_tokens: int = 12, **engine_args) -> list[list[int]]:
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    with LLM(path, **{**ENGINE_ARGS, **engine_args}) as llm:
+        outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A one-node Ray cluster started with `ray start --head`; the engine joins it via RAY_ADDRESS."""
+    ray_cli = shutil.which("ray")
+    if ray_cli is None:
+        pytest.skip("the ray package is not installed")
+    import ray
+
+    from pagedllm.executor.multiproc import get_open_port
+
+    port = get_open_port()
+    subprocess.run([ray_cli, "start", "--head", "--port", str(port), "--num-cpus", "4", "--include-dashboard",
+                    "false", "--disable-usage-stats"], check=True, capture_output=True, timeout=120)
+    previous = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    try:
+        yield os.environ["RAY_ADDRESS"]
+    finally:
+        ray.shutdown()
+        if previous is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = previous
+        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120)
+
+
+def test_ray_tp2_gives_tp1_tokens(ray_cluster, llama_dir):
+    assert _greedy_ids(llama_dir, tensor_parallel_size=2, distributed_executor_backend="ray") == _greedy_ids(llama_dir)
+
+
+def test_killed_ray_worker_is_reported_with_its_rank(ray_cluster, llama_dir):
+    llm = LLM(llama_dir, **ENGINE_ARGS, tensor_parallel_size=2, distributed_executor_backend="ray")
+    try:
+        pid = llm.llm_engine.engine_core.executor.worker_pids()[1]
+        core = llm.llm_engine.engine_core
+
+        def kill_once_running() -> None:
+            deadline = time.monotonic() + 60
+            while not core.scheduler.running and time.monotonic() < deadline:
+                time.sleep(0.01)
+            os.kill(pid, signal.SIGKILL)
+
+        threading.Thread(target=kill_once_running, daemon=True).start()
+        params = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
+        with pytest.raises(WorkerDiedError, match="rank 1"):
+            llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    finally:
+        llm.shutdown()
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def _cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().decode(errors="replace")
+
+
+def _spawned_children(pid: int) -> list[int]:
+    """Children started by multiprocessing spawn (not its resource tracker), oldest first."""
+    return [p for p in _children(pid) if "spawn_main" in _cmdline(p) and "resource_tracker" not in _cmdline(p)]
+
+
+def test_server_tp2_answers_like_tp1_and_reports_a_dead_worker(llama_dir):
+    prompts = ["The quick brown fox", "Paged attention stores", "Tensor"]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    with LLM(llama_dir, enforce_eager=True, num_gpu_blocks_override=64, max_model_len=128) as llm:
+        expected = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
+    server = start_server(["--model", llama_dir, "--max-model-len", "128", "--num-gpu-blocks-override", "64",
+                           "--enforce-eager", "--tensor-parallel-size", "2"])
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            for prompt, text in zip(prompts, expected):
+                body = {"prompt": prompt, "max_tokens": 12, "temperature": 0.0, "ignore_eos": True}
+                response = client.post("/v1/completions", json=body)
+                assert response.status_code == 200, response.text
+                assert response.json()["choices"][0]["text"] == text
+            (engine_core,) = _spawned_children(server.proc.pid)
+            workers = _spawned_children(engine_core)
+            assert len(workers) == 2
+            os.kill(workers[1], signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while client.get("/health").status_code == 200:
+                assert time.monotonic() < deadline, "/health still 200 30 s after a worker died"
+                time.sleep(0.2)
+            assert client.get("/health").status_code == 503
+        assert "rank 1" in server.log()
+    finally:
+        stop_server(server)
