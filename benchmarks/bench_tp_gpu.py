@@ -1,0 +1,239 @@
+"""Tensor-parallel GPU run (issues 6 and 8): L1 / T1 at several TP sizes, greedy identity across
+them, the all-reduce and control-path share of a step. One command per model:
+
+    PYTHONPATH=src:. python benchmarks/bench_tp_gpu.py --tp 1,2            # 8B L1 + 0.6B T1 (issue 6)
+    PYTHONPATH=src:. python benchmarks/bench_tp_gpu.py --tp 4 --l1-config llama-3.1-70b \
+        --t1-config llama-3.1-70b --floor-gb 141.1                        # 70B (issue 8)
+
+Prints a table last and writes JSON to $OUT. Needs only torch, triton and transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from pagedllm.config import EngineArgs  # noqa: E402
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
+RESULTS: dict = {"device": torch.cuda.get_device_name(0), "num_gpus": torch.cuda.device_count()}
+
+
+def _record(name: str, fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    print(f"=== {name}", flush=True)
+    try:
+        RESULTS[name] = fn(*args, **kwargs)
+    except Exception as e:  # keep going: GPU time is scarce
+        traceback.print_exc()
+        RESULTS[name] = {"error": repr(e)}
+    print(f"--- {name}: {RESULTS[name]} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    return RESULTS[name]
+
+
+def copy_bandwidth_gbs() -> float:
+    """Device-to-device copy bandwidth of GPU 0 (read + write bytes / time)."""
+    x = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    gbs = 2 * x.numel() * 10 / (time.perf_counter() - t0) / 1e9
+    del x, y
+    torch.cuda.empty_cache()
+    return gbs
+
+
+def _engine(config: str, tp: int, **kw):
+    from pagedllm.engine.llm_engine import LLMEngine
+
+    args = EngineArgs(model=os.path.join(CONFIGS, config), load_format="dummy", skip_tokenizer_init=True,
+                      tensor_parallel_size=tp, **kw)
+    t0 = time.perf_counter()
+    engine = LLMEngine.from_engine_args(args)
+    return engine, time.perf_counter() - t0
+
+
+def control_path_us(engine, iters: int = 300) -> dict[str, float]:
+    """Round trip of an empty step through the executor (pickle, pipes, workers, reply), in us."""
+    from pagedllm.core.scheduler_output import SchedulerOutput
+
+    executor = engine.engine_core.executor
+    empty = SchedulerOutput(scheduled_new_reqs=[], scheduled_cached_reqs=[], num_scheduled_tokens={},
+                            total_num_scheduled_tokens=0)
+    for _ in range(20):
+        executor.execute_model(empty)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        executor.execute_model(empty)
+        times.append(time.perf_counter() - t0)
+    return {"median_us": statistics.median(times) * 1e6, "p90_us": sorted(times)[int(0.9 * iters)] * 1e6}
+
+
+def l1(config: str, tp: int, floor_gb: float, bandwidth: float) -> dict:
+    from pagedllm.benchmarks.latency import measure_latency
+
+    engine, startup = _engine(config, tp, max_model_len=4096, max_num_seqs=8)
+    rng = random.Random(0)
+    prompt = [[rng.randrange(100, 10000) for _ in range(128)]]
+    measure_latency(engine, prompt, 8)
+    runs = [measure_latency(engine, prompt, 256) for _ in range(3)]
+    tpot = sorted(r["tpot_median_s"] for r in runs)[1] * 1e3
+    floor_ms = floor_gb / (tp * bandwidth) * 1e3
+    res = {"startup_s": startup, "ttft_ms": min(r["ttft_s"] for r in runs) * 1e3, "tpot_ms": tpot,
+           "floor_ms": floor_ms, "tpot_over_floor": tpot / floor_ms}
+    if tp > 1:
+        res["control_path"] = control_path_us(engine)
+    engine.shutdown()
+    del engine
+    torch.cuda.empty_cache()
+    return res
+
+
+def t1_requests() -> list[tuple[list[int], int]]:
+    random.seed(0)
+    reqs = []
+    for _ in range(256):
+        pl, ol = random.randint(100, 1024), random.randint(100, 1024)
+        reqs.append(([random.randint(0, 9999) for _ in range(pl)], ol))
+    return reqs
+
+
+def t1(config: str, tp: int, greedy_prompts: list[list[int]], greedy_tokens: int) -> tuple[dict, list]:
+    from pagedllm import LLM, SamplingParams
+    from pagedllm.benchmarks.throughput import bench_pagedllm
+
+    t0 = time.perf_counter()
+    llm = LLM(os.path.join(CONFIGS, config), load_format="dummy", skip_tokenizer_init=True, tensor_parallel_size=tp,
+              max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=16384)
+    res = {"startup_s": time.perf_counter() - t0, "num_blocks": llm.llm_engine.config.cache_config.num_blocks}
+    reqs = t1_requests()
+    run = bench_pagedllm(llm, reqs, 0.6)
+    res.update({k: run[k] for k in ("seconds", "output_tokens", "output_tok_s")})
+    greedy = bench_pagedllm(llm, reqs, 0.0)
+    res["greedy_output_tok_s"] = greedy["output_tok_s"]
+    params = SamplingParams(temperature=0.0, max_tokens=greedy_tokens, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in greedy_prompts], params, use_tqdm=False)
+    tokens = [o.outputs[0].token_ids for o in outs]
+    llm.shutdown()
+    del llm
+    torch.cuda.empty_cache()
+    return res, tokens
+
+
+def _allreduce_worker(rank: int, world: int, port: int, hidden: int, batches: list[int], per_step: int, q) -> None:
+    import torch.distributed as dist
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            device_id=torch.device("cuda", rank))
+    out = {}
+    for batch in batches:
+        x = torch.randn(batch, hidden, dtype=torch.bfloat16, device="cuda")
+        for _ in range(10):
+            dist.all_reduce(x)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(per_step):
+                dist.all_reduce(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            graph.replay()
+        torch.cuda.synchronize()
+        out[batch] = (time.perf_counter() - t0) / 20 * 1e3
+    if rank == 0:
+        q.put(out)
+    dist.destroy_process_group()
+
+
+def allreduce_ms_per_step(world: int, hidden: int, layers: int, batches: list[int]) -> dict:
+    """Time of one decode step's all-reduces alone (2 per layer, bf16 [batch, hidden], in a CUDA graph)."""
+    import torch.multiprocessing as mp
+
+    from pagedllm.executor.multiproc import get_open_port
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = get_open_port()
+    procs = [ctx.Process(target=_allreduce_worker, args=(r, world, port, hidden, batches, 2 * layers, q))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    result = q.get(timeout=300)
+    for p in procs:
+        p.join(timeout=60)
+    return {f"batch_{b}": ms for b, ms in result.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tp", default="1,2")
+    ap.add_argument("--l1-config", default="llama-3.1-8b")
+    ap.add_argument("--t1-config", default="qwen3-0.6b")
+    ap.add_argument("--floor-gb", type=float, default=16.06, help="weight bytes read per token (GB)")
+    ap.add_argument("--skip-l1", action="store_true")
+    ap.add_argument("--skip-t1", action="store_true")
+    ap.add_argument("--skip-allreduce", action="store_true")
+    args = ap.parse_args()
+    sizes = [int(x) for x in args.tp.split(",")]
+    bandwidth = _record("copy_bandwidth_gbs", copy_bandwidth_gbs)
+    rng = random.Random(1)
+    greedy_prompts = [[rng.randrange(100, 10000) for _ in range(rng.randint(16, 512))] for _ in range(32)]
+    tokens = {}
+    for tp in sizes:
+        if not args.skip_l1:
+            _record(f"l1_tp{tp}", l1, args.l1_config, tp, args.floor_gb, bandwidth)
+        if not args.skip_t1:
+            res = _record(f"t1_tp{tp}", lambda: t1(args.t1_config, tp, greedy_prompts, 128))
+            if isinstance(res, tuple):
+                RESULTS[f"t1_tp{tp}"], tokens[tp] = res
+    if len(tokens) > 1:
+        base = tokens[sizes[0]]
+        for tp in sizes[1:]:
+            same = [a == b for a, b in zip(base, tokens[tp])]
+            first_diff = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+                          for a, b in zip(base, tokens[tp])]
+            RESULTS[f"greedy_tp{sizes[0]}_vs_tp{tp}"] = {
+                "identical_requests": sum(same), "of": len(same),
+                "first_divergence_positions": [d for d in first_diff if d is not None]}
+    if not args.skip_allreduce:
+        import json as _json
+
+        cfg = _json.load(open(os.path.join(CONFIGS, args.l1_config, "config.json")))
+        for tp in sizes:
+            if tp > 1:
+                _record(f"allreduce_tp{tp}", allreduce_ms_per_step, tp, cfg["hidden_size"],
+                        cfg["num_hidden_layers"], [1, 64, 256])
+    print(json.dumps(RESULTS, indent=1))
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, f"bench_tp_{'_'.join(map(str, sizes))}.json"), "w") as f:
+            json.dump(RESULTS, f, indent=1)
+    print("\n| run | value |\n| --- | --- |")
+    for key, value in RESULTS.items():
+        if isinstance(value, dict):
+            brief = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in value.items()
+                     if not isinstance(v, (list, dict))}
+            print(f"| {key} | {brief} |")
+
+
+if __name__ == "__main__":
+    main()
