@@ -218,10 +218,6 @@ def resolve_dtype(requested: str, hf_config: dict[str, Any], device: str) -> str
 def derive_max_model_len(hf_config: dict[str, Any], requested: int | None) -> int:
     """The context limit: the requested one if the model allows it, else the model's own."""
     model_limit = int(hf_config.get("max_position_embeddings") or 2048)
-    window = hf_config.get("sliding_window")
-    if window and hf_config.get("use_sliding_window", True) and int(window) < model_limit:
-        # Sliding-window attention is not implemented yet: within the window it equals full attention.
-        model_limit = int(window)
     if requested is None:
         return model_limit
     if requested < 1:
@@ -229,7 +225,7 @@ def derive_max_model_len(hf_config: dict[str, Any], requested: int | None) -> in
     if requested > model_limit:
         raise ValueError(
             f"max_model_len={requested} exceeds what the model supports ({model_limit}, from "
-            f"max_position_embeddings / sliding_window in its config)."
+            f"max_position_embeddings in its config)."
         )
     return requested
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -76,15 +77,16 @@ def make_batch(
     return Batch(query.to(DEVICE), kv_cache.to(DEVICE), metadata)
 
 
-def reference(batch: Batch) -> torch.Tensor:
-    """The torch backend's answer, computed in fp32."""
-    out = torch_backend.paged_attention(batch.query.float(), batch.kv_cache.float(), batch.metadata, SCALE)
+def reference(batch: Batch, **window_args: Any) -> torch.Tensor:
+    """The torch backend's answer, computed in fp32 (window_args: sliding_window, logits_soft_cap)."""
+    out = torch_backend.paged_attention(batch.query.float(), batch.kv_cache.float(), batch.metadata, SCALE,
+                                        **window_args)
     return out[: batch.metadata.num_actual_tokens]
 
 
-def max_error(out: torch.Tensor, batch: Batch) -> float:
+def max_error(out: torch.Tensor, batch: Batch, **window_args: Any) -> float:
     n = batch.metadata.num_actual_tokens
-    return (out[:n].float() - reference(batch)).abs().max().item()
+    return (out[:n].float() - reference(batch, **window_args)).abs().max().item()
 
 
 # ---------------------------------------------------------------- reshape_and_cache
@@ -269,6 +271,74 @@ def test_write_then_attend_equals_the_torch_backend_doing_both() -> None:
     out = tb.paged_attention(batch.query, batch.kv_cache, md, SCALE)
     assert torch.equal(batch.kv_cache, expected_cache)
     assert (out - expected).abs().max().item() < 1e-5
+
+
+# ---------------------------------------------------------------- sliding window and soft cap
+
+
+def poison_blocks_behind_windows(batch: Batch, window: int) -> None:
+    """NaN into every block the KV cache manager would have freed: one read would poison the output."""
+    md, block_size = batch.metadata, batch.kv_cache.shape[2]
+    for i in range(md.num_reqs):
+        context_len = md.seq_lens_cpu[i] - (md.query_start_loc_cpu[i + 1] - md.query_start_loc_cpu[i])
+        for b in range(max(0, context_len - window + 1) // block_size):
+            batch.kv_cache[:, int(md.block_tables[i, b])] = float("nan")
+
+
+@pytest.mark.parametrize("window", [1, 5, 16, 23, 200])
+@pytest.mark.parametrize("num_kv_splits", [1, 3])
+def test_sliding_window_mixed_batch_matches_torch(window: int, num_kv_splits: int) -> None:
+    # Decodes, chunks with cached context longer than the window, a fresh prompt, odd lengths.
+    batch = make_batch([1, 1, 1, 13, 29, 7], [57, 9, 40, 61, 29, 50], group=2, seed=100 + window)
+    poison_blocks_behind_windows(batch, window)
+    out = tb.paged_attention(batch.query, batch.kv_cache, batch.metadata, SCALE, num_kv_splits=num_kv_splits,
+                             sliding_window=window)
+    assert max_error(out, batch, sliding_window=window) < 1e-5
+
+
+@pytest.mark.parametrize(("block_m", "block_n"), [(16, 16), (32, 16)])
+@pytest.mark.parametrize("window", [3, 17, 20])
+def test_sliding_window_prefill_across_many_tiles_matches_torch(block_m: int, block_n: int, window: int) -> None:
+    # Small tiles: window tiles, unmasked tiles and causal tiles all occur within one request.
+    batch = make_batch([37, 19, 45], [80, 19, 53], group=2, seed=110 + window)
+    poison_blocks_behind_windows(batch, window)
+    md = batch.metadata
+    out = torch.empty_like(batch.query)
+    tb.varlen_attention(batch.query, batch.kv_cache, md.query_start_loc, md.seq_lens, md.block_tables,
+                        0, md.num_reqs, md.num_actual_tokens, SCALE, out, sliding_window=window,
+                        block_m=block_m, block_n=block_n)
+    assert max_error(out, batch, sliding_window=window) < 1e-5
+
+
+@pytest.mark.parametrize("window", [4, 16, 33])
+def test_sliding_window_split_decode_with_small_tiles_matches_torch(window: int) -> None:
+    batch = make_batch([1, 1, 1, 1], [100, 31, 16, 3], group=4, seed=120 + window)
+    poison_blocks_behind_windows(batch, window)
+    out = torch.empty_like(batch.query)
+    md = batch.metadata
+    for splits in (1, 2, 8):
+        tb.decode_attention(batch.query, batch.kv_cache, md.query_start_loc, md.seq_lens, md.block_tables,
+                            md.num_decodes, SCALE, out, num_kv_splits=splits, sliding_window=window, block_n=16)
+        assert max_error(out, batch, sliding_window=window) < 1e-5
+
+
+@pytest.mark.parametrize("window", [None, 9])
+def test_logit_soft_cap_matches_torch(window: int | None) -> None:
+    batch = make_batch([1, 1, 11, 6], [45, 7, 30, 6], group=2, seed=130)
+    batch.query.mul_(8.0)  # large scores, so the cap (tanh) bends them visibly
+    for splits in (1, 2):
+        out = tb.paged_attention(batch.query, batch.kv_cache, batch.metadata, SCALE, num_kv_splits=splits,
+                                 sliding_window=window, logits_soft_cap=2.5)
+        assert max_error(out, batch, sliding_window=window, logits_soft_cap=2.5) < 1e-5
+    uncapped = reference(batch, sliding_window=window)
+    assert (uncapped - reference(batch, sliding_window=window, logits_soft_cap=2.5)).abs().max().item() > 1e-2
+
+
+def test_half_precision_sliding_window_matches_fp32_reference() -> None:
+    batch = make_batch([1, 1, 9, 14], [50, 6, 30, 14], group=2, dtype=torch.bfloat16, seed=140)
+    out = tb.paged_attention(batch.query, batch.kv_cache, batch.metadata, SCALE, num_kv_splits=2,
+                             sliding_window=11, logits_soft_cap=30.0)
+    assert max_error(out, batch, sliding_window=11, logits_soft_cap=30.0) < 2e-2
 
 
 # ---------------------------------------------------------------- split heuristic

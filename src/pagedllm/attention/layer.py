@@ -17,14 +17,28 @@ def _triton_backend():
 
 
 class Attention(nn.Module):
-    """Paged attention for one transformer layer; the runner binds its KV cache tensor."""
+    """Paged attention for one transformer layer; the runner binds its KV cache tensor.
 
-    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float) -> None:
+    `sliding_window`: this layer's query at position p sees only keys p - W + 1 .. p (None: all
+    earlier keys). `logits_soft_cap`: scores are capped to `cap * tanh(score / cap)` (Gemma 2).
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        num_kv_heads: int,
+        scale: float,
+        sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.num_kv_heads = num_kv_heads
         self.scale = scale
+        self.sliding_window = sliding_window
+        self.logits_soft_cap = logits_soft_cap
         # [2, num_blocks, block_size, num_kv_heads, head_dim]; bound by the model runner.
         self.kv_cache = torch.empty(0)
 
@@ -40,8 +54,12 @@ class Attention(nn.Module):
             backend = _triton_backend()
             backend.reshape_and_cache(k, v, self.kv_cache, metadata.slot_mapping)
             out = backend.paged_attention(q, self.kv_cache, metadata, self.scale,
-                                          num_kv_splits=metadata.num_kv_splits)
+                                          num_kv_splits=metadata.num_kv_splits,
+                                          sliding_window=self.sliding_window,
+                                          logits_soft_cap=self.logits_soft_cap)
         else:
             torch_backend.write_to_kv_cache(k, v, self.kv_cache, metadata.slot_mapping)
-            out = torch_backend.paged_attention(q, self.kv_cache, metadata, self.scale)
+            out = torch_backend.paged_attention(q, self.kv_cache, metadata, self.scale,
+                                                sliding_window=self.sliding_window,
+                                                logits_soft_cap=self.logits_soft_cap)
         return out.view(num_tokens, self.num_heads * self.head_dim)

@@ -101,11 +101,14 @@ def paged_attention(
     out: torch.Tensor | None = None,
     *,
     num_kv_splits: int | None = None,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention of query tokens [T, H, D] over each request's cached keys/values.
 
-    Same contract as `torch_backend.paged_attention`: rows past metadata's last request are
-    left untouched. `num_kv_splits` fixes the decode split count (None: `choose_num_kv_splits`).
+    Same contract as `torch_backend.paged_attention` (sliding window and soft-capping included):
+    rows past metadata's last request are left untouched. `num_kv_splits` fixes the decode
+    split count (None: `choose_num_kv_splits`).
     """
     if out is None:
         out = torch.empty_like(query)
@@ -115,15 +118,28 @@ def paged_attention(
     if num_decodes:
         if num_kv_splits is None:
             max_decode_len = max(metadata.seq_lens_cpu[:num_decodes])
+            if sliding_window is not None:
+                max_decode_len = min(max_decode_len, sliding_window)  # keys a decode actually reads
             num_kv_splits = choose_num_kv_splits(num_decodes, kv_cache.shape[3], max_decode_len,
                                                  num_sms(query.device))
         decode_attention(query, kv_cache, metadata.query_start_loc, metadata.seq_lens,
-                         metadata.block_tables, num_decodes, scale, out, num_kv_splits=num_kv_splits)
+                         metadata.block_tables, num_decodes, scale, out, num_kv_splits=num_kv_splits,
+                         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
     if num_reqs > num_decodes:
         varlen_attention(query, kv_cache, metadata.query_start_loc, metadata.seq_lens,
                          metadata.block_tables, num_decodes, num_reqs, qsl[num_reqs] - qsl[num_decodes],
-                         scale, out)
+                         scale, out, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
     return out
+
+
+def _window_args(sliding_window: int | None, logits_soft_cap: float | None) -> dict[str, object]:
+    """Kernel arguments for the optional sliding window and soft cap (scores are in base 2)."""
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+    if logits_soft_cap is not None and logits_soft_cap <= 0:
+        raise ValueError(f"logits_soft_cap must be > 0 or None, got {logits_soft_cap}")
+    return dict(window=sliding_window or 0, softcap_log2=(logits_soft_cap or 1.0) * LOG2_E,
+                SLIDING=sliding_window is not None, SOFTCAP=logits_soft_cap is not None)
 
 
 def decode_attention(
@@ -137,13 +153,16 @@ def decode_attention(
     out: torch.Tensor,
     *,
     num_kv_splits: int = 1,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
 ) -> torch.Tensor:
     """Single-token attention for requests [0, num_decodes), each KV split into partitions.
 
-    Tile overrides (block_n, num_warps, num_stages) exist for tests and benchmarks.
+    With a sliding window only the last `sliding_window` keys are partitioned. Tile overrides
+    (block_n, num_warps, num_stages) exist for tests and benchmarks.
     """
     _check_inputs(query, kv_cache, out, block_tables)
     _, num_heads, head_dim = query.shape
@@ -171,15 +190,17 @@ def decode_attention(
     kernels._decode_attention_kernel[(num_decodes, num_kv_heads, num_kv_splits)](
         query, key_cache, value_cache, out, part_out, part_lse,
         query_start_loc, seq_lens, block_tables,
-        num_kv_splits, scale * LOG2_E,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
+        num_splits=num_kv_splits, scale_log2=scale * LOG2_E,
+        stride_qt=query.stride(0), stride_qh=query.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
+        stride_cb=key_cache.stride(0), stride_ct=key_cache.stride(1), stride_ch=key_cache.stride(2),
+        stride_bt=block_tables.stride(0),
         NUM_HEADS=num_heads, GROUP=group,
         # tl.dot needs M >= 16: small groups leave rows idle, which costs no extra KV reads.
         BLOCK_M=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=page,
         SPLIT=split, DOT_PREC=precision, DOT_UPCAST=upcast,
         num_warps=num_warps, num_stages=num_stages,
+        **_window_args(sliding_window, logits_soft_cap),
     )
     if split:
         kernels._reduce_splits_kernel[(num_decodes, num_heads)](
@@ -204,6 +225,8 @@ def varlen_attention(
     scale: float,
     out: torch.Tensor,
     *,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
@@ -233,13 +256,15 @@ def varlen_attention(
     kernels._varlen_attention_kernel[grid](
         query, key_cache, value_cache, out,
         query_start_loc[first_req:], seq_lens[first_req:], block_tables[first_req:],
-        n_reqs, scale * LOG2_E,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
+        num_reqs=n_reqs, scale_log2=scale * LOG2_E,
+        stride_qt=query.stride(0), stride_qh=query.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
+        stride_cb=key_cache.stride(0), stride_ct=key_cache.stride(1), stride_ch=key_cache.stride(2),
+        stride_bt=block_tables.stride(0),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), PAGE=page,
         DOT_PREC=precision, DOT_UPCAST=upcast,
         num_warps=num_warps, num_stages=num_stages,
+        **_window_args(sliding_window, logits_soft_cap),
     )
     return out
 

@@ -8,6 +8,12 @@ Shared conventions:
   contiguous. A KV token n of a request lives in block `block_table[n // PAGE]`, row `n % PAGE`.
   Block ids are read as int64, so offsets into a large pool do not overflow.
 - Softmax runs in base 2: scores are multiplied by `scale * log2(e)` once and exp2 is used.
+  Soft-capping (`cap * tanh(s / cap)`, Gemma 2) commutes with that factor: it is applied to the
+  base-2 scores with `cap * log2(e)` as the cap.
+- Sliding window (SLIDING): the query at position p sees keys p - window + 1 .. p, as in Hugging
+  Face. Tiles wholly before a query tile's first visible key are skipped, and the tiles that hold
+  keys some rows must not see load nothing below the tile's first visible key: blocks freed by
+  the KV cache manager (out of every window) are never read.
 - GQA: the query heads that share a KV head are stacked on the M dimension of tl.dot, so every
   KV tile is loaded once per KV head and serves the whole group.
 - Nothing that changes from step to step (sequence lengths, number of requests, split length)
@@ -49,25 +55,34 @@ def _reshape_and_cache_kernel(
 
 
 @triton.jit
+def _tanh(x):
+    """tanh from exp2 (no libdevice needed, so the interpreter runs it too); saturates cleanly."""
+    return 1.0 - 2.0 / (1.0 + tl.exp2(x * 2.8853900817779268))  # 2 * log2(e)
+
+
+@triton.jit
 def _attend_kv_tile(
     acc, l_i, m_i, q, q_pos,
     key_cache_ptr, value_cache_ptr, block_table_ptr,
-    start_n, kv_end, kv_head, scale_log2,
+    start_n, kv_lo, kv_end, kv_head, scale_log2, window, softcap_log2,
     stride_cb, stride_ct, stride_ch,
     offs_d,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-    MASK_END: tl.constexpr, MASK_CAUSAL: tl.constexpr,
+    MASK_END: tl.constexpr, MASK_CAUSAL: tl.constexpr, MASK_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """Fold KV tokens [start_n, start_n + BLOCK_N) into the online-softmax state (acc, l_i, m_i).
 
-    MASK_END masks tokens at or past kv_end; MASK_CAUSAL also hides keys after each row's q_pos.
-    Unmasked tiles skip every mask so their loads stay fully vectorized.
+    MASK_END masks tokens at or past kv_end; MASK_CAUSAL also hides keys after each row's q_pos;
+    MASK_WINDOW (always with MASK_END) neither loads tokens before kv_lo nor lets a row see keys
+    at or before q_pos - window. Unmasked tiles skip every mask so their loads stay vectorized.
     """
     offs_n = start_n + tl.arange(0, BLOCK_N)
     if MASK_END:
         n_valid = offs_n < kv_end
-        # Past the last block the table may end: never read it there.
+        if MASK_WINDOW:
+            n_valid = n_valid & (offs_n >= kv_lo)
+        # Past the last block the table may end (and before the window it may be stale): never read it there.
         block = tl.load(block_table_ptr + offs_n // PAGE, mask=n_valid, other=0).to(tl.int64)
     else:
         block = tl.load(block_table_ptr + offs_n // PAGE).to(tl.int64)
@@ -94,16 +109,27 @@ def _attend_kv_tile(
     else:
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     s = s * scale_log2
-    if MASK_CAUSAL:
-        s = tl.where((offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :], s, float("-inf"))
+    if SOFTCAP:
+        s = softcap_log2 * _tanh(s / softcap_log2)
+    if MASK_CAUSAL or MASK_WINDOW:
+        visible = n_valid[None, :]
+        if MASK_CAUSAL:
+            visible = visible & (offs_n[None, :] <= q_pos[:, None])
+        if MASK_WINDOW:
+            visible = visible & (offs_n[None, :] > q_pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
     elif MASK_END:
         s = tl.where(n_valid[None, :], s, float("-inf"))
 
-    # Every row sees key 0 in its first tile, so m_new is finite and no inf - inf appears,
-    # except in empty split-KV partitions, which never enter this function.
+    # Without a window every row sees key 0 in its first tile, so m_new is finite and no
+    # inf - inf appears (empty split-KV partitions never enter this function). A window tile
+    # may hide every key from a row that has seen none yet: exp2 then uses 0 as the max.
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    m_ref = m_new
+    if MASK_WINDOW:
+        m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(s - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if DOT_UPCAST:
         pv = tl.dot(p, v.to(tl.float32), input_precision=DOT_PREC)
@@ -113,16 +139,16 @@ def _attend_kv_tile(
     return acc, l_i, m_new
 
 
-@triton.jit(do_not_specialize=["num_reqs"])
+@triton.jit(do_not_specialize=["num_reqs", "window"])
 def _varlen_attention_kernel(
     q_ptr, key_cache_ptr, value_cache_ptr, out_ptr,
     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
-    num_reqs, scale_log2,
+    num_reqs, scale_log2, window, softcap_log2,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_ct, stride_ch, stride_bt,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
-    DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """Causal attention of a tile of BLOCK_Q query tokens x GROUP heads over one request's KV.
 
@@ -180,32 +206,51 @@ def _varlen_attention_kernel(
     last_tok = tl.minimum(q_tile * BLOCK_Q + BLOCK_Q, q_len) - 1
     kv_end = context_len + last_tok + 1
     full_end = (first_pos + 1) // BLOCK_N * BLOCK_N
-    for start_n in range(0, full_end, BLOCK_N):
+    window_end = 0
+    causal_start = full_end
+    if SLIDING:
+        # Keys from kv_lo on are seen by some row; those before kv_end - window are hidden from
+        # the last row: the tiles up to window_end need the window mask (and all the others).
+        kv_lo = tl.maximum(first_pos - window + 1, 0)
+        window_end = tl.cdiv(tl.maximum(kv_end - window, 0), BLOCK_N) * BLOCK_N
+        causal_start = tl.maximum(full_end, window_end)
+        for start_n in range(kv_lo // BLOCK_N * BLOCK_N, window_end, BLOCK_N):
+            acc, l_i, m_i = _attend_kv_tile(
+                acc, l_i, m_i, q, q_pos, key_cache_ptr, value_cache_ptr, block_table_ptr,
+                start_n, kv_lo, kv_end, kv_head, scale_log2, window, softcap_log2,
+                stride_cb, stride_ct, stride_ch, offs_d,
+                HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, True, True, True, SOFTCAP, DOT_PREC, DOT_UPCAST)
+    for start_n in range(window_end, full_end, BLOCK_N):
         acc, l_i, m_i = _attend_kv_tile(
             acc, l_i, m_i, q, q_pos, key_cache_ptr, value_cache_ptr, block_table_ptr,
-            start_n, kv_end, kv_head, scale_log2, stride_cb, stride_ct, stride_ch, offs_d,
-            HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, False, False, DOT_PREC, DOT_UPCAST)
-    for start_n in range(full_end, kv_end, BLOCK_N):
+            start_n, 0, kv_end, kv_head, scale_log2, window, softcap_log2,
+            stride_cb, stride_ct, stride_ch, offs_d,
+            HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, False, False, False, SOFTCAP, DOT_PREC, DOT_UPCAST)
+    for start_n in range(causal_start, kv_end, BLOCK_N):
         acc, l_i, m_i = _attend_kv_tile(
             acc, l_i, m_i, q, q_pos, key_cache_ptr, value_cache_ptr, block_table_ptr,
-            start_n, kv_end, kv_head, scale_log2, stride_cb, stride_ct, stride_ch, offs_d,
-            HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, True, True, DOT_PREC, DOT_UPCAST)
+            start_n, 0, kv_end, kv_head, scale_log2, window, softcap_log2,
+            stride_cb, stride_ct, stride_ch, offs_d,
+            HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, True, True, False, SOFTCAP, DOT_PREC, DOT_UPCAST)
 
+    if SLIDING:  # rows past the chunk's last token may see no key in the window: no 0 / 0
+        l_i = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_i[:, None]
     tl.store(out_ptr + tok64[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_splits", "window"])
 def _decode_attention_kernel(
     q_ptr, key_cache_ptr, value_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
-    num_splits, scale_log2,
+    num_splits, scale_log2, window, softcap_log2,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_ct, stride_ch, stride_bt,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
-    SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    SPLIT: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr,
+    DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """One query token's GROUP heads over one partition of its request's KV (flash-decoding).
 
@@ -213,13 +258,20 @@ def _decode_attention_kernel(
     request's seq_len in the kernel (a multiple of BLOCK_N), so the split count may stay fixed
     while lengths change. With SPLIT the normalized partial output and its log2-sum-exp go to
     fp32 scratch for `_reduce_splits_kernel`; without it the output is written directly.
+    With SLIDING only the keys from seq_len - window on are partitioned.
     """
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + req).to(tl.int32)
-    part_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    kv_start = split * part_len
+    kv_lo = 0  # first visible key
+    window_end = 0  # tiles before it hold keys before kv_lo
+    if SLIDING:
+        kv_lo = tl.maximum(seq_len - window, 0)
+        window_end = tl.cdiv(kv_lo, BLOCK_N) * BLOCK_N
+    first_tile = kv_lo // BLOCK_N * BLOCK_N
+    part_len = tl.cdiv(tl.cdiv(seq_len - first_tile, num_splits), BLOCK_N) * BLOCK_N
+    kv_start = first_tile + split * part_len
     kv_end = tl.minimum(kv_start + part_len, seq_len)
 
     rows = tl.arange(0, BLOCK_M)
@@ -237,18 +289,31 @@ def _decode_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     block_table_ptr = block_tables_ptr + req.to(tl.int64) * stride_bt
-    # The decode query is the newest token: it sees every cached key, so only the end is masked.
-    full_end = kv_start + (kv_end - kv_start) // BLOCK_N * BLOCK_N
-    for start_n in range(kv_start, full_end, BLOCK_N):
+    # The decode query is the newest token: it sees every cached key (in its window), so only
+    # the end (and the window's first tile) is masked.
+    q_pos = tl.zeros([BLOCK_M], dtype=tl.int32) + seq_len - 1
+    body_start = kv_start
+    if SLIDING:
+        body_start = tl.maximum(kv_start, window_end)
+        for start_n in range(kv_start, tl.minimum(window_end, kv_end), BLOCK_N):
+            acc, l_i, m_i = _attend_kv_tile(
+                acc, l_i, m_i, q, q_pos, key_cache_ptr, value_cache_ptr, block_table_ptr,
+                start_n, kv_lo, kv_end, kv_head, scale_log2, window, softcap_log2,
+                stride_cb, stride_ct, stride_ch, offs_d,
+                HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, True, False, True, SOFTCAP, DOT_PREC, DOT_UPCAST)
+    full_end = body_start + tl.maximum(kv_end - body_start, 0) // BLOCK_N * BLOCK_N
+    for start_n in range(body_start, full_end, BLOCK_N):
         acc, l_i, m_i = _attend_kv_tile(
-            acc, l_i, m_i, q, rows, key_cache_ptr, value_cache_ptr, block_table_ptr,
-            start_n, kv_end, kv_head, scale_log2, stride_cb, stride_ct, stride_ch, offs_d,
-            HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, False, False, DOT_PREC, DOT_UPCAST)
+            acc, l_i, m_i, q, q_pos, key_cache_ptr, value_cache_ptr, block_table_ptr,
+            start_n, 0, kv_end, kv_head, scale_log2, window, softcap_log2,
+            stride_cb, stride_ct, stride_ch, offs_d,
+            HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, False, False, False, SOFTCAP, DOT_PREC, DOT_UPCAST)
     for start_n in range(full_end, kv_end, BLOCK_N):
         acc, l_i, m_i = _attend_kv_tile(
-            acc, l_i, m_i, q, rows, key_cache_ptr, value_cache_ptr, block_table_ptr,
-            start_n, kv_end, kv_head, scale_log2, stride_cb, stride_ct, stride_ch, offs_d,
-            HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, True, False, DOT_PREC, DOT_UPCAST)
+            acc, l_i, m_i, q, q_pos, key_cache_ptr, value_cache_ptr, block_table_ptr,
+            start_n, 0, kv_end, kv_head, scale_log2, window, softcap_log2,
+            stride_cb, stride_ct, stride_ch, offs_d,
+            HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, True, False, False, SOFTCAP, DOT_PREC, DOT_UPCAST)
 
     # An empty partition (short sequence, or a seq_len-0 padding request) has l_i == 0:
     # it yields zeros and a -inf weight instead of 0/0.

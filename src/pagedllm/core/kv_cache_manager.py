@@ -11,6 +11,11 @@ from pagedllm.core.kv_cache_utils import (
 )
 from pagedllm.request import Request
 
+# Stands in a block table for a block freed behind the sliding window (vLLM's null block). It is
+# never in the pool nor referenced; its id 0 keeps a block table holding it in range, and the
+# attention backends never read it: its tokens lie before every later query's window.
+NULL_BLOCK = KVCacheBlock(block_id=0)
+
 
 class KVCacheManager:
     """The three verbs the scheduler needs: get_computed_blocks, allocate_slots and free.
@@ -26,16 +31,27 @@ class KVCacheManager:
     block of a running sibling it forks from) is never shared but copied: the request gets a
     fresh block and `blocks_to_copy` tells the runner to copy the K/V into it before the step
     runs (copy-on-write, done at once because the request's next token writes into that block).
+
+    With `sliding_window` set (only when EVERY attention layer slides with at most that window,
+    e.g. Mistral; never for models mixing in full-attention layers, such as Gemma), a running
+    request's blocks whose tokens all lie before its window are returned to the pool and
+    replaced by NULL_BLOCK in its table: the query at position p sees keys p - W + 1 .. p only.
+    The freed blocks keep their prefix-cache hashes, so a later request may still hit them
+    until they are reused; a sibling whose blocks are partly freed is not forked from.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, max_model_len: int, enable_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, max_model_len: int, enable_caching: bool = True,
+                 sliding_window: int | None = None) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}.")
         if max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {max_model_len}.")
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}.")
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.enable_caching = enable_caching
+        self.sliding_window = sliding_window
         self.block_pool = BlockPool(num_blocks)
         self.num_blocks = num_blocks
         # req_id -> the request's block table, in token order.
@@ -89,9 +105,10 @@ class KVCacheManager:
                 num_computed_tokens += partial[1]
         if fork_source is not None:
             num_forked_tokens = min(fork_source.num_computed_tokens, request.num_prompt_tokens - 1)
-            if num_forked_tokens > num_computed_tokens:
-                source_blocks = self.req_to_blocks[fork_source.request_id]
-                computed_blocks = source_blocks[: self.get_num_blocks_needed(num_forked_tokens)]
+            source_blocks = self.req_to_blocks[fork_source.request_id][: self.get_num_blocks_needed(num_forked_tokens)]
+            # Blocks the source freed behind its window are gone: then rely on the prefix cache.
+            if num_forked_tokens > num_computed_tokens and NULL_BLOCK not in source_blocks:
+                computed_blocks = source_blocks
                 num_computed_tokens = num_forked_tokens
         return computed_blocks, num_computed_tokens
 
@@ -126,11 +143,13 @@ class KVCacheManager:
         the count is left out) are prefix hits: full blocks are shared, a partial last one is
         copied into a new block (copy-on-write).
 
-        Returns the newly allocated blocks (possibly empty), or None, changing nothing, when the
-        pool has too few free blocks: the scheduler then preempts or waits.
+        Returns the newly allocated blocks (possibly empty), or None, changing nothing else, when
+        the pool has too few free blocks: the scheduler then preempts or waits. (With a sliding
+        window, blocks that fell out of it are freed first in any case: nothing reads them again.)
         """
         if num_new_tokens < 0:
             raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}.")
+        self._free_blocks_outside_window(request)
         req_blocks = self.req_to_blocks.get(request.request_id)
         num_computed_tokens = request.num_computed_tokens
         shared_blocks: list[KVCacheBlock] = []
@@ -188,6 +207,25 @@ class KVCacheManager:
                 self._cache_full_blocks(request, num_cached_blocks, num_full_blocks)
         return new_blocks
 
+    def _free_blocks_outside_window(self, request: Request) -> None:
+        """Return the blocks before the request's sliding window to the pool (NULL_BLOCK in their place).
+
+        The next query sits at position num_computed_tokens and sees keys from
+        num_computed_tokens - W + 1 on, so every block wholly before that is never read again.
+        Newest first, as in `free`: older prefix blocks, the likelier cache hits, are reused last.
+        """
+        blocks = self.req_to_blocks.get(request.request_id)
+        if self.sliding_window is None or not blocks:
+            return
+        num_skipped_blocks = (request.num_computed_tokens - self.sliding_window + 1) // self.block_size
+        freed: list[KVCacheBlock] = []
+        for index in range(min(num_skipped_blocks, len(blocks)) - 1, -1, -1):
+            if blocks[index] is NULL_BLOCK:
+                break  # everything before it was freed by an earlier step
+            freed.append(blocks[index])
+            blocks[index] = NULL_BLOCK
+        self.block_pool.free_blocks(freed)
+
     def _cache_full_blocks(self, request: Request, num_cached_blocks: int, num_full_blocks: int) -> None:
         """Register the request's blocks that this step fills, so later requests can share them.
 
@@ -222,7 +260,7 @@ class KVCacheManager:
             self._cache_partial_block(request, blocks)
         # Tail blocks first: they join the free queue earlier and so are evicted before the
         # prompt-prefix blocks, which are the ones other requests are likely to hit.
-        self.block_pool.free_blocks(reversed(blocks))
+        self.block_pool.free_blocks(block for block in reversed(blocks) if block is not NULL_BLOCK)
 
     def take_blocks_to_copy(self) -> list[tuple[int, int]]:
         """The (src, dst) copies recorded since the last call, for this step's SchedulerOutput."""

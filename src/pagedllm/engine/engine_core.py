@@ -10,6 +10,7 @@ from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.core.scheduler_output import EngineCoreOutput
 from pagedllm.executor.abstract import Executor
+from pagedllm.models.sliding_window import kv_cache_sliding_window
 from pagedllm.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -35,8 +36,10 @@ class EngineCore:
             )
         cache.num_blocks = num_blocks
         self.executor.initialize_cache(num_blocks)
+        # When every layer slides (Mistral), blocks behind the window go back to the pool early.
         self.kv_cache_manager = KVCacheManager(num_blocks, cache.block_size, sched.max_model_len,
-                                               enable_caching=cache.enable_prefix_caching)
+                                               enable_caching=cache.enable_prefix_caching,
+                                               sliding_window=kv_cache_sliding_window(config.model_config.hf_config))
         self.scheduler = Scheduler(sched, self.kv_cache_manager)
         num_tokens = num_blocks * cache.block_size
         logger.info("KV cache: %d tokens (%d blocks), max concurrency %.2fx at max_model_len %d",

@@ -1,7 +1,8 @@
 """The Llama family: Llama, Mistral, Qwen2 and Qwen3 (and SmolLM, which is a Llama).
 
 Differences handled by the config: GQA, RoPE scaling, tied embeddings, QKV bias (Qwen2),
-per-head q/k RMSNorm (Qwen3), explicit head_dim.
+per-head q/k RMSNorm (Qwen3), explicit head_dim, sliding-window attention (Mistral: every
+layer; Qwen2/Qwen3: the layers `models/sliding_window.py` names).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pagedllm.layers.layernorm import RMSNorm
 from pagedllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from pagedllm.layers.rotary import RotaryEmbedding, rope_parameters
 from pagedllm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
+from pagedllm.models.sliding_window import layer_sliding_windows
 from pagedllm.models.weight_utils import load_tensor
 
 # checkpoint name fragment -> (fused parameter fragment, shard id)
@@ -34,7 +36,7 @@ _STACKED_PARAMS = [
 class LlamaAttention(nn.Module):
     """Self-attention: fused QKV projection, optional q/k norm, RoPE, paged attention, output projection."""
 
-    def __init__(self, config: dict[str, Any], rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: dict[str, Any], rotary: RotaryEmbedding, layer_idx: int = 0) -> None:
         super().__init__()
         hidden = config["hidden_size"]
         total_heads = config["num_attention_heads"]
@@ -55,7 +57,8 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config["rms_norm_eps"])
             self.k_norm = RMSNorm(self.head_dim, config["rms_norm_eps"])
         self.rotary = rotary
-        self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim**-0.5)
+        self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim**-0.5,
+                              sliding_window=layer_sliding_windows(config)[layer_idx])
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         """Hidden states [T, hidden] -> attention output [T, hidden]."""
@@ -74,15 +77,18 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up fused in one matmul."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], act: nn.Module | None = None) -> None:
         super().__init__()
         hidden, inter = config["hidden_size"], config["intermediate_size"]
         bias = bool(config.get("mlp_bias", False))
         self.gate_up_proj = MergedColumnParallelLinear(hidden, [inter, inter], bias=bias)
         self.down_proj = RowParallelLinear(inter, hidden, bias=bias)
-        if config.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {config.get('hidden_act')!r} is not supported by the Llama family (silu only).")
-        self.act = SiluAndMul()
+        if act is None:  # other gated activations (Gemma's GeGLU) are passed in by their model
+            if config.get("hidden_act", "silu") != "silu":
+                raise ValueError(f"hidden_act {config.get('hidden_act')!r} is not supported by the Llama family "
+                                 "(silu only).")
+            act = SiluAndMul()
+        self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[T, hidden] -> [T, hidden]."""
@@ -94,7 +100,7 @@ class LlamaDecoderLayer(nn.Module):
 
     def __init__(self, config: dict[str, Any], rotary: RotaryEmbedding, layer_idx: int = 0) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary)
+        self.self_attn = LlamaAttention(config, rotary, layer_idx)
         self.mlp = self.make_mlp(config, layer_idx)
         self.input_layernorm = RMSNorm(config["hidden_size"], config["rms_norm_eps"])
         self.post_attention_layernorm = RMSNorm(config["hidden_size"], config["rms_norm_eps"])
@@ -145,12 +151,13 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """A Llama-family causal LM: hidden states from the model, logits from the LM head."""
 
-    decoder_layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer
+    decoder_layer_cls: type[nn.Module] = LlamaDecoderLayer
+    model_cls: type[nn.Module] = LlamaModel
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, self.decoder_layer_cls)
+        self.model = self.model_cls(config, self.decoder_layer_cls)
         self.tie_word_embeddings = bool(config.get("tie_word_embeddings", False))
         self.lm_head = ParallelLMHead(config["vocab_size"], config["hidden_size"])
         if self.tie_word_embeddings:

@@ -15,7 +15,7 @@ from pagedllm.models.llama import LlamaForCausalLM
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):
-    """Phi-3 (mini/medium) causal LM; sliding-window attention is not supported."""
+    """Phi-3 (mini/medium) causal LM; a `sliding_window` in the config applies to every layer."""
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load Hugging Face Phi-3 tensors, splitting the fused ones; returns the parameter names loaded."""
