@@ -123,7 +123,11 @@ def t1(config: str, tp: int, greedy_prompts: list[list[int]], greedy_tokens: int
               max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=16384)
     res = {"startup_s": time.perf_counter() - t0, "num_blocks": llm.llm_engine.config.cache_config.num_blocks}
     reqs = t1_requests()
+    executor = llm.llm_engine.engine_core.executor
+    sent = (getattr(executor, "messages_sent", 0), getattr(executor, "bytes_sent", 0))
     run = bench_pagedllm(llm, reqs, 0.6)
+    if hasattr(executor, "bytes_sent"):
+        res["control_bytes_per_step"] = (executor.bytes_sent - sent[1]) / max(executor.messages_sent - sent[0], 1)
     res.update({k: run[k] for k in ("seconds", "output_tokens", "output_tok_s")})
     greedy = bench_pagedllm(llm, reqs, 0.0)
     res["greedy_output_tok_s"] = greedy["output_tok_s"]

@@ -84,6 +84,8 @@ class MultiprocExecutor(Executor):
         self.processes: list[multiprocessing.process.BaseProcess] = []
         self.conns: list[Connection] = []
         self._closed = False
+        self.messages_sent = 0  # control-path counters (per message, not per rank)
+        self.bytes_sent = 0
         for rank in range(self.world_size):
             parent_end, child_end = ctx.Pipe(duplex=True)
             process = ctx.Process(target=run_worker_process, name=f"TPWorker-{rank}", daemon=True,
@@ -135,6 +137,8 @@ class MultiprocExecutor(Executor):
         if self._closed:
             raise RuntimeError("The executor has been shut down.")
         message = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
+        self.messages_sent += 1
+        self.bytes_sent += len(message)
         for rank, conn in enumerate(self.conns):
             try:
                 conn.send_bytes(message)
