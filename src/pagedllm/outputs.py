@@ -27,8 +27,9 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None
     logprobs: SampleLogprobs | None
-    finish_reason: str | None = None  # "stop", "length", "abort" or None while running
+    finish_reason: str | None = None  # "stop", "length", "abort", "error" or None while running
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+    error: str | None = None  # with finish_reason "error": what failed for this request alone
 
     def finished(self) -> bool:
         """True once this sequence has a finish_reason."""

@@ -9,7 +9,11 @@ from pagedllm.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.IntEnum):
-    """Where a request is in its life. Every status above PREEMPTED is a finished one."""
+    """Where a request is in its life. Every status above PREEMPTED is a finished one.
+
+    FINISHED_ERROR: something failed for this request alone (its logits processor raised); the
+    rest of the batch goes on.
+    """
 
     WAITING = 0
     RUNNING = 1
@@ -17,15 +21,16 @@ class RequestStatus(enum.IntEnum):
     FINISHED_STOPPED = 3
     FINISHED_LENGTH_CAPPED = 4
     FINISHED_ABORTED = 5
+    FINISHED_ERROR = 6
 
     @staticmethod
     def is_finished(status: "RequestStatus") -> bool:
-        """True for the three finished statuses."""
+        """True for the finished statuses."""
         return status > RequestStatus.PREEMPTED
 
     @staticmethod
     def finish_reason(status: "RequestStatus") -> str | None:
-        """OpenAI's finish_reason for a finished status ("stop", "length", "abort")."""
+        """OpenAI's finish_reason for a finished status ("stop", "length", "abort"; vLLM's "error")."""
         return _FINISH_REASONS.get(status)
 
 
@@ -33,6 +38,7 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH_CAPPED: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
 }
 
 
@@ -74,6 +80,7 @@ class Request:
         # Prefix-cache hash of each full block of all_token_ids (filled by the KV cache manager).
         self.block_hashes: list[bytes] = []
         self.stop_reason: int | str | None = None
+        self.error: str | None = None  # why a FINISHED_ERROR request failed
         max_tokens = sampling_params.max_tokens
         self.max_tokens: int = max_tokens if max_tokens is not None else 1 << 62
 
@@ -102,7 +109,7 @@ class Request:
         return RequestStatus.is_finished(self.status)
 
     def get_finish_reason(self) -> str | None:
-        """"stop", "length", "abort", or None while unfinished."""
+        """"stop", "length", "abort", "error", or None while unfinished."""
         return RequestStatus.finish_reason(self.status)
 
     def __repr__(self) -> str:

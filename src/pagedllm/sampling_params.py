@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import enum
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+# vLLM's logits processor: (output_token_ids, logits_row) -> logits_row, or with the prompt's
+# token ids first: (prompt_token_ids, output_token_ids, logits_row) -> logits_row.
+LogitsProcessor = Callable[..., Any]
+# torch.Generator.manual_seed accepts [-2**63, 2**64); a seed outside would crash the engine core.
+_SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
 
 
 class RequestOutputKind(enum.Enum):
@@ -43,6 +51,9 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None
+    # Applied in order to the request's logits row before sampling (offline LLM API only: the
+    # callables run inside the engine). An exception in one fails only this request.
+    logits_processors: list[LogitsProcessor] | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Filled by the engine, not by users: token ids that end the request unless ignore_eos.
     _all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
@@ -84,8 +95,9 @@ class SamplingParams:
             fail("top_k", "must be -1 (disable), 0 (disable) or at least 1")
         if not 0.0 <= self.min_p <= 1.0:
             fail("min_p", "must be in [0, 1]")
-        if self.seed is not None and not isinstance(self.seed, int):
-            fail("seed", "must be an integer")
+        if self.seed is not None and (not isinstance(self.seed, int)
+                                      or not _SEED_RANGE[0] <= self.seed <= _SEED_RANGE[1]):
+            fail("seed", "must be an integer in [-2**63, 2**64)")
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             fail("max_tokens", "must be at least 1")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
@@ -102,6 +114,10 @@ class SamplingParams:
             fail("stop_token_ids", "must contain only non-negative integers")
         if self.stop and not self.detokenize:
             fail("stop", "strings need detokenize=True")
+        if self.logit_bias and not all(math.isfinite(v) for v in self.logit_bias.values()):
+            fail("logit_bias", "values must be finite numbers")
+        if self.logits_processors is not None and not all(callable(p) for p in self.logits_processors):
+            fail("logits_processors", "must be a list of callables")
 
     @property
     def sampling_type_greedy(self) -> bool:

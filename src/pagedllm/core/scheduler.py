@@ -314,13 +314,18 @@ class Scheduler:
         """
         outputs: list[EngineCoreOutput] = []
         finished: set[str] = set()
+        request_errors = model_runner_output.request_errors
         for req_id, sampled_token_ids in zip(model_runner_output.req_ids,
                                              model_runner_output.sampled_token_ids):
             request = self.requests.get(req_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue
             new_token_ids: list[int] = []
-            for token_id in sampled_token_ids:
+            error = request_errors.get(req_id)
+            if error is not None:
+                # Failed alone in the runner (its logits processor raised): its token is dropped.
+                request.status, request.error = RequestStatus.FINISHED_ERROR, error
+            for token_id in sampled_token_ids if error is None else ():
                 request.append_output_token_ids([token_id])
                 new_token_ids.append(token_id)
                 if self._check_stop(request):
@@ -342,6 +347,7 @@ class Scheduler:
                     finish_reason=request.get_finish_reason(),
                     stop_reason=request.stop_reason,
                     num_cached_tokens=request.num_cached_tokens,
+                    error=request.error,
                 ))
         if finished:
             self.running = [r for r in self.running if r.request_id not in finished]

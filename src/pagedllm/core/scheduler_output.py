@@ -60,12 +60,14 @@ class EngineCoreOutput:
     new_logprobs: LogprobsLists | None = None
     # Prompt logprobs of the prompt positions computed this step, when asked for.
     new_prompt_logprobs: LogprobsLists | None = None
-    # "stop", "length" or "abort" once the request has finished, else None.
+    # "stop", "length", "abort" or "error" once the request has finished, else None.
     finish_reason: str | None = None
     # The stop token id that ended the request (None for EOS, length or abort).
     stop_reason: int | str | None = None
     # Prompt tokens served from the prefix cache.
     num_cached_tokens: int = 0
+    # With finish_reason "error": what failed for this request alone.
+    error: str | None = None
 
     @property
     def finished(self) -> bool:

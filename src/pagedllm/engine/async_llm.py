@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from pagedllm.config import EngineArgs, EngineConfig, create_engine_config
 from pagedllm.engine.beam_search import BeamSearchInstance, beam_search_request_output
@@ -30,6 +30,17 @@ logger = logging.getLogger(__name__)
 
 # What a request's queue carries: its outputs, or the error that ended it.
 QueueItem = RequestOutput | BaseException
+
+
+def summarize_failure(message: str) -> str:
+    """The first and last lines of an engine-core failure report: what a client may see.
+
+    The core's report holds a full traceback; that goes to the log, never into a response.
+    """
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else "The engine core failed."
+    return f"{lines[0].rstrip(':')}: {lines[-1]}"
 
 
 class AsyncLLM:
@@ -58,6 +69,8 @@ class AsyncLLM:
         self.stat_loggers: list[StatLogger] = list(stat_loggers or [])
         self.request_queues: dict[str, asyncio.Queue[QueueItem]] = {}
         self.dead_error: EngineDeadError | None = None
+        # Called once, on the event loop, when the engine core dies (the server then exits).
+        self.on_dead: Callable[[EngineDeadError], None] | None = None
         self._messages: asyncio.Queue[EngineCoreMessage] | None = None
         self._output_handler: asyncio.Task[None] | None = None
 
@@ -78,6 +91,11 @@ class AsyncLLM:
     def is_running(self) -> bool:
         """True while the engine core is alive and healthy."""
         return self.dead_error is None and self.engine_core.is_alive()
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        """Engine-core requests queued or running (each of the n samples of a request counts)."""
+        return self.output_processor.get_num_unfinished_requests()
 
     def check_health(self) -> None:
         """Raise EngineDeadError if the engine core is gone."""
@@ -115,6 +133,9 @@ class AsyncLLM:
         self.check_health()
         if request_id in self.request_queues:
             raise ValueError(f"Request id {request_id!r} is already running; request ids must be unique.")
+        if params.logits_processors:
+            # Callables cannot travel to the engine-core process (nor would a server accept them).
+            raise ValueError("logits_processors are only supported by the offline LLM API.")
         processed = self.input_processor.process(prompt, params)
         requests = make_engine_core_requests(request_id, processed, params, time.monotonic(), self.eos_token_ids,
                                              self.max_model_len, self.output_processor)
@@ -198,6 +219,16 @@ class AsyncLLM:
         """Stop a request (its id as given to generate()); its blocks are freed within one engine step."""
         self.abort_now(request_id)
 
+    def abort_all(self, error: BaseException) -> int:
+        """Abort every running request; each one's consumer gets `error`. Returns how many there were."""
+        request_ids = list(self.request_queues)
+        for request_id in request_ids:
+            queue = self.request_queues.get(request_id)
+            self.abort_now(request_id)
+            if queue is not None:
+                queue.put_nowait(error)
+        return len(request_ids)
+
     def shutdown(self) -> None:
         """Stop the output handler and the engine-core process."""
         if self._output_handler is not None:
@@ -211,7 +242,7 @@ class AsyncLLM:
         while True:
             message = await self._messages.get()
             if isinstance(message, EngineCoreFailure):
-                self._fail_all(EngineDeadError(message.message))
+                self._fail_all(EngineDeadError(summarize_failure(message.message)))
                 return
             try:
                 self._process_outputs(message)
@@ -275,6 +306,8 @@ class AsyncLLM:
         queues, self.request_queues = self.request_queues, {}
         for queue in queues.values():
             queue.put_nowait(error)
+        if self.on_dead is not None:
+            self.on_dead(error)
 
     def abort_now(self, request_id: str) -> None:
         """abort() without awaiting: safe inside a cancelled task or a closing generator."""

@@ -83,7 +83,10 @@ def run_engine_core(config: EngineConfig, input_conn: Connection, output_conn: C
     """
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
     # Ctrl-C reaches the whole process group; the front end decides when this process stops.
+    # So does a SIGTERM sent to the group (systemd, `timeout`): the server drains its requests
+    # first and then stops this process itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         from pagedllm.engine.engine_core import EngineCore
 

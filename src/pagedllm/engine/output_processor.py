@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,13 +24,15 @@ if TYPE_CHECKING:
     from pagedllm.core.scheduler_output import EngineCoreOutput
     from pagedllm.tokenizer import Tokenizer
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class ProcessedOutputs:
     """Result of one step: outputs for users, and requests the engine core must now finish."""
 
     request_outputs: list[RequestOutput] = field(default_factory=list)
-    # Requests that hit a stop string: finished here, but still running in the engine core.
+    # Requests that hit a stop string or failed here: finished, but still running in the engine core.
     reqs_to_abort: list[str] = field(default_factory=list)
 
 
@@ -102,6 +105,7 @@ class RequestState:
         self.num_cached_tokens = 0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
+        self.error: str | None = None  # with finish_reason "error": what failed
         self.metrics = RequestMetrics(arrival_time=arrival_time)
 
     @property
@@ -133,8 +137,14 @@ class RequestState:
                 finish_reason, stop_reason = "stop", stop_string
         if finish_reason is not None:
             self.finish_reason, self.stop_reason = finish_reason, stop_reason
+            self.error = out.error
             self.metrics.finished_time = now
         return stop_string
+
+    def fail(self, error: str, now: float) -> None:
+        """Finish this request alone with finish_reason "error" (something failed for it here)."""
+        self.finish_reason, self.stop_reason, self.error = "error", None, error
+        self.metrics.finished_time = now
 
     def make_completion(self) -> CompletionOutput:
         """This request's sequence as its output_kind wants it (DELTA: only what is new)."""
@@ -152,6 +162,7 @@ class RequestState:
             logprobs=logprobs,
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
+            error=self.error,
         )
 
     def take_prompt_logprobs(self) -> PromptLogprobs | None:
@@ -302,7 +313,14 @@ class OutputProcessor:
             state = self.request_states.get(out.req_id)
             if state is None:  # aborted by the user while this step ran
                 continue
-            if state.update(out, now) is not None and out.finish_reason is None:
+            try:
+                stop_string = state.update(out, now)
+            except Exception as e:  # e.g. the tokenizer fails on a token: this request alone fails
+                logger.warning("Request %s failed while detokenizing its output (%s); the rest of the batch "
+                               "goes on.", out.req_id, type(e).__name__)
+                state.fail(f"Detokenizing the output failed: {type(e).__name__}: {e}", now)
+                stop_string = ""  # like a stop-string hit: the engine core must free it
+            if stop_string is not None and out.finish_reason is None:
                 result.reqs_to_abort.append(out.req_id)
             if state.finished:
                 del self.request_states[out.req_id]

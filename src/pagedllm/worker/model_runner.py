@@ -12,6 +12,7 @@ from pagedllm.distributed import tensor_model_parallel_broadcast
 from pagedllm.loader import get_model
 from pagedllm.worker.cuda_graph import CUDAGraphRunner
 from pagedllm.worker.input_batch import BatchInputs, CachedRequestState, prepare_inputs
+from pagedllm.worker.logits_processors import apply_logits_processors
 from pagedllm.worker.runner_output import LogprobsLists, ModelRunnerOutput
 from pagedllm.worker.sampler import Sampler, compute_logprobs
 from pagedllm.worker.sampling_metadata import build_sampling_metadata
@@ -137,15 +138,20 @@ class ModelRunner:
             hidden = self.model(batch.input_ids, batch.positions, batch.attn_metadata)  # type: ignore[misc]
         sampled: dict[str, list[int]] = {}
         logprobs: dict[str, LogprobsLists] = {}
+        request_errors: dict[str, str] = {}
         if batch.sampling_req_ids:
-            logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))  # type: ignore[union-attr]
-            sampled, logprobs = self._sample(batch, logits.float())
+            logits = self.model.compute_logits(  # type: ignore[union-attr]
+                hidden.index_select(0, batch.logits_indices)).float()
+            # A request whose processor fails is finished by the scheduler; the batch goes on.
+            request_errors = apply_logits_processors(logits, [self.requests[r] for r in batch.sampling_req_ids])
+            sampled, logprobs = self._sample(batch, logits)
         prompt_logprobs = self._prompt_logprobs(batch, hidden) if batch.prompt_logprob_spans else {}
         return ModelRunnerOutput(
             req_ids=batch.req_ids,
             sampled_token_ids=[sampled.get(r, []) for r in batch.req_ids],
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            request_errors=request_errors,
         )
 
     def _copy_blocks(self, blocks_to_copy: list[tuple[int, int]]) -> None:

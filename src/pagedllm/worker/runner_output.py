@@ -28,3 +28,6 @@ class ModelRunnerOutput:
     logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
     # req_id -> prompt logprobs of the prompt positions computed this step (first position has none).
     prompt_logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
+    # req_id -> why the request failed this step (its logits processor raised); its sampled
+    # token is meaningless and the scheduler finishes it with FINISHED_ERROR.
+    request_errors: dict[str, str] = field(default_factory=dict)
