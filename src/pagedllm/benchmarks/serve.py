@@ -176,7 +176,7 @@ def _free_port() -> int:
 
 
 def launch_server(server_args: str, port: int, timeout: float = 300.0) -> subprocess.Popen:
-    """Start `pagedllm serve` on `port` and wait for /health; raises RuntimeError if it does not come up."""
+    """Start `pagedllm serve` on `port` and wait for /ready; raises RuntimeError if it does not come up."""
     import httpx
 
     cmd = [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", *shlex.split(server_args),
@@ -187,13 +187,13 @@ def launch_server(server_args: str, port: int, timeout: float = 300.0) -> subpro
         if proc.poll() is not None:
             raise RuntimeError(f"The server exited during start-up (exit code {proc.returncode}): {' '.join(cmd)}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
                 return proc
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
     proc.kill()
-    raise RuntimeError(f"The server did not become healthy within {timeout} s.")
+    raise RuntimeError(f"The server did not become ready within {timeout} s.")
 
 
 def make_offline_engine(server_args: str) -> Any:

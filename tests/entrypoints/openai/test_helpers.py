@@ -8,6 +8,7 @@ import pytest
 
 from pagedllm.benchmarks.serve import make_requests, percentile
 from pagedllm.core.scheduler import SchedulerStats
+from pagedllm.engine.async_llm import summarize_failure
 from pagedllm.engine.core_client import EngineDeadError
 from pagedllm.engine.stats import FinishedRequestStats, IterationStats
 from pagedllm.entrypoints.openai.metrics import PrometheusStatLogger
@@ -70,8 +71,16 @@ def test_errors_map_to_status_and_param():
     assert bad_request_from(ValueError("The prompt is empty."), "prompt", {"top_p"}).param == "prompt"
     assert as_openai_error(EngineDeadError("gone")).status_code == 503
     assert as_openai_error(ValueError("bad")).status_code == 400
-    body = as_openai_error(RuntimeError("bug")).to_body().model_dump()
-    assert body["error"]["type"] == "server_error"
+    body = as_openai_error(RuntimeError("bug in /srv/secret.py")).to_body().model_dump()
+    assert body["error"]["type"] == "server_error" and "secret" not in body["error"]["message"]
+
+
+def test_engine_core_crash_reports_reach_clients_without_their_traceback():
+    report = ("The engine core crashed:\nTraceback (most recent call last):\n  File \"/srv/x.py\", line 3\n"
+              "RuntimeError: boom\n")
+    assert summarize_failure(report) == "The engine core crashed: RuntimeError: boom"
+    assert summarize_failure("The engine core process exited unexpectedly (exit code -9).") == \
+        "The engine core process exited unexpectedly (exit code -9)."
 
 
 def test_prometheus_logger_counts_tokens_requests_and_preemption_increases():

@@ -21,6 +21,22 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--chat-template", default=None, help="Jinja chat template, or a file holding one")
     group.add_argument("--max-logprobs", type=int, default=20, help="largest logprobs / top_logprobs accepted")
     group.add_argument("--disable-access-log", action="store_true", help="do not log every HTTP request")
+    group.add_argument("--log-requests", action="store_true",
+                       help="log every request's prompt and parameters (off: prompts never reach the log)")
+    group.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+                       help="enable CORS for these origins ('*' for any); CORS is off without it")
+    group.add_argument("--trust-request-chat-template", action="store_true",
+                       help="accept a chat_template in requests (off: a request's template is refused)")
+    limits = parser.add_argument_group("reliability")
+    limits.add_argument("--max-waiting-requests", type=int, default=1024,
+                        help="sequences that may wait beyond the running batch (--max-num-seqs); more get 503 "
+                             "with Retry-After")
+    limits.add_argument("--max-request-body-bytes", type=int, default=4 * 1024 * 1024,
+                        help="larger request bodies get 413")
+    limits.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
+                        help="abort a request (and free its blocks) this long after it arrived: 504 (default: none)")
+    limits.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="on SIGTERM, how long requests in flight may run before they are aborted")
     EngineArgs.add_cli_args(parser)
     return parser
 

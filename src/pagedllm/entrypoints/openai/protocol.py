@@ -2,16 +2,62 @@
 
 Request models accept OpenAI's fields plus vLLM's sampling extensions (top_k, min_p,
 repetition_penalty, ignore_eos, min_tokens, ...), which the official client sends via
-`extra_body`. Unknown fields are ignored, as OpenAI does.
+`extra_body`. Unknown fields are ignored, as OpenAI does. Hostile input is refused here,
+before any handler runs: strings with lone UTF-16 surrogates and non-finite numbers anywhere
+in a body, and sizes that would make one request cost without bound (n, best_of, stop,
+logit_bias).
 """
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+# Per-request caps (OpenAI's where it has one): each bounds the work or memory of one request.
+MAX_N = 128
+MAX_STOP_SEQUENCES = 64
+MAX_LOGIT_BIAS_ENTRIES = 1024
+LOGIT_BIAS_RANGE = 100.0
+
+
+def find_invalid_value(body: Any) -> str | None:
+    """Where and why a raw JSON body holds a value no handler should see, or None.
+
+    Lone surrogates ("\\ud800" escapes) make Python strings that cannot be encoded as UTF-8, so
+    the tokenizer or a response echoing them would fail; NaN / Infinity are not JSON and would
+    reach the sampler as such. Walked without recursion: nesting depth is the parser's limit.
+    """
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    return f"{path or 'body'}: the string holds a lone UTF-16 surrogate, which is not valid Unicode"
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                return f"{path or 'body'}: {value} is not a finite number"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((f"{path}.{key}" if path else str(key), key))
+                stack.append((f"{path}.{key}" if path else str(key), item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}.{i}" if path else str(i), item) for i, item in enumerate(value))
+    return None
 
 
 def random_id(prefix: str) -> str:
@@ -23,6 +69,18 @@ class OpenAIBaseModel(BaseModel):
     """Base of every protocol model: extra fields are ignored."""
 
     model_config = ConfigDict(extra="ignore")
+
+
+class OpenAIRequestModel(OpenAIBaseModel):
+    """Base of request bodies: refuses lone surrogates and non-finite numbers anywhere inside."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_invalid_values(cls, data: Any) -> Any:
+        problem = find_invalid_value(data)
+        if problem is not None:
+            raise ValueError(problem)
+        return data
 
 
 # ---- errors ---------------------------------------------------------------------------------------
@@ -67,20 +125,21 @@ class UsageInfo(OpenAIBaseModel):
     prompt_tokens_details: PromptTokenUsageInfo | None = None
 
 
-class SamplingRequestFields(OpenAIBaseModel):
+class SamplingRequestFields(OpenAIRequestModel):
     """Sampling fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = None
-    n: int = 1
+    n: int = Field(1, le=MAX_N)
     temperature: float | None = None
     top_p: float | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    # torch generators take [-2**63, 2**64); n > 1 gives sample i the seed + i.
+    seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 64) - 1 - MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS_ENTRIES)
     user: str | None = None
     # vLLM extensions
     top_k: int | None = None
@@ -95,10 +154,18 @@ class SamplingRequestFields(OpenAIBaseModel):
     # Prefix-cache entries are shared only between requests with the same salt.
     cache_salt: str | None = None
     # Beam search: best_of is the beam width (default n) and the n best beams are returned.
-    best_of: int | None = None
+    best_of: int | None = Field(None, le=MAX_N)
     use_beam_search: bool = False
     length_penalty: float = 1.0
     early_stopping: bool | Literal["never"] = False
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (value or {}).items():
+            if not -LOGIT_BIAS_RANGE <= bias <= LOGIT_BIAS_RANGE:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {token!r}")
+        return value
 
 
 # ---- /v1/completions ------------------------------------------------------------------------------
@@ -290,7 +357,7 @@ class ModelList(OpenAIBaseModel):
     data: list[ModelCard]
 
 
-class TokenizeRequest(OpenAIBaseModel):
+class TokenizeRequest(OpenAIRequestModel):
     """Body of POST /tokenize: a prompt, or chat messages rendered with the chat template."""
 
     model: str | None = None
@@ -308,7 +375,7 @@ class TokenizeResponse(OpenAIBaseModel):
     max_model_len: int
 
 
-class DetokenizeRequest(OpenAIBaseModel):
+class DetokenizeRequest(OpenAIRequestModel):
     """Body of POST /detokenize."""
 
     model: str | None = None

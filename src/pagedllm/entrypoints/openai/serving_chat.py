@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -29,7 +30,9 @@ from pagedllm.entrypoints.openai.serving_engine import (
     SSE_DONE,
     OpenAIError,
     OpenAIServing,
+    RequestLimits,
     as_openai_error,
+    check_failed_output,
     sse_event,
     stream_error_event,
 )
@@ -70,13 +73,21 @@ class OpenAIServingChat(OpenAIServing):
     """Handles /v1/chat/completions."""
 
     def __init__(self, engine: AsyncLLM, served_model_names: list[str], max_logprobs: int,
-                 chat_template: str | None) -> None:
-        super().__init__(engine, served_model_names, max_logprobs)
+                 chat_template: str | None, limits: RequestLimits | None = None,
+                 trust_request_chat_template: bool = False) -> None:
+        super().__init__(engine, served_model_names, max_logprobs, limits)
         self.chat_template = chat_template
+        self.trust_request_chat_template = trust_request_chat_template
 
     async def create_chat_completion(self, request: ChatCompletionRequest) -> Response:
         """Validate, render and queue the conversation; return the JSON response or the SSE stream."""
+        deadline = self.deadline_of(asyncio.get_running_loop().time())
         self.check_model(request.model)
+        if request.chat_template is not None and not self.trust_request_chat_template:
+            # A template is code: a hostile one can loop for hours inside the sandbox.
+            raise OpenAIError("chat_template in a request is refused: the server runs the model's template only "
+                              "(start it with --trust-request-chat-template to allow it).", 400,
+                              param="chat_template")
         self.check_stream_options(request)
         self.check_best_of(request)
         if request.top_logprobs is not None and not request.logprobs:
@@ -92,16 +103,17 @@ class OpenAIServingChat(OpenAIServing):
                                request.add_generation_prompt, request.chat_template_kwargs)
         # The template writes its own special tokens (BOS included), so none are added on top.
         prompt_ids = tokenizer.encode(text, add_special_tokens=False)
-        self.check_length(len(prompt_ids), max_tokens, "messages")
+        self.check_length(len(prompt_ids), max_tokens, "messages", param)
         request_id = random_id("chatcmpl")
         prompt = self.make_prompt(text, prompt_ids, request)
         fields = set(ChatCompletionRequest.model_fields)
         if request.use_beam_search:
             beam_params = self.make_beam_search_params(request, max_tokens, "logprobs" if request.logprobs else None)
-            [stream] = self.start_beam_searches(request_id, [prompt], beam_params, request.n, "messages", fields)
+            [stream] = self.start_beam_searches(request_id, [prompt], beam_params, request.n, "messages", fields,
+                                                deadline)
         else:
             params = self.make_sampling_params(request, max_tokens, num_logprobs, None)
-            [stream] = self.add_requests(request_id, [prompt], params, "messages", fields)
+            [stream] = self.add_requests(request_id, [prompt], params, "messages", fields, deadline)
         sub_ids = [f"{request_id}-0"]
         if request.stream:
             return StreamingResponse(self._stream(request, request_id, stream, len(prompt_ids)),
@@ -109,6 +121,7 @@ class OpenAIServingChat(OpenAIServing):
         final: RequestOutput | None = None
         try:
             async for output in stream:
+                check_failed_output(output)
                 final = output
         except ValueError as e:  # refused by the engine core after queueing
             raise as_openai_error(e) from e
@@ -147,6 +160,7 @@ class OpenAIServingChat(OpenAIServing):
             yield chunk(ChatCompletionStreamChoice(index=index, delta=DeltaMessage(role="assistant", content="")))
         try:
             async for output in stream:
+                check_failed_output(output)
                 num_cached = output.num_cached_tokens
                 for completion in output.outputs:
                     num_generated += len(completion.token_ids)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -22,6 +23,7 @@ from pagedllm.entrypoints.openai.serving_engine import (
     OpenAIError,
     OpenAIServing,
     as_openai_error,
+    check_failed_output,
     merge_async_iterators,
     sse_event,
     stream_error_event,
@@ -67,6 +69,7 @@ class OpenAIServingCompletion(OpenAIServing):
 
     async def create_completion(self, request: CompletionRequest) -> Response:
         """Validate, queue every prompt, and return the JSON response or the SSE stream."""
+        deadline = self.deadline_of(asyncio.get_running_loop().time())
         self.check_model(request.model)
         self.check_stream_options(request)
         if request.suffix is not None:
@@ -83,11 +86,12 @@ class OpenAIServingCompletion(OpenAIServing):
         if request.use_beam_search:
             beam_params = self.make_beam_search_params(request, request.max_tokens,
                                                        "logprobs" if request.logprobs is not None else None)
-            streams = self.start_beam_searches(request_id, engine_prompts, beam_params, request.n, "prompt", fields)
+            streams = self.start_beam_searches(request_id, engine_prompts, beam_params, request.n, "prompt", fields,
+                                               deadline)
         else:
             prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
             params = self.make_sampling_params(request, request.max_tokens, request.logprobs, prompt_logprobs)
-            streams = self.add_requests(request_id, engine_prompts, params, "prompt", fields)
+            streams = self.add_requests(request_id, engine_prompts, params, "prompt", fields, deadline)
         sub_ids = [f"{request_id}-{i}" for i in range(len(prompts))]
         # Only echo shows the prompt; a token-id prompt is then decoded (with its special tokens).
         prompt_texts = [(text if text is not None else tokenizer.decode(ids, skip_special_tokens=False))
@@ -99,6 +103,7 @@ class OpenAIServingCompletion(OpenAIServing):
         try:
             finals: list[RequestOutput | None] = [None] * len(prompts)
             async for index, output in merge_async_iterators(streams):
+                check_failed_output(output)
                 finals[index] = output
         except ValueError as e:  # refused by the engine core after queueing
             raise as_openai_error(e) from e
@@ -182,6 +187,7 @@ class OpenAIServingCompletion(OpenAIServing):
         num_cached = [0] * len(streams)
         try:
             async for i, output in merge_async_iterators(streams):
+                check_failed_output(output)
                 num_cached[i] = output.num_cached_tokens
                 if output.prompt_logprobs is not None:
                     prompt_logprobs[i] = output.prompt_logprobs

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -29,21 +30,37 @@ from pagedllm.tokenizer import Tokenizer
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
-_ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error"}
+_ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+                413: "invalid_request_error"}
 # The API's floor for -inf logprobs (JSON has no infinity).
 MIN_LOGPROB = -9999.0
+# What a 503 for a full queue asks clients to wait before retrying, in seconds.
+RETRY_AFTER_S = 1
+
+
+@dataclass
+class RequestLimits:
+    """The server's per-request policies (flags of `pagedllm serve`)."""
+
+    # Engine-core requests that may wait beyond the running batch (max_num_seqs); more -> 503.
+    max_waiting_requests: int = 1024
+    # Seconds from arrival after which a request is aborted (None: no limit).
+    request_timeout: float | None = None
+    # Log every request's prompt and parameters (off: prompts never reach the log).
+    log_requests: bool = False
 
 
 class OpenAIError(Exception):
     """An error to return in OpenAI's shape; raised anywhere in a handler, rendered by the app."""
 
     def __init__(self, message: str, status_code: int = 400, param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status_code = status_code
         self.param = param
         self.code = code
+        self.headers = headers
 
     def to_body(self) -> ErrorResponse:
         """The `{"error": {...}}` body."""
@@ -53,7 +70,7 @@ class OpenAIError(Exception):
 
     def to_response(self) -> JSONResponse:
         """The HTTP response carrying this error."""
-        return JSONResponse(self.to_body().model_dump(), status_code=self.status_code)
+        return JSONResponse(self.to_body().model_dump(), status_code=self.status_code, headers=self.headers)
 
 
 def bad_request_from(error: ValueError, default_param: str | None, fields: set[str]) -> OpenAIError:
@@ -80,8 +97,42 @@ def as_openai_error(error: Exception) -> OpenAIError:
         return OpenAIError(f"The engine is dead: {error}", 503, code="engine_dead")
     if isinstance(error, ValueError):
         return OpenAIError(str(error), 400)
+    # The traceback goes to the log only: error bodies never show the server's internals.
     logger.error("Request failed", exc_info=error)
-    return OpenAIError(f"Internal server error: {error!r}", 500)
+    return OpenAIError("Internal server error.", 500)
+
+
+def check_failed_output(output: RequestOutput) -> None:
+    """500 when a sequence of the output failed alone in the engine (finish_reason "error")."""
+    for completion in output.outputs:
+        if completion.finish_reason == "error":
+            raise OpenAIError(f"The request failed: {completion.error or 'unknown error'}", 500,
+                              code="request_failed")
+
+
+def request_timeout_error(timeout: float) -> OpenAIError:
+    """The 504 of a request that ran past --request-timeout (and was aborted)."""
+    return OpenAIError(f"The request did not finish within the server's limit of {timeout:g} s "
+                       "(--request-timeout) and was aborted.", 504, code="request_timeout")
+
+
+async def with_deadline(iterator: AsyncIterator[T], deadline: float, timeout: float) -> AsyncIterator[T]:
+    """The items of `iterator` until the event loop's clock reaches `deadline`, then a 504.
+
+    Closing the source on the way out aborts its engine request, which frees its blocks.
+    """
+    try:
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    item = await anext(iterator)  # type: ignore[call-overload]
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise request_timeout_error(timeout) from None
+            yield item
+    finally:
+        await iterator.aclose()  # type: ignore[attr-defined]
 
 
 def stream_error_event(error: Exception) -> str:
@@ -92,13 +143,17 @@ def stream_error_event(error: Exception) -> str:
 class OpenAIServing:
     """Base of the endpoint handlers: the engine, the served names and request validation."""
 
-    def __init__(self, engine: AsyncLLM, served_model_names: list[str], max_logprobs: int) -> None:
+    def __init__(self, engine: AsyncLLM, served_model_names: list[str], max_logprobs: int,
+                 limits: RequestLimits | None = None) -> None:
         self.engine = engine
         self.served_model_names = served_model_names
         self.model_name = served_model_names[0]
         self.max_logprobs = max_logprobs
         self.max_model_len = engine.max_model_len
         self.enable_prefix_caching = engine.config.cache_config.enable_prefix_caching
+        self.limits = limits or RequestLimits()
+        # Engine-core requests admitted at once: the running batch plus the waiting queue.
+        self.max_admitted = engine.config.scheduler_config.max_num_seqs + self.limits.max_waiting_requests
 
     def get_tokenizer(self) -> Tokenizer:
         """The model's tokenizer; 400 when the server runs without one (--skip-tokenizer-init)."""
@@ -119,6 +174,32 @@ class OpenAIServing:
             raise OpenAIError("The engine core is not running; the server cannot serve requests.", 503,
                               code="engine_dead")
 
+    def check_admission(self, num_sequences: int, param: str) -> None:
+        """Admission control: 400 for a request larger than the server ever admits, 503 when full.
+
+        A request of `num_sequences` engine-core requests (prompts x n, or the beam width) is
+        admitted while the running batch plus the waiting queue stays within max_num_seqs +
+        --max-waiting-requests; beyond, the client is told to retry instead of queueing without bound.
+        """
+        limit = self.max_admitted
+        if num_sequences > limit:
+            raise OpenAIError(f"This request needs {num_sequences} sequences (prompts x n, or the beam width), more "
+                              f"than this server ever runs or queues at once ({limit}).", 400, param=param)
+        if self.engine.num_unfinished_requests + num_sequences > limit:
+            raise OpenAIError(f"The server is overloaded: {self.engine.num_unfinished_requests} sequences are running "
+                              f"or waiting, the most it queues is {limit} (--max-waiting-requests). Retry later.",
+                              503, code="server_overloaded", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    def deadline_of(self, arrival: float) -> float | None:
+        """The event-loop time at which a request that arrived at `arrival` is aborted (None: never)."""
+        timeout = self.limits.request_timeout
+        return None if timeout is None else arrival + timeout
+
+    def log_request(self, request_id: str, prompts: list[PromptType], params: Any) -> None:
+        """With --log-requests, the request's prompts and parameters go to the log (never otherwise)."""
+        if self.limits.log_requests:
+            logger.info("Received request %s: prompts: %r, params: %s", request_id, prompts, params)
+
     @staticmethod
     def check_stream_options(request: SamplingRequestFields) -> None:
         """400 for stream_options without stream."""
@@ -135,7 +216,8 @@ class OpenAIServing:
             raise OpenAIError(f"{param}={num_logprobs} exceeds the maximum allowed value of {self.max_logprobs} "
                               "(the server's --max-logprobs).", 400, param=param)
 
-    def check_length(self, num_prompt_tokens: int, max_tokens: int | None, prompt_param: str) -> None:
+    def check_length(self, num_prompt_tokens: int, max_tokens: int | None, prompt_param: str,
+                     max_tokens_param: str = "max_tokens") -> None:
         """400 when the prompt plus max_tokens does not fit max_model_len."""
         limit = self.max_model_len
         if num_prompt_tokens >= limit:
@@ -146,7 +228,7 @@ class OpenAIServing:
             raise OpenAIError(f"This model's maximum context length is {limit} tokens. However, you requested "
                               f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the {prompt_param}, "
                               f"{max_tokens} for the completion). Please reduce the length of the {prompt_param} "
-                              "or max_tokens.", 400, param="max_tokens", code="context_length_exceeded")
+                              f"or {max_tokens_param}.", 400, param=max_tokens_param, code="context_length_exceeded")
 
     @staticmethod
     def check_best_of(request: SamplingRequestFields) -> None:
@@ -236,9 +318,15 @@ class OpenAIServing:
             raise bad_request_from(e, None, set(type(request).model_fields)) from e
 
     def add_requests(self, request_id: str, prompts: list[PromptType], params: SamplingParams,
-                     prompt_param: str, fields: set[str]) -> list[AsyncIterator[RequestOutput]]:
-        """Queue one engine request per prompt (ids `{request_id}-{i}`); all or none (400 on bad input)."""
+                     prompt_param: str, fields: set[str],
+                     deadline: float | None = None) -> list[AsyncIterator[RequestOutput]]:
+        """Queue one engine request per prompt (ids `{request_id}-{i}`); all or none (400 on bad input).
+
+        With a `deadline` (event-loop time) each stream ends in a 504 once it passes.
+        """
         self.check_engine()
+        self.check_admission(len(prompts) * params.n, "n" if params.n > 1 else prompt_param)
+        self.log_request(request_id, prompts, params)
         added: list[str] = []
         streams: list[AsyncIterator[RequestOutput]] = []
         try:
@@ -250,18 +338,27 @@ class OpenAIServing:
         except ValueError as e:
             self.abort_all(added)
             raise bad_request_from(e, prompt_param, fields) from e
-        return streams
+        return self._with_deadline(streams, deadline)
 
     def start_beam_searches(self, request_id: str, prompts: list[PromptType], params: BeamSearchParams, n: int,
-                            prompt_param: str, fields: set[str]) -> list[AsyncIterator[RequestOutput]]:
+                            prompt_param: str, fields: set[str],
+                            deadline: float | None = None) -> list[AsyncIterator[RequestOutput]]:
         """Start one beam search per prompt (ids `{request_id}-{i}`); each yields one output of its n best beams."""
         self.check_engine()
+        self.check_admission(len(prompts) * params.beam_width, "best_of")
+        self.log_request(request_id, prompts, params)
         try:
             searches = [self.engine.beam_search(prompt, params, f"{request_id}-{i}")
                         for i, prompt in enumerate(prompts)]
         except ValueError as e:
             raise bad_request_from(e, prompt_param, fields) from e
-        return [_best_beams(search, n) for search in searches]
+        return self._with_deadline([_best_beams(search, n) for search in searches], deadline)
+
+    def _with_deadline(self, streams: list[AsyncIterator[RequestOutput]],
+                       deadline: float | None) -> list[AsyncIterator[RequestOutput]]:
+        if deadline is None or self.limits.request_timeout is None:
+            return streams
+        return [with_deadline(stream, deadline, self.limits.request_timeout) for stream in streams]
 
     def abort_all(self, request_ids: list[str]) -> None:
         """Abort requests that may still run (finished or unknown ids are ignored)."""
