@@ -92,6 +92,7 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
+    fused_kernels: bool = True  # --no-fused-kernels: PyTorch layers on CUDA too
     quantization: str | None = None
     device: str = "auto"
     tensor_parallel_size: int = 1
@@ -128,6 +129,8 @@ class EngineArgs:
                            default=defaults.enable_prefix_caching,
                            help="reuse the KV cache of shared prompt prefixes and parallel samples")
         group.add_argument("--enforce-eager", action="store_true")
+        group.add_argument("--fused-kernels", action=argparse.BooleanOptionalAction, default=True,
+                           help="fused Triton RMSNorm / rotary / SiLU-mul kernels on CUDA")
         group.add_argument("--quantization", "-q", choices=["int8"], default=None,
                            help="weight-only int8 linear layers (CPU; activations in bfloat16)")
         group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -166,6 +169,7 @@ class ModelConfig:
     load_format: str  # "safetensors" | "gguf" | "dummy"
     tokenizer: str | None
     quantization: str | None = None  # None | "int8" (weight-only, CPU)
+    use_fused_kernels: bool = True  # fused Triton layer kernels on CUDA (layers/custom_op.py)
 
     @property
     def architectures(self) -> list[str]:
@@ -306,6 +310,7 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         load_format=load_format,
         tokenizer=None if args.skip_tokenizer_init else (args.tokenizer or model_path),
         quantization=args.quantization,
+        use_fused_kernels=args.fused_kernels,
     )
     cache_config = CacheConfig(
         block_size=args.block_size,

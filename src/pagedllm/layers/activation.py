@@ -4,13 +4,43 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from pagedllm.layers.custom_op import CustomOp
 
 
-class SiluAndMul(nn.Module):
+class SiluAndMul(CustomOp):
     """silu(gate) * up, where the input is the concatenation [gate | up] on the last dim."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         """Split the last dimension in half and gate the second half by the first."""
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+    def forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
+        """Same as forward_native, in one Triton kernel."""
+        from pagedllm.layers import triton_fused
+
+        return triton_fused.silu_and_mul(x)
+
+
+class GeluAndMul(CustomOp):
+    """gelu(gate) * up over [gate | up] (GeGLU, e.g. Gemma); approximate "none" or "tanh"."""
+
+    def __init__(self, approximate: str = "none") -> None:
+        super().__init__()
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"GeluAndMul approximate must be 'none' or 'tanh', got {approximate!r}.")
+        self.approximate = approximate
+
+    def forward_native(self, x: torch.Tensor) -> torch.Tensor:
+        """Split the last dimension in half and gate the second half by gelu of the first."""
+        gate, up = x.chunk(2, dim=-1)
+        return F.gelu(gate, approximate=self.approximate) * up
+
+    def forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
+        """The tanh approximation in one Triton kernel; exact (erf) GELU stays in torch."""
+        if self.approximate != "tanh":
+            return self.forward_native(x)
+        from pagedllm.layers import triton_fused
+
+        return triton_fused.gelu_tanh_and_mul(x)

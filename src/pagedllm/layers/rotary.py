@@ -6,7 +6,8 @@ import math
 from typing import Any
 
 import torch
-from torch import nn
+
+from pagedllm.layers.custom_op import CustomOp
 
 
 def rope_parameters(hf_config: dict[str, Any]) -> dict[str, Any]:
@@ -45,8 +46,12 @@ def _inverse_frequencies(rotary_dim: int, params: dict[str, Any]) -> torch.Tenso
     )
 
 
-class RotaryEmbedding(nn.Module):
-    """Applies RoPE (rotate-half / NeoX layout, as in Hugging Face Llama) at given positions."""
+class RotaryEmbedding(CustomOp):
+    """Applies RoPE (rotate-half / NeoX layout, as in Hugging Face Llama) at given positions.
+
+    On CUDA the query and key are rotated in place by one Triton kernel
+    (`triton_fused.rotary_embedding_`); the returned tensors are then the inputs themselves.
+    """
 
     def __init__(self, head_dim: int, rotary_dim: int, max_position: int, params: dict[str, Any]) -> None:
         super().__init__()
@@ -60,13 +65,24 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_cache", emb.cos(), persistent=False)
         self.register_buffer("sin_cache", emb.sin(), persistent=False)
 
-    def forward(
+    def forward_native(
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate query [T, H, D] and key [T, Hkv, D] by their token positions [T]."""
         cos = self.cos_cache.index_select(0, positions).unsqueeze(1)
         sin = self.sin_cache.index_select(0, positions).unsqueeze(1)
         return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
+
+    def forward_cuda(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Same as forward_native, but rotating query and key in place in one kernel."""
+        if query.dim() != 3 or key.dim() != 3 or query.stride(-1) != 1 or key.stride(-1) != 1:
+            return self.forward_native(positions, query, key)
+        from pagedllm.layers import triton_fused
+
+        triton_fused.rotary_embedding_(positions, query, key, self.cos_cache, self.sin_cache, self.rotary_dim)
+        return query, key
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype

@@ -9,6 +9,7 @@ import torch
 from pagedllm.config import CacheConfig, ModelConfig
 from pagedllm.core.scheduler_output import SchedulerOutput
 from pagedllm.distributed import tensor_model_parallel_broadcast
+from pagedllm.layers.custom_op import set_fused_kernels
 from pagedllm.loader import get_model
 from pagedllm.worker.cuda_graph import CUDAGraphRunner
 from pagedllm.worker.input_batch import BatchInputs, CachedRequestState, prepare_inputs
@@ -39,6 +40,7 @@ class ModelRunner:
     def load_model(self) -> None:
         """Build the model and load its weights onto the device."""
         self.model = get_model(self.model_config, self.device, seed=self.seed)
+        set_fused_kernels(self.model, self.model_config.use_fused_kernels)
 
     def kv_cache_bytes_per_block(self) -> int:
         """Bytes one block takes across all layers (keys and values)."""
