@@ -114,7 +114,8 @@ def test_hostile_chat_parameters_are_400_naming_them(http, change, words):
     _error(http.post("/v1/chat/completions", json={**CHAT, **change}), 400, *words)
 
 
-@pytest.mark.parametrize("prompt", [f"{MARKER} " + "x" * (10 * 1024 * 1024), [7] * (3 * 1024 * 1024)])
+@pytest.mark.parametrize("prompt", [f"{MARKER} " + "x" * (10 * 1024 * 1024), [7] * (3 * 1024 * 1024)],
+                         ids=["text", "token-ids"])
 def test_a_10_mb_prompt_is_413_naming_the_limit(http, prompt):
     error = _error(http.post("/v1/completions", json={**COMPLETION, "prompt": prompt}), 413,
                    "bytes", "--max-request-body-bytes")

@@ -73,7 +73,7 @@ def test_sigterm_drains_the_streams_in_flight_refuses_new_ones_and_exits_0(tiny_
         # It answered probes while the model loaded, and said so.
         assert server.readiness[0] == "loading" and server.readiness[-1] == "ready", server.readiness
         # Long enough that the probes below happen while they run, even on a fast machine.
-        num_streams, max_tokens = 4, 400
+        num_streams, max_tokens = 4, 200
         threads, events = _start_streams(server, num_streams, max_tokens)
         server.proc.send_signal(signal.SIGTERM)
         _wait_for_status(server, "draining")
