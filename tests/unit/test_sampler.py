@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.worker.input_batch import CachedRequestState
 from pagedllm.worker.sampler import (
     Sampler,
     apply_penalties_,
@@ -18,7 +19,7 @@ from pagedllm.worker.sampler import (
     exponential_race,
     sample_random,
 )
-from pagedllm.worker.sampling_metadata import SamplingMetadata, build_sampling_metadata
+from pagedllm.worker.sampling_metadata import SamplingMetadata, SamplingMetadataCache, build_sampling_metadata
 
 CPU = torch.device("cpu")
 
@@ -362,3 +363,50 @@ def test_empty_batch_samples_nothing() -> None:
 def test_build_sampling_metadata_rejects_rows_of_different_lengths() -> None:
     with pytest.raises(ValueError, match="one entry per row"):
         build_sampling_metadata([SamplingParams()], [[1]], [], [None], 10, CPU)
+
+
+# ---- metadata reuse and the all-greedy fast path ------------------------------------------
+
+
+def _state(req_id: str, params: SamplingParams, output: list[int] | None = None) -> CachedRequestState:
+    return CachedRequestState(req_id, [5, 6, 7], list(output or []), params, None, [0], 0)
+
+
+def test_metadata_is_reused_while_the_same_requests_sample() -> None:
+    cache = SamplingMetadataCache()
+    states = [_state("a", SamplingParams(temperature=0.0)), _state("b", SamplingParams(temperature=0.7, top_p=0.9))]
+    first = cache.get(states, 32, CPU)
+    states[0].append_output_token(3)  # decoding does not change the metadata
+    assert cache.get(list(states), 32, CPU) is first
+    assert cache.get(states[:1], 32, CPU) is not first  # a request left
+    resumed = [_state("a", SamplingParams(temperature=0.0)), states[1]]  # same id, new state (preempted)
+    assert cache.get(resumed, 32, CPU) is not cache.get(states, 32, CPU)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(repetition_penalty=1.2), SamplingParams(presence_penalty=0.5),
+                                    SamplingParams(min_tokens=2)])
+def test_metadata_reading_output_tokens_is_rebuilt_every_step(params: SamplingParams) -> None:
+    cache = SamplingMetadataCache()
+    params._all_stop_token_ids = {2}
+    states = [_state("a", params)]
+    first = cache.get(states, 32, CPU)
+    assert not first.reusable and cache.get(states, 32, CPU) is not first
+    states[0].append_output_token(2)
+    states[0].append_output_token(2)
+    # Once min_tokens is reached nothing depends on the outputs any more.
+    assert cache.get(states, 32, CPU).reusable == (params.min_tokens == 2)
+
+
+def test_all_greedy_fast_path_samples_as_the_general_path() -> None:
+    logits = seeded_logits(7, (5, 50))
+    fast = metadata([SamplingParams(temperature=0.0, top_k=3, top_p=0.5, min_p=0.2, logprobs=1)] * 5, 50)
+    assert fast.all_greedy and fast.reusable and fast.max_num_logprobs == 1
+    # A presence penalty takes the general path; without output tokens it changes no logit.
+    general = metadata([SamplingParams(temperature=0.0, top_k=3, top_p=0.5, min_p=0.2, logprobs=1,
+                                       presence_penalty=0.5)] * 5, 50)
+    assert not general.no_penalties
+    fast_out = Sampler().forward(logits.clone(), fast)
+    general_out = Sampler().forward(logits.clone(), general)
+    assert torch.equal(fast_out.sampled_token_ids, logits.argmax(-1))
+    assert torch.equal(fast_out.sampled_token_ids, general_out.sampled_token_ids)
+    assert fast_out.logprobs == general_out.logprobs

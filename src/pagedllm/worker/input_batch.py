@@ -1,4 +1,11 @@
-"""The runner's per-request state and the flat batch built from it each step."""
+"""The runner's per-request state and the flat batch built from it each step.
+
+`prepare_inputs` runs on the host before every forward pass, so it avoids per-token and (where
+it can) per-request Python work: per-request values are gathered with one comprehension each
+and combined with numpy; a decode's input is one lookup. With `InputBuffers` (the runner keeps
+one), block tables live in a persistent table that only receives new block ids, and every int
+array of the step is packed into one (pinned, on CUDA) host buffer and sent with one copy.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +33,9 @@ class CachedRequestState:
     num_computed_tokens: int
     # Prompt + output tokens, the source of each step's input ids.
     token_ids: list[int] = field(default_factory=list)
+    # This request's row in the persistent block table of `block_table_owner` (an InputBuffers).
+    block_table_row: int = field(default=-1, repr=False, compare=False)
+    block_table_owner: object | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.token_ids = self.prompt_token_ids + self.output_token_ids
@@ -56,66 +66,195 @@ class BatchInputs:
     prompt_logprob_spans: dict[str, tuple[int, int, int]]
 
 
+class InputBuffers:
+    """Host state kept across steps by one runner: a persistent block table and a staging buffer.
+
+    Block table: one row per running request (its `block_table_row`), filled with the block ids
+    it did not hold yet; a step gathers its rows with one numpy take instead of converting every
+    request's block list. A row is given to a new request zeroed, so entries past a request's
+    blocks are 0 as AttentionMetadata expects. Rows of requests the runner dropped are reclaimed
+    when the table runs out of rows.
+
+    Staging: every int64 array of a step (and the int32 query_start_loc, viewed inside it) goes
+    into one host buffer, copied to the device at once. On CUDA the buffer is pinned and reused:
+    before refilling it we wait for the event of the previous copy (normally long done).
+    """
+
+    def __init__(self, device: torch.device, num_rows: int = 64, num_cols: int = 16) -> None:
+        self.device = device
+        self.block_table = np.zeros((num_rows, num_cols), dtype=np.int64)
+        self.row_num_blocks = np.zeros(num_rows, dtype=np.int64)  # block ids written per row
+        self.row_owner: list[CachedRequestState | None] = [None] * num_rows
+        self.free_rows = list(range(num_rows - 1, -1, -1))
+        self._pinned: torch.Tensor | None = None
+        self._copy_done: torch.cuda.Event | None = None
+        self._copy_pending = False
+        self._staged = 0  # elements of the pinned buffer filled for the pending copy
+
+    def block_rows(self, states: list[CachedRequestState],
+                   requests: dict[str, CachedRequestState]) -> tuple[np.ndarray, np.ndarray]:
+        """(table row, number of blocks) of each state, after writing the block ids each gained
+        since the last step."""
+        for state in [s for s in states if s.block_table_owner is not self]:
+            self._assign_row(state, requests)
+        rows = np.fromiter((s.block_table_row for s in states), dtype=np.int64, count=len(states))
+        num_blocks = np.fromiter((len(s.block_ids) for s in states), dtype=np.int64, count=len(states))
+        for i in np.flatnonzero(self.row_num_blocks[rows] != num_blocks).tolist():
+            self._write_new_blocks(states[i])
+        return rows, num_blocks
+
+    def _assign_row(self, state: CachedRequestState, requests: dict[str, CachedRequestState]) -> None:
+        if not self.free_rows:
+            self._reclaim_rows(requests)
+        if not self.free_rows:
+            self._grow(rows=2 * len(self.row_owner))
+        row = self.free_rows.pop()
+        self.block_table[row] = 0
+        self.row_num_blocks[row] = 0
+        self.row_owner[row] = state
+        state.block_table_row, state.block_table_owner = row, self
+
+    def _reclaim_rows(self, requests: dict[str, CachedRequestState]) -> None:
+        """Free the rows of states the runner no longer holds (finished or preempted requests),
+        and of states that have moved to another table since."""
+        for row, owner in enumerate(self.row_owner):
+            if owner is None:
+                continue
+            moved = owner.block_table_owner is not self or owner.block_table_row != row
+            if moved or requests.get(owner.req_id) is not owner:
+                if not moved:
+                    owner.block_table_row, owner.block_table_owner = -1, None
+                self.row_owner[row] = None
+                self.free_rows.append(row)
+
+    def _grow(self, rows: int = 0, cols: int = 0) -> None:
+        old_rows, old_cols = self.block_table.shape
+        rows, cols = max(rows, old_rows), max(cols, old_cols)
+        table = np.zeros((rows, cols), dtype=np.int64)
+        table[:old_rows, :old_cols] = self.block_table
+        self.block_table = table
+        self.row_num_blocks = np.concatenate([self.row_num_blocks, np.zeros(rows - old_rows, dtype=np.int64)])
+        self.row_owner += [None] * (rows - old_rows)
+        self.free_rows.extend(range(rows - 1, old_rows - 1, -1))  # popped from the end: lowest first
+
+    def _write_new_blocks(self, state: CachedRequestState) -> None:
+        row, start, end = state.block_table_row, int(self.row_num_blocks[state.block_table_row]), len(state.block_ids)
+        if end > self.block_table.shape[1]:
+            self._grow(cols=max(end, 2 * self.block_table.shape[1]))
+        self.block_table[row, start:end] = state.block_ids[start:end]
+        self.row_num_blocks[row] = end
+
+    def staging(self, size: int) -> np.ndarray:
+        """A host int64 buffer of `size` elements to fill for this step's single copy."""
+        if self.device.type != "cuda":
+            return np.empty(size, dtype=np.int64)  # the tensors alias it: a fresh one per step
+        if self._copy_pending:
+            self._copy_done.synchronize()  # type: ignore[union-attr]
+        if self._pinned is None or self._pinned.numel() < size:
+            self._pinned = torch.empty(max(size, 2 * (0 if self._pinned is None else self._pinned.numel())),
+                                       dtype=torch.int64, pin_memory=True)
+        self._staged = size
+        return self._pinned.numpy()[:size]
+
+    def to_device(self, staging: np.ndarray) -> torch.Tensor:
+        """Send the filled staging buffer to the device in one (asynchronous, if pinned) copy."""
+        if self.device.type != "cuda":
+            return torch.from_numpy(staging).to(self.device)
+        # The pinned tensor itself (not a numpy wrapper of its memory), so the copy is async.
+        out = self._pinned[: self._staged].to(self.device, non_blocking=True)  # type: ignore[index]
+        if self._copy_done is None:
+            self._copy_done = torch.cuda.Event()
+        self._copy_done.record()
+        self._copy_pending = True
+        return out
+
+
+def _order_decodes_first(scheduled: dict[str, int]) -> tuple[list[str], int]:
+    """Request ids with the single-token queries first (stable), and how many those are."""
+    decodes = [r for r, n in scheduled.items() if n == 1]
+    if len(decodes) == len(scheduled):
+        return decodes, len(decodes)
+    return decodes + [r for r, n in scheduled.items() if n != 1], len(decodes)
+
+
 def prepare_inputs(
     scheduler_output: SchedulerOutput,
     requests: dict[str, CachedRequestState],
     block_size: int,
     device: torch.device,
+    buffers: InputBuffers | None = None,
 ) -> BatchInputs:
-    """Flatten the scheduled tokens of every request into one batch (decodes first)."""
+    """Flatten the scheduled tokens of every request into one batch (decodes first).
+
+    `buffers` (kept by the runner across steps) makes the block tables incremental and the host
+    buffer reusable; without it a fresh one is used (same result).
+    """
+    if buffers is None:
+        buffers = InputBuffers(device)
     scheduled = scheduler_output.num_scheduled_tokens
     # Decodes first: the attention backend batches single-token queries together.
-    req_ids = sorted(scheduled, key=lambda r: scheduled[r] != 1)
+    req_ids, num_decodes = _order_decodes_first(scheduled)
     num_reqs = len(req_ids)
-    query_lens = np.fromiter((scheduled[r] for r in req_ids), dtype=np.int64, count=num_reqs)
+    states = [requests[r] for r in req_ids]
+    query_lens = np.ones(num_reqs, dtype=np.int64)
+    query_lens[num_decodes:] = [scheduled[r] for r in req_ids[num_decodes:]]
     query_start_loc = np.zeros(num_reqs + 1, dtype=np.int64)
     np.cumsum(query_lens, out=query_start_loc[1:])
     num_tokens = int(query_start_loc[-1])
-    num_decodes = int(np.searchsorted(query_lens != 1, True)) if num_reqs else 0
+    computed = np.fromiter((s.num_computed_tokens for s in states), dtype=np.int64, count=num_reqs)
+    seq_lens = computed + query_lens
+    num_known = np.fromiter((len(s.token_ids) for s in states), dtype=np.int64, count=num_reqs)
+    # A request samples when this step's tokens reach the end of the tokens it knows.
+    samples = seq_lens == num_known
+    rows, num_blocks = buffers.block_rows(states, requests)
+    max_blocks = int(num_blocks.max()) if num_reqs else 0
 
-    input_ids = np.empty(num_tokens, dtype=np.int64)
-    positions = np.empty(num_tokens, dtype=np.int64)
-    seq_lens = np.empty(num_reqs, dtype=np.int64)
-    max_blocks = max(len(requests[r].block_ids) for r in req_ids)
-    block_tables = np.zeros((num_reqs, max_blocks), dtype=np.int64)
-    logits_indices: list[int] = []
-    sampling_req_ids: list[str] = []
-    prompt_logprob_spans: dict[str, tuple[int, int, int]] = {}
+    # One int64 host buffer holds every array of the step; the int32 query_start_loc sits in
+    # its last int64 elements, viewed as int32.
+    num_sampling = int(samples.sum())
+    sizes = [num_tokens, num_tokens, num_tokens, num_reqs, num_sampling, num_reqs * max_blocks, (num_reqs + 2) // 2]
+    offsets = np.cumsum([0] + sizes).tolist()
+    staging = buffers.staging(offsets[-1])
+    input_ids, positions, slot_mapping, seq_lens_out, logits_indices, block_tables, qsl_words = (
+        staging[offsets[i] : offsets[i + 1]] for i in range(len(sizes)))
+    block_tables = block_tables.reshape(num_reqs, max_blocks)
+    qsl32 = qsl_words.view(np.int32)[: num_reqs + 1]
 
-    for i, req_id in enumerate(req_ids):
-        state = requests[req_id]
-        start, n = int(query_start_loc[i]), int(query_lens[i])
-        computed = state.num_computed_tokens
-        end = computed + n
-        if n == 1:
-            input_ids[start] = state.token_ids[computed]
-            positions[start] = computed
-        else:
-            input_ids[start : start + n] = state.token_ids[computed:end]
-            positions[start : start + n] = np.arange(computed, end)
-        seq_lens[i] = end
-        block_tables[i, : len(state.block_ids)] = state.block_ids
-        if end == len(state.token_ids):
-            logits_indices.append(start + n - 1)
-            sampling_req_ids.append(req_id)
-        if state.sampling_params.prompt_logprobs is not None and computed < state.num_prompt_tokens - 1:
-            # Position p predicts prompt token p + 1; the last prompt position predicts the output.
-            rows = min(end, state.num_prompt_tokens - 1) - computed
-            prompt_logprob_spans[req_id] = (start, rows, computed)
-
+    # Decodes: the input is the token at num_computed_tokens, at that position.
+    input_ids[:num_decodes] = np.fromiter(
+        (s.token_ids[s.num_computed_tokens] for s in states[:num_decodes]), dtype=np.int64, count=num_decodes)
+    # Positions of every token: its request's first new position + its offset in the request.
+    np.add(np.repeat(computed - query_start_loc[:-1], query_lens), np.arange(num_tokens), out=positions)
+    for i in range(num_decodes, num_reqs):  # prefill chunks: a slice of the known tokens each
+        state, start, end = states[i], int(query_start_loc[i]), int(query_start_loc[i + 1])
+        input_ids[start:end] = state.token_ids[state.num_computed_tokens : state.num_computed_tokens + end - start]
+    seq_lens_out[:] = seq_lens
+    np.take(buffers.block_table[:, :max_blocks], rows, axis=0, out=block_tables)
     block_ids_per_token = block_tables[np.repeat(np.arange(num_reqs), query_lens), positions // block_size]
-    slot_mapping = block_ids_per_token * block_size + positions % block_size
+    np.add(block_ids_per_token * block_size, positions % block_size, out=slot_mapping)
+    sampling_rows = np.flatnonzero(samples)
+    logits_indices[:] = query_start_loc[sampling_rows + 1] - 1
+    qsl32[:] = query_start_loc
 
-    def to_device(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(a).to(device, non_blocking=True)
+    prompt_logprob_spans: dict[str, tuple[int, int, int]] = {}
+    for i in [i for i, s in enumerate(states) if s.sampling_params.prompt_logprobs is not None]:
+        state, start = states[i], int(query_start_loc[i])
+        first = state.num_computed_tokens
+        if first < state.num_prompt_tokens - 1:
+            # Position p predicts prompt token p + 1; the last prompt position predicts the output.
+            rows_needed = min(int(seq_lens[i]), state.num_prompt_tokens - 1) - first
+            prompt_logprob_spans[req_ids[i]] = (start, rows_needed, first)
 
+    flat = buffers.to_device(staging)
+    input_ids_t, positions_t, slot_mapping_t, seq_lens_t, logits_indices_t, block_tables_t, qsl_t = (
+        flat[offsets[i] : offsets[i + 1]] for i in range(len(sizes)))
     metadata = AttentionMetadata(
         num_actual_tokens=num_tokens,
         num_decodes=num_decodes,
-        query_start_loc=to_device(query_start_loc.astype(np.int32)),
-        seq_lens=to_device(seq_lens),
-        slot_mapping=to_device(slot_mapping),
-        block_tables=to_device(block_tables),
+        query_start_loc=qsl_t.view(torch.int32)[: num_reqs + 1],
+        seq_lens=seq_lens_t,
+        slot_mapping=slot_mapping_t,
+        block_tables=block_tables_t.view(num_reqs, max_blocks),
         max_query_len=int(query_lens.max()) if num_reqs else 0,
         max_seq_len=int(seq_lens.max()) if num_reqs else 0,
         query_start_loc_cpu=query_start_loc.tolist(),
@@ -123,10 +262,10 @@ def prepare_inputs(
     )
     return BatchInputs(
         req_ids=req_ids,
-        input_ids=to_device(input_ids),
-        positions=to_device(positions),
+        input_ids=input_ids_t,
+        positions=positions_t,
         attn_metadata=metadata,
-        logits_indices=to_device(np.asarray(logits_indices, dtype=np.int64)),
-        sampling_req_ids=sampling_req_ids,
+        logits_indices=logits_indices_t,
+        sampling_req_ids=[req_ids[i] for i in sampling_rows.tolist()],
         prompt_logprob_spans=prompt_logprob_spans,
     )

@@ -12,11 +12,11 @@ from pagedllm.distributed import tensor_model_parallel_broadcast
 from pagedllm.layers.custom_op import set_fused_kernels
 from pagedllm.loader import get_model
 from pagedllm.worker.cuda_graph import CUDAGraphRunner
-from pagedllm.worker.input_batch import BatchInputs, CachedRequestState, prepare_inputs
+from pagedllm.worker.input_batch import BatchInputs, CachedRequestState, InputBuffers, prepare_inputs
 from pagedllm.worker.logits_processors import apply_logits_processors
 from pagedllm.worker.runner_output import LogprobsLists, ModelRunnerOutput
 from pagedllm.worker.sampler import Sampler, compute_logprobs
-from pagedllm.worker.sampling_metadata import build_sampling_metadata
+from pagedllm.worker.sampling_metadata import SamplingMetadataCache
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,9 @@ class ModelRunner:
         self.dtype = getattr(torch, model_config.dtype)
         self.requests: dict[str, CachedRequestState] = {}
         self.sampler = Sampler()
+        # Host state reused across steps: persistent block table / staging buffer, sampling metadata.
+        self.input_buffers = InputBuffers(device)
+        self.sampling_metadata_cache = SamplingMetadataCache()
         self.model: torch.nn.Module | None = None
         self.kv_caches: list[torch.Tensor] = []
         self.cuda_graphs: CUDAGraphRunner | None = None
@@ -133,7 +136,7 @@ class ModelRunner:
             self._copy_blocks(scheduler_output.blocks_to_copy)
         if scheduler_output.is_empty:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
-        batch = prepare_inputs(scheduler_output, self.requests, self.block_size, self.device)
+        batch = prepare_inputs(scheduler_output, self.requests, self.block_size, self.device, self.input_buffers)
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(batch.attn_metadata):
             hidden = self.cuda_graphs.run(batch.input_ids, batch.positions, batch.attn_metadata)
         else:
@@ -169,14 +172,7 @@ class ModelRunner:
 
     def _sample(self, batch: BatchInputs, logits: torch.Tensor) -> tuple[dict[str, list[int]], dict[str, LogprobsLists]]:
         states = [self.requests[r] for r in batch.sampling_req_ids]
-        metadata = build_sampling_metadata(
-            [s.sampling_params for s in states],
-            [s.prompt_token_ids for s in states],
-            [s.output_token_ids for s in states],
-            [s.generator for s in states],
-            vocab_size=logits.shape[-1],
-            device=self.device,
-        )
+        metadata = self.sampling_metadata_cache.get(states, vocab_size=logits.shape[-1], device=self.device)
         out = self.sampler.forward(logits, metadata)
         # Every tensor-parallel rank samples from the same gathered logits; rank 0's tokens are
         # broadcast anyway so that the ranks' request states can never drift apart.

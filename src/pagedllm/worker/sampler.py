@@ -263,22 +263,25 @@ def sample_random(
     mean "off" and give identical draws. `generator` drives every row's noise.
     """
     probs = unnormalised_probs_(logits, temperature)
-    filtered = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-    if top_k is not None:
-        filtered |= top_k > 0
-    if top_p is not None:
-        filtered |= top_p < 1.0
-    if bool(filtered.all()):
-        return _sample_filtered(probs, top_k, top_p, min_p, generator)
-    token_ids = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
-    plain = None if not bool(filtered.any()) else (~filtered).nonzero().squeeze(1)
+    filtered = None
+    # Temperature / min-p only (the common case) builds no row mask and syncs on none.
+    if top_k is not None or top_p is not None:
+        filtered = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+        if top_k is not None:
+            filtered |= top_k > 0
+        if top_p is not None:
+            filtered |= top_p < 1.0
+        if bool(filtered.all()):
+            return _sample_filtered(probs, top_k, top_p, min_p, generator)
+    plain = None if filtered is None or not bool(filtered.any()) else (~filtered).nonzero().squeeze(1)
     plain_probs = _take(probs, plain)
     if min_p is not None:
         plain_probs.masked_fill_(plain_probs < _take(min_p, plain).unsqueeze(1), 0.0)
     if plain is None:
         return exponential_race(plain_probs, generator)
+    token_ids = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
     token_ids[plain] = exponential_race(plain_probs, generator)
-    rows = filtered.nonzero().squeeze(1)
+    rows = filtered.nonzero().squeeze(1)  # type: ignore[union-attr]
     token_ids[rows] = _sample_filtered(
         probs[rows], _take(top_k, rows), _take(top_p, rows), _take(min_p, rows), generator
     )

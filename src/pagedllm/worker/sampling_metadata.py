@@ -1,6 +1,7 @@
 """SamplingMetadata: one step's per-request sampling parameters as batched tensors.
 
-Built once per step from the SamplingParams of the rows that sample. Everything the sampler
+Built from the SamplingParams of the rows that sample, and reused (SamplingMetadataCache) while
+the same requests sample and nothing depends on their output tokens. Everything the sampler
 needs per row is a tensor on the logits' device; the flags let the common cases (all greedy,
 no penalties, no top-k, ...) skip whole passes over the [num_reqs, vocab] logits.
 
@@ -13,6 +14,7 @@ the flat indices cost O(tokens seen) and are applied with one gather/scatter.
 from __future__ import annotations
 
 import itertools
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.worker.input_batch import CachedRequestState
 
 
 @dataclass
@@ -67,6 +70,9 @@ class SamplingMetadata:
 
     # Largest `logprobs` asked by any row; None when no row asked (0 = the sampled token only).
     max_num_logprobs: int | None
+
+    # Nothing in it depends on the rows' output tokens: the same rows may reuse it next step.
+    reusable: bool = False
 
 
 def _flat_keys(
@@ -120,6 +126,33 @@ def _sparse_token_keys(
     )
 
 
+def _scalar_rows(params: list[SamplingParams], greedy: list[bool], all_greedy: bool, pen_rows: list[int],
+                 vocab_size: int) -> tuple[np.ndarray, list[int] | None]:
+    """[7, num_reqs] float32 per-row scalars (temperature, top_k, top_p, min_p, presence,
+    frequency, repetition) and the top_k list (None when every row is greedy)."""
+    num_reqs = len(params)
+    if all_greedy and not pen_rows:
+        # Nothing here is read: greedy rows take argmax and no row is penalised. Neutral values
+        # without a pass over the rows.
+        neutral = np.array([1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0], dtype=np.float32)
+        return np.repeat(neutral[:, None], num_reqs, axis=1), None
+    top_k = [p.top_k if 0 < p.top_k < vocab_size else 0 for p in params]
+    # top_k < 2**24 is exact in float32; numpy converts the lists ~2x faster than torch.tensor.
+    scalars = np.array(
+        [
+            [1.0 if g else p.temperature for g, p in zip(greedy, params)],
+            top_k,
+            [p.top_p for p in params],
+            [p.min_p for p in params],
+            [p.presence_penalty for p in params],
+            [p.frequency_penalty for p in params],
+            [p.repetition_penalty for p in params],
+        ],
+        dtype=np.float32,
+    ).reshape(7, num_reqs)
+    return scalars, top_k
+
+
 def build_sampling_metadata(
     params: list[SamplingParams],
     prompt_token_ids: list[list[int]],
@@ -131,8 +164,10 @@ def build_sampling_metadata(
     """Batch the sampling parameters of the rows that sample this step (row i = params[i]).
 
     `generators[i]` is the persistent generator of a seeded request (None when unseeded);
-    it must live on `device`. Runs every step, so the per-row Python work is a few attribute
-    reads; token lists are only touched for rows that use penalties or min_tokens.
+    it must live on `device`. The per-row Python work is a few attribute reads per feature;
+    rows are looped over only for the features some row uses (logit bias, min_tokens, and
+    penalties, the only ones that touch token lists). An all-greedy batch without penalties
+    skips the per-row scalars altogether.
     """
     num_reqs = len(params)
     if not (len(prompt_token_ids) == len(output_token_ids) == len(generators) == num_reqs):
@@ -141,31 +176,21 @@ def build_sampling_metadata(
             f"{len(prompt_token_ids)} prompts, {len(output_token_ids)} outputs, {len(generators)} generators."
         )
     greedy = [p.sampling_type_greedy for p in params]
-    top_k = [p.top_k if 0 < p.top_k < vocab_size else 0 for p in params]
-    # One host tensor and one copy for every per-row scalar; top_k < 2**24 is exact in float32.
-    scalars = torch.tensor(
-        [
-            [1.0 if g else p.temperature for g, p in zip(greedy, params)],
-            top_k,
-            [p.top_p for p in params],
-            [p.min_p for p in params],
-            [p.presence_penalty for p in params],
-            [p.frequency_penalty for p in params],
-            [p.repetition_penalty for p in params],
-        ],
-        dtype=torch.float32,
-    ).view(7, num_reqs).to(device)
-
-    greedy_rows = [i for i in range(num_reqs) if greedy[i]]
     random_rows = [i for i in range(num_reqs) if not greedy[i]]
-    seeded = [i for i in random_rows if generators[i] is not None]
-    unseeded = [i for i in random_rows if generators[i] is None]
-
+    all_greedy = not random_rows
     pen_rows = [
         i
         for i, p in enumerate(params)
         if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
     ]
+    scalars_np, top_k = _scalar_rows(params, greedy, all_greedy, pen_rows, vocab_size)
+    # One host array and one copy for every per-row scalar.
+    scalars = torch.from_numpy(scalars_np).to(device)
+
+    greedy_rows = [i for i in range(num_reqs) if greedy[i]] if random_rows else list(range(num_reqs))
+    seeded = [i for i in random_rows if generators[i] is not None]
+    unseeded = [i for i in random_rows if generators[i] is None]
+
     rep_rows = [i for i in pen_rows if params[i].repetition_penalty != 1.0]
     output_keys = output_counts = seen_keys = None
     if pen_rows:
@@ -175,15 +200,16 @@ def build_sampling_metadata(
 
     bias_keys: list[int] = []
     bias_values: list[float] = []
+    for i in [i for i, p in enumerate(params) if p.logit_bias]:
+        for token, bias in params[i].logit_bias.items():  # type: ignore[union-attr]
+            if 0 <= token < vocab_size:
+                bias_keys.append(i * vocab_size + token)
+                bias_values.append(bias)
+    # Rows that have not produced min_tokens yet: their stop tokens are blocked this step.
+    min_tokens_rows = [i for i, p in enumerate(params) if p.min_tokens and len(output_token_ids[i]) < p.min_tokens]
     block_keys: list[int] = []
-    for i, p in enumerate(params):
-        if p.logit_bias:
-            for token, bias in p.logit_bias.items():
-                if 0 <= token < vocab_size:
-                    bias_keys.append(i * vocab_size + token)
-                    bias_values.append(bias)
-        if p.min_tokens and len(output_token_ids[i]) < p.min_tokens:
-            block_keys.extend(i * vocab_size + t for t in p.all_stop_token_ids if 0 <= t < vocab_size)
+    for i in min_tokens_rows:
+        block_keys.extend(i * vocab_size + t for t in params[i].all_stop_token_ids if 0 <= t < vocab_size)
 
     asked = [p.logprobs for p in params if p.logprobs is not None]
 
@@ -207,9 +233,9 @@ def build_sampling_metadata(
         unseeded_random_rows=on_device(unseeded, torch.int64) if unseeded else empty_rows.to(device),
         seeded_random_rows=seeded,
         generators=list(generators),
-        all_greedy=not random_rows,
+        all_greedy=all_greedy,
         all_random=not greedy_rows,
-        no_top_k=all(top_k[i] == 0 for i in random_rows),
+        no_top_k=all_greedy or all(top_k[i] == 0 for i in random_rows),  # type: ignore[index]
         no_top_p=all(params[i].top_p >= 1.0 for i in random_rows),
         no_min_p=all(params[i].min_p <= 0.0 for i in random_rows),
         no_penalties=not pen_rows,
@@ -220,4 +246,42 @@ def build_sampling_metadata(
         logit_bias_values=on_device(bias_values, torch.float32),
         min_tokens_keys=on_device(block_keys, torch.int64),
         max_num_logprobs=max(asked) if asked else None,
+        # Penalties and pending min_tokens read the output tokens; nothing else changes per step.
+        reusable=not pen_rows and not min_tokens_rows,
     )
+
+
+class SamplingMetadataCache:
+    """Reuses one SamplingMetadata while the same requests sample, step after step.
+
+    The metadata depends only on the requests' SamplingParams and generators, except for
+    penalties and pending min_tokens, which read the output tokens: a batch with any of those
+    is rebuilt every step. A request object that leaves and comes back (preemption) is a new
+    CachedRequestState, so identity comparison of the rows is exact.
+    """
+
+    def __init__(self) -> None:
+        self._states: list[CachedRequestState] = []
+        self._metadata: SamplingMetadata | None = None
+
+    def get(self, states: list[CachedRequestState], vocab_size: int, device: torch.device) -> SamplingMetadata:
+        """The metadata of rows `states` (row i = states[i]), rebuilt only when it may differ."""
+        cached = self._metadata
+        if (
+            cached is not None
+            and cached.reusable
+            and cached.vocab_size == vocab_size
+            and len(states) == len(self._states)
+            and all(map(operator.is_, states, self._states))
+        ):
+            return cached
+        self._metadata = build_sampling_metadata(
+            [s.sampling_params for s in states],
+            [s.prompt_token_ids for s in states],
+            [s.output_token_ids for s in states],
+            [s.generator for s in states],
+            vocab_size=vocab_size,
+            device=device,
+        )
+        self._states = list(states)
+        return self._metadata
