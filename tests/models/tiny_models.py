@@ -66,8 +66,8 @@ def build_tiny_model(architecture: str, path: str, seed: int = 0,
     """
     import transformers
 
-    config_class = getattr(transformers, _CONFIG_CLASSES.get(architecture, architecture.replace("ForCausalLM", "Config")))
-    config = config_class(**{**_COMMON, **configs[architecture]})
+    config_name = _CONFIG_CLASSES.get(architecture, architecture.replace("ForCausalLM", "Config"))
+    config = getattr(transformers, config_name)(**{**_COMMON, **configs[architecture]})
     torch.manual_seed(seed)
     model = getattr(transformers, architecture)(config).eval()
     # Larger-than-default weights give well-separated logits, so argmax is numerically stable.

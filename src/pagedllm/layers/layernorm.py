@@ -51,6 +51,29 @@ class RMSNorm(CustomOp):
         return triton_fused.fused_add_rms_norm(x, residual, self.weight, self.variance_epsilon)
 
 
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: scales by (1 + weight), in fp32 before rounding (Hugging Face's Gemma2RMSNorm).
+
+    Checkpoints store `weight` centred on 0. No fused kernel: the CUDA path is the PyTorch one.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__(hidden_size, eps)
+        self.weight.data.zero_()
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        input_dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (x * (1.0 + self.weight.float())).to(input_dtype)
+
+    def forward_cuda(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The PyTorch path (the fused RMSNorm kernel scales by weight, not 1 + weight)."""
+        return self.forward_native(x, residual)
+
+
 class LayerNorm(nn.Module):
     """Standard layer norm (mean and variance over the last dim), with optional affine weight and bias."""
 
