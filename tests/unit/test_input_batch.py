@@ -10,7 +10,7 @@ import torch
 
 from pagedllm.core.scheduler_output import SchedulerOutput
 from pagedllm.sampling_params import SamplingParams
-from pagedllm.worker.input_batch import CachedRequestState, InputBuffers, prepare_inputs
+from pagedllm.worker.input_batch import CachedRequestState, InputBuffers, prepare_inputs, split_like
 
 CPU = torch.device("cpu")
 BLOCK_SIZE = 4
@@ -130,3 +130,16 @@ def test_rows_of_dropped_requests_are_reclaimed_and_handed_out_zeroed() -> None:
     assert old.block_table_row == -1 and old.block_table_owner is None and row != requests["r1"].block_table_row
     assert buffers.block_table[row].tolist() == [9, 0, 0, 0] and num_blocks == 1
     assert buffers.block_table.shape[0] == 2  # reclaimed, not grown
+
+
+def test_split_like_recovers_every_piece_of_the_staging_buffer() -> None:
+    # The CUDA path copies the whole buffer and cuts the device copy like this (odd and even
+    # request counts: query_start_loc's int32 words may end mid-word).
+    for num_reqs in (1, 2, 5):
+        staging = np.arange(3 + 2 * num_reqs + (num_reqs + 2) // 2, dtype=np.int64)
+        tokens, table = staging[:3], staging[3 : 3 + 2 * num_reqs].reshape(num_reqs, 2)
+        qsl = staging[3 + 2 * num_reqs :].view(np.int32)[: num_reqs + 1]
+        qsl[:] = np.arange(num_reqs + 1) * 7
+        parts = split_like(torch.from_numpy(staging.copy()), [tokens, table, qsl])
+        assert [p.dtype for p in parts] == [torch.int64, torch.int64, torch.int32]
+        assert all(p.tolist() == v.tolist() for p, v in zip(parts, [tokens, table, qsl]))

@@ -9,6 +9,7 @@ array of the step is packed into one (pinned, on CUDA) host buffer and sent with
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -156,17 +157,35 @@ class InputBuffers:
         self._staged = size
         return self._pinned.numpy()[:size]
 
-    def to_device(self, staging: np.ndarray) -> torch.Tensor:
-        """Send the filled staging buffer to the device in one (asynchronous, if pinned) copy."""
+    def to_device(self, staging: np.ndarray, views: list[np.ndarray]) -> list[torch.Tensor]:
+        """`views` (consecutive pieces of the filled staging buffer, in order) as device tensors.
+
+        On CUDA: one (asynchronous, pinned) copy of the whole buffer, then device views of the
+        same shapes and dtypes. Elsewhere: the numpy views themselves, wrapped without a copy.
+        """
+        if self.device.type == "cpu":
+            return [torch.from_numpy(v) for v in views]
         if self.device.type != "cuda":
-            return torch.from_numpy(staging).to(self.device)
+            return [torch.from_numpy(v).to(self.device) for v in views]
         # The pinned tensor itself (not a numpy wrapper of its memory), so the copy is async.
-        out = self._pinned[: self._staged].to(self.device, non_blocking=True)  # type: ignore[index]
+        flat = self._pinned[: self._staged].to(self.device, non_blocking=True)  # type: ignore[index]
         if self._copy_done is None:
             self._copy_done = torch.cuda.Event()
         self._copy_done.record()
         self._copy_pending = True
-        return out
+        return split_like(flat, views)
+
+
+def split_like(flat: torch.Tensor, views: list[np.ndarray]) -> list[torch.Tensor]:
+    """Cut `flat` (int64, the device copy of a staging buffer) into tensors shaped and typed as
+    `views`, consecutive pieces of that buffer each starting on an int64 word."""
+    parts = flat.split([-(-v.nbytes // 8) for v in views])  # an int32 piece may end mid-word
+    out = []
+    for view, part in zip(views, parts):
+        if view.dtype == np.int32:
+            part = part.view(torch.int32)[: view.size]
+        out.append(part.view(view.shape))
+    return out
 
 
 def _order_decodes_first(scheduled: dict[str, int]) -> tuple[list[str], int]:
@@ -196,44 +215,50 @@ def prepare_inputs(
     req_ids, num_decodes = _order_decodes_first(scheduled)
     num_reqs = len(req_ids)
     states = [requests[r] for r in req_ids]
-    query_lens = np.ones(num_reqs, dtype=np.int64)
-    query_lens[num_decodes:] = [scheduled[r] for r in req_ids[num_decodes:]]
-    query_start_loc = np.zeros(num_reqs + 1, dtype=np.int64)
-    np.cumsum(query_lens, out=query_start_loc[1:])
-    num_tokens = int(query_start_loc[-1])
     computed = np.fromiter((s.num_computed_tokens for s in states), dtype=np.int64, count=num_reqs)
-    seq_lens = computed + query_lens
+    if num_decodes == num_reqs:  # decode-only (every CUDA-graph step): one token per request
+        query_lens = None
+        query_start_loc = np.arange(num_reqs + 1, dtype=np.int64)
+        token_positions = computed
+    else:
+        query_lens = np.ones(num_reqs, dtype=np.int64)
+        query_lens[num_decodes:] = [scheduled[r] for r in req_ids[num_decodes:]]
+        query_start_loc = np.zeros(num_reqs + 1, dtype=np.int64)
+        np.cumsum(query_lens, out=query_start_loc[1:])
+        # Each token's position: its request's first new position + its offset in the request.
+        token_positions = np.repeat(computed - query_start_loc[:-1], query_lens) + np.arange(query_start_loc[-1])
+    seq_lens = computed + (1 if query_lens is None else query_lens)
+    num_tokens = int(query_start_loc[-1])
     num_known = np.fromiter((len(s.token_ids) for s in states), dtype=np.int64, count=num_reqs)
     # A request samples when this step's tokens reach the end of the tokens it knows.
-    samples = seq_lens == num_known
+    sampling_rows = np.flatnonzero(seq_lens == num_known)
     rows, num_blocks = buffers.block_rows(states, requests)
     max_blocks = int(num_blocks.max()) if num_reqs else 0
 
     # One int64 host buffer holds every array of the step; the int32 query_start_loc sits in
     # its last int64 elements, viewed as int32.
-    num_sampling = int(samples.sum())
-    sizes = [num_tokens, num_tokens, num_tokens, num_reqs, num_sampling, num_reqs * max_blocks, (num_reqs + 2) // 2]
-    offsets = np.cumsum([0] + sizes).tolist()
+    sizes = [num_tokens, num_tokens, num_tokens, num_reqs, len(sampling_rows), num_reqs * max_blocks,
+             (num_reqs + 2) // 2]
+    offsets = [0, *itertools.accumulate(sizes)]
     staging = buffers.staging(offsets[-1])
     input_ids, positions, slot_mapping, seq_lens_out, logits_indices, block_tables, qsl_words = (
         staging[offsets[i] : offsets[i + 1]] for i in range(len(sizes)))
     block_tables = block_tables.reshape(num_reqs, max_blocks)
-    qsl32 = qsl_words.view(np.int32)[: num_reqs + 1]
 
-    # Decodes: the input is the token at num_computed_tokens, at that position.
+    # Decodes: the input is the token at num_computed_tokens.
     input_ids[:num_decodes] = np.fromiter(
         (s.token_ids[s.num_computed_tokens] for s in states[:num_decodes]), dtype=np.int64, count=num_decodes)
-    # Positions of every token: its request's first new position + its offset in the request.
-    np.add(np.repeat(computed - query_start_loc[:-1], query_lens), np.arange(num_tokens), out=positions)
     for i in range(num_decodes, num_reqs):  # prefill chunks: a slice of the known tokens each
         state, start, end = states[i], int(query_start_loc[i]), int(query_start_loc[i + 1])
         input_ids[start:end] = state.token_ids[state.num_computed_tokens : state.num_computed_tokens + end - start]
+    positions[:] = token_positions
     seq_lens_out[:] = seq_lens
     np.take(buffers.block_table[:, :max_blocks], rows, axis=0, out=block_tables)
-    block_ids_per_token = block_tables[np.repeat(np.arange(num_reqs), query_lens), positions // block_size]
-    np.add(block_ids_per_token * block_size, positions % block_size, out=slot_mapping)
-    sampling_rows = np.flatnonzero(samples)
-    logits_indices[:] = query_start_loc[sampling_rows + 1] - 1
+    token_rows = np.arange(num_reqs) if query_lens is None else np.repeat(np.arange(num_reqs), query_lens)
+    np.add(block_tables[token_rows, positions // block_size] * block_size, positions % block_size, out=slot_mapping)
+    # The last token of each sampling request (in a decode-only batch, token i is request i).
+    logits_indices[:] = sampling_rows if query_lens is None else query_start_loc[sampling_rows + 1] - 1
+    qsl32 = qsl_words.view(np.int32)[: num_reqs + 1]
     qsl32[:] = query_start_loc
 
     prompt_logprob_spans: dict[str, tuple[int, int, int]] = {}
@@ -245,20 +270,21 @@ def prepare_inputs(
             rows_needed = min(int(seq_lens[i]), state.num_prompt_tokens - 1) - first
             prompt_logprob_spans[req_ids[i]] = (start, rows_needed, first)
 
-    flat = buffers.to_device(staging)
     input_ids_t, positions_t, slot_mapping_t, seq_lens_t, logits_indices_t, block_tables_t, qsl_t = (
-        flat[offsets[i] : offsets[i + 1]] for i in range(len(sizes)))
+        buffers.to_device(staging, [input_ids, positions, slot_mapping, seq_lens_out, logits_indices, block_tables,
+                                    qsl32]))
+    seq_lens_cpu = seq_lens.tolist()
     metadata = AttentionMetadata(
         num_actual_tokens=num_tokens,
         num_decodes=num_decodes,
-        query_start_loc=qsl_t.view(torch.int32)[: num_reqs + 1],
+        query_start_loc=qsl_t,
         seq_lens=seq_lens_t,
         slot_mapping=slot_mapping_t,
-        block_tables=block_tables_t.view(num_reqs, max_blocks),
-        max_query_len=int(query_lens.max()) if num_reqs else 0,
-        max_seq_len=int(seq_lens.max()) if num_reqs else 0,
+        block_tables=block_tables_t,
+        max_query_len=(1 if query_lens is None else int(query_lens.max())) if num_reqs else 0,
+        max_seq_len=max(seq_lens_cpu, default=0),
         query_start_loc_cpu=query_start_loc.tolist(),
-        seq_lens_cpu=seq_lens.tolist(),
+        seq_lens_cpu=seq_lens_cpu,
     )
     return BatchInputs(
         req_ids=req_ids,
