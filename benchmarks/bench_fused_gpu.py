@@ -8,9 +8,11 @@
    each kernel captured in a graph, its inputs changed in place, the replay equal to eager.
 2. Kernel timing: fused vs unfused (the layer's `forward_native`, i.e. the torch ops the CUDA
    path ran before) at the decode shapes of Qwen3-0.6B and Llama-3.1-8B for batch 1, 64, 256,
-   with an estimate of the GPU time saved per decode step (per-layer counts x layers).
+   with an estimate of the GPU time saved per decode step (per-layer counts x layers), and the
+   eager wall time per call (launch cost included).
 3. Model step: one decode forward pass of each model (dummy weights, context --context tokens)
-   replayed from a CUDA graph with fused kernels on and off.
+   replayed from a CUDA graph with fused kernels on and off, and run eagerly (wall time, so the
+   host launch cost of Triton vs torch kernels shows, as in prefill steps or --enforce-eager).
 Every variant is wrapped: a failure prints and the run continues. Prints a table last and writes
 everything to $OUT/fused_kernels.json when OUT is set. Needs only torch and triton.
 """
@@ -22,6 +24,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -215,6 +218,17 @@ def make_ops(s: Shapes, batch: int, dtype: torch.dtype = torch.bfloat16) -> list
     return ops
 
 
+def host_time_us(fn: Callable[[], Any], calls: int = 200) -> float:
+    """Wall time per call of back-to-back eager calls: the larger of launch cost and GPU time."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
 def bench_kernels(shapes: list[Shapes], batches: list[int], timer: Timer) -> list[dict[str, Any]]:
     """Correctness and fused-vs-native timing of every op at every (model, batch)."""
     rows = []
@@ -230,9 +244,13 @@ def bench_kernels(shapes: list[Shapes], batches: list[int], timer: Timer) -> lis
                 row["graph_ok"] = attempt(f"{label} graph", op.graph_check)
                 row["fused_us"] = attempt(f"{label} fused", lambda: timer(op.fused) * 1e3)
                 row["native_us"] = attempt(f"{label} native", lambda: timer(op.native) * 1e3)
+                # Eager mode (prefill steps, --enforce-eager) also pays the host launch cost.
+                row["fused_host_us"] = attempt(f"{label} fused host", lambda: host_time_us(op.fused))
+                row["native_host_us"] = attempt(f"{label} native host", lambda: host_time_us(op.native))
                 print(f"  {label:<40} rel_err {_fmt(row['rel_error'], '.1e')} "
                       f"(torch bf16 {_fmt(row['native_rel_error'], '.1e')})  graph {row['graph_ok']}  "
-                      f"fused {_fmt(row['fused_us'])} us  torch {_fmt(row['native_us'])} us", flush=True)
+                      f"fused {_fmt(row['fused_us'])} us  torch {_fmt(row['native_us'])} us  (eager wall "
+                      f"{_fmt(row['fused_host_us'])} / {_fmt(row['native_host_us'])} us)", flush=True)
                 rows.append(row)
     return rows
 
@@ -248,13 +266,14 @@ def bench_model_step(s: Shapes, batches: list[int], context: int, iters: int) ->
     config = create_engine_config(EngineArgs(model=os.path.join(CONFIGS, s.config_dir), load_format="dummy",
                                              skip_tokenizer_init=True, max_model_len=context + 16))
     model = get_model(config.model_config, DEVICE)
+    dtype = getattr(torch, config.model_config.dtype)
     block_size = 16
     max_batch = max(batches)
     blocks_per_seq = -(-(context + 1) // block_size)
     num_blocks = max_batch * blocks_per_seq + 1
     for layer in model.attention_layers():
         layer.kv_cache = torch.randn(2, num_blocks, block_size, layer.num_kv_heads, layer.head_dim,
-                                     device=DEVICE, dtype=torch.bfloat16) * 0.1
+                                     device=DEVICE, dtype=dtype) * 0.1
     rows = []
     for batch in batches:
         gen = torch.Generator(device=DEVICE).manual_seed(batch)
@@ -298,11 +317,19 @@ def bench_model_step(s: Shapes, batches: list[int], context: int, iters: int) ->
                 del graph
                 return statistics.median(times)
 
-            row["fused_ms" if fused else "native_ms"] = attempt(f"{s.name} step b={batch} fused={fused}", run)
+            def eager(fused: bool = fused) -> float:
+                set_fused_kernels(model, fused)
+                with torch.inference_mode():
+                    return host_time_us(lambda: model(input_ids, positions, metadata), calls=20) / 1e3
+
+            name = "fused" if fused else "native"
+            row[f"{name}_ms"] = attempt(f"{s.name} step b={batch} fused={fused}", run)
+            row[f"{name}_eager_ms"] = attempt(f"{s.name} eager step b={batch} fused={fused}", eager)
         if len(outputs) == 2:
             row["hidden_rel_diff"] = rel_error(outputs[True], outputs[False])
         print(f"  {s.name} step b={batch}: torch {_fmt(row.get('native_ms'), '.3f')} ms  "
-              f"fused {_fmt(row.get('fused_ms'), '.3f')} ms  hidden rel diff {_fmt(row.get('hidden_rel_diff'), '.1e')}",
+              f"fused {_fmt(row.get('fused_ms'), '.3f')} ms  hidden rel diff {_fmt(row.get('hidden_rel_diff'), '.1e')}  "
+              f"(eager: torch {_fmt(row.get('native_eager_ms'), '.3f')} ms, fused {_fmt(row.get('fused_eager_ms'), '.3f')} ms)",
               flush=True)
         rows.append(row)
     del model
@@ -316,14 +343,15 @@ def _fmt(value: Any, spec: str = ".1f") -> str:
 
 def print_summary(kernels: list[dict[str, Any]], steps: list[dict[str, Any]]) -> None:
     """One table of kernel timings and per-step savings, then the model-step table."""
-    print("\n| model | batch | op | rel err (< 1e-2) | torch bf16 rel err | graph | torch us | fused us | speedup |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| model | batch | op | rel err (< 1e-2) | torch bf16 rel err | graph | torch us | fused us | speedup "
+          "| eager wall torch / fused us |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     saved: dict[tuple[str, int], float] = {}
     for r in kernels:
         speedup = r["native_us"] / r["fused_us"] if r["fused_us"] and r["native_us"] else None
         print(f"| {r['model']} | {r['batch']} | {r['op']} | {_fmt(r['rel_error'], '.1e')} "
               f"{'ok' if r['ok'] else 'FAIL'} | {_fmt(r['native_rel_error'], '.1e')} | {r['graph_ok']} | {_fmt(r['native_us'])} | {_fmt(r['fused_us'])} "
-              f"| {_fmt(speedup, '.2f')}x |")
+              f"| {_fmt(speedup, '.2f')}x | {_fmt(r['native_host_us'])} / {_fmt(r['fused_host_us'])} |")
         if speedup is not None:
             key = (r["model"], r["batch"])
             saved[key] = saved.get(key, 0.0) + (r["native_us"] - r["fused_us"]) * r["per_layer"] * r["num_layers"]
@@ -331,12 +359,14 @@ def print_summary(kernels: list[dict[str, Any]], steps: list[dict[str, Any]]) ->
     for (model, batch), us in saved.items():
         print(f"  {model} batch {batch}: {us / 1e3:.3f} ms")
     if steps:
-        print("\n| model | batch | context | step torch ms | step fused ms | speedup |")
-        print("| --- | --- | --- | --- | --- | --- |")
+        print("\n| model | batch | context | graph step torch ms | graph step fused ms | speedup "
+              "| eager step torch / fused ms |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
         for r in steps:
             speedup = r["native_ms"] / r["fused_ms"] if r.get("fused_ms") and r.get("native_ms") else None
             print(f"| {r['model']} | {r['batch']} | {r['context']} | {_fmt(r.get('native_ms'), '.3f')} "
-                  f"| {_fmt(r.get('fused_ms'), '.3f')} | {_fmt(speedup, '.2f')}x |")
+                  f"| {_fmt(r.get('fused_ms'), '.3f')} | {_fmt(speedup, '.2f')}x "
+                  f"| {_fmt(r.get('native_eager_ms'), '.3f')} / {_fmt(r.get('fused_eager_ms'), '.3f')} |")
     failed = [r for r in kernels if not r["ok"] or r["graph_ok"] is not True]
     print(f"\ncorrectness: {len(kernels) - len(failed)} / {len(kernels)} ops pass (bf16 vs fp32, CUDA graph)")
 
