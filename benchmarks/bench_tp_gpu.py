@@ -85,10 +85,13 @@ def control_path_us(engine, iters: int = 300) -> dict[str, float]:
     return {"median_us": statistics.median(times) * 1e6, "p90_us": sorted(times)[int(0.9 * iters)] * 1e6}
 
 
-def l1(config: str, tp: int, floor_gb: float, bandwidth: float) -> dict:
+def l1(config: str, tp: int, floor_gb: float, bandwidth: float, engine=None) -> dict:
     from pagedllm.benchmarks.latency import measure_latency
 
-    engine, startup = _engine(config, tp, max_model_len=4096, max_num_seqs=8)
+    shared = engine is not None
+    startup = 0.0
+    if not shared:
+        engine, startup = _engine(config, tp, max_model_len=4096, max_num_seqs=8)
     rng = random.Random(0)
     prompt = [[rng.randrange(100, 10000) for _ in range(128)]]
     measure_latency(engine, prompt, 8)
@@ -99,9 +102,10 @@ def l1(config: str, tp: int, floor_gb: float, bandwidth: float) -> dict:
            "floor_ms": floor_ms, "tpot_over_floor": tpot / floor_ms}
     if tp > 1:
         res["control_path"] = control_path_us(engine)
-    engine.shutdown()
-    del engine
-    torch.cuda.empty_cache()
+    if not shared:
+        engine.shutdown()
+        del engine
+        torch.cuda.empty_cache()
     return res
 
 
@@ -114,7 +118,8 @@ def t1_requests() -> list[tuple[list[int], int]]:
     return reqs
 
 
-def t1(config: str, tp: int, greedy_prompts: list[list[int]], greedy_tokens: int) -> tuple[dict, list]:
+def t1(config: str, tp: int, greedy_prompts: list[list[int]], greedy_tokens: int,
+       l1_args: tuple | None = None, greedy_t1: bool = True) -> tuple[dict, list]:
     from pagedllm import LLM, SamplingParams
     from pagedllm.benchmarks.throughput import bench_pagedllm
 
@@ -122,6 +127,8 @@ def t1(config: str, tp: int, greedy_prompts: list[list[int]], greedy_tokens: int
     llm = LLM(os.path.join(CONFIGS, config), load_format="dummy", skip_tokenizer_init=True, tensor_parallel_size=tp,
               max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=16384)
     res = {"startup_s": time.perf_counter() - t0, "num_blocks": llm.llm_engine.config.cache_config.num_blocks}
+    if l1_args is not None:  # L1 on this same engine (saves a second start of a large model)
+        res["l1"] = l1(config, tp, *l1_args, engine=llm.llm_engine)
     reqs = t1_requests()
     executor = llm.llm_engine.engine_core.executor
     sent = (getattr(executor, "messages_sent", 0), getattr(executor, "bytes_sent", 0))
@@ -129,8 +136,8 @@ def t1(config: str, tp: int, greedy_prompts: list[list[int]], greedy_tokens: int
     if hasattr(executor, "bytes_sent"):
         res["control_bytes_per_step"] = (executor.bytes_sent - sent[1]) / max(executor.messages_sent - sent[0], 1)
     res.update({k: run[k] for k in ("seconds", "output_tokens", "output_tok_s")})
-    greedy = bench_pagedllm(llm, reqs, 0.0)
-    res["greedy_output_tok_s"] = greedy["output_tok_s"]
+    if greedy_t1:
+        res["greedy_output_tok_s"] = bench_pagedllm(llm, reqs, 0.0)["output_tok_s"]
     params = SamplingParams(temperature=0.0, max_tokens=greedy_tokens, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in greedy_prompts], params, use_tqdm=False)
     tokens = [o.outputs[0].token_ids for o in outs]
@@ -196,6 +203,7 @@ def main() -> None:
     ap.add_argument("--skip-l1", action="store_true")
     ap.add_argument("--skip-t1", action="store_true")
     ap.add_argument("--skip-allreduce", action="store_true")
+    ap.add_argument("--shared-engine", action="store_true", help="L1 on the T1 engine (same config)")
     args = ap.parse_args()
     sizes = [int(x) for x in args.tp.split(",")]
     bandwidth = _record("copy_bandwidth_gbs", copy_bandwidth_gbs)
@@ -203,10 +211,12 @@ def main() -> None:
     greedy_prompts = [[rng.randrange(100, 10000) for _ in range(rng.randint(16, 512))] for _ in range(32)]
     tokens = {}
     for tp in sizes:
-        if not args.skip_l1:
+        if not args.skip_l1 and not args.shared_engine:
             _record(f"l1_tp{tp}", l1, args.l1_config, tp, args.floor_gb, bandwidth)
         if not args.skip_t1:
-            res = _record(f"t1_tp{tp}", lambda: t1(args.t1_config, tp, greedy_prompts, 128))
+            l1_args = (args.floor_gb, bandwidth) if args.shared_engine else None
+            res = _record(f"t1_tp{tp}", lambda: t1(args.t1_config, tp, greedy_prompts, 128, l1_args,
+                                                   greedy_t1=not args.shared_engine))
             if isinstance(res, tuple):
                 RESULTS[f"t1_tp{tp}"], tokens[tp] = res
     if len(tokens) > 1:
