@@ -41,7 +41,13 @@ def get_open_port() -> int:
 def run_worker_process(config: EngineConfig, rank: int, init_method: str, conn: Connection, log_level: int) -> None:
     """A worker process: build this rank's Worker, then serve (method, args) calls until shutdown."""
     logging.basicConfig(level=log_level, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the engine's to handle, not ours
+    # Ctrl-C and a SIGTERM to the whole process group are the engine's to handle (the server drains
+    # first); a worker stops when told to, or when its pipe to the engine closes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # NCCL's heartbeat monitor polls rank 0's store and floods the log once rank 0 has exited;
+    # dead peers are the executor's to detect.
+    os.environ.setdefault("TORCH_NCCL_ENABLE_MONITORING", "0")
     import torch
 
     from pagedllm.worker.worker import Worker
