@@ -15,7 +15,7 @@ import os
 import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -32,15 +32,9 @@ _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f"
 _ARRAY_DTYPES = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
                  6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 
-# llama.cpp architecture name -> (HF architecture class, HF model_type).
-GGUF_ARCHITECTURES = {
-    "llama": ("LlamaForCausalLM", "llama"),
-    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
-    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
-}
-
-# GGUF tensor name (after `blk.{i}.`) -> HF parameter name (after `model.layers.{i}.`).
-_LAYER_TENSOR_NAMES = {
+# GGUF tensor name (after `blk.{i}.`) -> HF parameter name (after `model.layers.{i}.`), per
+# architecture: llama.cpp's names (gguf-py's TensorNameMap) read backwards.
+_LLAMA_LAYER_TENSORS = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj",
@@ -53,14 +47,56 @@ _LAYER_TENSOR_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Gemma norms around both attention and MLP: GGUF's ffn_norm is HF's *pre*-feedforward norm here.
+_GEMMA_LAYER_TENSORS = {
+    **_LLAMA_LAYER_TENSORS,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+# Phi-3 keeps its checkpoint's fused tensors: ffn_up holds gate and up stacked (HF's gate_up_proj).
+_PHI3_LAYER_TENSORS = {
+    **{k: v for k, v in _LLAMA_LAYER_TENSORS.items() if k != "ffn_gate"},
+    "attn_qkv": "self_attn.qkv_proj",
+    "ffn_up": "mlp.gate_up_proj",
+}
 _GLOBAL_TENSOR_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-# Tensors llama.cpp stores that are no HF parameter: llama3 rope frequency factors are recomputed
-# from rope_scaling by the model.
-_SKIPPED_TENSORS = {"rope_freqs.weight"}
+# Tensors llama.cpp stores that are no HF parameter. Phi-3's LongRoPE factors become the config's
+# rope_scaling; llama3 RoPE factors (which the converter writes instead of rope_scaling) are not read
+# yet, so Llama 3.1+ files run without their llama3 frequency scaling, as in transformers' loader.
+_SKIPPED_TENSORS = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
+
+
+@dataclass(frozen=True)
+class GGUFArchitecture:
+    """How one llama.cpp architecture maps onto a Hugging Face model.
+
+    `permuted_qk`: llama.cpp's converter interleaved the rotary halves of q/k rows (its `llama`
+    architecture only; transformers undoes it for that architecture alone). `norm_offset`: the
+    converter stored every `*norm.weight` plus this (Gemma's RMSNorm scales by 1 + weight, and
+    llama.cpp's by weight), so the loader subtracts it again.
+    """
+
+    hf_architecture: str
+    model_type: str
+    layer_tensors: dict[str, str]
+    permuted_qk: bool = False
+    norm_offset: float = 0.0
+
+
+# llama.cpp architecture name (`general.architecture`) -> its mapping.
+GGUF_ARCHITECTURES: dict[str, GGUFArchitecture] = {
+    "llama": GGUFArchitecture("LlamaForCausalLM", "llama", _LLAMA_LAYER_TENSORS, permuted_qk=True),
+    "qwen2": GGUFArchitecture("Qwen2ForCausalLM", "qwen2", _LLAMA_LAYER_TENSORS),
+    "qwen3": GGUFArchitecture("Qwen3ForCausalLM", "qwen3", _LLAMA_LAYER_TENSORS),
+    "phi3": GGUFArchitecture("Phi3ForCausalLM", "phi3", _PHI3_LAYER_TENSORS),
+    "gemma2": GGUFArchitecture("Gemma2ForCausalLM", "gemma2", _GEMMA_LAYER_TENSORS, norm_offset=1.0),
+    "gemma3": GGUFArchitecture("Gemma3ForCausalLM", "gemma3_text", _GEMMA_LAYER_TENSORS, norm_offset=1.0),
+}
 
 
 @dataclass(frozen=True)
@@ -182,18 +218,32 @@ def read_gguf(path: str) -> GGUFFile:
     return GGUFFile(path, metadata, tensors)
 
 
+def _architecture(gguf: GGUFFile) -> tuple[str, GGUFArchitecture]:
+    """The file's llama.cpp architecture name and mapping; a clear error for unsupported ones."""
+    arch = gguf.metadata.get("general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(f"GGUF file {gguf.path} has architecture {arch!r}, which pagedllm cannot load; "
+                         f"supported: {sorted(GGUF_ARCHITECTURES)}.")
+    return arch, GGUF_ARCHITECTURES[arch]
+
+
+_REQUIRED = object()
+_MetadataGetter = Callable[..., Any]  # get(key without the "{arch}." prefix, default) -> value
+
+
 def load_gguf_config(path: str, gguf: GGUFFile | None = None) -> dict[str, Any]:
-    """An HF-style config dict (the keys a config.json would have) from a GGUF file's metadata."""
+    """An HF-style config dict (the keys a config.json would have) from a GGUF file's metadata.
+
+    Keys llama.cpp does not store are given the values llama.cpp itself assumes for the
+    architecture, so the model computes what llama.cpp computes from the same file.
+    """
     gguf = gguf or read_gguf(path)
     meta = gguf.metadata
-    arch = meta.get("general.architecture")
-    if arch not in GGUF_ARCHITECTURES:
-        raise ValueError(f"GGUF file {path} has architecture {arch!r}, which pagedllm cannot load; "
-                         f"supported: {sorted(GGUF_ARCHITECTURES)}.")
+    arch, spec = _architecture(gguf)
 
-    def get(key: str, default: Any = None) -> Any:
+    def get(key: str, default: Any = _REQUIRED) -> Any:
         value = meta.get(f"{arch}.{key}", default)
-        if value is None:
+        if value is _REQUIRED:
             raise ValueError(f"GGUF file {path} lacks the metadata key {arch}.{key}.")
         return value
 
@@ -202,20 +252,15 @@ def load_gguf_config(path: str, gguf: GGUFFile | None = None) -> dict[str, Any]:
     num_kv_heads = get("attention.head_count_kv", num_heads)
     if isinstance(num_kv_heads, np.ndarray):  # per-layer counts in some files
         num_kv_heads = int(num_kv_heads.max())
-    tokens = meta.get("tokenizer.ggml.tokens")
-    vocab_size = meta.get(f"{arch}.vocab_size", len(tokens) if tokens is not None else None)
-    if vocab_size is None:
-        raise ValueError(f"GGUF file {path} states no vocab size ({arch}.vocab_size) and has no tokenizer.")
-    hf_arch, model_type = GGUF_ARCHITECTURES[arch]
     config: dict[str, Any] = {
-        "architectures": [hf_arch],
-        "model_type": model_type,
+        "architectures": [spec.hf_architecture],
+        "model_type": spec.model_type,
         "hidden_size": hidden_size,
         "num_hidden_layers": int(get("block_count")),
         "num_attention_heads": num_heads,
         "num_key_value_heads": int(num_kv_heads),
         "intermediate_size": int(get("feed_forward_length")),
-        "vocab_size": int(vocab_size),
+        "vocab_size": _vocab_size(gguf, get),
         "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_theta": float(get("rope.freq_base", 10000.0)),
         "max_position_embeddings": int(get("context_length", 2048)),
@@ -229,27 +274,100 @@ def load_gguf_config(path: str, gguf: GGUFFile | None = None) -> dict[str, Any]:
         token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
         if token_id is not None:
             config["pad_token_id" if key == "padding" else f"{key}_token_id"] = int(token_id)
-    scaling_type = meta.get(f"{arch}.rope.scaling.type")
+    scaling_type = get("rope.scaling.type", None)
     if scaling_type not in (None, "none"):
         rope_scaling: dict[str, Any] = {"rope_type": scaling_type, "type": scaling_type}
-        if f"{arch}.rope.scaling.factor" in meta:
-            rope_scaling["factor"] = float(meta[f"{arch}.rope.scaling.factor"])
-        if f"{arch}.rope.scaling.original_context_length" in meta:
-            rope_scaling["original_max_position_embeddings"] = int(
-                meta[f"{arch}.rope.scaling.original_context_length"])
+        if get("rope.scaling.factor", None) is not None:
+            rope_scaling["factor"] = float(get("rope.scaling.factor"))
+        if get("rope.scaling.original_context_length", None) is not None:
+            rope_scaling["original_max_position_embeddings"] = int(get("rope.scaling.original_context_length"))
         config["rope_scaling"] = rope_scaling
+    if arch in _ARCHITECTURE_CONFIG:
+        config.update(_ARCHITECTURE_CONFIG[arch](gguf, get, config))
     return config
 
 
-def _hf_name(gguf_name: str, path: str) -> str | None:
+def _vocab_size(gguf: GGUFFile, get: _MetadataGetter) -> int:
+    """Rows of the embedding (what the weights need), else the stated vocab size, else the tokenizer's."""
+    # Gemma 3 converters drop the embedding's unused rows, so the HF vocab size may not fit the tensor.
+    if "token_embd.weight" in gguf.tensors:
+        return gguf.tensors["token_embd.weight"].shape[0]
+    tokens = gguf.metadata.get("tokenizer.ggml.tokens")
+    vocab_size = get("vocab_size", len(tokens) if tokens is not None else None)
+    if vocab_size is None:
+        raise ValueError(f"GGUF file {gguf.path} states no vocab size, has no tokenizer and no token_embd.")
+    return int(vocab_size)
+
+
+def _phi3_config(gguf: GGUFFile, get: _MetadataGetter, config: dict[str, Any]) -> dict[str, Any]:
+    """Phi-3's partial rotary, sliding window and LongRoPE (llama.cpp's Phi3MiniModel, inverted)."""
+    head_dim = config["head_dim"]
+    # The converter writes int(partial_rotary_factor * hidden) // heads rotary dimensions.
+    rotary_dim = int(get("rope.dimension_count", head_dim))
+    # 0 marks "no window" (Phi-4). llama.cpp currently ignores Phi-3 windows; Hugging Face applies
+    # them, and this config is the one the original config.json had.
+    window = int(get("attention.sliding_window", 0))
+    extra: dict[str, Any] = {"partial_rotary_factor": rotary_dim / head_dim, "sliding_window": window or None}
+    original = get("rope.scaling.original_context_length", None)
+    if original is not None:
+        extra["original_max_position_embeddings"] = int(original)
+    if "rope_factors_long.weight" in gguf.tensors:
+        # LongRoPE (Phi-3 128k, Phi-3.5, Phi-4-mini): its per-frequency factors are tensors in GGUF.
+        extra["rope_scaling"] = {
+            "rope_type": "longrope", "type": "longrope",
+            "long_factor": read_gguf_tensor(gguf, "rope_factors_long.weight").tolist(),
+            "short_factor": read_gguf_tensor(gguf, "rope_factors_short.weight").tolist(),
+            "original_max_position_embeddings": int(original or config["max_position_embeddings"]),
+        }
+    return extra
+
+
+# Layers of the 27B models, which llama.cpp recognises by depth alone.
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62}
+
+
+def _gemma_config(gguf: GGUFFile, get: _MetadataGetter, config: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 2 / 3 settings GGUF stores or llama.cpp hard-codes (llama-model.cpp's hparams)."""
+    gemma3 = config["model_type"] == "gemma3_text"
+    # The attention scale is no metadata: llama.cpp uses hidden / heads for the 27B models (as
+    # their query_pre_attn_scalar says) and head_dim for every other size.
+    is_27b = config["num_hidden_layers"] == _GEMMA_27B_LAYERS[config["model_type"]]
+    scalar = config["hidden_size"] // config["num_attention_heads"] if is_27b else config["head_dim"]
+    # Gemma 2 files without a window get llama.cpp's 4096; a Gemma 3 file without one has none.
+    window = int(get("attention.sliding_window", 0 if gemma3 else 4096))
+    extra: dict[str, Any] = {
+        "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": scalar, "sliding_window": window or None,
+    }
+    if gemma3:
+        # Five local layers per global one, the local ones on RoPE base 10000 (llama.cpp fixes both;
+        # newer converters also write the local base).
+        extra.update(sliding_window_pattern=6, rope_local_base_freq=float(get("rope.freq_base_swa", 10000.0)),
+                     attn_logit_softcapping=None,
+                     final_logit_softcapping=float(get("final_logit_softcapping", 0.0)) or None)
+    else:
+        extra.update(attn_logit_softcapping=float(get("attn_logit_softcapping", 50.0)),
+                     final_logit_softcapping=float(get("final_logit_softcapping", 30.0)))
+    return extra
+
+
+# Architecture-specific config keys, applied over the common ones.
+_ARCHITECTURE_CONFIG: dict[str, Callable[[GGUFFile, _MetadataGetter, dict[str, Any]], dict[str, Any]]] = {
+    "phi3": _phi3_config,
+    "gemma2": _gemma_config,
+    "gemma3": _gemma_config,
+}
+
+
+def _hf_name(gguf_name: str, spec: GGUFArchitecture, path: str) -> str | None:
     """HF parameter name of a GGUF tensor; None for tensors that are no HF parameter."""
     if gguf_name in _GLOBAL_TENSOR_NAMES:
         return _GLOBAL_TENSOR_NAMES[gguf_name]
     if gguf_name in _SKIPPED_TENSORS:
         return None
     parts = gguf_name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER_TENSOR_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_TENSOR_NAMES[parts[2]]}.{parts[3]}"
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in spec.layer_tensors:
+        return f"model.layers.{parts[1]}.{spec.layer_tensors[parts[2]]}.{parts[3]}"
     raise ValueError(f"GGUF file {path} holds tensor {gguf_name!r}, which pagedllm does not know how to "
                      "map to a Hugging Face parameter; the architecture is not supported as stored.")
 
@@ -315,31 +433,51 @@ def dequantize_tensor(raw: torch.Tensor, ggml_type: GGMLQuantizationType, shape:
     return out.reshape(shape)
 
 
+def _map_file(path: str) -> np.memmap:
+    # mode "c": torch needs a writable array to wrap without a copy; writes would stay private.
+    return np.memmap(path, dtype=np.uint8, mode="c")
+
+
+def _raw_bytes(data: np.memmap, info: GGUFTensorInfo) -> torch.Tensor:
+    return torch.from_numpy(data[info.offset:info.offset + info.nbytes])
+
+
+def read_gguf_tensor(gguf: GGUFFile, name: str) -> torch.Tensor:
+    """One tensor of the file as stored (no HF transformation undone), dequantized to float32."""
+    info = gguf.tensors[name]
+    with _one_thread():
+        return dequantize_tensor(_raw_bytes(_map_file(gguf.path), info), info.ggml_type, info.shape).clone()
+
+
 def iter_gguf_weights(path: str, config: dict[str, Any],
                       gguf: GGUFFile | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF parameter name, float32 tensor in HF shape) for every weight of a GGUF file.
 
     Data is memory-mapped copy-on-write: F32 tensors are views of the mapping (no copy), quantized
-    ones are dequantized straight from it. For the llama architecture the q/k rotary permutation
-    that llama.cpp's converter applies is undone, so the weights equal the original checkpoint's.
+    ones are dequantized straight from it. What llama.cpp's converter changed is undone as
+    transformers' GGUF loader undoes it, so the weights equal the original checkpoint's: the q/k
+    rotary permutation (llama architecture) and the +1 on every norm weight (Gemma).
     """
     gguf = gguf or read_gguf(path)
-    undo_rope_permutation = gguf.metadata.get("general.architecture") == "llama"
+    _, spec = _architecture(gguf)
     num_heads = int(config["num_attention_heads"])
     num_kv_heads = int(config.get("num_key_value_heads", num_heads))
-    # mode "c": torch needs a writable array to wrap without a copy; writes would stay private.
-    data = np.memmap(path, dtype=np.uint8, mode="c")
+    data = _map_file(path)
     for info in gguf.tensors.values():
-        name = _hf_name(info.name, path)
+        name = _hf_name(info.name, spec, path)
         if name is None:
             continue
-        raw = torch.from_numpy(data[info.offset:info.offset + info.nbytes])
+        raw = _raw_bytes(data, info)
         with _one_thread():
-            if undo_rope_permutation and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name):
+            if spec.permuted_qk and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name):
                 heads = num_heads if ".q_proj." in name else num_kv_heads
                 # Permute the raw rows before dequantizing: each row's blocks are self-contained, and
                 # the raw copy is several times smaller than a float32 one.
                 num_rows = info.shape[0]
                 raw = raw.view(num_rows, -1)[_unpermute_rows(num_rows, heads)].reshape(-1)
             weight = dequantize_tensor(raw, info.ggml_type, info.shape)
+            if spec.norm_offset and info.name.endswith("norm.weight"):
+                # (w + 1) - 1 in float32 may differ from w in the last bits, but for stored values
+                # >= 0.5 the 1 + weight the model computes is exactly the stored float32 value.
+                weight = weight - spec.norm_offset
         yield name, weight
