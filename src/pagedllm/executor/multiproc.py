@@ -178,10 +178,24 @@ class MultiprocExecutor(Executor):
             process.join(timeout=1)
             raise self._failure(rank, f"process {process.pid} exited with code {process.exitcode}") from None
         if status == "error":
+            # A rank whose peer died fails in its next collective; blame the dead peer if there is one.
+            dead = self._first_dead_rank(grace_s=2.0, ignore=rank)
+            if dead is not None:
+                process = self.processes[dead]
+                raise self._failure(dead, f"process {process.pid} exited with code {process.exitcode} "
+                                          f"(rank {rank} then failed too)")
             raise self._failure(rank, f"\n{payload}")
         if rank not in expected:
             raise self._failure(rank, f"unexpected message {status!r}")
         results[rank] = payload
+
+    def _first_dead_rank(self, grace_s: float, ignore: int) -> int | None:
+        """The first rank other than `ignore` whose process has exited or exits within `grace_s`."""
+        others = {self.processes[r].sentinel: r for r in range(self.world_size) if r != ignore}
+        if not others:
+            return None
+        ready = wait(list(others), timeout=grace_s)
+        return min((others[s] for s in ready), default=None)  # type: ignore[index]
 
     def _failure(self, rank: int, detail: str) -> WorkerDiedError:
         """Build the error for a failed rank and stop every other rank (nothing may hang on it)."""

@@ -128,6 +128,22 @@ class RayExecutor(Executor):
         except Exception:  # noqa: BLE001
             pass
 
+    def _blame(self, rank: int, error: Exception, pending: list[Any], rank_of: dict[Any, int],
+               grace_s: float = 2.0) -> tuple[int, Exception]:
+        """A rank whose peer died fails in its next collective: if another rank's actor died
+        (within `grace_s`), report that one instead of the rank that merely failed after it."""
+        if isinstance(error, self.ray.exceptions.RayActorError) or not pending:
+            return rank, error
+        done, _ = self.ray.wait(pending, num_returns=len(pending), timeout=grace_s)
+        for ref in done:
+            try:
+                self.ray.get(ref)
+            except self.ray.exceptions.RayActorError as died:
+                return rank_of[ref], died
+            except Exception:  # noqa: BLE001 - another follower's failure
+                continue
+        return rank, error
+
     def _gather(self, refs: list[Any]) -> list[Any]:
         """Results of `refs` (one per rank, in rank order), failing on the first rank that fails."""
         rank_of = {ref: rank for rank, ref in enumerate(refs)}
@@ -139,6 +155,7 @@ class RayExecutor(Executor):
             try:
                 results[rank] = self.ray.get(done[0])
             except Exception as e:  # noqa: BLE001 - RayActorError, RayTaskError, ...
+                rank, e = self._blame(rank, e, pending, rank_of)
                 self.shutdown()
                 raise WorkerDiedError(rank, f"{type(e).__name__}: {e}") from None
         return [results[rank] for rank in range(len(refs))]
