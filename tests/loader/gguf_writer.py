@@ -8,6 +8,8 @@ norm weights are stored plus one.
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import numpy as np
@@ -65,6 +67,24 @@ def _write_metadata(writer: GGUFWriter, arch: MODEL_ARCH, config: Any) -> None:
         writer.add_sliding_window(config.sliding_window)
 
 
+def _llama3_rope_factors(rope: dict[str, Any], config: Any) -> np.ndarray:
+    """llama.cpp's LlamaModel.generate_extra_tensors: llama3 scaling as one divisor per frequency."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    base, factor = rope["rope_theta"], rope["factor"]
+    low, high, old_len = rope["low_freq_factor"], rope["high_freq_factor"], rope["original_max_position_embeddings"]
+    factors = []
+    for freq in 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim):
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_len / high:
+            factors.append(1.0)
+        elif wavelen > old_len / low:
+            factors.append(factor)
+        else:
+            smooth = (old_len / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(factors, dtype=np.float32)
+
+
 def write_gguf(model: torch.nn.Module, path: str,
                quant: GGMLQuantizationType = GGMLQuantizationType.F32) -> None:
     """Write `model` (a transformers causal LM) to `path`; 2-D tensors in `quant`, the rest F32."""
@@ -78,6 +98,8 @@ def write_gguf(model: torch.nn.Module, path: str,
         writer.add_rope_scaling_type(RopeScalingType.LONGROPE)
         writer.add_tensor("rope_factors_long.weight", np.asarray(full["long_factor"], np.float32))
         writer.add_tensor("rope_factors_short.weight", np.asarray(full["short_factor"], np.float32))
+    if full.get("rope_type") == "llama3":
+        writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(full, config))
     names = get_tensor_name_map(arch, config.num_hidden_layers)
     for hf_name, tensor in model.state_dict().items():
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:

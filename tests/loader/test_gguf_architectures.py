@@ -188,3 +188,18 @@ def test_phi3_longrope_factors_become_the_rope_scaling(tmp_path: Path) -> None:
     # The engine has no LongRoPE: the model refuses the file instead of running it unscaled.
     with pytest.raises(ValueError, match="longrope"):
         Phi3ForCausalLM(config)
+
+
+def test_llama3_rope_factors_are_read_from_rope_freqs(tmp_path: Path) -> None:
+    # llama.cpp stores Llama 3.1+'s llama3 RoPE scaling as a rope_freqs tensor of per-frequency
+    # divisors, with no scaling metadata; the loader must apply them. (Qwen2 naming: no Q/K permutation.)
+    llama3 = TINY_CONFIGS["LlamaForCausalLM"]
+    configs = {"Qwen2ForCausalLM": {**TINY_CONFIGS["Qwen2ForCausalLM"], "rope_scaling": llama3["rope_scaling"],
+                                    "rope_theta": llama3["rope_theta"]}}
+    hf_model = build_tiny_model("Qwen2ForCausalLM", str(tmp_path), configs=configs)
+    path = str(tmp_path / "llama3-rope.gguf")
+    write_gguf(hf_model, path)
+    factors = load_gguf_config(path)["rope_scaling"]["inv_freq_factors"]
+    assert factors[0] == 1.0 and factors[-1] == llama3["rope_scaling"]["factor"]  # high kept, low slowed
+    prompts = random_prompts([20, 45], seed=4)
+    assert engine_greedy(path, prompts, 12, num_gpu_blocks_override=32) == hf_greedy(hf_model, prompts, 12)

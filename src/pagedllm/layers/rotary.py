@@ -20,6 +20,17 @@ def rope_parameters(hf_config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _inverse_frequencies(rotary_dim: int, params: dict[str, Any]) -> torch.Tensor:
+    inv_freq = _scaled_inverse_frequencies(rotary_dim, params)
+    # llama.cpp files store llama3-style scaling as explicit per-frequency divisors (rope_freqs).
+    factors = params.get("inv_freq_factors")
+    if factors is not None:
+        if len(factors) != inv_freq.numel():
+            raise ValueError(f"inv_freq_factors has {len(factors)} entries, expected {inv_freq.numel()}.")
+        inv_freq = inv_freq / torch.tensor(factors, dtype=torch.float32)
+    return inv_freq
+
+
+def _scaled_inverse_frequencies(rotary_dim: int, params: dict[str, Any]) -> torch.Tensor:
     base = float(params["rope_theta"])
     inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).to(torch.float32) / rotary_dim))
     rope_type = params["rope_type"]

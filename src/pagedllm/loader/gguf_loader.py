@@ -66,8 +66,8 @@ _GLOBAL_TENSOR_NAMES = {
     "output.weight": "lm_head.weight",
 }
 # Tensors llama.cpp stores that are no HF parameter. Phi-3's LongRoPE factors become the config's
-# rope_scaling; llama3 RoPE factors (which the converter writes instead of rope_scaling) are not read
-# yet, so Llama 3.1+ files run without their llama3 frequency scaling, as in transformers' loader.
+# rope_scaling; llama3 RoPE factors (the converter writes them instead of rope_scaling) become the
+# config's per-frequency divisors `inv_freq_factors`, which the rotary layer applies.
 _SKIPPED_TENSORS = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
 
 
@@ -282,6 +282,9 @@ def load_gguf_config(path: str, gguf: GGUFFile | None = None) -> dict[str, Any]:
         if get("rope.scaling.original_context_length", None) is not None:
             rope_scaling["original_max_position_embeddings"] = int(get("rope.scaling.original_context_length"))
         config["rope_scaling"] = rope_scaling
+    if "rope_freqs.weight" in gguf.tensors:
+        factors = read_gguf_tensor(gguf, "rope_freqs.weight").float().flatten().tolist()
+        config["rope_scaling"] = {**config.get("rope_scaling", {"rope_type": "default"}), "inv_freq_factors": factors}
     if arch in _ARCHITECTURE_CONFIG:
         config.update(_ARCHITECTURE_CONFIG[arch](gguf, get, config))
     return config

@@ -32,6 +32,8 @@ class ModelRunner:
         self.block_size = cache_config.block_size
         self.dtype = getattr(torch, model_config.dtype)
         self.requests: dict[str, CachedRequestState] = {}
+        # Requests with user logits processors: without any, the per-row processor loop is skipped.
+        self.logits_processor_req_ids: set[str] = set()
         self.sampler = Sampler()
         # Host state reused across steps: persistent block table / staging buffer, sampling metadata.
         self.input_buffers = InputBuffers(device)
@@ -109,8 +111,11 @@ class ModelRunner:
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
         for req_id in scheduler_output.finished_req_ids:
             self.requests.pop(req_id, None)
+            self.logits_processor_req_ids.discard(req_id)
         for new in scheduler_output.scheduled_new_reqs:
             params = new.sampling_params
+            if params.logits_processors:
+                self.logits_processor_req_ids.add(new.req_id)
             generator = None
             if params.seed is not None:
                 generator = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -147,8 +152,9 @@ class ModelRunner:
         if batch.sampling_req_ids:
             logits = self.model.compute_logits(  # type: ignore[union-attr]
                 hidden.index_select(0, batch.logits_indices)).float()
-            # A request whose processor fails is finished by the scheduler; the batch goes on.
-            request_errors = apply_logits_processors(logits, [self.requests[r] for r in batch.sampling_req_ids])
+            if self.logits_processor_req_ids:
+                # A request whose processor fails is finished by the scheduler; the batch goes on.
+                request_errors = apply_logits_processors(logits, [self.requests[r] for r in batch.sampling_req_ids])
             sampled, logprobs = self._sample(batch, logits)
         prompt_logprobs = self._prompt_logprobs(batch, hidden) if batch.prompt_logprob_spans else {}
         return ModelRunnerOutput(
