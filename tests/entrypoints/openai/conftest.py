@@ -143,7 +143,7 @@ def parallel(*calls):
 
 # ---- a tiny random-weight model behind the real tokenizer, for load and fault tests ------------
 
-TINY_MAX_MODEL_LEN = 4096
+TINY_MAX_MODEL_LEN = 32768
 TINY_KV_CACHE_BYTES = 64 * 1024 * 1024
 
 

@@ -23,8 +23,10 @@ ALLOWED_ORIGIN = "http://good.example"
 MARKER = "logged-prompt-marker-91c2"
 BOUND_S = 120
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-# Thousands of tokens: these requests cannot finish before the request timeout.
-LONG = {"model": MODEL_NAME, "prompt": f"{MARKER} go on", "max_tokens": 3500, "ignore_eos": True}
+# Tens of thousands of tokens: even at ~1 ms a step on an idle machine these requests run for 30 s
+# or more, so they cannot finish before the 10 s request timeout.
+MAX_MODEL_LEN = 32768
+LONG = {"model": MODEL_NAME, "prompt": f"{MARKER} go on", "max_tokens": 30000, "ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ def limited_server(tiny_model_dir: str):
     server = start_tiny_server(tiny_model_dir, [
         "--max-num-seqs", "2", "--max-waiting-requests", "2", "--request-timeout", str(REQUEST_TIMEOUT_S),
         "--max-request-body-bytes", str(BODY_LIMIT), "--allowed-origins", ALLOWED_ORIGIN, "--log-requests",
-        "--api-key", API_KEY], max_model_len=4096)
+        "--api-key", API_KEY], max_model_len=MAX_MODEL_LEN)
     yield server
     stop_server(server)
 

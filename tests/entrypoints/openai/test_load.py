@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -64,7 +65,18 @@ class StreamResult:
 @pytest.fixture(scope="module")
 def load_server(tiny_model_dir: str):
     """A tiny-model server with the default limits."""
-    server = start_tiny_server(tiny_model_dir, [], max_model_len=MAX_MODEL_LEN)
+    # glibc gives each thread that allocates its own arena (up to 8 per core); under a loaded CI
+    # machine more threads get one, which is RSS growth without a leak. Two arenas keep the
+    # measurement about the server's own state.
+    previous = os.environ.get("MALLOC_ARENA_MAX")
+    os.environ["MALLOC_ARENA_MAX"] = "2"
+    try:
+        server = start_tiny_server(tiny_model_dir, [], max_model_len=MAX_MODEL_LEN)
+    finally:
+        if previous is None:
+            os.environ.pop("MALLOC_ARENA_MAX", None)
+        else:
+            os.environ["MALLOC_ARENA_MAX"] = previous
     # Warm-up: one-time allocations (thread pools, caches) are not growth.
     asyncio.run(_run_clients(server.url, [(PROMPTS[i % NUM_DISTINCT_PROMPTS], None) for i in range(NUM_CLIENTS)]))
     yield server
