@@ -17,11 +17,13 @@ from pagedllm.executor.abstract import WorkerDiedError
 from tests.models.test_gpt2_opt import TINY_CONFIGS as GPT2_OPT_CONFIGS
 from tests.models.test_gpt2_opt import build_tiny as build_gpt2_or_opt
 from tests.models.test_phi3_mixtral import CONFIGS as MOE_AND_PHI3_CONFIGS
-from tests.models.tiny_models import TINY_CONFIGS, build_tiny_model, random_prompts
+from tests.models.tiny_models import SLIDING_WINDOW_CONFIGS, TINY_CONFIGS, build_tiny_model, random_prompts
 
 PROMPTS = random_prompts([1, 5, 16, 17, 33, 40], seed=3)
 MAX_TOKENS = 24
-CONFIGS: dict[str, dict[str, Any]] = {**TINY_CONFIGS, **MOE_AND_PHI3_CONFIGS}
+CONFIGS: dict[str, dict[str, Any]] = {**TINY_CONFIGS, **MOE_AND_PHI3_CONFIGS,
+                                      "Gemma2ForCausalLM": SLIDING_WINDOW_CONFIGS["Gemma2ForCausalLM"],
+                                      "SlidingMistral": SLIDING_WINDOW_CONFIGS["MistralForCausalLM"]}
 # Small pools and chunks so TP runs also preempt and chunk (the control messages carry all of it).
 ENGINE_ARGS = dict(skip_tokenizer_init=True, enforce_eager=True, max_num_batched_tokens=24,
                    num_gpu_blocks_override=6, max_model_len=96)
@@ -48,6 +50,8 @@ class _ModelDirs(dict):
         path = str(self.factory.mktemp(name))
         if name in GPT2_OPT_CONFIGS:
             build_gpt2_or_opt(name, path)
+        elif name == "SlidingMistral":
+            build_tiny_model("MistralForCausalLM", path, configs={"MistralForCausalLM": CONFIGS[name]})
         else:
             build_tiny_model(name, path, configs=CONFIGS)
         self[name] = path
@@ -67,10 +71,11 @@ def test_tp2_mp_gives_tp1_tokens(model_dirs, arch):
 
 
 @pytest.mark.parametrize("arch", ["Qwen2ForCausalLM", "Phi3ForCausalLM", "Qwen3MoeForCausalLM", "gpt2",
-                                  "opt-pre-ln-proj"])
+                                  "opt-pre-ln-proj", "Gemma2ForCausalLM", "SlidingMistral"])
 def test_tp2_covers_every_family(model_dirs, arch):
     # QKV bias (Qwen2), fused checkpoints (Phi-3), MoE with dense layers (Qwen3-MoE), MHA with
-    # learned positions and biases (GPT-2, OPT with embedding projections).
+    # learned positions and biases (GPT-2, OPT with embedding projections), soft-capping and
+    # alternating windows (Gemma 2), every layer sliding with blocks freed behind the window (Mistral).
     path = model_dirs[arch]
     assert _greedy(path, tensor_parallel_size=2) == _greedy(path)
 
