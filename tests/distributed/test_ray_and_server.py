@@ -4,6 +4,7 @@ the server's /health to 503 within seconds."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -16,7 +17,8 @@ import pytest
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.executor.abstract import WorkerDiedError
-from tests.entrypoints.openai.conftest import start_server, stop_server
+from tests.entrypoints.openai.conftest import MODEL_NAME, start_server, stop_server
+from tests.entrypoints.openai.test_lifecycle import _exit_code, _start_streams
 from tests.models.tiny_models import build_tiny_model, random_prompts, save_tiny_tokenizer
 
 PROMPTS = random_prompts([1, 7, 16, 17, 30], seed=5)
@@ -128,5 +130,31 @@ def test_server_tp2_answers_like_tp1_and_reports_a_dead_worker(llama_dir):
                 time.sleep(0.2)
             assert client.get("/health").status_code == 503
         assert "rank 1" in server.log()
+    finally:
+        stop_server(server)
+
+
+def test_server_tp2_drains_on_a_sigterm_to_the_whole_process_group(llama_dir):
+    # systemd and `timeout` signal every process of the group: the TP workers and the engine core
+    # must keep serving while the server drains the streams in flight, then all exit.
+    server = start_server(["--model", llama_dir, "--max-model-len", "512", "--num-gpu-blocks-override", "64",
+                           "--enforce-eager", "--tensor-parallel-size", "2", "--served-model-name", MODEL_NAME,
+                           "--shutdown-timeout", "120"], new_session=True)
+    try:
+        (engine_core,) = _spawned_children(server.proc.pid)
+        workers = _spawned_children(engine_core)
+        max_tokens = 200
+        threads, events = _start_streams(server, 2, max_tokens)
+        os.killpg(server.proc.pid, signal.SIGTERM)
+        for thread in threads:
+            thread.join(120)
+        for stream in events:
+            assert stream[-1] == "[DONE]" and not any('"error"' in event for event in stream)
+            assert json.loads(stream[-2])["usage"]["completion_tokens"] == max_tokens
+        assert _exit_code(server) == 0
+        deadline = time.monotonic() + 30
+        while any(os.path.exists(f"/proc/{pid}") for pid in workers):
+            assert time.monotonic() < deadline, "TP workers outlived the server"
+            time.sleep(0.1)
     finally:
         stop_server(server)

@@ -52,8 +52,12 @@ def _free_port() -> int:
 
 
 def start_server(extra_args: list[str], timeout: float = 180.0, max_model_len: int = MAX_MODEL_LEN,
-                 kv_cache_bytes: int = KV_CACHE_BYTES) -> RunningServer:
-    """Launch `python -m pagedllm.entrypoints.cli serve` and wait until /ready answers 200."""
+                 kv_cache_bytes: int = KV_CACHE_BYTES, new_session: bool = False) -> RunningServer:
+    """Launch `python -m pagedllm.entrypoints.cli serve` and wait until /ready answers 200.
+
+    `new_session` puts the server (and its children) in a process group of its own, so that a
+    test can signal the whole group, as systemd or `timeout` do.
+    """
     import httpx
 
     port = _free_port()
@@ -63,7 +67,7 @@ def start_server(extra_args: list[str], timeout: float = 180.0, max_model_len: i
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     env.pop("PAGEDLLM_API_KEY", None)
     # Output goes to a file: a pipe nobody reads would fill up and stall the server.
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=new_session)
     server = RunningServer(proc, port, log.name)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
