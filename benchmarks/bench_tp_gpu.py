@@ -17,7 +17,6 @@ import random
 import statistics
 import sys
 import time
-import traceback
 
 import torch
 
@@ -25,20 +24,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from pagedllm.config import EngineArgs  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(__file__))
+from gpu_check import record  # noqa: E402
+
 CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
 RESULTS: dict = {"device": torch.cuda.get_device_name(0), "num_gpus": torch.cuda.device_count()}
-
-
-def _record(name: str, fn, *args, **kwargs):
-    t0 = time.perf_counter()
-    print(f"=== {name}", flush=True)
-    try:
-        RESULTS[name] = fn(*args, **kwargs)
-    except Exception as e:  # keep going: GPU time is scarce
-        traceback.print_exc()
-        RESULTS[name] = {"error": repr(e)}
-    print(f"--- {name}: {RESULTS[name]} ({time.perf_counter() - t0:.1f} s)", flush=True)
-    return RESULTS[name]
 
 
 def copy_bandwidth_gbs() -> float:
@@ -225,16 +215,16 @@ def main() -> None:
         print(json.dumps(compare))
         return
     sizes = [int(x) for x in args.tp.split(",")]
-    bandwidth = _record("copy_bandwidth_gbs", copy_bandwidth_gbs)
+    bandwidth = record(RESULTS, "copy_bandwidth_gbs", copy_bandwidth_gbs)
     rng = random.Random(1)
     greedy_prompts = [[rng.randrange(100, 10000) for _ in range(rng.randint(16, 512))] for _ in range(32)]
     tokens = {}
     for tp in sizes:
         if not args.skip_l1 and not args.shared_engine:
-            _record(f"l1_tp{tp}", l1, args.l1_config, tp, args.floor_gb, bandwidth)
+            record(RESULTS, f"l1_tp{tp}", l1, args.l1_config, tp, args.floor_gb, bandwidth)
         if not args.skip_t1:
             l1_args = (args.floor_gb, bandwidth) if args.shared_engine else None
-            res = _record(f"t1_tp{tp}", lambda: t1(args.t1_config, tp, greedy_prompts, 128, l1_args,
+            res = record(RESULTS, f"t1_tp{tp}", lambda: t1(args.t1_config, tp, greedy_prompts, 128, l1_args,
                                                    greedy_t1=args.greedy_t1))
             if isinstance(res, tuple):
                 RESULTS[f"t1_tp{tp}"], tokens[tp] = res
@@ -250,7 +240,7 @@ def main() -> None:
         cfg = _json.load(open(os.path.join(CONFIGS, args.l1_config, "config.json")))
         for tp in sizes:
             if tp > 1:
-                _record(f"allreduce_tp{tp}", allreduce_ms_per_step, tp, cfg["hidden_size"],
+                record(RESULTS, f"allreduce_tp{tp}", allreduce_ms_per_step, tp, cfg["hidden_size"],
                         cfg["num_hidden_layers"], [1, 64, 256])
     print(json.dumps(RESULTS, indent=1))
     out = os.environ.get("OUT")

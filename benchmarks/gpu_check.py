@@ -22,35 +22,33 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from pagedllm import LLM, SamplingParams  # noqa: E402
+from tests.models.tiny_models import hf_greedy  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
 RESULTS: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
 
 
+def record(results: dict, name: str, fn, *args, **kwargs):
+    """results[name] = fn(*args, **kwargs), timed and printed; an exception is printed and recorded
+    instead of ending the run (GPU time is scarce)."""
+    t0 = time.perf_counter()
+    print(f"=== {name}", flush=True)
+    try:
+        results[name] = fn(*args, **kwargs)
+    except Exception as e:  # keep going
+        traceback.print_exc()
+        results[name] = {"error": repr(e)}
+    print(f"--- {name}: {results[name]} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    return results[name]
+
+
 def section(name):
+    """Decorator: calling the function records its result in RESULTS under `name` (see `record`)."""
     def wrap(fn):
         def run(*a, **k):
-            t0 = time.perf_counter()
-            print(f"=== {name}", flush=True)
-            try:
-                RESULTS[name] = fn(*a, **k)
-            except Exception as e:  # keep going: GPU time is scarce
-                traceback.print_exc()
-                RESULTS[name] = {"error": repr(e)}
-            print(f"--- {name}: {RESULTS[name]} ({time.perf_counter() - t0:.1f} s)", flush=True)
+            record(RESULTS, name, fn, *a, **k)
         return run
     return wrap
-
-
-def _hf_greedy(model, prompts, n):
-    out = []
-    for p in prompts:
-        ids = torch.tensor([p], device=model.device)
-        with torch.no_grad():
-            g = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                               min_new_tokens=n, eos_token_id=None, pad_token_id=0)
-        out.append(g[0, len(p):].tolist())
-    return out
 
 
 def _random_hf_model(config_dir_or_arch, path, dtype=torch.float32, std=0.05):
@@ -85,7 +83,7 @@ def tiny_vs_hf():
         with tempfile.TemporaryDirectory() as d:
             hf = _random_hf_model(arch, d, std=0.08)
             prompts = _prompts(512)
-            expected = _hf_greedy(hf, prompts, 24)
+            expected = hf_greedy(hf, prompts, 24)
             for eager in (True, False):
                 llm = LLM(d, skip_tokenizer_init=True, dtype="float32", enforce_eager=eager, max_model_len=512,
                           gpu_memory_utilization=0.3, max_num_seqs=16)
@@ -103,7 +101,7 @@ def smollm2_shape():
     with tempfile.TemporaryDirectory() as d:
         hf = _random_hf_model(os.path.join(CONFIGS, "smollm2-135m"), d, std=0.05)
         prompts = _prompts(49152)
-        expected = _hf_greedy(hf, prompts, 32)
+        expected = hf_greedy(hf, prompts, 32)
         tokens = {}
         for eager in (True, False):
             llm = LLM(d, skip_tokenizer_init=True, dtype="float32", enforce_eager=eager, max_model_len=1024,

@@ -37,7 +37,7 @@ def sliding_window_vs_hf() -> dict:
     for arch in ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "MistralForCausalLM"):
         with tempfile.TemporaryDirectory() as d:
             hf = build_tiny_model(arch, d, configs=SLIDING_WINDOW_CONFIGS, perturb_norms=True).to("cuda")
-            expected = hf_greedy_cuda(hf, prompts, 16)
+            expected = hf_greedy(hf, prompts, 16)
             for eager in (True, False):
                 llm = LLM(d, skip_tokenizer_init=True, dtype="float32", enforce_eager=eager, max_model_len=256,
                           num_gpu_blocks_override=64, max_num_seqs=16)
@@ -46,17 +46,6 @@ def sliding_window_vs_hf() -> dict:
                 res[f"{arch}_{'eager' if eager else 'graph'}"] = [o.outputs[0].token_ids for o in outs] == expected
                 del llm
     return res
-
-
-def hf_greedy_cuda(model, prompts, n):
-    out = []
-    for p in prompts:
-        ids = torch.tensor([p], device="cuda")
-        with torch.no_grad():
-            g = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                               min_new_tokens=n, eos_token_id=None, pad_token_id=0)
-        out.append(g[0, len(p):].tolist())
-    return out
 
 
 def tp_tokens(tp: int, path: str) -> None:

@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import threading
 import time
 
 import httpx
@@ -17,7 +16,8 @@ import pytest
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.executor.abstract import WorkerDiedError
-from tests.entrypoints.openai.conftest import MODEL_NAME, start_server, stop_server
+from tests.distributed.test_tensor_parallel import kill_once_running
+from tests.entrypoints.openai.conftest import MODEL_NAME, spawned_children, start_server, stop_server
 from tests.entrypoints.openai.test_lifecycle import _exit_code, _start_streams
 from tests.models.tiny_models import build_tiny_model, random_prompts, save_tiny_tokenizer
 
@@ -74,36 +74,13 @@ def test_ray_tp2_gives_tp1_tokens(ray_cluster, llama_dir):
 def test_killed_ray_worker_is_reported_with_its_rank(ray_cluster, llama_dir):
     llm = LLM(llama_dir, **ENGINE_ARGS, tensor_parallel_size=2, distributed_executor_backend="ray")
     try:
-        pid = llm.llm_engine.engine_core.executor.worker_pids()[1]
-        core = llm.llm_engine.engine_core
-
-        def kill_once_running() -> None:
-            deadline = time.monotonic() + 60
-            while not core.scheduler.running and time.monotonic() < deadline:
-                time.sleep(0.01)
-            os.kill(pid, signal.SIGKILL)
-
-        threading.Thread(target=kill_once_running, daemon=True).start()
+        killer = kill_once_running(llm.llm_engine.engine_core.executor.worker_pids()[1], llm)
         params = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
         with pytest.raises(WorkerDiedError, match="rank 1"):
             llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+        killer.join(timeout=10)
     finally:
         llm.shutdown()
-
-
-def _children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(p) for p in f.read().split()]
-
-
-def _cmdline(pid: int) -> str:
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        return f.read().decode(errors="replace")
-
-
-def _spawned_children(pid: int) -> list[int]:
-    """Children started by multiprocessing spawn (not its resource tracker), oldest first."""
-    return [p for p in _children(pid) if "spawn_main" in _cmdline(p) and "resource_tracker" not in _cmdline(p)]
 
 
 def test_server_tp2_answers_like_tp1_and_reports_a_dead_worker(llama_dir):
@@ -120,8 +97,8 @@ def test_server_tp2_answers_like_tp1_and_reports_a_dead_worker(llama_dir):
                 response = client.post("/v1/completions", json=body)
                 assert response.status_code == 200, response.text
                 assert response.json()["choices"][0]["text"] == text
-            (engine_core,) = _spawned_children(server.proc.pid)
-            workers = _spawned_children(engine_core)
+            (engine_core,) = spawned_children(server.proc.pid)
+            workers = spawned_children(engine_core)
             assert len(workers) == 2
             os.kill(workers[1], signal.SIGKILL)
             deadline = time.monotonic() + 30
@@ -141,8 +118,8 @@ def test_server_tp2_drains_on_a_sigterm_to_the_whole_process_group(llama_dir):
                            "--enforce-eager", "--tensor-parallel-size", "2", "--served-model-name", MODEL_NAME,
                            "--shutdown-timeout", "120"], new_session=True)
     try:
-        (engine_core,) = _spawned_children(server.proc.pid)
-        workers = _spawned_children(engine_core)
+        (engine_core,) = spawned_children(server.proc.pid)
+        workers = spawned_children(engine_core)
         max_tokens = 200
         threads, events = _start_streams(server, 2, max_tokens)
         os.killpg(server.proc.pid, signal.SIGTERM)

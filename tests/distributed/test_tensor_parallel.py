@@ -97,7 +97,8 @@ def test_tp2_seeded_sampling_matches_tp1(model_dirs):
     assert results[0] == results[1]
 
 
-def _kill_after_first_step(pid: int, llm: LLM) -> threading.Thread:
+def kill_once_running(pid: int, llm: LLM) -> threading.Thread:
+    """SIGKILL `pid` from a thread as soon as the engine has a running request."""
     def kill() -> None:
         core = llm.llm_engine.engine_core
         deadline = time.monotonic() + 60
@@ -115,7 +116,7 @@ def test_killed_mp_worker_fails_the_engine_naming_its_rank(model_dirs):
               num_gpu_blocks_override=64)
     try:
         executor = llm.llm_engine.engine_core.executor
-        killer = _kill_after_first_step(executor.processes[1].pid, llm)
+        killer = kill_once_running(executor.processes[1].pid, llm)
         params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
         with pytest.raises(WorkerDiedError, match="rank 1"):
             llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)

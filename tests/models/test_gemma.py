@@ -11,6 +11,7 @@ from pagedllm.core.kv_cache_manager import NULL_BLOCK
 from tests.models.tiny_models import (
     SLIDING_WINDOW,
     SLIDING_WINDOW_CONFIGS,
+    assert_greedy_logprobs_match_hf,
     build_tiny_model,
     engine_greedy,
     hf_greedy,
@@ -73,14 +74,7 @@ def test_logprobs_match_hf_fp32(gemma):
     path, hf_model, _ = gemma
     prompt = _prompts()[6]  # 31 tokens: well past the window
     llm = LLM(path, skip_tokenizer_init=True, dtype="float32", **SMALL_POOL)
-    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=1)
-    out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0]
-    with torch.no_grad():
-        logits = hf_model(torch.tensor([prompt + out.token_ids[:-1]])).logits[0, len(prompt) - 1 :].float()
-    hf_logprobs = torch.log_softmax(logits, dim=-1)
-    for position, (token, entry) in enumerate(zip(out.token_ids, out.logprobs)):
-        assert token == int(hf_logprobs[position].argmax())
-        assert abs(entry[token].logprob - float(hf_logprobs[position, token])) < 1e-4
+    assert_greedy_logprobs_match_hf(llm, hf_model, prompt)
     # Global layers read every token: a model mixing them in frees no block early.
     assert llm.llm_engine.engine_core.kv_cache_manager.sliding_window is None
 

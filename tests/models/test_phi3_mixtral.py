@@ -7,8 +7,14 @@ from typing import Any
 import pytest
 import torch
 
-from pagedllm import LLM, SamplingParams
-from tests.models.tiny_models import build_tiny_model, engine_greedy, hf_greedy, random_prompts
+from pagedllm import LLM
+from tests.models.tiny_models import (
+    assert_greedy_logprobs_match_hf,
+    build_tiny_model,
+    engine_greedy,
+    hf_greedy,
+    random_prompts,
+)
 
 MAX_NEW_TOKENS = 16
 
@@ -56,15 +62,7 @@ def test_greedy_matches_hf_with_every_prompt_chunked(tiny):
 def test_logprobs_match_hf_fp32(tiny):
     path, hf_model, _ = tiny
     prompt = _prompts()[4]
-    llm = LLM(path, skip_tokenizer_init=True, dtype="float32")
-    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=1)
-    out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0]
-    with torch.no_grad():
-        logits = hf_model(torch.tensor([prompt + out.token_ids[:-1]])).logits[0, len(prompt) - 1 :].float()
-    hf_logprobs = torch.log_softmax(logits, dim=-1)
-    for position, (token, entry) in enumerate(zip(out.token_ids, out.logprobs)):
-        assert token == int(hf_logprobs[position].argmax())
-        assert abs(entry[token].logprob - float(hf_logprobs[position, token])) < 1e-4
+    assert_greedy_logprobs_match_hf(LLM(path, skip_tokenizer_init=True, dtype="float32"), hf_model, prompt)
 
 
 def test_sync_free_experts_match_gathered_experts():

@@ -83,16 +83,32 @@ def build_tiny_model(architecture: str, path: str, seed: int = 0,
 
 
 def hf_greedy(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """Greedy completions from Hugging Face `generate`, one prompt at a time (the oracle)."""
+    """Greedy completions from Hugging Face `generate`, one prompt at a time (the oracle), on the model's device."""
     outputs = []
     for prompt in prompts:
-        input_ids = torch.tensor([prompt])
+        input_ids = torch.tensor([prompt], device=model.device)
         with torch.no_grad():
             out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
                                  max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                                  eos_token_id=None, pad_token_id=0)
         outputs.append(out[0, len(prompt):].tolist())
     return outputs
+
+
+def assert_greedy_logprobs_match_hf(llm: Any, hf_model: torch.nn.Module, prompt: list[int], max_tokens: int = 8,
+                                    atol: float = 1e-4) -> None:
+    """pagedllm's greedy tokens for `prompt` are HF's argmax at every position, and their fp32
+    log-probabilities are within `atol` of HF's (teacher-forced on pagedllm's tokens)."""
+    from pagedllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=1)
+    out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0]
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([prompt + out.token_ids[:-1]])).logits[0, len(prompt) - 1 :].float()
+    hf_logprobs = torch.log_softmax(logits, dim=-1)
+    for position, (token, entry) in enumerate(zip(out.token_ids, out.logprobs)):
+        assert token == int(hf_logprobs[position].argmax())
+        assert abs(entry[token].logprob - float(hf_logprobs[position, token])) < atol
 
 
 def random_prompts(lengths: list[int], vocab_size: int = VOCAB_SIZE, seed: int = 0) -> list[list[int]]:

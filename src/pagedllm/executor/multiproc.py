@@ -100,6 +100,9 @@ class MultiprocExecutor(Executor):
             child_end.close()
             self.processes.append(process)
             self.conns.append(parent_end)
+        # What `wait` hands back (a pipe or a process sentinel) -> its rank; fixed for the executor's life.
+        self._rank_of_conn = {id(conn): rank for rank, conn in enumerate(self.conns)}
+        self._rank_of_sentinel = {process.sentinel: rank for rank, process in enumerate(self.processes)}
         self._receive(range(self.world_size))  # every rank loaded its shard
 
     def collective_rpc(self, method: str, *args: object) -> list[object]:
@@ -156,18 +159,16 @@ class MultiprocExecutor(Executor):
         error (or any rank's process ending) raises WorkerDiedError naming that rank."""
         expected = set(ranks)
         results: dict[int, object] = {}
-        sentinels = {process.sentinel: rank for rank, process in enumerate(self.processes)}
-        conn_ranks = {id(conn): rank for rank, conn in enumerate(self.conns)}
         while len(results) < len(expected):
-            for ready in wait(list(self.conns) + list(sentinels)):
+            for ready in wait([*self.conns, *self._rank_of_sentinel]):
                 if isinstance(ready, int):
-                    rank = sentinels[ready]
+                    rank = self._rank_of_sentinel[ready]
                     if self.conns[rank].poll():  # it may have reported why before exiting
                         self._read(rank, expected, results)
                     process = self.processes[rank]
                     process.join(timeout=1)
                     raise self._failure(rank, f"process {process.pid} exited with code {process.exitcode}")
-                self._read(conn_ranks[id(ready)], expected, results)
+                self._read(self._rank_of_conn[id(ready)], expected, results)
         return [results[rank] for rank in sorted(expected)]
 
     def _read(self, rank: int, expected: set[int], results: dict[int, object]) -> None:
@@ -191,7 +192,7 @@ class MultiprocExecutor(Executor):
 
     def _first_dead_rank(self, grace_s: float, ignore: int) -> int | None:
         """The first rank other than `ignore` whose process has exited or exits within `grace_s`."""
-        others = {self.processes[r].sentinel: r for r in range(self.world_size) if r != ignore}
+        others = {sentinel: rank for sentinel, rank in self._rank_of_sentinel.items() if rank != ignore}
         if not others:
             return None
         ready = wait(list(others), timeout=grace_s)

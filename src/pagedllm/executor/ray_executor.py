@@ -107,7 +107,7 @@ class RayExecutor(Executor):
 
     def check_health(self) -> None:
         """Ping every actor; a dead one raises WorkerDiedError."""
-        self._gather([w.pid.remote() for w in self.workers])
+        self.worker_pids()
 
     def worker_pids(self) -> list[int]:
         """Process id of each rank's actor."""

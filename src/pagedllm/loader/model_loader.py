@@ -111,19 +111,23 @@ def _initialize_dummy_weights(model: nn.Module, hf_config: dict[str, Any], seed:
         param.data.copy_(_dummy_value(name, param.shape, param.dtype, device, seed))
 
 
-def get_model(model_config: ModelConfig, device: torch.device, seed: int = 0) -> nn.Module:
-    """Build the model class its config names, load its weights, and move it to `device`."""
-    model_class = resolve_model_class(model_config.architectures)
-    dtype = getattr(torch, model_config.dtype)
-    hf_config = {**model_config.hf_config, "_max_model_len": model_config.max_model_len}
-    # Parameters are created directly on the device in the target dtype (rotary tables stay fp32).
+def build_model(hf_config: dict[str, Any], dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+    """The model class the config names, its parameters created uninitialised directly on `device`
+    in `dtype` (rotary tables stay fp32); on the meta device it only describes shapes."""
+    model_class = resolve_model_class(hf_config.get("architectures") or [])
     previous_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = model_class(hf_config)
+            return model_class(hf_config)
     finally:
         torch.set_default_dtype(previous_dtype)
+
+
+def get_model(model_config: ModelConfig, device: torch.device, seed: int = 0) -> nn.Module:
+    """Build the model class its config names, load its weights, and move it to `device`."""
+    dtype = getattr(torch, model_config.dtype)
+    model = build_model({**model_config.hf_config, "_max_model_len": model_config.max_model_len}, dtype, device)
     if model_config.load_format == "dummy":
         _initialize_dummy_weights(model, model_config.hf_config, seed, dtype, device)
     else:

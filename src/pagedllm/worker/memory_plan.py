@@ -6,6 +6,7 @@ tensor-parallel state of one rank, so it counts exactly the shards the real rank
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,22 +31,22 @@ class RankMemoryPlan:
         return max(budget, 0) // self.kv_bytes_per_token
 
 
+def kv_cache_bytes_per_token(attention_layers: Sequence[Any], dtype: torch.dtype) -> int:
+    """Bytes one cached token takes on this rank: keys and values of every layer's KV heads."""
+    return sum(2 * layer.num_kv_heads * layer.head_dim for layer in attention_layers) * dtype.itemsize
+
+
 def plan_rank_memory(hf_config: dict[str, Any], dtype: torch.dtype, tensor_parallel_size: int) -> RankMemoryPlan:
     """The memory plan of rank 0 of `tensor_parallel_size` for a model config (HF config dict)."""
-    from pagedllm.models.registry import resolve_model_class
+    from pagedllm.loader.model_loader import build_model
 
-    model_class = resolve_model_class(hf_config.get("architectures") or [])
-    saved_state, saved_dtype = (get_tp_rank(), get_tp_size()), torch.get_default_dtype()
+    saved_state = (get_tp_rank(), get_tp_size())
     set_tensor_parallel_state(0, tensor_parallel_size)
-    torch.set_default_dtype(dtype)
     try:
-        with torch.device("meta"):
-            model = model_class(hf_config)
+        model = build_model(hf_config, dtype, "meta")
     finally:
         set_tensor_parallel_state(*saved_state)
-        torch.set_default_dtype(saved_dtype)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights counted once
     layers = model.attention_layers()
-    kv_heads = layers[0].num_kv_heads
-    kv_bytes_per_token = sum(2 * layer.num_kv_heads * layer.head_dim for layer in layers) * dtype.itemsize
-    return RankMemoryPlan(tensor_parallel_size, weight_bytes, kv_bytes_per_token, kv_heads)
+    return RankMemoryPlan(tensor_parallel_size, weight_bytes, kv_cache_bytes_per_token(layers, dtype),
+                          layers[0].num_kv_heads)

@@ -14,6 +14,7 @@ from pagedllm.loader import get_model
 from pagedllm.worker.cuda_graph import CUDAGraphRunner
 from pagedllm.worker.input_batch import BatchInputs, CachedRequestState, InputBuffers, prepare_inputs
 from pagedllm.worker.logits_processors import apply_logits_processors
+from pagedllm.worker.memory_plan import kv_cache_bytes_per_token
 from pagedllm.worker.runner_output import LogprobsLists, ModelRunnerOutput
 from pagedllm.worker.sampler import Sampler, compute_logprobs
 from pagedllm.worker.sampling_metadata import SamplingMetadataCache
@@ -49,9 +50,7 @@ class ModelRunner:
 
     def kv_cache_bytes_per_block(self) -> int:
         """Bytes one block takes across all layers (keys and values)."""
-        layer = self.model.attention_layers()[0]  # type: ignore[union-attr]
-        per_layer = 2 * self.block_size * layer.num_kv_heads * layer.head_dim * self.dtype.itemsize
-        return per_layer * len(self.model.attention_layers())  # type: ignore[union-attr]
+        return self.block_size * kv_cache_bytes_per_token(self.model.attention_layers(), self.dtype)  # type: ignore[union-attr]
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         """Allocate the paged KV pool ([2, num_blocks, block_size, Hkv, D] per layer) and bind it."""

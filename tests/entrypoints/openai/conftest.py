@@ -199,13 +199,22 @@ def process_rss_bytes(pid: int) -> int:
     raise AssertionError(f"no VmRSS for process {pid}")
 
 
-def engine_core_pid(server_pid: int) -> int:
-    """The spawned engine-core child of a server (not multiprocessing's resource tracker)."""
-    with open(f"/proc/{server_pid}/task/{server_pid}/children") as f:
-        children = [int(pid) for pid in f.read().split()]
-    for pid in children:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
+def spawned_children(pid: int) -> list[int]:
+    """Children a process started through multiprocessing spawn (not its resource tracker), oldest first."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        children = [int(child) for child in f.read().split()]
+    spawned = []
+    for child in children:
+        with open(f"/proc/{child}/cmdline", "rb") as f:
             cmdline = f.read().decode(errors="replace")
         if "spawn_main" in cmdline and "resource_tracker" not in cmdline:
-            return pid
-    raise AssertionError(f"No engine-core child among {children}.")
+            spawned.append(child)
+    return spawned
+
+
+def engine_core_pid(server_pid: int) -> int:
+    """The spawned engine-core child of a server."""
+    spawned = spawned_children(server_pid)
+    if not spawned:
+        raise AssertionError(f"No engine-core child of server {server_pid}.")
+    return spawned[0]
