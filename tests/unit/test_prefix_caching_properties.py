@@ -25,7 +25,7 @@ from pagedllm.core.scheduler_output import SchedulerOutput
 from pagedllm.request import Request, RequestStatus
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.worker.runner_output import ModelRunnerOutput
-from tests.unit.scheduler_harness import make_scheduler
+from tests.unit.scheduler_harness import make_scheduler, step
 
 VOCAB = 6  # a small vocabulary makes outputs repeat and prompts share prefixes
 STOP_TOKEN = 0
@@ -173,8 +173,7 @@ class PrefixCachingMachine(RuleBasedStateMachine):
             self.check_blocks()
 
     def run_one_step(self) -> None:
-        out = self.scheduler.schedule()
-        for output in self.scheduler.update_from_output(out, self.runner.execute(out)):
+        for output in step(self.scheduler, self.runner)[1]:
             self.emitted.setdefault(output.req_id, []).extend(output.new_token_ids)
 
     @precondition(lambda self: self.scheduler.has_unfinished_requests())
