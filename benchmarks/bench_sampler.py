@@ -1,6 +1,11 @@
 """Microbenchmark of the sampler: ms per forward for 256 rows at two vocabulary sizes.
 
 Run: PYTHONPATH=src python benchmarks/bench_sampler.py [--rows 256] [--iters 5] [--device cpu]
+     PYTHONPATH=src python benchmarks/bench_sampler.py --triton --device cuda [--rows 256]
+
+--triton compares only the temperature-only case (T = 0.6, vocab 151,936) on the PyTorch path
+and on the fused Triton kernel (Sampler(use_triton=True)). With --device cpu it runs the kernel
+in the Triton interpreter, which is only a smoke test: use a few rows.
 
 Logits are "LM-like" (Gaussian with std 4: a peaked distribution whose 0.95 nucleus holds tens
 to hundreds of tokens), except the "flat" case (std 1), the worst case for top-p because its
@@ -10,6 +15,7 @@ nucleus holds most of the vocabulary. Metadata building is timed apart from the 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import time
 from collections.abc import Callable
@@ -84,15 +90,56 @@ def bench(rows: int, vocab_size: int, iters: int, device: torch.device) -> None:
         )
 
 
+def bench_triton(rows: int, iters: int, device: torch.device, vocab_size: int = 151936) -> None:
+    """Print forward ms of the PyTorch and Triton paths on temperature-0.6 rows, and the kernel's."""
+    from pagedllm.worker.triton_sampling import gumbel_max_sample
+
+    params = [SamplingParams(temperature=0.6) for _ in range(rows)]
+    md = build_sampling_metadata(params, [[]] * rows, [[]] * rows, [None] * rows, vocab_size, device)
+    source = (torch.randn(rows, vocab_size, generator=torch.Generator().manual_seed(1)) * 4.0).to(device)
+    buffer = torch.empty_like(source)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(step: Callable[[], object]) -> float:
+        """Mean seconds of `step` over iters runs after one warm-up (compiles the kernels)."""
+        total = 0.0
+        for it in range(iters + 1):
+            buffer.copy_(source)  # the torch path overwrites its logits
+            sync()
+            t0 = time.perf_counter()
+            step()
+            sync()
+            if it:
+                total += time.perf_counter() - t0
+        return total / iters
+
+    results = {
+        "torch  Sampler.forward": timed(lambda: Sampler(use_triton=False).forward(buffer, md)),
+        "triton Sampler.forward": timed(lambda: Sampler(use_triton=True).forward(buffer, md)),
+        "triton kernel alone": timed(lambda: gumbel_max_sample(buffer, md.temperature, 1234)),
+    }
+    for name, seconds in results.items():
+        print(f"{rows} x {vocab_size}  T=0.6  {name:24s} {seconds * 1e3:8.3f} ms")
+    base = results["torch  Sampler.forward"]
+    print(f"speedup of the forward: {base / results['triton Sampler.forward']:.1f}x")
+
+
 def main() -> None:
-    """Parse arguments and run every case at vocab 49152 and 151936."""
+    """Parse arguments and run every case at vocab 49152 and 151936 (or the --triton comparison)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--triton", action="store_true", help="compare the torch and fused Triton paths only")
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rows} rows on {device}")
+    if args.triton:
+        if device.type == "cpu":
+            # Triton runs on CPU tensors only in its interpreter, chosen before triton is imported.
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+        bench_triton(args.rows, args.iters, device)
+        return
     for vocab_size in (49152, 151936):
         bench(args.rows, vocab_size, args.iters, device)
 

@@ -16,10 +16,16 @@ CPU than `uniform_` + `log_`. Rows filtered by top-k/top-p race over their candi
 
 A seeded row is sampled alone with its own generator, so its draws depend only on its logits,
 its parameters and its generator's state: never on the other rows in the batch.
+
+`Sampler(use_triton=True)` samples the unseeded random rows of a temperature-only batch (no
+top-k, top-p or min-p) on CUDA with one fused Triton kernel (`triton_sampling.py`: the same race
+as Gumbel-max, one read of the logits, no host sync) whose seed comes from torch's default CPU
+generator, so `torch.manual_seed` still makes runs reproducible.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -288,8 +294,35 @@ def sample_random(
     return token_ids
 
 
+def _fused_sample(logits: torch.Tensor, md: SamplingMetadata, rows: torch.Tensor | None) -> torch.Tensor:
+    """gumbel_max_sample over logits[rows] (None = all rows) at the rows' temperatures."""
+    from pagedllm.worker import triton_sampling  # imports triton: only on this path
+
+    # A fresh seed per call from the default CPU generator: no GPU sync, and torch.manual_seed
+    # reproduces a run as it does for the PyTorch path.
+    seed = int(torch.randint(2**31 - 1, (1,)).item())
+    return triton_sampling.gumbel_max_sample(logits, md.temperature, seed, rows)
+
+
 class Sampler:
-    """Turns a batch of logits into one token per row (see the module docstring for order)."""
+    """Turns a batch of logits into one token per row (see the module docstring for order).
+
+    `use_triton`: sample unseeded temperature-only rows with the fused Triton kernel when the
+    logits are on CUDA (or on CPU under TRITON_INTERPRET=1, for tests).
+    """
+
+    def __init__(self, use_triton: bool = False) -> None:
+        self.use_triton = use_triton
+
+    def _fused_random(self, logits: torch.Tensor, md: SamplingMetadata) -> bool:
+        """Whether this batch's unseeded random rows go through `gumbel_max_sample`."""
+        return (
+            self.use_triton
+            and md.no_top_k
+            and md.no_top_p
+            and md.no_min_p
+            and (logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+        )
 
     def forward(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         """Sample every row of `logits` [num_reqs, vocab]; the logits may be overwritten."""
@@ -302,15 +335,19 @@ class Sampler:
             apply_penalties_(logits, md)
 
         unseeded = md.unseeded_random_rows
+        fused = self._fused_random(logits, md)
         if md.all_random and not md.seeded_random_rows:
-            sampled = self._sample_random_rows(logits, md, None)
+            sampled = _fused_sample(logits, md, None) if fused else self._sample_random_rows(logits, md, None)
         else:
             if md.all_random:
                 sampled = torch.empty(md.num_reqs, dtype=torch.int64, device=logits.device)
             else:
                 # Greedy rows: argmax over the whole batch is one pass and no copy.
                 sampled = sample_greedy(logits)
-            if unseeded.numel():
+            if unseeded.numel() and fused:
+                # The kernel reads the rows in place: no copy of logits[unseeded].
+                sampled[unseeded] = _fused_sample(logits, md, unseeded)
+            elif unseeded.numel():
                 sampled[unseeded] = self._sample_random_rows(logits[unseeded], md, unseeded)
             for row in md.seeded_random_rows:
                 one = slice(row, row + 1)
