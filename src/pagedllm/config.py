@@ -59,6 +59,8 @@ class SchedulerConfig:
     max_num_seqs: int
     max_model_len: int
     enable_chunked_prefill: bool = True
+    # Schedule step N+1 while step N runs on the device (engine/engine_core.py).
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -93,6 +95,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     fused_kernels: bool = True  # --no-fused-kernels: PyTorch layers on CUDA too
+    async_scheduling: bool | None = None  # None: on for CUDA, off on the CPU
     quantization: str | None = None
     device: str = "auto"
     tensor_parallel_size: int = 1
@@ -130,7 +133,10 @@ class EngineArgs:
                            help="reuse the KV cache of shared prompt prefixes and parallel samples")
         group.add_argument("--enforce-eager", action="store_true")
         group.add_argument("--fused-kernels", action=argparse.BooleanOptionalAction, default=True,
-                           help="fused Triton RMSNorm / rotary / SiLU-mul kernels on CUDA")
+                           help="fused Triton RMSNorm / rotary / SiLU-mul / sampling kernels on CUDA")
+        group.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                           help="schedule and prepare step N+1 while step N runs on the device "
+                                "(default: on for CUDA, off on the CPU)")
         group.add_argument("--quantization", "-q", choices=["int8"], default=None,
                            help="weight-only int8 linear layers (CPU; activations in bfloat16)")
         group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -329,6 +335,7 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         max_num_seqs=args.max_num_seqs,
         max_model_len=max_model_len,
         enable_chunked_prefill=args.enable_chunked_prefill,
+        async_scheduling=device == "cuda" if args.async_scheduling is None else args.async_scheduling,
     )
     parallel_config = create_parallel_config(args, hf_config, device)
     return EngineConfig(

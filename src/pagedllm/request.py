@@ -75,6 +75,10 @@ class Request:
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
+        # Tokens being sampled by steps whose results the scheduler has not seen yet: one from
+        # schedule() until update_from_output() in a synchronous engine, up to two while the
+        # engine schedules step N+1 before step N's results are back (async scheduling).
+        self.num_output_placeholders = 0
         self.num_preemptions = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
         # Prefix-cache hash of each full block of all_token_ids (filled by the KV cache manager).

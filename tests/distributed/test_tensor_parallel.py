@@ -36,6 +36,7 @@ def _greedy(path: str, **engine_args: Any) -> list[list[int]]:
         core = llm.llm_engine.engine_core
         assert core.kv_cache_manager.num_free_blocks == llm.llm_engine.config.cache_config.num_blocks
         assert core.scheduler.num_preemptions > 0  # the small pool forced preemption
+        assert (core.num_pipelined_steps > 0) == bool(engine_args.get("async_scheduling"))
     return [o.outputs[0].token_ids for o in outputs]
 
 
@@ -68,6 +69,12 @@ def model_dirs(tmp_path_factory) -> _ModelDirs:
 def test_tp2_mp_gives_tp1_tokens(model_dirs, arch):
     path = model_dirs[arch]
     assert _greedy(path, tensor_parallel_size=2) == _greedy(path)
+
+
+def test_tp2_mp_with_async_scheduling_gives_tp1_tokens(model_dirs):
+    # Step N+1 goes down the ranks' pipes while they still compute step N.
+    path = model_dirs["LlamaForCausalLM"]
+    assert _greedy(path, tensor_parallel_size=2, async_scheduling=True) == _greedy(path)
 
 
 @pytest.mark.parametrize("arch", ["Qwen2ForCausalLM", "Phi3ForCausalLM", "Qwen3MoeForCausalLM", "gpt2",

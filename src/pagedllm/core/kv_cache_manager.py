@@ -241,7 +241,8 @@ class KVCacheManager:
 
     def _cache_partial_block(self, request: Request, blocks: list[KVCacheBlock]) -> None:
         """Register a finishing request's computed partial last block, to be copied by later hits."""
-        num_tokens = request.num_computed_tokens
+        # Under async scheduling the last computed position's token may still be unknown here.
+        num_tokens = min(request.num_computed_tokens, request.num_tokens)
         index = num_tokens // self.block_size
         if num_tokens % self.block_size == 0 or index >= len(blocks) or blocks[index].ref_cnt != 1:
             return

@@ -60,6 +60,14 @@ class Scheduler:
     `data.num_computed_tokens + num_scheduled_tokens[req_id] == its number of tokens`, which
     is `request.num_computed_tokens == request.num_tokens` once schedule() has returned.
 
+    Such a request holds a placeholder (`num_output_placeholders`) for the token until
+    update_from_output() brings it. With async scheduling the engine calls schedule() for step
+    N+1 before step N's update: a request whose token from step N is still a placeholder is
+    scheduled one more decode (the runner feeds it the token on the device), unless the
+    pending tokens already reach max_tokens / max_model_len. A request that stops on a token of
+    step N (EOS, stop token) has computed one wasted token in step N+1, which is dropped; one
+    preempted by step N+1's schedule() still receives its step-N token.
+
     The runner must drop `finished_req_ids` before adding `scheduled_new_reqs` (an id can be
     reused by a new request once the old one finished), and must ignore ids it does not hold.
     """
@@ -81,6 +89,8 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_prefix_cache_queries = 0
         self.num_prefix_cache_hits = 0
+        # Unfinished requests whose sampling reads their output token values (see can_schedule_ahead).
+        self._num_requests_reading_outputs = 0
 
     # ---- requests in and out ----------------------------------------------------------------
 
@@ -114,6 +124,8 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        if _reads_output_tokens(request):
+            self._num_requests_reading_outputs += 1
 
     def finish_requests(self, req_ids: str | Iterable[str], finished_status: RequestStatus) -> None:
         """Finish waiting or running requests from outside (stop string, client abort).
@@ -140,6 +152,8 @@ class Scheduler:
     def _free_request(self, request: Request) -> None:
         self.kv_cache_manager.free(request)
         del self.requests[request.request_id]
+        if _reads_output_tokens(request):
+            self._num_requests_reading_outputs -= 1
 
     def has_unfinished_requests(self) -> bool:
         """True while some request is waiting or running."""
@@ -174,9 +188,11 @@ class Scheduler:
         req_index = 0
         while req_index < len(self.running) and token_budget > 0:
             request = self.running[req_index]
-            num_new_tokens = min(request.num_tokens - request.num_computed_tokens, token_budget)
-            if num_new_tokens == 0:
-                # Its last token is not sampled yet (the runner's output is still pending).
+            num_new_tokens = min(request.num_tokens + request.num_output_placeholders - request.num_computed_tokens,
+                                 token_budget)
+            if num_new_tokens == 0 or self._reaches_length_limit(request):
+                # Nothing to compute before a pending output arrives, or the tokens already being
+                # sampled end the request (max_tokens / max_model_len): another step would be waste.
                 req_index += 1
                 continue
             new_blocks = self.kv_cache_manager.allocate_slots(request, num_new_tokens)
@@ -233,9 +249,27 @@ class Scheduler:
         scheduler_output = self._make_output(new_reqs, num_scheduled_tokens, new_blocks_of)
         # Advance progress now that the output recorded the pre-step values: the next
         # schedule() must not hand out the same tokens again, even before this step's results.
+        # A request whose tokens reach its end samples one: a placeholder until the result is in.
         for req_id, num_tokens in num_scheduled_tokens.items():
-            self.requests[req_id].num_computed_tokens += num_tokens
+            request = self.requests[req_id]
+            request.num_computed_tokens += num_tokens
+            if request.num_computed_tokens == request.num_tokens + request.num_output_placeholders:
+                request.num_output_placeholders += 1
         return scheduler_output
+
+    def _reaches_length_limit(self, request: Request) -> bool:
+        """True when the tokens still being sampled take the request to max_tokens or max_model_len."""
+        pending = request.num_output_placeholders
+        return pending > 0 and (request.num_output_tokens + pending >= request.max_tokens
+                                or request.num_tokens + pending >= self.max_model_len)
+
+    def can_schedule_ahead(self) -> bool:
+        """Whether step N+1 may be scheduled before step N's sampled tokens are known.
+
+        Not while an unfinished request's sampling reads its previous tokens' values on the host
+        (penalties, logits processors): the runner would see placeholders.
+        """
+        return self._num_requests_reading_outputs == 0
 
     def _get_fork_source(self, request: Request, new_req_ids: set[str]) -> tuple[bool, Request | None]:
         """For a parallel sample: (must it wait, the running sibling whose prompt blocks it forks).
@@ -318,8 +352,16 @@ class Scheduler:
         for req_id, sampled_token_ids in zip(model_runner_output.req_ids,
                                              model_runner_output.sampled_token_ids):
             request = self.requests.get(req_id)
-            if request is None or request.status != RequestStatus.RUNNING:
+            # WAITING: a new request reusing the id of one aborted while this step ran. No
+            # placeholder: not the request that sampled (same reason).
+            if (request is None or request.status not in (RequestStatus.RUNNING, RequestStatus.PREEMPTED)
+                    or (sampled_token_ids and request.num_output_placeholders == 0)):
                 continue
+            if sampled_token_ids:
+                request.num_output_placeholders -= 1
+            # Preempted after this step was launched (async scheduling): its token still counts,
+            # its prompt logprobs will be computed again when it resumes.
+            preempted = request.status == RequestStatus.PREEMPTED
             new_token_ids: list[int] = []
             error = request_errors.get(req_id)
             if error is not None:
@@ -333,9 +375,12 @@ class Scheduler:
             new_logprobs = model_runner_output.logprobs.get(req_id)
             if new_logprobs is not None and len(new_token_ids) < len(sampled_token_ids):
                 new_logprobs = _first_rows(new_logprobs, len(new_token_ids))
-            new_prompt_logprobs = model_runner_output.prompt_logprobs.get(req_id)
+            new_prompt_logprobs = None if preempted else model_runner_output.prompt_logprobs.get(req_id)
             if request.is_finished():
-                finished.add(req_id)
+                if preempted:
+                    self.waiting.remove(request)
+                else:
+                    finished.add(req_id)
                 self.finished_req_ids.add(req_id)
                 self._free_request(request)
             if new_token_ids or new_prompt_logprobs is not None or request.is_finished():
@@ -370,6 +415,13 @@ class Scheduler:
             request.status = RequestStatus.FINISHED_LENGTH_CAPPED
             return True
         return False
+
+
+def _reads_output_tokens(request: Request) -> bool:
+    """Whether the request's sampling reads the values of its earlier output tokens."""
+    params = request.sampling_params
+    return bool(params.logits_processors or params.presence_penalty or params.frequency_penalty
+                or params.repetition_penalty != 1.0)
 
 
 def _first_rows(logprobs: LogprobsLists, num_rows: int) -> LogprobsLists:

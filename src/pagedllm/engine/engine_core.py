@@ -8,8 +8,8 @@ import weakref
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.scheduler import Scheduler
-from pagedllm.core.scheduler_output import EngineCoreOutput
-from pagedllm.executor.abstract import Executor
+from pagedllm.core.scheduler_output import EngineCoreOutput, SchedulerOutput
+from pagedllm.executor.abstract import Executor, StepFuture
 from pagedllm.models.sliding_window import kv_cache_sliding_window
 from pagedllm.request import Request, RequestStatus
 
@@ -17,7 +17,15 @@ logger = logging.getLogger(__name__)
 
 
 class EngineCore:
-    """Owns the scheduler, the KV cache manager and the executor; runs one step at a time."""
+    """Owns the scheduler, the KV cache manager and the executor; runs one step at a time.
+
+    With async scheduling (`--async-scheduling`, the default on CUDA) a step is pipelined: it
+    schedules and launches step N+1, then waits for step N's sampled tokens and applies them,
+    so the host's scheduling, input preparation and output processing run while the device
+    computes. The scheduler hands step N+1 the tokens of step N as placeholders and the runner
+    feeds them on the device. When an unfinished request needs its previous tokens' values on
+    the host (penalties, logits processors), steps run one at a time until it is gone.
+    """
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -41,6 +49,11 @@ class EngineCore:
                                                enable_caching=cache.enable_prefix_caching,
                                                sliding_window=kv_cache_sliding_window(config.model_config.hf_config))
         self.scheduler = Scheduler(sched, self.kv_cache_manager)
+        self.async_scheduling = sched.async_scheduling
+        # The launched step whose results are not applied yet (async scheduling only).
+        self._in_flight: tuple[SchedulerOutput, StepFuture] | None = None
+        # Steps launched while the previous one was still in flight (what async scheduling overlaps).
+        self.num_pipelined_steps = 0
         num_tokens = num_blocks * cache.block_size
         logger.info("KV cache: %d tokens (%d blocks), max concurrency %.2fx at max_model_len %d",
                     num_tokens, num_blocks, num_tokens / sched.max_model_len, sched.max_model_len)
@@ -58,16 +71,36 @@ class EngineCore:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_STOPPED)
 
     def has_unfinished_requests(self) -> bool:
-        """True while any request is waiting or running."""
-        return self.scheduler.has_unfinished_requests()
+        """True while any request is waiting or running, or a launched step is not applied yet."""
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
     def step(self) -> list[EngineCoreOutput]:
-        """Schedule, run the model once, and return what each request produced."""
+        """Schedule, run the model once, and return what each request produced.
+
+        With async scheduling the outputs returned are those of the step launched by the
+        previous call (none on the first call), while the step launched now runs.
+        """
+        if self.async_scheduling:
+            return self._step_pipelined()
         if not self.scheduler.has_unfinished_requests():
             return []
         scheduler_output = self.scheduler.schedule()
         runner_output = self.executor.execute_model(scheduler_output)
         return self.scheduler.update_from_output(scheduler_output, runner_output)
+
+    def _step_pipelined(self) -> list[EngineCoreOutput]:
+        """Launch step N+1 (if there is work and it may run ahead), then apply step N."""
+        launched = None
+        if self.scheduler.has_unfinished_requests() and (
+                self._in_flight is None or self.scheduler.can_schedule_ahead()):
+            scheduler_output = self.scheduler.schedule()
+            launched = (scheduler_output, self.executor.execute_model_async(scheduler_output))
+            self.num_pipelined_steps += self._in_flight is not None
+        in_flight, self._in_flight = self._in_flight, launched
+        if in_flight is None:
+            return []
+        scheduler_output, future = in_flight
+        return self.scheduler.update_from_output(scheduler_output, future.result())
 
     def check_health(self) -> None:
         """Raise if a worker rank is gone (WorkerDiedError names it)."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Protocol
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.scheduler_output import SchedulerOutput
@@ -15,6 +17,25 @@ class WorkerDiedError(RuntimeError):
     def __init__(self, rank: int, detail: str) -> None:
         super().__init__(f"Tensor-parallel worker rank {rank} failed: {detail}")
         self.rank = rank
+
+
+class StepFuture(Protocol):
+    """A launched step: `result()` waits for it and returns rank 0's output (once)."""
+
+    def result(self) -> ModelRunnerOutput:
+        """Wait for the step; its output."""
+        ...
+
+
+@dataclass
+class DoneStep:
+    """A step that already ran to completion."""
+
+    output: ModelRunnerOutput
+
+    def result(self) -> ModelRunnerOutput:
+        """The output, at once."""
+        return self.output
 
 
 class Executor(ABC):
@@ -51,6 +72,11 @@ class Executor(ABC):
     @abstractmethod
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step on every rank and return rank 0's output (all ranks sample the same)."""
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepFuture:
+        """Launch one step and return at once where the backend allows it (async scheduling);
+        by default the step runs to completion first."""
+        return DoneStep(self.execute_model(scheduler_output))
 
     def determine_num_blocks(self) -> int:
         """Blocks of the KV pool: the smallest number any rank can hold (every rank holds every block)."""

@@ -23,7 +23,7 @@ from multiprocessing.connection import Connection, wait
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.scheduler_output import SchedulerOutput
-from pagedllm.executor.abstract import Executor, WorkerDiedError
+from pagedllm.executor.abstract import Executor, StepFuture, WorkerDiedError
 from pagedllm.worker.runner_output import ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
@@ -112,8 +112,13 @@ class MultiprocExecutor(Executor):
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Broadcast the step to every rank; rank 0's output comes back."""
+        return self.execute_model_async(scheduler_output).result()
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepFuture:
+        """Send the step to every rank and return at once: rank 0 answers steps in order, and
+        the future reads its answer. The next step's message waits in the ranks' pipes."""
         self._send("execute_model", (scheduler_output,))
-        return self._receive([0])[0]  # type: ignore[return-value]
+        return _RankZeroReply(self)
 
     def check_health(self) -> None:
         """Raise WorkerDiedError for the first rank whose process is gone."""
@@ -215,3 +220,17 @@ class MultiprocExecutor(Executor):
                 process.kill()
         for process in self.processes:
             process.join(timeout=5)
+
+
+class _RankZeroReply:
+    """Rank 0's answer to one step, read when asked for (answers arrive in step order)."""
+
+    def __init__(self, executor: MultiprocExecutor) -> None:
+        self.executor = executor
+        self._output: ModelRunnerOutput | None = None
+
+    def result(self) -> ModelRunnerOutput:
+        """Wait for rank 0's answer (a dead rank raises WorkerDiedError)."""
+        if self._output is None:
+            self._output = self.executor._receive([0])[0]  # type: ignore[assignment]
+        return self._output  # type: ignore[return-value]

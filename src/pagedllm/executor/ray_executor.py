@@ -19,7 +19,7 @@ from typing import Any
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.scheduler_output import SchedulerOutput
-from pagedllm.executor.abstract import Executor, WorkerDiedError
+from pagedllm.executor.abstract import Executor, StepFuture, WorkerDiedError
 from pagedllm.worker.runner_output import ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
@@ -103,7 +103,13 @@ class RayExecutor(Executor):
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Run the step on every rank; rank 0's output."""
-        return self.collective_rpc("execute_model", scheduler_output)[0]  # type: ignore[return-value]
+        return self.execute_model_async(scheduler_output).result()
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepFuture:
+        """Submit the step to every actor (each runs its calls in order); the future gathers them."""
+        ref = self.ray.put(scheduler_output)
+        refs = [w.execute_method.remote("execute_model", ref) for w in self.workers]
+        return _RayStep(self, refs)
 
     def check_health(self) -> None:
         """Ping every actor; a dead one raises WorkerDiedError."""
@@ -159,3 +165,18 @@ class RayExecutor(Executor):
                 self.shutdown()
                 raise WorkerDiedError(rank, f"{type(e).__name__}: {e}") from None
         return [results[rank] for rank in range(len(refs))]
+
+
+class _RayStep:
+    """One submitted step: every rank's result is awaited (a failed actor raises), rank 0's kept."""
+
+    def __init__(self, executor: RayExecutor, refs: list[Any]) -> None:
+        self.executor = executor
+        self.refs = refs
+        self._output: ModelRunnerOutput | None = None
+
+    def result(self) -> ModelRunnerOutput:
+        """Wait for every rank; rank 0's output."""
+        if self._output is None:
+            self._output = self.executor._gather(self.refs)[0]  # type: ignore[assignment]
+        return self._output  # type: ignore[return-value]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.scheduler_output import SchedulerOutput
-from pagedllm.executor.abstract import Executor
+from pagedllm.executor.abstract import Executor, StepFuture
 from pagedllm.worker.runner_output import ModelRunnerOutput
 from pagedllm.worker.worker import Worker
 
@@ -24,6 +24,10 @@ class UniProcExecutor(Executor):
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step and return the sampled tokens."""
         return self.worker.execute_model(scheduler_output)
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepFuture:
+        """Launch one step on the device; the sampled tokens are fetched by `result()`."""
+        return self.worker.execute_model_async(scheduler_output)
 
     def shutdown(self) -> None:
         """Nothing to stop in-process."""

@@ -20,6 +20,11 @@ from pagedllm.core.scheduler_output import SchedulerOutput
 from pagedllm.sampling_params import SamplingParams
 
 
+# A sampled token not fetched from the device yet. A decode whose input it is takes the token
+# from InputBuffers.last_token (device) instead.
+PLACEHOLDER_TOKEN_ID = -1
+
+
 @dataclass
 class CachedRequestState:
     """What the runner remembers about a request between steps."""
@@ -47,9 +52,18 @@ class CachedRequestState:
         return len(self.prompt_token_ids)
 
     def append_output_token(self, token_id: int) -> None:
-        """Record a token this runner sampled (the scheduler learns it from the runner output)."""
+        """Record a token this runner sampled (the scheduler learns it from the runner output).
+
+        PLACEHOLDER_TOKEN_ID stands for a token still on the device (its step's output not
+        fetched yet); `resolve_output_token` fills it in.
+        """
         self.output_token_ids.append(token_id)
         self.token_ids.append(token_id)
+
+    def resolve_output_token(self, output_index: int, token_id: int) -> None:
+        """Replace the placeholder at output position `output_index` by the sampled token."""
+        self.output_token_ids[output_index] = token_id
+        self.token_ids[self.num_prompt_tokens + output_index] = token_id
 
 
 @dataclass
@@ -65,6 +79,9 @@ class BatchInputs:
     sampling_req_ids: list[str]
     # req_id -> (first flat index, number of rows, first prompt position) for prompt logprobs.
     prompt_logprob_spans: dict[str, tuple[int, int, int]]
+    # Persistent block-table row of each sampling request: where its sampled token is kept on the
+    # device (InputBuffers.last_token) for the next step's input.
+    sampling_table_rows: torch.Tensor | None = None
 
 
 class InputBuffers:
@@ -75,6 +92,10 @@ class InputBuffers:
     request's block list. A row is given to a new request zeroed, so entries past a request's
     blocks are 0 as AttentionMetadata expects. Rows of requests the runner dropped are reclaimed
     when the table runs out of rows.
+
+    Last sampled token: `last_token` (on the device) holds, per row, the token its request
+    sampled last. Under async scheduling the next step is prepared before that token reaches
+    the host: its decode input is a placeholder, replaced on the device from this tensor.
 
     Staging: every int64 array of a step (and the int32 query_start_loc, viewed inside it) goes
     into one host buffer, copied to the device at once. On CUDA the buffer is pinned and reused:
@@ -87,6 +108,7 @@ class InputBuffers:
         self.row_num_blocks = np.zeros(num_rows, dtype=np.int64)  # block ids written per row
         self.row_owner: list[CachedRequestState | None] = [None] * num_rows
         self.free_rows = list(range(num_rows - 1, -1, -1))
+        self.last_token = torch.zeros(num_rows, dtype=torch.int64, device=device)
         self._pinned: torch.Tensor | None = None
         self._copy_done: torch.cuda.Event | None = None
         self._copy_pending = False
@@ -136,6 +158,10 @@ class InputBuffers:
         self.block_table = table
         self.row_num_blocks = np.concatenate([self.row_num_blocks, np.zeros(rows - old_rows, dtype=np.int64)])
         self.row_owner += [None] * (rows - old_rows)
+        if rows > old_rows:
+            last_token = torch.zeros(rows, dtype=torch.int64, device=self.device)
+            last_token[:old_rows] = self.last_token  # in stream order: after every earlier write
+            self.last_token = last_token
         self.free_rows.extend(range(rows - 1, old_rows - 1, -1))  # popped from the end: lowest first
 
     def _write_new_blocks(self, state: CachedRequestState) -> None:
@@ -144,6 +170,10 @@ class InputBuffers:
             self._grow(cols=max(end, 2 * self.block_table.shape[1]))
         self.block_table[row, start:end] = state.block_ids[start:end]
         self.row_num_blocks[row] = end
+
+    def record_sampled(self, table_rows: torch.Tensor, token_ids: torch.Tensor) -> None:
+        """Keep each sampling request's new token on the device, at its block-table row."""
+        self.last_token[table_rows] = token_ids
 
     def staging(self, size: int) -> np.ndarray:
         """A host int64 buffer of `size` elements to fill for this step's single copy."""
@@ -235,19 +265,27 @@ def prepare_inputs(
     rows, num_blocks = buffers.block_rows(states, requests)
     max_blocks = int(num_blocks.max()) if num_reqs else 0
 
+    # Decodes: the input is the token at num_computed_tokens; a placeholder (the token sampled by
+    # a step whose output is not fetched yet) is taken from the device's last_token instead.
+    decode_tokens = np.fromiter(
+        (s.token_ids[s.num_computed_tokens] for s in states[:num_decodes]), dtype=np.int64, count=num_decodes)
+    on_device = np.flatnonzero(decode_tokens == PLACEHOLDER_TOKEN_ID)
+
     # One int64 host buffer holds every array of the step; the int32 query_start_loc sits in
     # its last int64 elements, viewed as int32.
     sizes = [num_tokens, num_tokens, num_tokens, num_reqs, len(sampling_rows), num_reqs * max_blocks,
-             (num_reqs + 2) // 2]
+             len(sampling_rows), len(on_device), len(on_device), (num_reqs + 2) // 2]
     offsets = [0, *itertools.accumulate(sizes)]
     staging = buffers.staging(offsets[-1])
-    input_ids, positions, slot_mapping, seq_lens_out, logits_indices, block_tables, qsl_words = (
+    (input_ids, positions, slot_mapping, seq_lens_out, logits_indices, block_tables, sampling_table_rows,
+     device_token_index, device_token_rows, qsl_words) = (
         staging[offsets[i] : offsets[i + 1]] for i in range(len(sizes)))
     block_tables = block_tables.reshape(num_reqs, max_blocks)
 
-    # Decodes: the input is the token at num_computed_tokens.
-    input_ids[:num_decodes] = np.fromiter(
-        (s.token_ids[s.num_computed_tokens] for s in states[:num_decodes]), dtype=np.int64, count=num_decodes)
+    input_ids[:num_decodes] = decode_tokens
+    device_token_index[:] = on_device
+    device_token_rows[:] = rows[on_device]
+    sampling_table_rows[:] = rows[sampling_rows]
     for i in range(num_decodes, num_reqs):  # prefill chunks: a slice of the known tokens each
         state, start, end = states[i], int(query_start_loc[i]), int(query_start_loc[i + 1])
         input_ids[start:end] = state.token_ids[state.num_computed_tokens : state.num_computed_tokens + end - start]
@@ -270,9 +308,12 @@ def prepare_inputs(
             rows_needed = min(int(seq_lens[i]), state.num_prompt_tokens - 1) - first
             prompt_logprob_spans[req_ids[i]] = (start, rows_needed, first)
 
-    input_ids_t, positions_t, slot_mapping_t, seq_lens_t, logits_indices_t, block_tables_t, qsl_t = (
-        buffers.to_device(staging, [input_ids, positions, slot_mapping, seq_lens_out, logits_indices, block_tables,
-                                    qsl32]))
+    (input_ids_t, positions_t, slot_mapping_t, seq_lens_t, logits_indices_t, block_tables_t, sampling_table_rows_t,
+     device_token_index_t, device_token_rows_t, qsl_t) = buffers.to_device(
+        staging, [input_ids, positions, slot_mapping, seq_lens_out, logits_indices, block_tables, sampling_table_rows,
+                  device_token_index, device_token_rows, qsl32])
+    if len(on_device):
+        input_ids_t[device_token_index_t] = buffers.last_token[device_token_rows_t]
     seq_lens_cpu = seq_lens.tolist()
     metadata = AttentionMetadata(
         num_actual_tokens=num_tokens,
@@ -294,4 +335,5 @@ def prepare_inputs(
         logits_indices=logits_indices_t,
         sampling_req_ids=[req_ids[i] for i in sampling_rows.tolist()],
         prompt_logprob_spans=prompt_logprob_spans,
+        sampling_table_rows=sampling_table_rows_t,
     )

@@ -12,7 +12,13 @@ from pagedllm.distributed import tensor_model_parallel_broadcast
 from pagedllm.layers.custom_op import set_fused_kernels
 from pagedllm.loader import get_model
 from pagedllm.worker.cuda_graph import CUDAGraphRunner
-from pagedllm.worker.input_batch import BatchInputs, CachedRequestState, InputBuffers, prepare_inputs
+from pagedllm.worker.input_batch import (
+    PLACEHOLDER_TOKEN_ID,
+    BatchInputs,
+    CachedRequestState,
+    InputBuffers,
+    prepare_inputs,
+)
 from pagedllm.worker.logits_processors import apply_logits_processors
 from pagedllm.worker.memory_plan import kv_cache_bytes_per_token
 from pagedllm.worker.runner_output import LogprobsLists, ModelRunnerOutput
@@ -35,7 +41,10 @@ class ModelRunner:
         self.requests: dict[str, CachedRequestState] = {}
         # Requests with user logits processors: without any, the per-row processor loop is skipped.
         self.logits_processor_req_ids: set[str] = set()
-        self.sampler = Sampler()
+        # Seeded requests: their generator is re-seeded for every output position (see _sample).
+        self.seeded_req_ids: set[str] = set()
+        # The fused Triton sampling kernel (CUDA) goes with the other fused kernels.
+        self.sampler = Sampler(use_triton=model_config.use_fused_kernels)
         # Host state reused across steps: persistent block table / staging buffer, sampling metadata.
         self.input_buffers = InputBuffers(device)
         self.sampling_metadata_cache = SamplingMetadataCache()
@@ -111,13 +120,15 @@ class ModelRunner:
         for req_id in scheduler_output.finished_req_ids:
             self.requests.pop(req_id, None)
             self.logits_processor_req_ids.discard(req_id)
+            self.seeded_req_ids.discard(req_id)
         for new in scheduler_output.scheduled_new_reqs:
             params = new.sampling_params
             if params.logits_processors:
                 self.logits_processor_req_ids.add(new.req_id)
             generator = None
             if params.seed is not None:
-                generator = torch.Generator(device=self.device).manual_seed(params.seed)
+                generator = torch.Generator(device=self.device)
+                self.seeded_req_ids.add(new.req_id)
             self.requests[new.req_id] = CachedRequestState(
                 req_id=new.req_id,
                 prompt_token_ids=list(new.prompt_token_ids),
@@ -132,37 +143,50 @@ class ModelRunner:
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
 
-    @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Run the scheduled tokens through the model and sample where a request reached its end."""
+        return self.execute_model_async(scheduler_output).result()
+
+    @torch.inference_mode()
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> AsyncModelRunnerOutput:
+        """Launch the step on the device and return before its sampled tokens reach the host.
+
+        Each sampling request gets a placeholder token until `result()` fetches the step's
+        tokens; the next step may be prepared and launched before that (its decode inputs come
+        from the device). Logprobs, prompt logprobs and logits processors are read on the host
+        during the step itself.
+        """
         self._update_states(scheduler_output)
         if scheduler_output.blocks_to_copy:
             self._copy_blocks(scheduler_output.blocks_to_copy)
         if scheduler_output.is_empty:
-            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+            return AsyncModelRunnerOutput(ModelRunnerOutput(req_ids=[], sampled_token_ids=[]))
         batch = prepare_inputs(scheduler_output, self.requests, self.block_size, self.device, self.input_buffers)
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(batch.attn_metadata):
             hidden = self.cuda_graphs.run(batch.input_ids, batch.positions, batch.attn_metadata)
         else:
             hidden = self.model(batch.input_ids, batch.positions, batch.attn_metadata)  # type: ignore[misc]
-        sampled: dict[str, list[int]] = {}
         logprobs: dict[str, LogprobsLists] = {}
         request_errors: dict[str, str] = {}
+        sampled_ids: torch.Tensor | None = None
+        sampling_states: list[CachedRequestState] = []
         if batch.sampling_req_ids:
             logits = self.model.compute_logits(  # type: ignore[union-attr]
                 hidden.index_select(0, batch.logits_indices)).float()
+            sampling_states = [self.requests[r] for r in batch.sampling_req_ids]
             if self.logits_processor_req_ids:
                 # A request whose processor fails is finished by the scheduler; the batch goes on.
-                request_errors = apply_logits_processors(logits, [self.requests[r] for r in batch.sampling_req_ids])
-            sampled, logprobs = self._sample(batch, logits)
+                request_errors = apply_logits_processors(logits, sampling_states)
+            sampled_ids, logprobs = self._sample(batch, sampling_states, logits)
         prompt_logprobs = self._prompt_logprobs(batch, hidden) if batch.prompt_logprob_spans else {}
-        return ModelRunnerOutput(
+        output = ModelRunnerOutput(
             req_ids=batch.req_ids,
-            sampled_token_ids=[sampled.get(r, []) for r in batch.req_ids],
+            sampled_token_ids=[[] for _ in batch.req_ids],  # filled by result()
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             request_errors=request_errors,
         )
+        return AsyncModelRunnerOutput(output, sampled_ids, sampling_states)
 
     def _copy_blocks(self, blocks_to_copy: list[tuple[int, int]]) -> None:
         """Copy-on-write: copy K/V blocks src -> dst in every layer before the step writes anything.
@@ -175,18 +199,24 @@ class ModelRunner:
         for cache in self.kv_caches:
             cache[:, dst] = cache[:, src]
 
-    def _sample(self, batch: BatchInputs, logits: torch.Tensor) -> tuple[dict[str, list[int]], dict[str, LogprobsLists]]:
-        states = [self.requests[r] for r in batch.sampling_req_ids]
+    def _sample(self, batch: BatchInputs, states: list[CachedRequestState],
+                logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, LogprobsLists]]:
+        """Sample one token per state (left on the device; placeholders in the states)."""
+        if self.seeded_req_ids:
+            # A seeded draw depends on the seed and the output position only: not on the batch,
+            # nor on whether the request was preempted and recomputed before this position.
+            for state in states:
+                if state.generator is not None:
+                    state.generator.manual_seed(position_seed(state.sampling_params.seed, len(state.output_token_ids)))
         metadata = self.sampling_metadata_cache.get(states, vocab_size=logits.shape[-1], device=self.device)
         out = self.sampler.forward(logits, metadata)
         # Every tensor-parallel rank samples from the same gathered logits; rank 0's tokens are
         # broadcast anyway so that the ranks' request states can never drift apart.
-        token_ids = tensor_model_parallel_broadcast(out.sampled_token_ids).tolist()
-        sampled: dict[str, list[int]] = {}
+        token_ids = tensor_model_parallel_broadcast(out.sampled_token_ids)
+        self.input_buffers.record_sampled(batch.sampling_table_rows, token_ids)  # type: ignore[arg-type]
         logprobs: dict[str, LogprobsLists] = {}
         for row, state in enumerate(states):
-            state.append_output_token(token_ids[row])
-            sampled[state.req_id] = [token_ids[row]]
+            state.append_output_token(PLACEHOLDER_TOKEN_ID)
             if out.logprobs is not None and state.sampling_params.logprobs is not None:
                 k = state.sampling_params.logprobs + 1
                 logprobs[state.req_id] = LogprobsLists(
@@ -194,7 +224,7 @@ class ModelRunner:
                     logprobs=[out.logprobs.logprobs[row][:k]],
                     ranks=[out.logprobs.ranks[row]],
                 )
-        return sampled, logprobs
+        return token_ids, logprobs
 
     def _prompt_logprobs(self, batch: BatchInputs, hidden: torch.Tensor) -> dict[str, LogprobsLists]:
         result: dict[str, LogprobsLists] = {}
@@ -205,3 +235,49 @@ class ModelRunner:
             lp = torch.log_softmax(logits, dim=-1)
             result[req_id] = compute_logprobs(lp, state.sampling_params.prompt_logprobs or 0, next_tokens)
         return result
+
+
+def position_seed(seed: int, output_index: int) -> int:
+    """The generator seed of a seeded request's draw at output position `output_index`."""
+    return (seed * 0x9E3779B97F4A7C15 + output_index * 0xBF58476D1CE4E5B9) % (1 << 63)
+
+
+class AsyncModelRunnerOutput:
+    """A launched step's output, whose sampled tokens are still on their way to the host.
+
+    The tokens are copied device -> pinned host memory without blocking; `result()` waits for
+    that copy, puts each token in place of its request's placeholder and returns the
+    ModelRunnerOutput. Results must be fetched in step order: a later step's placeholder
+    stands after an earlier one's in the same request.
+    """
+
+    def __init__(self, output: ModelRunnerOutput, sampled_ids: torch.Tensor | None = None,
+                 sampling_states: list[CachedRequestState] | None = None) -> None:
+        self._output = output
+        self._states = sampling_states or []
+        # Output position of each state's placeholder (its last token right now).
+        self._output_index = [len(state.output_token_ids) - 1 for state in self._states]
+        self._host_ids: torch.Tensor | None = None
+        self._copy_done: torch.cuda.Event | None = None
+        if sampled_ids is not None and sampled_ids.is_cuda:
+            self._host_ids = torch.empty(sampled_ids.shape, dtype=sampled_ids.dtype, pin_memory=True)
+            self._host_ids.copy_(sampled_ids, non_blocking=True)
+            self._copy_done = torch.cuda.Event()
+            self._copy_done.record()
+        elif sampled_ids is not None:
+            self._host_ids = sampled_ids
+        self._resolved = sampled_ids is None
+
+    def result(self) -> ModelRunnerOutput:
+        """Wait for the sampled tokens; the step's output (placeholders resolved, once)."""
+        if not self._resolved:
+            if self._copy_done is not None:
+                self._copy_done.synchronize()
+            token_ids = self._host_ids.tolist()  # type: ignore[union-attr]
+            sampled = {}
+            for state, index, token_id in zip(self._states, self._output_index, token_ids):
+                state.resolve_output_token(index, token_id)
+                sampled[state.req_id] = [token_id]
+            self._output.sampled_token_ids = [sampled.get(r, []) for r in self._output.req_ids]
+            self._resolved = True
+        return self._output

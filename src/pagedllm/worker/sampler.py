@@ -15,7 +15,9 @@ probability P_i / sum(P). E = -log(U) with U uniform: torch's `exponential_` is 
 CPU than `uniform_` + `log_`. Rows filtered by top-k/top-p race over their candidates only.
 
 A seeded row is sampled alone with its own generator, so its draws depend only on its logits,
-its parameters and its generator's state: never on the other rows in the batch.
+its parameters and its generator's state: never on the other rows in the batch. (The model
+runner re-seeds that generator from the request's seed and the output position before every
+draw, so preemption and async scheduling cannot shift a seeded request's draws either.)
 
 `Sampler(use_triton=True)` samples the unseeded random rows of a temperature-only batch (no
 top-k, top-p or min-p) on CUDA with one fused Triton kernel (`triton_sampling.py`: the same race
@@ -131,7 +133,15 @@ def apply_penalties_(logits: torch.Tensor, metadata: SamplingMetadata) -> None:
 
 
 def sample_greedy(logits: torch.Tensor) -> torch.Tensor:
-    """argmax of each row; a row holding NaN is sanitised first (argmax would pick the NaN)."""
+    """argmax of each row; a row holding NaN is sanitised first (argmax would pick the NaN).
+
+    On CUDA the NaNs are replaced in place (NaN -> -inf) before the argmax instead of being
+    looked for afterwards: one more pass, but no host sync, so the next step can be launched
+    before this one ends (async scheduling). Same result: argmax takes the first maximum, the
+    first +inf of a row holding +inf, and 0 in a row left with nothing finite.
+    """
+    if logits.is_cuda:
+        return logits.nan_to_num_(nan=_NEG_INF, posinf=float("inf"), neginf=_NEG_INF).argmax(-1)
     token_ids = logits.argmax(-1)
     chosen = logits.gather(1, token_ids.unsqueeze(1)).squeeze(1)
     nan_rows = chosen.isnan().nonzero().squeeze(1)

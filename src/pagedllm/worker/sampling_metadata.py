@@ -153,6 +153,15 @@ def _scalar_rows(params: list[SamplingParams], greedy: list[bool], all_greedy: b
     return scalars, top_k
 
 
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`. To CUDA through pinned memory without blocking: a copy from
+    pageable memory may wait for the stream, which would stall the host behind the step in
+    flight (async scheduling) whenever the batch changes and this metadata is rebuilt."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def build_sampling_metadata(
     params: list[SamplingParams],
     prompt_token_ids: list[list[int]],
@@ -185,7 +194,7 @@ def build_sampling_metadata(
     ]
     scalars_np, top_k = _scalar_rows(params, greedy, all_greedy, pen_rows, vocab_size)
     # One host array and one copy for every per-row scalar.
-    scalars = torch.from_numpy(scalars_np).to(device)
+    scalars = _to_device(torch.from_numpy(scalars_np), device)
 
     greedy_rows = [i for i in range(num_reqs) if greedy[i]] if random_rows else list(range(num_reqs))
     seeded = [i for i in random_rows if generators[i] is not None]
@@ -216,7 +225,7 @@ def build_sampling_metadata(
     def on_device(values: list[int] | list[float] | torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
         if values is None or len(values) == 0:
             return None
-        return torch.as_tensor(values, dtype=dtype).to(device)
+        return _to_device(torch.as_tensor(values, dtype=dtype), device)
 
     empty_rows = torch.empty(0, dtype=torch.int64)
     return SamplingMetadata(

@@ -9,7 +9,7 @@ import torch
 from pagedllm.config import DEFAULT_KV_CACHE_MEMORY_BYTES, EngineConfig
 from pagedllm.core.scheduler_output import SchedulerOutput
 from pagedllm.distributed import destroy_distributed_environment, init_distributed_environment
-from pagedllm.worker.model_runner import ModelRunner
+from pagedllm.worker.model_runner import AsyncModelRunnerOutput, ModelRunner
 from pagedllm.worker.runner_output import ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,10 @@ class Worker:
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Run one scheduled step."""
         return self.model_runner.execute_model(scheduler_output)
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> AsyncModelRunnerOutput:
+        """Launch one scheduled step; its sampled tokens are fetched by `result()`."""
+        return self.model_runner.execute_model_async(scheduler_output)
 
     def shutdown(self) -> None:
         """Leave the process group (tensor parallelism)."""

@@ -1,0 +1,173 @@
+"""GPU run for async scheduling and the fused sampling kernel (issue 9): correctness, then L1 / T1.
+
+    PYTHONPATH=src:. python benchmarks/gpu_async_check.py            # everything, one process per variant
+    PYTHONPATH=src:. python benchmarks/gpu_async_check.py --only t1 --async-scheduling 1 --triton-sampling 1
+
+Correctness: greedy tokens of a tiny fp32 model with async scheduling == synchronous == HF on the
+GPU; seeded samples async == sync; the Triton sampling kernel equals its PyTorch reference on the
+same uniforms and matches softmax(logits / T) in distribution. Then L1 (Llama-3.1-8B dims) and T1
+(Qwen3-0.6B dims, temperature 0.6) for sync / async scheduling and torch / Triton sampling, each
+variant in a fresh process (an engine sizes its KV pool from the memory left free). Prints a table
+last and writes JSON to $OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from benchmarks.gpu_check import CONFIGS, _prompts, _random_hf_model, record  # noqa: E402
+from pagedllm import LLM, SamplingParams  # noqa: E402
+from tests.models.tiny_models import hf_greedy  # noqa: E402
+
+
+def correctness() -> dict:
+    """Async == sync == HF (greedy, fp32), seeded async == sync, Triton sampler vs reference."""
+    res: dict = {}
+    with tempfile.TemporaryDirectory() as d:
+        hf = _random_hf_model("LlamaForCausalLM", d, std=0.08)
+        prompts = _prompts(512)
+        expected = hf_greedy(hf, prompts, 24)
+        del hf
+        seeded = [SamplingParams(temperature=1.0, seed=i, max_tokens=24, ignore_eos=True) for i in range(len(prompts))]
+        outs = {}
+        for async_scheduling in (False, True):
+            llm = LLM(d, skip_tokenizer_init=True, dtype="float32", max_model_len=512, gpu_memory_utilization=0.2,
+                      max_num_seqs=16, async_scheduling=async_scheduling)
+            greedy = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                  SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+            sampled = llm.generate([{"prompt_token_ids": p} for p in prompts], seeded, use_tqdm=False)
+            outs[async_scheduling] = ([o.outputs[0].token_ids for o in greedy], [o.outputs[0].token_ids for o in sampled])
+            res[f"pipelined_steps_async_{async_scheduling}"] = llm.llm_engine.engine_core.num_pipelined_steps
+            del llm
+            torch.cuda.empty_cache()
+        res["sync_greedy_equals_hf"] = outs[False][0] == expected
+        res["async_greedy_equals_hf"] = outs[True][0] == expected
+        res["async_seeded_equals_sync"] = outs[True][1] == outs[False][1]
+    from pagedllm.worker.triton_sampling import gumbel_max_sample, philox_uniforms
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (torch.randn(256, 151936, device="cuda", generator=gen) * 4).to(dtype)
+        temperature = torch.rand(256, device="cuda", generator=gen) + 0.2
+        ids = gumbel_max_sample(logits, temperature, seed=1234)
+        u = philox_uniforms(1234, 256, 151936, torch.device("cuda"))
+        ref = (logits.float() / temperature[:, None] - torch.log(-torch.log(u))).argmax(-1)
+        res[f"triton_sampler_equals_reference_{dtype}"] = f"{int((ids == ref).sum())}/256"
+    # Distribution: 8 tokens, 65,536 identical rows.
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 3.0, 1.5, -0.5], device="cuda").repeat(65536, 1)
+    temperature = torch.full((65536,), 0.6, device="cuda")
+    counts = torch.bincount(gumbel_max_sample(logits, temperature, seed=7), minlength=8).float()
+    probs = torch.softmax(logits[0] / 0.6, -1)
+    sigma = (65536 * probs * (1 - probs)).sqrt()
+    res["triton_sampler_max_sigma"] = float(((counts - 65536 * probs).abs() / sigma).max())
+    return res
+
+
+def t1_variant(async_scheduling: bool, triton_sampling: bool) -> dict:
+    """T1 (two passes: the first compiles what the warm-up did not reach) in this process."""
+    from pagedllm.benchmarks.throughput import bench_pagedllm
+
+    random.seed(0)
+    reqs = []
+    for _ in range(256):
+        pl, ol = random.randint(100, 1024), random.randint(100, 1024)
+        reqs.append(([random.randint(0, 9999) for _ in range(pl)], ol))
+    t0 = time.perf_counter()
+    llm = LLM(os.path.join(CONFIGS, "qwen3-0.6b"), load_format="dummy", skip_tokenizer_init=True,
+              max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=16384, async_scheduling=async_scheduling)
+    startup = time.perf_counter() - t0
+    llm.llm_engine.engine_core.executor.worker.model_runner.sampler.use_triton = triton_sampling
+    runs = [bench_pagedllm(llm, reqs, 0.6) for _ in range(2)]
+    greedy = bench_pagedllm(llm, reqs, 0.0)
+    return {"startup_s": startup, "passes_tok_s": [r["output_tok_s"] for r in runs],
+            "output_tokens": runs[-1]["output_tokens"], "greedy_tok_s": greedy["output_tok_s"],
+            "pipelined_steps": llm.llm_engine.engine_core.num_pipelined_steps}
+
+
+def l1_variant(async_scheduling: bool) -> dict:
+    """L1 TPOT / TTFT (median of 3 runs after a warm-up) in this process."""
+    from pagedllm.benchmarks.latency import measure_latency
+    from pagedllm.config import EngineArgs
+    from pagedllm.engine.llm_engine import LLMEngine
+
+    t0 = time.perf_counter()
+    eng = LLMEngine.from_engine_args(EngineArgs(model=os.path.join(CONFIGS, "llama-3.1-8b"), load_format="dummy",
+                                                skip_tokenizer_init=True, max_model_len=4096, max_num_seqs=8,
+                                                async_scheduling=async_scheduling))
+    startup = time.perf_counter() - t0
+    rng = random.Random(0)
+    prompt = [[rng.randrange(100, 10000) for _ in range(128)]]
+    measure_latency(eng, prompt, 8)
+    runs = [measure_latency(eng, prompt, 256) for _ in range(3)]
+    return {"startup_s": startup, "ttft_ms": min(r["ttft_s"] for r in runs) * 1e3,
+            "tpot_ms": sorted(r["tpot_median_s"] for r in runs)[1] * 1e3,
+            "tpot_mean_ms": sorted(r["tpot_mean_s"] for r in runs)[1] * 1e3}
+
+
+VARIANTS = [
+    ("l1", {"async_scheduling": 0}), ("l1", {"async_scheduling": 1}),
+    ("t1", {"async_scheduling": 0, "triton_sampling": 0}), ("t1", {"async_scheduling": 1, "triton_sampling": 0}),
+    ("t1", {"async_scheduling": 0, "triton_sampling": 1}), ("t1", {"async_scheduling": 1, "triton_sampling": 1}),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", choices=["correctness", "l1", "t1"], default=None)
+    ap.add_argument("--async-scheduling", type=int, default=1)
+    ap.add_argument("--triton-sampling", type=int, default=1)
+    ap.add_argument("--json", default=None, help="write this variant's result here (used by the driver)")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: correctness,l1,t1")
+    args = ap.parse_args()
+    results: dict = {"device": torch.cuda.get_device_name(0)}
+    if args.only is not None:
+        if args.only == "correctness":
+            out = record(results, "correctness", correctness)
+        elif args.only == "l1":
+            out = record(results, "l1", l1_variant, bool(args.async_scheduling))
+        else:
+            out = record(results, "t1", t1_variant, bool(args.async_scheduling), bool(args.triton_sampling))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f)
+        return
+    skip = set(args.skip.split(","))
+    plan = [("correctness", {})] * ("correctness" not in skip) + [v for v in VARIANTS if v[0] not in skip]
+    for name, flags in plan:
+        key = name + "".join(f"_{k}={v}" for k, v in flags.items())
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            cmd = [sys.executable, __file__, "--only", name, "--json", f.name]
+            for k, v in flags.items():
+                cmd += [f"--{k.replace('_', '-')}", str(v)]
+            proc = subprocess.run(cmd, check=False)
+            try:
+                results[key] = json.load(open(f.name))
+            except (OSError, ValueError):
+                results[key] = {"error": f"exit code {proc.returncode}"}
+    print(json.dumps(results, indent=1))
+    print(f"{'variant':<58} result")
+    for key, value in results.items():
+        if key.startswith("l1"):
+            print(f"{key:<58} TPOT {value.get('tpot_ms', float('nan')):.3f} ms  TTFT {value.get('ttft_ms', 0):.1f} ms")
+        elif key.startswith("t1"):
+            print(f"{key:<58} {value.get('passes_tok_s')} tok/s (greedy {value.get('greedy_tok_s')})")
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "gpu_async_check.json"), "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
