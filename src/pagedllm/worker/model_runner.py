@@ -171,10 +171,12 @@ class ModelRunner:
         sampled_ids: torch.Tensor | None = None
         sampling_states: list[CachedRequestState] = []
         if batch.sampling_req_ids:
+            # In the model's dtype: the sampler widens to fp32 only for the features that need it.
             logits = self.model.compute_logits(  # type: ignore[union-attr]
-                hidden.index_select(0, batch.logits_indices)).float()
+                hidden.index_select(0, batch.logits_indices))
             sampling_states = [self.requests[r] for r in batch.sampling_req_ids]
             if self.logits_processor_req_ids:
+                logits = logits.float()
                 # A request whose processor fails is finished by the scheduler; the batch goes on.
                 request_errors = apply_logits_processors(logits, sampling_states)
             sampled_ids, logprobs = self._sample(batch, sampling_states, logits)

