@@ -36,9 +36,13 @@ class CustomOp(nn.Module):
         The first argument decides (for the rotary layer the positions, which live on the
         device of the query and key).
         """
-        if self.use_fused_kernels and x.is_cuda:
+        if self.use_fused_path(x):
             return self.forward_cuda(x, *args, **kwargs)
         return self.forward_native(x, *args, **kwargs)
+
+    def use_fused_path(self, x: Any) -> bool:
+        """Whether an input takes the fused kernels: they are enabled and it is on CUDA."""
+        return self.use_fused_kernels and x.is_cuda
 
     def forward_native(self, *args: Any, **kwargs: Any) -> Any:
         """The PyTorch implementation (CPU path and reference)."""

@@ -4,6 +4,11 @@ Column-parallel layers split the output features across ranks; row-parallel laye
 input features and all-reduce the partial sums. Fused layers (QKV, gate+up) store several
 checkpoint tensors in one weight, so one matmul serves them all; their `weight_loader` puts
 each checkpoint tensor (a "shard") in its slice.
+
+The layers are CustomOps: on CUDA with fused kernels on, inputs of at most 16 tokens (decode)
+go through the skinny-GEMM Triton kernel (`layers/triton_gemv.py`, via `fused_linear`), which
+streams the weight closer to memory bandwidth than cuBLAS at those sizes. It replaces only the
+local matmul: the all-reduce and bias handling are the same on both paths.
 """
 
 from __future__ import annotations
@@ -13,6 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.distributed import get_tp_rank, get_tp_size, tensor_model_parallel_all_reduce
+from pagedllm.layers.custom_op import CustomOp
+
+# Inputs of at most this many tokens take the skinny-GEMM kernel (its M limit).
+SKINNY_MAX_TOKENS = 16
+_SKINNY_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _divide(numerator: int, denominator: int, what: str) -> int:
@@ -21,7 +31,27 @@ def _divide(numerator: int, denominator: int, what: str) -> int:
     return numerator // denominator
 
 
-class ColumnParallelLinear(nn.Module):
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), by the skinny-GEMM Triton kernel when x has at most 16 tokens.
+
+    Only a plain contiguous 2-D weight of x's dtype (bf16/fp16/fp32) qualifies; anything else
+    (more tokens, other dtypes or layouts, tensor subclasses, autograd) goes to F.linear.
+    Callers decide the device (CUDA, or CPU under TRITON_INTERPRET=1 in tests).
+    """
+    hidden = x.shape[-1] if x.dim() else 0
+    if (hidden > 0 and x.numel() <= SKINNY_MAX_TOKENS * hidden
+            and type(weight) in (torch.Tensor, nn.Parameter) and weight.dim() == 2
+            and weight.dtype in _SKINNY_DTYPES and x.dtype == weight.dtype and weight.is_contiguous()
+            and (bias is None or (bias.dtype == x.dtype and bias.dim() == 1))
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        from pagedllm.layers.triton_gemv import skinny_linear  # triton only where kernels run
+
+        out = skinny_linear(x.reshape(-1, hidden), weight, bias)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+class ColumnParallelLinear(CustomOp):
     """y = x W^T + b with W's output rows split across tensor-parallel ranks."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
@@ -42,9 +72,13 @@ class ColumnParallelLinear(nn.Module):
         size = param.shape[0]
         param.data.copy_(loaded.narrow(0, self.tp_rank * size, size))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the layer; the output holds this rank's slice of the features."""
         return F.linear(x, self.weight, self.bias)
+
+    def forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
+        """As forward_native, through the skinny-GEMM kernel for few tokens."""
+        return fused_linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -93,7 +127,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         param.data.narrow(0, offset, size).copy_(loaded.narrow(0, start, size))
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(CustomOp):
     """y = x W^T + b with W's input columns split across ranks; partial sums are all-reduced."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
@@ -118,10 +152,17 @@ class RowParallelLinear(nn.Module):
         """The bias is added once, after the all-reduce, so every rank keeps all of it."""
         param.data.copy_(loaded)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the layer and sum the ranks' partial outputs."""
-        out = F.linear(x, self.weight)
-        out = tensor_model_parallel_all_reduce(out)
+        return self._reduce_and_add_bias(F.linear(x, self.weight))
+
+    def forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
+        """As forward_native, the local matmul through the skinny-GEMM kernel for few tokens."""
+        return self._reduce_and_add_bias(fused_linear(x, self.weight))
+
+    def _reduce_and_add_bias(self, partial: torch.Tensor) -> torch.Tensor:
+        # The bias is added after the all-reduce (every rank holds all of it), so it counts once.
+        out = tensor_model_parallel_all_reduce(partial)
         if self.bias is not None:
             out = out + self.bias
         return out

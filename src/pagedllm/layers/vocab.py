@@ -12,6 +12,8 @@ from pagedllm.distributed import (
     tensor_model_parallel_all_gather,
     tensor_model_parallel_all_reduce,
 )
+from pagedllm.layers.custom_op import CustomOp
+from pagedllm.layers.linear import fused_linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -42,11 +44,19 @@ class VocabParallelEmbedding(nn.Module):
         return tensor_model_parallel_all_reduce(out)
 
 
-class ParallelLMHead(VocabParallelEmbedding):
-    """Output projection to vocabulary logits; may share its weight with the embedding."""
+class ParallelLMHead(VocabParallelEmbedding, CustomOp):
+    """Output projection to vocabulary logits; may share its weight with the embedding.
+
+    A CustomOp for its switch only (`use_fused_kernels`, set by set_fused_kernels and the
+    environment): `forward` stays the embedding lookup, and `compute_logits` takes the
+    skinny-GEMM kernel for few CUDA rows when the switch is on.
+    """
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Logits [N, vocab_size] for hidden states [N, hidden] (gathered across ranks)."""
-        logits = F.linear(hidden_states, self.weight)
+        if self.use_fused_path(hidden_states):
+            logits = fused_linear(hidden_states, self.weight)
+        else:
+            logits = F.linear(hidden_states, self.weight)
         logits = tensor_model_parallel_all_gather(logits, dim=-1)
         return logits[..., : self.vocab_size]
