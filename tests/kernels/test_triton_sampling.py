@@ -1,14 +1,16 @@
 """Specification of the fused Gumbel-max sampling kernel and its use by the Sampler.
 
 On CPU they run under TRITON_INTERPRET=1 (set by conftest.py). The oracle for exactness is
-argmax(logits / T - log(-log(U))) in PyTorch with the kernel's own uniforms (`philox_uniforms`);
-the distribution is checked against softmax(logits / T) with many independent rows.
+argmax(logits / T - log(-log(U))) in PyTorch with the kernel's own uniforms (`philox_uniforms`),
+which are checked against a NumPy Philox4x32-10; the distribution is checked against
+softmax(logits / T) with many independent rows.
 """
 
 from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,6 +33,32 @@ FLT_MAX = torch.finfo(torch.float32).max
 def randn(*shape: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
     """A reproducible fp32 tensor on the test device."""
     return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(DEVICE)
+
+
+def philox4x32_10(seed: int, counters: np.ndarray) -> np.ndarray:
+    """[n, 4] uint32: Triton's Philox4x32-10 (tl.randint4x) of 64-bit counters, in NumPy.
+
+    State (low word, high word, 0, 0) of each counter, key (seed low, seed high word).
+    """
+    mask = np.uint64(0xFFFFFFFF)
+    counters = counters.astype(np.uint64)
+    c0, c1 = counters & mask, counters >> np.uint64(32)
+    c2 = c3 = np.zeros_like(c0)
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32 & 0xFFFFFFFF)
+    for _ in range(10):
+        p0, p1 = np.uint64(0xD2511F53) * c0, np.uint64(0xCD9E8D57) * c2  # < 2**64: exact
+        c0, c1, c2, c3 = (p1 >> np.uint64(32)) ^ c1 ^ k0, p1 & mask, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & mask
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask, (k1 + np.uint64(0xBB67AE85)) & mask
+    return np.stack([c0, c1, c2, c3], axis=-1).astype(np.uint32)
+
+
+def uniforms_in_numpy(seed: int, n_rows: int, vocab: int) -> torch.Tensor:
+    """The documented U: token i of row r is component i % 4 of Philox(r * ceil(V / 4) + i // 4)."""
+    groups = -(-vocab // 4)
+    bits = philox4x32_10(seed, np.arange(n_rows * groups)).view(np.int32)
+    bits = np.where(bits < 0, ~bits, bits)  # tl.rand's map onto [0, 2**31)
+    u = bits.astype(np.float32) * np.float32(4.6566127342e-10)
+    return torch.from_numpy(u.reshape(n_rows, groups * 4)[:, :vocab].copy())
 
 
 def reference(logits: torch.Tensor, temperature: torch.Tensor, seed: int) -> torch.Tensor:
@@ -58,6 +86,11 @@ def reference(logits: torch.Tensor, temperature: torch.Tensor, seed: int) -> tor
         (6, 1537, torch.float32, dict(block_size=128, tiles_per_chunk=3)),
         (3, 1000, torch.bfloat16, dict(block_size=64, tiles_per_chunk=2)),
         (37, 13, torch.float32, {}),  # several rows per program, the last block partial
+        # V < 4: a tile is one Philox group (4 tokens, the rest masked), 16 rows a program.
+        (70, 3, torch.float32, dict(block_size=64)),
+        (5, 2, torch.bfloat16, {}),
+        (3, 1, torch.float32, {}),
+        (7, 4098, torch.float32, {}),  # V % 4 == 2, several chunks of 8192 / tiles of 1024
     ],
 )
 def test_matches_the_pytorch_race_on_the_same_uniforms(rows: int, vocab: int, dtype: torch.dtype, tiles: dict) -> None:
@@ -69,12 +102,52 @@ def test_matches_the_pytorch_race_on_the_same_uniforms(rows: int, vocab: int, dt
         assert torch.equal(sampled, reference(logits, temperature, seed))
 
 
-def test_uniforms_are_the_philox_stream_of_each_row_and_lie_in_0_1() -> None:
-    u = ts.philox_uniforms(7, 3, 1000, DEVICE)
-    assert u.shape == (3, 1000) and bool(((u >= 0) & (u < 1)).all())
-    # Row r continues the stream at r * V: one long row is the same numbers.
-    assert torch.equal(u.view(-1), ts.philox_uniforms(7, 1, 3000, DEVICE).view(-1))
-    assert not torch.equal(u, ts.philox_uniforms(8, 3, 1000, DEVICE))
+@pytest.mark.parametrize("n_rows, vocab", [(3, 1000), (3, 1537), (5, 3), (2, 1), (2, 4100)])
+@pytest.mark.parametrize("seed", [7, 2**40 + 5])
+def test_uniforms_are_four_per_philox_counter_row_by_row(n_rows: int, vocab: int, seed: int) -> None:
+    u = ts.philox_uniforms(seed, n_rows, vocab, DEVICE)
+    assert u.shape == (n_rows, vocab) and bool(((u >= 0) & (u < 1)).all())
+    assert torch.equal(u.cpu(), uniforms_in_numpy(seed, n_rows, vocab))
+    # Row r starts at counter r * ceil(V / 4): rows are one long row cut every 4 * ceil(V / 4).
+    groups = -(-vocab // 4)
+    long_row = ts.philox_uniforms(seed, 1, n_rows * groups * 4, DEVICE).view(n_rows, groups * 4)
+    assert torch.equal(u, long_row[:, :vocab])
+    assert not torch.equal(u, ts.philox_uniforms(seed + 1, n_rows, vocab, DEVICE))
+
+
+@triton.jit
+def _rand_kernel(out_ptr, seed, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, tl.rand(seed, offs.to(tl.int64)))
+
+
+def test_component_zero_is_tl_rand_of_the_counter() -> None:
+    # tl.rand uses component 0 of the same Philox: the other three map to [0, 1) the same way.
+    rand = torch.empty(256, device=DEVICE)
+    _rand_kernel[(1,)](rand, 11, N=256)
+    assert torch.equal(ts.philox_uniforms(11, 1, 1024, DEVICE)[0, ::4], rand)
+
+
+@triton.jit
+def _log_kernel(x_ptr, y_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(y_ptr + offs, ts._log(tl.load(x_ptr + offs)))
+
+
+def test_the_written_out_log_is_within_one_ulp_where_the_race_uses_it() -> None:
+    rng = np.random.default_rng(0)
+    x = np.concatenate([
+        rng.integers(0, 2**31, 4096).astype(np.float32) * np.float32(4.6566127342e-10),  # U
+        np.float32(1) - np.arange(1, 4097, dtype=np.float32) * np.float32(2**-24),  # U next to 1
+        np.float32(4.6566127342e-10) * np.arange(1, 4097, dtype=np.float32),  # small U
+        np.exp(rng.uniform(np.log(2**-24), np.log(21.5), 4096)).astype(np.float32),  # -log(U)
+    ])
+    x = np.where(x > 0, x, np.float32(0.5))  # U == 0 never reaches _log (the race masks it)
+    y = torch.empty(len(x), device=DEVICE)
+    _log_kernel[(1,)](torch.from_numpy(x).to(DEVICE), y, N=len(x))
+    exact = np.log(x.astype(np.float64))
+    ulp = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)  # of the fp32 result
+    assert (np.abs(y.cpu().numpy() - exact) / ulp).max() < 1.0
 
 
 def test_rows_argument_samples_the_indexed_rows_without_a_copy() -> None:
@@ -85,13 +158,16 @@ def test_rows_argument_samples_the_indexed_rows_without_a_copy() -> None:
     assert torch.equal(ts.gumbel_max_sample(logits, temperature, 11, rows), expected)
 
 
-def test_strided_rows_and_empty_batches() -> None:
-    wide = randn(4, 700, seed=4)
-    view = wide[:, :500]  # row stride 700, last dim contiguous
+@pytest.mark.parametrize("stride", [700, 701])  # a multiple of 4 (vector loads) or not
+def test_strided_rows_and_empty_batches(stride: int) -> None:
+    wide = randn(4, stride, seed=4)
+    view = wide[:, :500]  # last dim contiguous
     temperature = torch.full((4,), 0.8, device=DEVICE)
     assert torch.equal(ts.gumbel_max_sample(view, temperature, 5), reference(view.contiguous(), temperature, 5))
     empty = ts.gumbel_max_sample(torch.empty(0, 500, device=DEVICE), temperature[:0], 5)
     assert empty.shape == (0,) and empty.dtype == torch.int64
+    with pytest.raises(ValueError, match="power of two"):
+        ts.gumbel_max_sample(view, temperature, 5, block_size=2)  # a tile holds whole Philox groups
 
 
 # ---------------------------------------------------------------- distribution
@@ -131,16 +207,21 @@ def test_nan_entries_are_never_chosen() -> None:
     assert len(set(sampled.tolist())) > 5
 
 
-def test_inf_rows_draw_uniformly_among_their_inf_entries() -> None:
-    num_rows = 200
+# Small tiles: +inf in the first two chunks of 16 tokens, none in the third (no second pass there).
+@pytest.mark.parametrize("num_rows, tiles", [(200, {}), (30, dict(block_size=16, tiles_per_chunk=1))])
+def test_inf_rows_draw_uniformly_among_their_inf_entries(num_rows: int, tiles: dict) -> None:
     logits = randn(num_rows, 40, seed=6, scale=50.0)
     logits[:, [3, 10, 31]] = POS_INF
     logits[:, 5] = NAN
     logits[:, 7] = NEG_INF
-    sampled = ts.gumbel_max_sample(logits, torch.full((num_rows,), 0.05, device=DEVICE), 21).cpu()
+    logits[-1, [3, 10, 31]] = 0.0  # one row without +inf: its finite race still counts
+    temperature = torch.full((num_rows,), 0.05, device=DEVICE)
+    sampled = ts.gumbel_max_sample(logits, temperature, 21, **tiles)
+    assert torch.equal(sampled, reference(logits, temperature, 21))
+    sampled = sampled[:-1].cpu()
     counts = torch.bincount(sampled, minlength=40)
-    assert counts.sum().item() == counts[[3, 10, 31]].sum().item() == num_rows
-    assert bool((counts[[3, 10, 31]] > 30).all())  # ~67 each: uniform, not first-wins
+    assert counts.sum().item() == counts[[3, 10, 31]].sum().item() == num_rows - 1
+    assert bool((counts[[3, 10, 31]] > num_rows // 7).all())  # ~1/3 each: uniform, not first-wins
 
 
 def test_rows_without_a_finite_or_inf_entry_return_token_zero() -> None:
@@ -164,7 +245,7 @@ def _keys_kernel(x_ptr, u_ptr, key_ptr, inf_key_ptr, temperature, N: tl.constexp
     tl.store(inf_key_ptr + offs[None, :], inf_key)
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's log(0) and inf - inf, on purpose
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's inf - inf, on purpose
 def test_a_zero_uniform_gives_no_nan_and_keeps_finite_entries_ahead() -> None:
     # Philox seldom yields U == 0 (2 in 2**32): feed the key function chosen uniforms instead.
     x = torch.tensor([1.0, NEG_INF, NAN, POS_INF, 3.0e38, -5.0, POS_INF, 0.0], device=DEVICE)
@@ -193,6 +274,13 @@ def sampler_batch(params: list[SamplingParams], vocab: int, generator_seed: int)
     return build_sampling_metadata(params, [[]] * n, [[]] * n, generators, vocab, DEVICE)
 
 
+def sampler(use_triton: bool) -> Sampler:
+    """A Sampler that also runs the kernel on CPU tensors (the interpreter) when told to use it."""
+    s = Sampler(use_triton=use_triton)
+    s.triton_on_cpu = True  # the Sampler's switch for the interpreter; ignored on CUDA
+    return s
+
+
 def test_sampler_mixes_greedy_seeded_and_fused_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     real = ts.gumbel_max_sample
@@ -211,7 +299,7 @@ def test_sampler_mixes_greedy_seeded_and_fused_rows(monkeypatch: pytest.MonkeyPa
     for use_triton in (True, False, True):
         md = sampler_batch(params, vocab, 100)
         torch.manual_seed(42)
-        runs.append(Sampler(use_triton=use_triton).forward(logits.clone(), md).sampled_token_ids.cpu())
+        runs.append(sampler(use_triton).forward(logits.clone(), md).sampled_token_ids.cpu())
     fused, torch_path, again = runs
     assert len(calls) == 2  # once per use_triton=True forward, for the unseeded rows together
     assert fused[[0, 4]].tolist() == logits[[0, 4]].argmax(-1).tolist()
@@ -232,7 +320,7 @@ def test_sampler_all_random_batch_and_filtered_batches(monkeypatch: pytest.Monke
     logits = randn(3, 300, seed=9, scale=3.0)
     md = sampler_batch([SamplingParams(temperature=0.7)] * 3, 300, 0)
     torch.manual_seed(1)
-    sampled = Sampler(use_triton=True).forward(logits.clone(), md).sampled_token_ids
+    sampled = sampler(True).forward(logits.clone(), md).sampled_token_ids
     torch.manual_seed(1)
     seed = int(torch.randint(2**31 - 1, (1,)).item())
     assert len(calls) == 1 and torch.equal(sampled, real(logits, md.temperature, seed))
@@ -243,6 +331,6 @@ def test_sampler_all_random_batch_and_filtered_batches(monkeypatch: pytest.Monke
         results = []
         for use_triton in (True, False):
             torch.manual_seed(3)
-            results.append(Sampler(use_triton=use_triton).forward(logits[:2].clone(), md).sampled_token_ids)
+            results.append(sampler(use_triton).forward(logits[:2].clone(), md).sampled_token_ids)
         assert torch.equal(results[0], results[1])
     assert len(calls) == 1

@@ -1,18 +1,34 @@
 """One-pass Triton sampling of temperature-only random rows (the Gumbel-max trick).
 
 Row r of `logits` gets the token argmax_i (logit_i / T_r + G_i) with Gumbel noise
-G_i = -log(E_i), E_i = -log(U_i) ~ Exp(1), U_i = tl.rand(seed, r * V + i) (Philox). This is the
-sampler's exponential race (argmax P_i / E_i with P = exp(logit / T)) in log space: token i is
-drawn with probability softmax(logits / T)_i, and no row max, exp or normalisation is needed, so
-each logit is read once and nothing is written but a few bytes per program.
+G_i = -log(E_i), E_i = -log(U_i) ~ Exp(1). This is the sampler's exponential race (argmax P_i / E_i
+with P = exp(logit / T)) in log space: token i is drawn with probability softmax(logits / T)_i,
+and no row max, exp or normalisation is needed, so each logit is read once and nothing is
+written but a few bytes per program.
+
+The uniforms come from Philox4x32-10, four per evaluation: U of token i of row r is component
+i % 4 of philox(seed, counter r * ceil(V / 4) + i // 4), mapped to [0, 1) as tl.rand maps its
+int32 (`philox_uniforms` returns them). The first version drew U_i = tl.rand(seed, r * V + i),
+a full 10-round Philox per token of which it kept one output in four: 225 us for 256 x
+151,936 fp32 logits on an H200, i.e. 0.7 TB/s, bound by instruction issue (Philox two thirds
+of it), not by memory.
+Rows start on a counter boundary whatever V is, so every tile that starts at a multiple of 4
+inside a row holds whole Philox groups. In the sm_90 code of the tile loop this takes a token
+from ~134 instructions to ~71 (Triton 3.6, fp32; Philox ~15 of them now).
+
+Per token that leaves two logarithms as the largest cost (~30). They keep libdevice's accuracy
+(`_log`: its steps without its branches for inputs the race never has). The hardware's
+lg2.approx would be cheaper, but its error bound is absolute near 1: -log(U) for U next to 1,
+where the largest G come from, would lose its digits, and that changes the distribution.
 
 The PyTorch path takes ~10 full passes over the [rows, vocab] fp32 logits (amax, sub, div, exp,
 uniform_, log, div, argmax, gather) and host syncs; this is two launches and no sync:
 
 1. `_race_partial_kernel`, grid (row blocks, vocabulary chunks): a program races its chunk of
    8192 tokens (tiles of 1024) and writes its winner (key, token) plus a second winner among
-   the +inf logits, keyed by noise alone. 256 rows x 151,936 tokens make 256 x 19 programs.
-   Small vocabularies put several rows in one tile instead.
+   the +inf logits, keyed by noise alone, which a second pass over the chunk computes only if
+   the chunk holds a +inf. 256 rows x 151,936 tokens make 256 x 19 programs. Small
+   vocabularies put several rows in one tile instead.
 2. `_race_reduce_kernel`: per row, the best of those partials.
 
 Bad values follow `sanitized()` in sampler.py: NaN counts as -inf; a row holding +inf draws
@@ -22,9 +38,10 @@ a -inf or NaN one. Ties go to the lowest token id, as torch.argmax.
 
 Integers that change between calls (seed, row count, strides) are `do_not_specialize`: Triton
 would otherwise specialise ints equal to 1 or divisible by 16 and recompile for a new seed or
-batch size. Tile shapes depend on the vocabulary size only. Under TRITON_INTERPRET=1 the kernels
-run on CPU tensors (the tests). The seed is a kernel argument: do not capture these launches in
-a CUDA graph, whose replays would reuse the captured seed.
+batch size. Tile shapes depend on the vocabulary size only (and on whether V and the row stride
+are multiples of 4, which lets a thread load its Philox group as one vector). Under
+TRITON_INTERPRET=1 the kernels run on CPU tensors (the tests). The seed is a kernel argument: do
+not capture these launches in a CUDA graph, whose replays would reuse the captured seed.
 """
 
 from __future__ import annotations
@@ -42,6 +59,31 @@ _FLT_MAX = tl.constexpr(3.4028234663852886e38)  # largest finite fp32
 
 
 @triton.jit
+def _log(x):
+    """ln(x) of normal, positive, finite fp32 x: the steps of libdevice's logf (tl.log), minus its
+    branches for 0, subnormal, inf and NaN inputs, which the race never has.
+
+    x = 2**k * m with m in [2/3, 4/3); ln(x) = k ln 2 + ln(1 + f), f = m - 1 (exact), by
+    libdevice's polynomial with its constants and fused multiply-adds (< 1 ulp). Written out
+    because those branches cost a third of each tl.log (~22 instructions on sm_90, this ~15),
+    and the two logs per token were half of the tile loop once Philox was shared by 4 tokens.
+    """
+    bits = x.to(tl.int32, bitcast=True)
+    k_bits = (bits - 0x3F2AAAAB) & -8388608  # (bits - bits(2/3)) & 0xFF800000: k << 23
+    f = (bits - k_bits).to(tl.float32, bitcast=True) - 1.0
+    p = tl.fma(f, -0.13018856942653656, 0.1408461034297943)
+    p = tl.fma(p, f, -0.12148627638816833)
+    p = tl.fma(p, f, 0.1398061066865921)
+    p = tl.fma(p, f, -0.16684235632419586)
+    p = tl.fma(p, f, 0.20012299716472626)
+    p = tl.fma(p, f, -0.24999669194221497)
+    p = tl.fma(p, f, 0.333331823348999)
+    p = tl.fma(p, f, -0.5)
+    # k ln 2 = (k << 23) * (ln 2 * 2**-23): the same exact product, one multiply fewer.
+    return tl.fma(k_bits.to(tl.float32), 8.262958317573066e-08, tl.fma(f * p, f, f))
+
+
+@triton.jit
 def _race_keys(x, u, temperature):
     """(key, inf_key) of logits x [fp32] with uniforms u and per-row temperature [ROWS, 1].
 
@@ -49,7 +91,8 @@ def _race_keys(x, u, temperature):
     +inf entries (-inf elsewhere). Both are at least -FLT_MAX where they count: U == 0 gives
     G = -inf, which must still beat an entry that does not count.
     """
-    gumbel = -tl.log(-tl.log(u))
+    # u in [2**-31, 1 - 2**-24] or 0, so -ln(u) in [2**-24, 21.5]: both logs see normal inputs.
+    gumbel = tl.where(u > 0.0, -_log(-_log(u)), float("-inf"))
     finite = (x > float("-inf")) & (x < float("inf"))  # false for NaN
     # tl.maximum is maxnum (NaN -> the other operand): the one NaN sum, x / T overflowing to
     # +inf with G = -inf, also lands on -FLT_MAX.
@@ -66,14 +109,53 @@ def _first_argmax(keys, ids, axis: tl.constexpr):
     return best, best_id
 
 
+@triton.jit
+def _token_uniforms(seed, group_base, first_col, BLOCK: tl.constexpr):
+    """[R, BLOCK] uniforms of tokens first_col + arange(BLOCK) of R rows (first_col % 4 == 0).
+
+    `group_base` [R, 1] int64 is each row's first Philox counter (row r: r * ceil(V / 4)). Token
+    i of a row is component i % 4 of philox(seed, group_base + i // 4): one Philox evaluation
+    (10 rounds) serves four neighbouring tokens. Both kernels draw through this function, so
+    `philox_uniforms` cannot disagree with the sampler.
+    """
+    groups = group_base + (first_col // 4 + tl.arange(0, BLOCK // 4))[None, :]
+    # tl.rand4x: the four int32 outputs mapped to [0, 1) exactly as tl.rand maps its one.
+    u0, u1, u2, u3 = tl.rand4x(seed, groups)
+    # tl.join(a, b) stacks along a new minor dim: [..., 0] = a, [..., 1] = b. So the outer join
+    # gives [r, g, i, j] = u_{2i+j}[r, g] (j picks the inner pair, i the element in it), and
+    # the order-keeping reshape puts it at column 4g + 2i + j.
+    u = tl.join(tl.join(u0, u2), tl.join(u1, u3))
+    return tl.reshape(u, (u.shape[0], BLOCK))
+
+
+@triton.jit
+def _tile(row_ptrs, row_ok, vocab_size, seed, group_base, start, BLOCK: tl.constexpr):
+    """(token ids [1, BLOCK], logits [ROWS, BLOCK] fp32, uniforms) of tokens start + arange(BLOCK)."""
+    cols = (start + tl.arange(0, BLOCK))[None, :]
+    mask = row_ok[:, None] & (cols < vocab_size)
+    x = tl.load(row_ptrs + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    # Tiles start at multiples of BLOCK (>= 4): every tile is whole Philox groups.
+    return cols, x, _token_uniforms(seed, group_base, start, BLOCK)
+
+
 @triton.jit(do_not_specialize=["seed", "n_rows", "vocab_size", "stride_row", "n_chunks"])
 def _race_partial_kernel(
     logits_ptr, temperature_ptr, rows_ptr,
     keys_ptr, ids_ptr, inf_keys_ptr, inf_ids_ptr,
     seed, n_rows, vocab_size, stride_row, n_chunks,
     ROWS: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr, HAS_ROWS: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     """Program (row block, chunk): the winners of ROWS rows over TILES * BLOCK tokens."""
+    if ALIGNED:
+        # The host checked V % 4 == 0 and stride_row % 4 == 0 (no-ops here, spelled so that
+        # Triton's alignment analysis sees them). With a 16-byte aligned base, which Triton
+        # specialises on, a thread then loads its tokens 4i..4i+3 with one vector load, in the
+        # layout _token_uniforms yields them: no shared-memory shuffle of the tile. Otherwise
+        # the loads stay scalar (thread t: tokens t, t + 256, ...) and each tile is reshuffled
+        # through shared memory (with barriers) to meet the Philox groups: correct, slower.
+        stride_row = stride_row // 4 * 4
+        vocab_size = vocab_size // 4 * 4
     out_rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     chunk = tl.program_id(1)
     row_ok = out_rows < n_rows
@@ -84,28 +166,37 @@ def _race_partial_kernel(
         src_rows = out_rows
     temperature = tl.load(temperature_ptr + src_rows, mask=row_ok, other=1.0).to(tl.float32)[:, None]
     row_ptrs = logits_ptr + (src_rows * stride_row)[:, None]
-    noise_base = (out_rows * vocab_size)[:, None]  # int64: no wrap past 2**31 elements
-    lanes = chunk * (TILES * BLOCK) + tl.arange(0, BLOCK)
+    # int64: no wrap past 2**31 counters. Rows start on a group boundary whatever V is.
+    group_base = (out_rows * ((vocab_size + 3) // 4))[:, None]
+    first = chunk * (TILES * BLOCK)
     # Per-lane running winners; one cross-lane reduction at the end instead of one per tile.
     best = tl.full((ROWS, BLOCK), float("-inf"), tl.float32)
     best_id = tl.zeros((ROWS, BLOCK), tl.int32)
-    inf_best = tl.full((ROWS, BLOCK), float("-inf"), tl.float32)
-    inf_id = tl.zeros((ROWS, BLOCK), tl.int32)
+    x_max = tl.full((ROWS, BLOCK), float("-inf"), tl.float32)
     for t in range(TILES):
-        cols = (lanes + t * BLOCK)[None, :]
-        mask = row_ok[:, None] & (cols < vocab_size)
-        x = tl.load(row_ptrs + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        u = tl.rand(seed, noise_base + cols)
-        key, inf_key = _race_keys(x, u, temperature)
+        cols, x, u = _tile(row_ptrs, row_ok, vocab_size, seed, group_base, first + t * BLOCK, BLOCK)
+        key, _ = _race_keys(x, u, temperature)
         # Strict ">": a lane sees its tokens in increasing order, so ties keep the first.
         better = key > best
         best = tl.where(better, key, best)
         best_id = tl.where(better, cols, best_id)
-        better = inf_key > inf_best
-        inf_best = tl.where(better, inf_key, inf_best)
-        inf_id = tl.where(better, cols, inf_id)
+        x_max = tl.maximum(x_max, x)  # maxnum: NaN is skipped
     chunk_best, chunk_id = _first_argmax(best, best_id, 1)
-    chunk_inf, chunk_inf_id = _first_argmax(inf_best, inf_id, 1)
+    # The race among +inf logits cost ~5 of ~76 instructions a token in the loop and is almost
+    # never needed: it runs as a second pass over the chunk (same tokens, same noise), only if
+    # the first one read a +inf.
+    chunk_inf = tl.full((ROWS,), float("-inf"), tl.float32)
+    chunk_inf_id = tl.zeros((ROWS,), tl.int32)
+    if tl.max(tl.max(x_max, 1), 0) == float("inf"):
+        inf_best = tl.full((ROWS, BLOCK), float("-inf"), tl.float32)
+        inf_id = tl.zeros((ROWS, BLOCK), tl.int32)
+        for t in range(TILES):
+            cols, x, u = _tile(row_ptrs, row_ok, vocab_size, seed, group_base, first + t * BLOCK, BLOCK)
+            _, inf_key = _race_keys(x, u, temperature)
+            better = inf_key > inf_best
+            inf_best = tl.where(better, inf_key, inf_best)
+            inf_id = tl.where(better, cols, inf_id)
+        chunk_inf, chunk_inf_id = _first_argmax(inf_best, inf_id, 1)
     offs = out_rows * n_chunks + chunk
     tl.store(keys_ptr + offs, chunk_best, mask=row_ok)
     tl.store(ids_ptr + offs, chunk_id, mask=row_ok)
@@ -136,6 +227,11 @@ def _race_reduce_kernel(
     tl.store(out_ptr + rows, token.to(tl.int64), mask=row_ok)
 
 
+def _tile_size(vocab_size: int, block_size: int) -> int:
+    """Tokens per tile: a power of two, at most block_size, at least one Philox group of 4."""
+    return max(4, min(block_size, triton.next_power_of_2(vocab_size)))
+
+
 def gumbel_max_sample(
     logits: torch.Tensor,
     temperature: torch.Tensor,
@@ -149,13 +245,15 @@ def gumbel_max_sample(
 
     `logits` [n, V] fp32 / bf16 / fp16 with a contiguous last dim; `temperature` [n] > 0 (any
     float dtype); `seed` an int in [0, 2**63). Returns [n] int64 token ids on the logits' device.
-    Row r's token is argmax_i (logit_i / T_r - log(-log(U_i))), U_i = tl.rand(seed, r * V + i)
-    (see `philox_uniforms`); NaN / inf rows as described in the module docstring.
+    Row r's token is argmax_i (logit_i / T_r - log(-log(U_i))) with U_i component i % 4 of
+    Philox(seed, r * ceil(V / 4) + i // 4) (see `philox_uniforms`); NaN / inf rows as described
+    in the module docstring.
 
     With `rows` (int64 [m] indices into logits), output j samples logits[rows[j]] at temperature
     temperature[rows[j]] with the noise of row j: the same as sampling logits[rows] and
-    temperature[rows] without the copy. `block_size` (a power of two) and `tiles_per_chunk` set
-    a program's share of a row (tests shrink them to get several chunks on a small vocabulary).
+    temperature[rows] without the copy. `block_size` (a power of two, at least 4) and
+    `tiles_per_chunk` set a program's share of a row (tests shrink them to get several chunks on
+    a small vocabulary); they do not change the draws.
     No host sync: the launch depends on shapes only.
     """
     if logits.dim() != 2:
@@ -166,7 +264,9 @@ def gumbel_max_sample(
     n_rows = n_src if rows is None else rows.shape[0]
     if n_rows == 0 or vocab_size == 0:
         return torch.zeros(n_rows, dtype=torch.int64, device=logits.device)
-    block = min(block_size, triton.next_power_of_2(vocab_size))
+    if block_size < 4 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 4, got {block_size}.")
+    block = _tile_size(vocab_size, block_size)
     # A vocabulary smaller than a tile shares it between rows (e.g. 128 rows of 8 tokens).
     rows_per_program = max(1, block_size // block)
     tiles = min(tiles_per_chunk, triton.cdiv(vocab_size, block))
@@ -180,8 +280,10 @@ def gumbel_max_sample(
         keys[0], ids[0], keys[1], ids[1],
         seed, n_rows, vocab_size, logits.stride(0), n_chunks,
         ROWS=rows_per_program, BLOCK=block, TILES=tiles, HAS_ROWS=rows is not None,
-        # 4 tokens per thread and tile (one 16-byte fp32 load): ~40 registers on sm_90, so the
-        # Philox arithmetic, which bounds this kernel more than memory does, keeps many warps.
+        ALIGNED=vocab_size % 4 == 0 and logits.stride(0) % 4 == 0,
+        # 4 tokens per thread and tile, one Philox group (one 16-byte fp32 load when ALIGNED):
+        # ~47 registers on sm_90, so the arithmetic, which bounds this kernel more than memory
+        # does, keeps many warps.
         num_warps=max(1, min(8, block_size // 128)),
     )
     out = torch.empty(n_rows, dtype=torch.int64, device=logits.device)
@@ -198,17 +300,23 @@ def gumbel_max_sample(
 
 @triton.jit(do_not_specialize=["seed", "vocab_size"])
 def _uniforms_kernel(out_ptr, seed, vocab_size, BLOCK: tl.constexpr):
-    """Program (row, column block): out[row, col] = tl.rand(seed, row * vocab_size + col)."""
+    """Program (row, column block): out[row, cols] = the uniforms `_race_partial_kernel` draws."""
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    offs = row * vocab_size + cols  # the same int64 counters as _race_partial_kernel
-    tl.store(out_ptr + offs, tl.rand(seed, offs), mask=cols < vocab_size)
+    first = tl.program_id(1) * BLOCK
+    cols = first + tl.arange(0, BLOCK)
+    group_base = tl.full((1, 1), 0, tl.int64) + row * ((vocab_size + 3) // 4)
+    u = tl.reshape(_token_uniforms(seed, group_base, first, BLOCK), (BLOCK,))
+    tl.store(out_ptr + row * vocab_size + cols, u, mask=cols < vocab_size)
 
 
 def philox_uniforms(seed: int, n_rows: int, vocab_size: int, device: torch.device | str) -> torch.Tensor:
-    """[n_rows, vocab_size] fp32: the U values `gumbel_max_sample(..., seed)` draws (for tests)."""
+    """[n_rows, vocab_size] fp32: the U values `gumbel_max_sample(..., seed)` draws (for tests).
+
+    U[r, i] is component i % 4 of Philox(seed, counter r * ceil(vocab_size / 4) + i // 4),
+    mapped to [0, 1) as tl.rand maps its int32.
+    """
     out = torch.empty(n_rows, vocab_size, dtype=torch.float32, device=device)
     if out.numel():
-        block = min(1024, triton.next_power_of_2(vocab_size))
+        block = _tile_size(vocab_size, 1024)
         _uniforms_kernel[(n_rows, triton.cdiv(vocab_size, block))](out, seed, vocab_size, BLOCK=block)
     return out
