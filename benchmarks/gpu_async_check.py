@@ -96,11 +96,15 @@ def t1_variant(async_scheduling: bool, triton_sampling: bool) -> dict:
             "pipelined_steps": llm.llm_engine.engine_core.num_pipelined_steps}
 
 
-def l1_variant(async_scheduling: bool) -> dict:
+def l1_variant(async_scheduling: bool, skinny_gemm: bool = True) -> dict:
     """L1 TPOT / TTFT (median of 3 runs after a warm-up) in this process."""
+    import pagedllm.layers.linear
     from pagedllm.benchmarks.latency import measure_latency
     from pagedllm.config import EngineArgs
     from pagedllm.engine.llm_engine import LLMEngine
+
+    if not skinny_gemm:
+        pagedllm.layers.linear.SKINNY_MAX_TOKENS = 0  # every linear through cuBLAS
 
     t0 = time.perf_counter()
     eng = LLMEngine.from_engine_args(EngineArgs(model=os.path.join(CONFIGS, "llama-3.1-8b"), load_format="dummy",
@@ -117,7 +121,8 @@ def l1_variant(async_scheduling: bool) -> dict:
 
 
 VARIANTS = [
-    ("l1", {"async_scheduling": 0}), ("l1", {"async_scheduling": 1}),
+    ("l1", {"async_scheduling": 0}), ("l1", {"async_scheduling": 1, "skinny_gemm": 0}),
+    ("l1", {"async_scheduling": 1, "skinny_gemm": 1}),
     ("t1", {"async_scheduling": 0, "triton_sampling": 0}), ("t1", {"async_scheduling": 1, "triton_sampling": 0}),
     ("t1", {"async_scheduling": 0, "triton_sampling": 1}), ("t1", {"async_scheduling": 1, "triton_sampling": 1}),
 ]
@@ -128,15 +133,17 @@ def main() -> None:
     ap.add_argument("--only", choices=["correctness", "l1", "t1"], default=None)
     ap.add_argument("--async-scheduling", type=int, default=1)
     ap.add_argument("--triton-sampling", type=int, default=1)
+    ap.add_argument("--skinny-gemm", type=int, default=1)
     ap.add_argument("--json", default=None, help="write this variant's result here (used by the driver)")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: correctness,l1,t1")
+    ap.add_argument("--variants", default="", help="comma-separated indices into VARIANTS to run (default all)")
     args = ap.parse_args()
     results: dict = {"device": torch.cuda.get_device_name(0)}
     if args.only is not None:
         if args.only == "correctness":
             out = record(results, "correctness", correctness)
         elif args.only == "l1":
-            out = record(results, "l1", l1_variant, bool(args.async_scheduling))
+            out = record(results, "l1", l1_variant, bool(args.async_scheduling), bool(args.skinny_gemm))
         else:
             out = record(results, "t1", t1_variant, bool(args.async_scheduling), bool(args.triton_sampling))
         if args.json:
@@ -144,7 +151,8 @@ def main() -> None:
                 json.dump(out, f)
         return
     skip = set(args.skip.split(","))
-    plan = [("correctness", {})] * ("correctness" not in skip) + [v for v in VARIANTS if v[0] not in skip]
+    chosen = [VARIANTS[int(i)] for i in args.variants.split(",")] if args.variants else VARIANTS
+    plan = [("correctness", {})] * ("correctness" not in skip) + [v for v in chosen if v[0] not in skip]
     for name, flags in plan:
         key = name + "".join(f"_{k}={v}" for k, v in flags.items())
         with tempfile.NamedTemporaryFile(suffix=".json") as f:

@@ -280,3 +280,13 @@ def test_llama_few_token_forward_and_logits_match_with_the_kernel(fused_on_cpu: 
     out = logits(True)
     assert len(calls) == 2 * 4 + 1  # qkv, o, gate_up, down per layer, and the LM head
     assert (out - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_the_cublas_choice_is_f_linear(with_bias: bool) -> None:
+    # The tuner keeps cuBLAS unless a Triton config is clearly faster; that choice must be F.linear.
+    torch.manual_seed(0)
+    x, weight = torch.randn(3, 40), torch.randn(24, 40)
+    bias = torch.randn(24) if with_bias else None
+    out = tg.skinny_linear(x, weight, bias, config=tg.CUBLAS)
+    torch.testing.assert_close(out, F.linear(x, weight, bias))

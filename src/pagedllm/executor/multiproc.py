@@ -62,6 +62,7 @@ def run_worker_process(config: EngineConfig, rank: int, init_method: str, conn: 
         conn.send(("error", traceback.format_exc()))
         return
     conn.send(("ok", None))
+    replies = _StepReplies(conn, rank, worker.device)
     while True:
         try:
             method, args = pickle.loads(conn.recv_bytes())
@@ -70,13 +71,69 @@ def run_worker_process(config: EngineConfig, rank: int, init_method: str, conn: 
         if method == _SHUTDOWN:
             break
         try:
+            if method == "execute_model":
+                # Launch and go back to the pipe: the next step is prepared while this one runs.
+                replies.add(worker.execute_model_async(*args))
+                continue
+            replies.drain()  # answers leave in the order the calls came
             result = getattr(worker, method)(*args)
         except BaseException:  # noqa: BLE001
-            conn.send(("error", traceback.format_exc()))
+            replies.send(("error", traceback.format_exc()))
             break
-        if rank == 0 or method != "execute_model":
-            conn.send(("ok", result))
+        replies.send(("ok", result))
+    replies.close()
     worker.shutdown()
+
+
+class _StepReplies:
+    """A worker's thread that waits for each launched step's tokens, in order, and (rank 0) sends
+    them to the engine; every rank resolves its own placeholders this way."""
+
+    def __init__(self, conn: Connection, rank: int, device: object) -> None:
+        import queue
+        import threading
+
+        self.conn, self.rank, self.device = conn, rank, device
+        self._lock = threading.Lock()
+        self._pending: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="step-replies", daemon=True)
+        self._thread.start()
+
+    def add(self, future: object) -> None:
+        """Queue a launched step; its output is sent once its tokens are on the host."""
+        self._pending.put(future)
+
+    def send(self, message: tuple[str, object]) -> None:
+        """Send a message to the engine (replies to other calls, errors)."""
+        with self._lock:
+            self.conn.send(message)
+
+    def _run(self) -> None:
+        import torch
+
+        if getattr(self.device, "type", None) == "cuda":
+            torch.cuda.set_device(self.device)  # type: ignore[arg-type]
+        while (future := self._pending.get()) is not None:
+            try:
+                output = future.result()  # type: ignore[attr-defined]
+                if self.rank == 0:
+                    self.send(("ok", output))
+            except OSError:
+                return  # the engine is gone
+            except BaseException:  # noqa: BLE001 - the engine names the rank
+                self.send(("error", traceback.format_exc()))
+                return
+            finally:
+                self._pending.task_done()
+
+    def drain(self) -> None:
+        """Wait until every queued step's reply has been sent."""
+        self._pending.join()
+
+    def close(self) -> None:
+        """Finish the queued steps' replies, then stop the thread."""
+        self._pending.put(None)
+        self._thread.join(timeout=10)
 
 
 class MultiprocExecutor(Executor):

@@ -51,8 +51,19 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return F.linear(x, weight, bias)
 
 
+def set_skinny_gemm(model: nn.Module, enabled: bool) -> None:
+    """Turn the skinny-GEMM path of every linear layer and LM head of `model` on or off (it is
+    one of the fused kernels; the engine turns it off in eager mode, where its per-shape tuning
+    would run during the first requests and Triton's launch cost outweighs it)."""
+    for module in model.modules():
+        if hasattr(module, "skinny_gemm"):
+            module.skinny_gemm = enabled
+
+
 class ColumnParallelLinear(CustomOp):
     """y = x W^T + b with W's output rows split across tensor-parallel ranks."""
+
+    skinny_gemm = True  # few-token inputs through layers/triton_gemv.py (see set_skinny_gemm)
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
         super().__init__()
@@ -78,6 +89,8 @@ class ColumnParallelLinear(CustomOp):
 
     def forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
         """As forward_native, through the skinny-GEMM kernel for few tokens."""
+        if not self.skinny_gemm:
+            return F.linear(x, self.weight, self.bias)
         return fused_linear(x, self.weight, self.bias)
 
 
@@ -130,6 +143,8 @@ class QKVParallelLinear(ColumnParallelLinear):
 class RowParallelLinear(CustomOp):
     """y = x W^T + b with W's input columns split across ranks; partial sums are all-reduced."""
 
+    skinny_gemm = True  # few-token inputs through layers/triton_gemv.py (see set_skinny_gemm)
+
     def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
         super().__init__()
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
@@ -158,6 +173,8 @@ class RowParallelLinear(CustomOp):
 
     def forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
         """As forward_native, the local matmul through the skinny-GEMM kernel for few tokens."""
+        if not self.skinny_gemm:
+            return self._reduce_and_add_bias(F.linear(x, self.weight))
         return self._reduce_and_add_bias(fused_linear(x, self.weight))
 
     def _reduce_and_add_bias(self, partial: torch.Tensor) -> torch.Tensor:

@@ -55,8 +55,12 @@ class GemvConfig:
     use_dot: bool = True
     num_warps: int = 4
     num_stages: int = 4
+    # Not a Triton launch: cuBLAS (torch.addmm / mm), chosen where the tuner finds it faster.
+    use_cublas: bool = False
 
     def __str__(self) -> str:
+        if self.use_cublas:
+            return "cuBLAS"
         kind = "dot" if self.use_dot else "fma"
         return (f"{kind} BLOCK_N={self.block_n} BLOCK_K={self.block_k} SPLIT_K={self.split_k} "
                 f"warps={self.num_warps} stages={self.num_stages}")
@@ -253,8 +257,17 @@ def heuristic_config(n: int, k: int, m: int, dtype: torch.dtype, sms: int) -> Ge
 _tuned: dict[tuple[int, int, int, torch.dtype, int], GemvConfig] = {}
 
 
+# The tuner's baseline: a Triton config must beat it by CUBLAS_MARGIN to be used.
+CUBLAS = GemvConfig(0, 0, use_cublas=True)
+CUBLAS_MARGIN = 0.97
+
+
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
             config: GemvConfig) -> torch.Tensor:
+    if config.use_cublas:
+        if bias is None:
+            return torch.mm(x, weight.t(), out=out)
+        return torch.addmm(bias, x, weight.t(), out=out)
     m, k = x.shape
     n = weight.shape[0]
     interpret = _interpreting()
@@ -311,7 +324,8 @@ def _tune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out:
     covers the host's launch cost, so the events time the kernels only."""
     flush = _l2_flush_buffer(x.device, weight.numel() * weight.element_size())
     best, best_ms = candidates[0], float("inf")
-    for config in candidates:
+    cublas_ms = float("inf")
+    for config in [CUBLAS, *candidates]:
         try:
             for _ in range(2):  # compile and warm up
                 _launch(x, weight, bias, out, config)
@@ -330,8 +344,14 @@ def _tune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out:
             logger.warning("skinny GEMM config %s failed for N=%d K=%d: %s", config, *weight.shape, exc)
             continue
         ms = statistics.median(start.elapsed_time(end) for start, end in events)
-        if ms < best_ms:
+        if config.use_cublas:
+            cublas_ms = ms
+        elif ms < best_ms:
             best, best_ms = config, ms
+    if best_ms > CUBLAS_MARGIN * cublas_ms:
+        # Not clearly faster: keep cuBLAS (and its numerics), so a near-tie in timing noise does
+        # not decide between two kernels.
+        best, best_ms = CUBLAS, cublas_ms
     logger.info("skinny GEMM N=%d K=%d M=%d %s: %s (%.1f us)", weight.shape[0], weight.shape[1], x.shape[0],
                 str(x.dtype).removeprefix("torch."), best, best_ms * 1e3)
     return best

@@ -52,9 +52,11 @@ class ParallelLMHead(VocabParallelEmbedding, CustomOp):
     skinny-GEMM kernel for few CUDA rows when the switch is on.
     """
 
+    skinny_gemm = True  # see layers/linear.py:set_skinny_gemm
+
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Logits [N, vocab_size] for hidden states [N, hidden] (gathered across ranks)."""
-        if self.use_fused_path(hidden_states):
+        if self.skinny_gemm and self.use_fused_path(hidden_states):
             logits = fused_linear(hidden_states, self.weight)
         else:
             logits = F.linear(hidden_states, self.weight)

@@ -112,6 +112,12 @@ class ModelRunner:
         def choose_splits(batch: int, max_len: int) -> int:
             return triton_backend.choose_num_kv_splits(batch, num_kv_heads, max_len, sms)
 
+        # The LM head runs outside the graphs: tune its skinny GEMM now, not at the first request.
+        hidden_size = int(self.model_config.hf_config["hidden_size"])
+        with torch.inference_mode():
+            for num_rows in (1, 2, 16):
+                self.model.compute_logits(  # type: ignore[union-attr]
+                    torch.zeros(num_rows, hidden_size, dtype=self.dtype, device=self.device))
         self.cuda_graphs = CUDAGraphRunner(self.model, max_num_seqs, max_model_len, self.block_size,  # type: ignore[arg-type]
                                            self.device, choose_splits)
         self.cuda_graphs.capture()

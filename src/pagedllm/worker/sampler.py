@@ -27,7 +27,6 @@ generator, so `torch.manual_seed` still makes runs reproducible.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -318,11 +317,14 @@ class Sampler:
     """Turns a batch of logits into one token per row (see the module docstring for order).
 
     `use_triton`: sample unseeded temperature-only rows with the fused Triton kernel when the
-    logits are on CUDA (or on CPU under TRITON_INTERPRET=1, for tests).
+    logits are on CUDA (or on CPU with `triton_on_cpu`, for tests under TRITON_INTERPRET=1).
     """
 
     def __init__(self, use_triton: bool = False) -> None:
         self.use_triton = use_triton
+        # Tests set this to run the kernel on CPU tensors under TRITON_INTERPRET=1; the engine
+        # never does (the interpreter is far slower than the PyTorch path).
+        self.triton_on_cpu = False
 
     def _fused_random(self, logits: torch.Tensor, md: SamplingMetadata) -> bool:
         """Whether this batch's unseeded random rows go through `gumbel_max_sample`."""
@@ -331,7 +333,7 @@ class Sampler:
             and md.no_top_k
             and md.no_top_p
             and md.no_min_p
-            and (logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+            and (logits.is_cuda or self.triton_on_cpu)
         )
 
     def forward(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:

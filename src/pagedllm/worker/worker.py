@@ -9,6 +9,7 @@ import torch
 from pagedllm.config import DEFAULT_KV_CACHE_MEMORY_BYTES, EngineConfig
 from pagedllm.core.scheduler_output import SchedulerOutput
 from pagedllm.distributed import destroy_distributed_environment, init_distributed_environment
+from pagedllm.layers.linear import set_skinny_gemm
 from pagedllm.worker.model_runner import AsyncModelRunnerOutput, ModelRunner
 from pagedllm.worker.runner_output import ModelRunnerOutput
 
@@ -78,6 +79,8 @@ class Worker:
     def initialize_cache(self, num_blocks: int) -> None:
         """Allocate the KV pool on the device, then capture CUDA graphs unless --enforce-eager."""
         self.model_runner.initialize_kv_cache(num_blocks)
+        if self.config.enforce_eager:
+            set_skinny_gemm(self.model_runner.model, False)  # type: ignore[arg-type]
         if self.device.type == "cuda" and not self.config.enforce_eager:
             sched = self.config.scheduler_config
             self.model_runner.capture_cuda_graphs(sched.max_num_seqs, sched.max_model_len)
