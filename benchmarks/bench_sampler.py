@@ -113,13 +113,37 @@ def bench_triton(rows: int, iters: int, device: torch.device, vocab_size: int = 
                 total += time.perf_counter() - t0
         return total / iters
 
+    def enqueued(step: Callable[[], object]) -> float:
+        """Mean host seconds to enqueue `step` (no sync inside the loop)."""
+        step()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            step()
+        seconds = time.perf_counter() - t0
+        sync()
+        return seconds / iters
+
+    bf16 = source.to(torch.bfloat16)
+    fused = Sampler(use_triton=True)
+    shrinking = iter(range(rows, 0, -1))
+
+    def shrinking_batch() -> object:
+        """A batch one row smaller each call, as when requests finish (no recompiles allowed)."""
+        n = next(shrinking)
+        md_n = build_sampling_metadata(params[:n], [[]] * n, [[]] * n, [None] * n, vocab_size, device)
+        return fused.forward(bf16[:n], md_n)
+
     results = {
         "torch  Sampler.forward": timed(lambda: Sampler(use_triton=False).forward(buffer, md)),
         "triton Sampler.forward": timed(lambda: Sampler(use_triton=True).forward(buffer, md)),
         "triton kernel alone": timed(lambda: gumbel_max_sample(buffer, md.temperature, 1234)),
+        "triton forward, bf16 logits": timed(lambda: fused.forward(bf16, md)),
+        "triton forward bf16, host enqueue only": enqueued(lambda: fused.forward(bf16, md)),
+        "triton forward bf16, shrinking batch (host+GPU)": timed(shrinking_batch),
     }
     for name, seconds in results.items():
-        print(f"{rows} x {vocab_size}  T=0.6  {name:24s} {seconds * 1e3:8.3f} ms")
+        print(f"{rows} x {vocab_size}  T=0.6  {name:48s} {seconds * 1e3:8.3f} ms")
     base = results["torch  Sampler.forward"]
     print(f"speedup of the forward: {base / results['triton Sampler.forward']:.1f}x")
 

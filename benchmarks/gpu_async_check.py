@@ -75,9 +75,13 @@ def correctness() -> dict:
     return res
 
 
-def t1_variant(async_scheduling: bool, triton_sampling: bool) -> dict:
+def t1_variant(async_scheduling: bool, triton_sampling: bool, skinny_gemm: bool = True) -> dict:
     """T1 (two passes: the first compiles what the warm-up did not reach) in this process."""
+    import pagedllm.layers.linear
     from pagedllm.benchmarks.throughput import bench_pagedllm
+
+    if not skinny_gemm:
+        pagedllm.layers.linear.SKINNY_MAX_TOKENS = 0
 
     random.seed(0)
     reqs = []
@@ -89,11 +93,33 @@ def t1_variant(async_scheduling: bool, triton_sampling: bool) -> dict:
               max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=16384, async_scheduling=async_scheduling)
     startup = time.perf_counter() - t0
     llm.llm_engine.engine_core.executor.worker.model_runner.sampler.use_triton = triton_sampling
-    runs = [bench_pagedllm(llm, reqs, 0.6) for _ in range(2)]
+    compiles = _log_triton_compiles() if os.environ.get("LOG_TRITON_COMPILES") else None
+    runs = []
+    for _ in range(2):
+        runs.append(bench_pagedllm(llm, reqs, 0.6))
+        if compiles is not None:
+            print("compiles during the pass:", compiles, flush=True)
+            compiles.clear()
     greedy = bench_pagedllm(llm, reqs, 0.0)
     return {"startup_s": startup, "passes_tok_s": [r["output_tok_s"] for r in runs],
             "output_tokens": runs[-1]["output_tokens"], "greedy_tok_s": greedy["output_tok_s"],
             "pipelined_steps": llm.llm_engine.engine_core.num_pipelined_steps}
+
+
+def _log_triton_compiles() -> dict:
+    """Count Triton JIT compilations (in-memory cache misses) by kernel and specialisation."""
+    import triton.runtime.jit as jit
+
+    counts: dict = {}
+    original = jit.JITFunction._do_compile
+
+    def logged(self, key, signature, device, constexprs, options, attrs, warmup):
+        name = f"{self.fn.__name__} {str(key)[:300]}"
+        counts[name] = counts.get(name, 0) + 1
+        return original(self, key, signature, device, constexprs, options, attrs, warmup)
+
+    jit.JITFunction._do_compile = logged
+    return counts
 
 
 def l1_variant(async_scheduling: bool, skinny_gemm: bool = True) -> dict:
@@ -115,7 +141,16 @@ def l1_variant(async_scheduling: bool, skinny_gemm: bool = True) -> dict:
     prompt = [[rng.randrange(100, 10000) for _ in range(128)]]
     measure_latency(eng, prompt, 8)
     runs = [measure_latency(eng, prompt, 256) for _ in range(3)]
-    return {"startup_s": startup, "ttft_ms": min(r["ttft_s"] for r in runs) * 1e3,
+    # Where the TTFT goes: the first engine steps of one more request, one by one.
+    eng.add_request("first-steps", {"prompt_token_ids": prompt[0]},
+                    SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    first_steps = []
+    while eng.has_unfinished_requests():
+        t = time.perf_counter()
+        got = eng.step()
+        first_steps.append((round((time.perf_counter() - t) * 1e3, 2), len(got)))
+    return {"startup_s": startup, "first_steps_ms_outputs": first_steps[:5],
+            "ttft_ms": min(r["ttft_s"] for r in runs) * 1e3,
             "tpot_ms": sorted(r["tpot_median_s"] for r in runs)[1] * 1e3,
             "tpot_mean_ms": sorted(r["tpot_mean_s"] for r in runs)[1] * 1e3}
 
@@ -125,6 +160,7 @@ VARIANTS = [
     ("l1", {"async_scheduling": 1, "skinny_gemm": 1}),
     ("t1", {"async_scheduling": 0, "triton_sampling": 0}), ("t1", {"async_scheduling": 1, "triton_sampling": 0}),
     ("t1", {"async_scheduling": 0, "triton_sampling": 1}), ("t1", {"async_scheduling": 1, "triton_sampling": 1}),
+    ("t1", {"async_scheduling": 1, "triton_sampling": 1, "skinny_gemm": 0}),
 ]
 
 
@@ -145,7 +181,8 @@ def main() -> None:
         elif args.only == "l1":
             out = record(results, "l1", l1_variant, bool(args.async_scheduling), bool(args.skinny_gemm))
         else:
-            out = record(results, "t1", t1_variant, bool(args.async_scheduling), bool(args.triton_sampling))
+            out = record(results, "t1", t1_variant, bool(args.async_scheduling), bool(args.triton_sampling),
+                         bool(args.skinny_gemm))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(out, f)

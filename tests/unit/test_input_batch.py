@@ -140,6 +140,26 @@ def test_split_like_recovers_every_piece_of_the_staging_buffer() -> None:
         tokens, table = staging[:3], staging[3 : 3 + 2 * num_reqs].reshape(num_reqs, 2)
         qsl = staging[3 + 2 * num_reqs :].view(np.int32)[: num_reqs + 1]
         qsl[:] = np.arange(num_reqs + 1) * 7
-        parts = split_like(torch.from_numpy(staging.copy()), [tokens, table, qsl])
+        parts = split_like(torch.from_numpy(staging.copy()), staging, [tokens, table, qsl])
         assert [p.dtype for p in parts] == [torch.int64, torch.int64, torch.int32]
         assert all(p.tolist() == v.tolist() for p, v in zip(parts, [tokens, table, qsl]))
+
+
+def test_every_piece_of_a_step_starts_on_16_bytes() -> None:
+    # Triton specialises kernels on pointer alignment: pieces at odd int64 offsets would make
+    # steps compile new kernel variants at random.
+    buffers = InputBuffers(torch.device("cpu"))
+    seen = []
+    original = buffers.to_device
+
+    def record(staging, views):
+        seen.extend((v.__array_interface__["data"][0] - staging.__array_interface__["data"][0]) for v in views)
+        return original(staging, views)
+
+    buffers.to_device = record  # type: ignore[method-assign]
+    requests = {f"r{i}": CachedRequestState(f"r{i}", list(range(3 + i)), [], SamplingParams(), None,
+                                            [i], 0) for i in range(3)}
+    out = SchedulerOutput(scheduled_new_reqs=[], scheduled_cached_reqs=[],
+                          num_scheduled_tokens={"r0": 3, "r1": 4, "r2": 5}, total_num_scheduled_tokens=12)
+    prepare_inputs(out, requests, 16, torch.device("cpu"), buffers)
+    assert seen and all(offset % 16 == 0 for offset in seen)

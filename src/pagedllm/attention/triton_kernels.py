@@ -139,7 +139,7 @@ def _attend_kv_tile(
     return acc, l_i, m_new
 
 
-@triton.jit(do_not_specialize=["num_reqs", "window"])
+@triton.jit(do_not_specialize=["num_reqs", "window", "stride_bt"])
 def _varlen_attention_kernel(
     q_ptr, key_cache_ptr, value_cache_ptr, out_ptr,
     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
@@ -240,7 +240,7 @@ def _varlen_attention_kernel(
              out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
-@triton.jit(do_not_specialize=["num_splits", "window"])
+@triton.jit(do_not_specialize=["num_splits", "window", "stride_bt"])
 def _decode_attention_kernel(
     q_ptr, key_cache_ptr, value_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,

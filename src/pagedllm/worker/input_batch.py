@@ -203,15 +203,17 @@ class InputBuffers:
             self._copy_done = torch.cuda.Event()
         self._copy_done.record()
         self._copy_pending = True
-        return split_like(flat, views)
+        return split_like(flat, staging, views)
 
 
-def split_like(flat: torch.Tensor, views: list[np.ndarray]) -> list[torch.Tensor]:
-    """Cut `flat` (int64, the device copy of a staging buffer) into tensors shaped and typed as
-    `views`, consecutive pieces of that buffer each starting on an int64 word."""
-    parts = flat.split([-(-v.nbytes // 8) for v in views])  # an int32 piece may end mid-word
+def split_like(flat: torch.Tensor, staging: np.ndarray, views: list[np.ndarray]) -> list[torch.Tensor]:
+    """Cut `flat` (int64, the device copy of `staging`) into tensors shaped and typed as `views`,
+    pieces of `staging` each starting on an int64 word, found at the same offsets."""
+    base = staging.__array_interface__["data"][0]
     out = []
-    for view, part in zip(views, parts):
+    for view in views:
+        start = (view.__array_interface__["data"][0] - base) // 8
+        part = flat[start : start + -(-view.nbytes // 8)]  # an int32 piece may end mid-word
         if view.dtype == np.int32:
             part = part.view(torch.int32)[: view.size]
         out.append(part.view(view.shape))
@@ -275,11 +277,13 @@ def prepare_inputs(
     # its last int64 elements, viewed as int32.
     sizes = [num_tokens, num_tokens, num_tokens, num_reqs, len(sampling_rows), num_reqs * max_blocks,
              len(sampling_rows), len(on_device), len(on_device), (num_reqs + 2) // 2]
-    offsets = [0, *itertools.accumulate(sizes)]
+    # Every piece starts on 16 bytes: Triton specialises kernels on pointer alignment, so
+    # pieces at arbitrary offsets would compile a new variant for each combination met.
+    offsets = [0, *itertools.accumulate(size + (size & 1) for size in sizes)]
     staging = buffers.staging(offsets[-1])
     (input_ids, positions, slot_mapping, seq_lens_out, logits_indices, block_tables, sampling_table_rows,
      device_token_index, device_token_rows, qsl_words) = (
-        staging[offsets[i] : offsets[i + 1]] for i in range(len(sizes)))
+        staging[offsets[i] : offsets[i] + sizes[i]] for i in range(len(sizes)))
     block_tables = block_tables.reshape(num_reqs, max_blocks)
 
     input_ids[:num_decodes] = decode_tokens
