@@ -26,7 +26,6 @@ import os
 import statistics
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +36,9 @@ import triton
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from pagedllm.layers import triton_gemv as tg  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_attention_gpu import attempt  # noqa: E402
 
 DEVICE = torch.device("cuda")
 MAX_REL_ERROR = 1e-2
@@ -54,16 +56,6 @@ SHAPES = [
     ("qwen3-0.6b", "down", 1024, 3072, 28),
 ]
 LM_HEADS = [("llama-3.1-8b", "lm_head", 128256, 4096, 1), ("qwen3-0.6b", "lm_head", 151936, 1024, 1)]
-
-
-def attempt(label: str, fn: Callable[[], Any]) -> Any:
-    """Run one step; on failure print the error and return None so the run continues."""
-    try:
-        return fn()
-    except Exception as exc:  # noqa: BLE001 - a benchmark keeps going past a broken variant
-        print(f"  [FAILED] {label}: {type(exc).__name__}: {exc}")
-        traceback.print_exc(limit=3)
-        return None
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
+from pagedllm.benchmarks.throughput import t1_requests  # noqa: E402
 from pagedllm.config import EngineArgs  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -98,14 +99,6 @@ def l1(config: str, tp: int, floor_gb: float, bandwidth: float, engine=None) -> 
         torch.cuda.empty_cache()
     return res
 
-
-def t1_requests() -> list[tuple[list[int], int]]:
-    random.seed(0)
-    reqs = []
-    for _ in range(256):
-        pl, ol = random.randint(100, 1024), random.randint(100, 1024)
-        reqs.append(([random.randint(0, 9999) for _ in range(pl)], ol))
-    return reqs
 
 
 def t1(config: str, tp: int, greedy_prompts: list[list[int]], greedy_tokens: int,

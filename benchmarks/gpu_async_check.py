@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from benchmarks.gpu_check import CONFIGS, _prompts, _random_hf_model, record  # noqa: E402
+from benchmarks.gpu_check import CONFIGS, _prompts, _random_hf_model, measure_l1, record, write_results  # noqa: E402
 from pagedllm import LLM, SamplingParams  # noqa: E402
 from tests.models.tiny_models import hf_greedy  # noqa: E402
 
@@ -78,16 +78,12 @@ def correctness() -> dict:
 def t1_variant(async_scheduling: bool, triton_sampling: bool, skinny_gemm: bool = True) -> dict:
     """T1 (two passes: the first compiles what the warm-up did not reach) in this process."""
     import pagedllm.layers.linear
-    from pagedllm.benchmarks.throughput import bench_pagedllm
+    from pagedllm.benchmarks.throughput import bench_pagedllm, t1_requests
 
     if not skinny_gemm:
         pagedllm.layers.linear.SKINNY_MAX_TOKENS = 0
 
-    random.seed(0)
-    reqs = []
-    for _ in range(256):
-        pl, ol = random.randint(100, 1024), random.randint(100, 1024)
-        reqs.append(([random.randint(0, 9999) for _ in range(pl)], ol))
+    reqs = t1_requests()
     t0 = time.perf_counter()
     llm = LLM(os.path.join(CONFIGS, "qwen3-0.6b"), load_format="dummy", skip_tokenizer_init=True,
               max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=16384, async_scheduling=async_scheduling)
@@ -125,34 +121,20 @@ def _log_triton_compiles() -> dict:
 def l1_variant(async_scheduling: bool, skinny_gemm: bool = True) -> dict:
     """L1 TPOT / TTFT (median of 3 runs after a warm-up) in this process."""
     import pagedllm.layers.linear
-    from pagedllm.benchmarks.latency import measure_latency
-    from pagedllm.config import EngineArgs
-    from pagedllm.engine.llm_engine import LLMEngine
 
     if not skinny_gemm:
         pagedllm.layers.linear.SKINNY_MAX_TOKENS = 0  # every linear through cuBLAS
-
-    t0 = time.perf_counter()
-    eng = LLMEngine.from_engine_args(EngineArgs(model=os.path.join(CONFIGS, "llama-3.1-8b"), load_format="dummy",
-                                                skip_tokenizer_init=True, max_model_len=4096, max_num_seqs=8,
-                                                async_scheduling=async_scheduling))
-    startup = time.perf_counter() - t0
-    rng = random.Random(0)
-    prompt = [[rng.randrange(100, 10000) for _ in range(128)]]
-    measure_latency(eng, prompt, 8)
-    runs = [measure_latency(eng, prompt, 256) for _ in range(3)]
+    result, eng = measure_l1(async_scheduling=async_scheduling)
     # Where the TTFT goes: the first engine steps of one more request, one by one.
-    eng.add_request("first-steps", {"prompt_token_ids": prompt[0]},
+    prompt = [random.Random(0).randrange(100, 10000) for _ in range(128)]
+    eng.add_request("first-steps", {"prompt_token_ids": prompt},
                     SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
     first_steps = []
     while eng.has_unfinished_requests():
         t = time.perf_counter()
         got = eng.step()
         first_steps.append((round((time.perf_counter() - t) * 1e3, 2), len(got)))
-    return {"startup_s": startup, "first_steps_ms_outputs": first_steps[:5],
-            "ttft_ms": min(r["ttft_s"] for r in runs) * 1e3,
-            "tpot_ms": sorted(r["tpot_median_s"] for r in runs)[1] * 1e3,
-            "tpot_mean_ms": sorted(r["tpot_mean_s"] for r in runs)[1] * 1e3}
+    return {**result, "first_steps_ms_outputs": first_steps[:5]}
 
 
 VARIANTS = [
@@ -208,10 +190,7 @@ def main() -> None:
             print(f"{key:<58} TPOT {value.get('tpot_ms', float('nan')):.3f} ms  TTFT {value.get('ttft_ms', 0):.1f} ms")
         elif key.startswith("t1"):
             print(f"{key:<58} {value.get('passes_tok_s')} tok/s (greedy {value.get('greedy_tok_s')})")
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "gpu_async_check.json"), "w") as f:
-            json.dump(results, f, indent=1)
+    write_results(results, "gpu_async_check.json")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,14 @@ def record(results: dict, name: str, fn, *args, **kwargs):
     return results[name]
 
 
+def write_results(results: dict, filename: str) -> None:
+    """Write `results` as JSON to $OUT/filename when $OUT is set (the device run's output folder)."""
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, filename), "w") as f:
+            json.dump(results, f, indent=1)
+
+
 def section(name):
     """Decorator: calling the function records its result in RESULTS under `name` (see `record`)."""
     def wrap(fn):
@@ -131,13 +139,9 @@ def smollm2_shape():
 
 @section("t1")
 def t1(hf_requests: int):
-    from pagedllm.benchmarks.throughput import bench_pagedllm
+    from pagedllm.benchmarks.throughput import bench_pagedllm, t1_requests
 
-    random.seed(0)
-    reqs = []
-    for _ in range(256):
-        pl, ol = random.randint(100, 1024), random.randint(100, 1024)
-        reqs.append(([random.randint(0, 9999) for _ in range(pl)], ol))
+    reqs = t1_requests()
     t0 = time.perf_counter()
     llm = LLM(os.path.join(CONFIGS, "qwen3-0.6b"), load_format="dummy", skip_tokenizer_init=True,
               max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=16384)
@@ -151,26 +155,32 @@ def t1(hf_requests: int):
     return res
 
 
+def measure_l1(**engine_kwargs) -> tuple[dict, object]:
+    """L1 on Llama-3.1-8B dims: startup, best TTFT and median-of-3 TPOT after a warm-up run.
+    Returns (result, engine) so callers can look further."""
+    from pagedllm.benchmarks.latency import measure_latency
+    from pagedllm.config import EngineArgs
+    from pagedllm.engine.llm_engine import LLMEngine
+
+    t0 = time.perf_counter()
+    eng = LLMEngine.from_engine_args(EngineArgs(model=os.path.join(CONFIGS, "llama-3.1-8b"), load_format="dummy",
+                                                skip_tokenizer_init=True, max_model_len=4096, max_num_seqs=8,
+                                                **engine_kwargs))
+    startup = time.perf_counter() - t0
+    rng = random.Random(0)
+    prompt = [[rng.randrange(100, 10000) for _ in range(128)]]
+    measure_latency(eng, prompt, 8)
+    runs = [measure_latency(eng, prompt, 256) for _ in range(3)]
+    return {"startup_s": startup, "ttft_ms": min(r["ttft_s"] for r in runs) * 1e3,
+            "tpot_ms": sorted(r["tpot_median_s"] for r in runs)[1] * 1e3,
+            "tpot_mean_ms": sorted(r["tpot_mean_s"] for r in runs)[1] * 1e3}, eng
+
+
 @section("l1")
 def l1():
-    from pagedllm.benchmarks.latency import measure_latency
-    from pagedllm.engine.llm_engine import LLMEngine
-    from pagedllm.config import EngineArgs
-
     res = {}
     for eager in (False, True):
-        t0 = time.perf_counter()
-        eng = LLMEngine.from_engine_args(EngineArgs(model=os.path.join(CONFIGS, "llama-3.1-8b"), load_format="dummy",
-                                                    skip_tokenizer_init=True, max_model_len=4096, max_num_seqs=8,
-                                                    enforce_eager=eager))
-        startup = time.perf_counter() - t0
-        rng = random.Random(0)
-        prompt = [[rng.randrange(100, 10000) for _ in range(128)]]
-        measure_latency(eng, prompt, 8)
-        runs = [measure_latency(eng, prompt, 256) for _ in range(3)]
-        key = "eager" if eager else "graph"
-        res[key] = {"startup_s": startup, "ttft_ms": min(r["ttft_s"] for r in runs) * 1e3,
-                    "tpot_ms": sorted(r["tpot_median_s"] for r in runs)[1] * 1e3}
+        res["eager" if eager else "graph"], eng = measure_l1(enforce_eager=eager)
         del eng
         torch.cuda.empty_cache()
     return res
@@ -191,10 +201,7 @@ def main():
     if not args.skip_t1:
         t1(args.hf_requests)
     print(json.dumps(RESULTS, indent=1))
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "gpu_check.json"), "w") as f:
-            json.dump(RESULTS, f, indent=1)
+    write_results(RESULTS, "gpu_check.json")
 
 
 if __name__ == "__main__":

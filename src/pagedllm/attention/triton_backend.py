@@ -44,10 +44,10 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of `device` (8 on CPU, where only the interpreter runs)."""
+def num_sms(device: torch.device, cpu_default: int = 8) -> int:
+    """Streaming multiprocessors of `device` (`cpu_default` on CPU, where only the interpreter runs)."""
     if device.type != "cuda":
-        return 8
+        return cpu_default
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 

@@ -32,16 +32,21 @@ def add_throughput_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-json", type=str, default=None)
 
 
+def t1_requests() -> list[tuple[list[int], int]]:
+    """The 256 T1 requests (prompt token ids, output length), drawn as shared/BENCHMARKS.md says."""
+    random.seed(0)
+    requests = []
+    for _ in range(256):
+        prompt_len = random.randint(100, 1024)
+        output_len = random.randint(100, 1024)
+        requests.append(([random.randint(0, 9999) for _ in range(prompt_len)], output_len))
+    return requests
+
+
 def make_requests(args: argparse.Namespace, num_prompts: int) -> list[tuple[list[int], int]]:
     """(prompt token ids, output length) pairs of the chosen workload."""
     if args.workload == "t1":
-        random.seed(0)
-        requests = []
-        for _ in range(256):
-            prompt_len = random.randint(100, 1024)
-            output_len = random.randint(100, 1024)
-            requests.append(([random.randint(0, 9999) for _ in range(prompt_len)], output_len))
-        return requests[:num_prompts]
+        return t1_requests()[:num_prompts]
     rng = random.Random(0)
     return [([rng.randint(100, 9999) for _ in range(args.input_len)], args.output_len) for _ in range(num_prompts)]
 

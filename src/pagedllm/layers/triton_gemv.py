@@ -27,7 +27,6 @@ the output has x's dtype.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import statistics
@@ -36,6 +35,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from pagedllm.attention import triton_backend
 
 logger = logging.getLogger(__name__)
 
@@ -179,16 +180,9 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of `device` (132 on CPU: the heuristic then plans for an H100/H200)."""
-    if device.type != "cuda":
-        return 132
-    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return triton_backend.num_sms(device, cpu_default=132)
 
 
 def m_bucket(m: int) -> int:
