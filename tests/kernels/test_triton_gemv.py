@@ -144,6 +144,55 @@ def test_heuristic_splits_k_only_when_the_n_blocks_leave_sms_idle() -> None:
     assert fp32.block_k == 128  # the same bytes per tile
 
 
+# ---------------------------------------------------------------- gated input (act folded in)
+
+
+def act_and_mul(x: torch.Tensor, act: str) -> torch.Tensor:
+    """The unfused activation: act(gate) * up over x = [gate | up] (the PyTorch layers' numerics)."""
+    gate, up = x.chunk(2, dim=-1)
+    gated = F.silu(gate) if act == "silu" else F.gelu(gate, approximate="tanh")
+    return gated * up
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("m", [1, 2, 3, 16])
+@pytest.mark.parametrize("n, k", [(64, 512), (50, 72), (7, 1000)])
+def test_gated_input_matches_the_activation_then_f_linear(act: str, m: int, n: int, k: int) -> None:
+    x, weight, bias = randn(m, 2 * k, seed=30, dtype=torch.float32) * 2, randn(n, k, seed=31), randn(n, seed=32)
+    expected = F.linear(act_and_mul(x, act), weight, bias)
+    configs = tg.candidate_configs(n, k, m, torch.float32, sms=132) + [
+        tg.GemvConfig(block_n=16, block_k=32, split_k=3),
+        tg.GemvConfig(block_n=16, block_k=32, split_k=2, use_dot=m > 2),
+        tg.CUBLAS,  # the tuner's baseline: the activation kernel, then the matmul
+    ]
+    for config in [None, *configs]:
+        out = tg.skinny_linear(x, weight, bias, config=config, act=act)
+        assert out.shape == (m, n)
+        assert rel_error(out, expected) < FP32_RTOL, config
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("m", [1, 2, 16])
+def test_gated_input_16_bit_within_rounding_of_an_fp32_reference(act: str, m: int) -> None:
+    n, k = 96, 520
+    x, weight = randn(m, 2 * k, seed=33, dtype=torch.bfloat16), randn(n, k, seed=34, dtype=torch.bfloat16)
+    # The reference rounds act(gate) * up to bf16 as the unfused layers do, then multiplies in fp64.
+    expected = F.linear(act_and_mul(x, act).double(), weight.double())
+    for config in tg.candidate_configs(n, k, m, torch.bfloat16, sms=132)[:3] + [tg.GemvConfig(32, 64, 4)]:
+        out = tg.skinny_linear(x, weight, config=config, act=act)
+        assert out.dtype == torch.bfloat16
+        # The output's rounding, plus the gated value's (the interpreter truncates where torch
+        # rounds to nearest: a few elements may differ by one bf16 ulp).
+        assert rel_error(out, expected) < 2.0 ** -6, config
+
+
+def test_gated_input_checks_its_shape() -> None:
+    with pytest.raises(ValueError, match=r"\[M, 2K\]"):
+        tg.skinny_linear(randn(1, 16), randn(8, 16), act="silu")
+    with pytest.raises(ValueError, match="act must be"):
+        tg.skinny_linear(randn(1, 32), randn(8, 16), act="relu")
+
+
 # ---------------------------------------------------------------- the linear-layer hook
 
 
@@ -240,9 +289,82 @@ def test_env_var_turns_the_linear_layers_off(monkeypatch: pytest.MonkeyPatch) ->
     assert not any(m.use_fused_kernels for m in model)
 
 
-def test_llama_few_token_forward_and_logits_match_with_the_kernel(fused_on_cpu: None,
+def _gated_calls(monkeypatch: pytest.MonkeyPatch) -> list[str | None]:
+    """Spy on skinny_linear: the `act` of each call (None for a plain GEMM)."""
+    calls: list[str | None] = []
+    real = tg.skinny_linear
+
+    def spy(*args, act: str | None = None, **kwargs) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        calls.append(act)
+        return real(*args, act=act, **kwargs)
+
+    monkeypatch.setattr(tg, "skinny_linear", spy)
+    return calls
+
+
+@pytest.mark.parametrize("act, fused_act", [
+    (None, "silu"),  # LlamaMLP's own SiluAndMul
+    ("tanh", "gelu_tanh"),  # Gemma's GeGLU
+    ("none", None),  # exact GELU has no fused kernel: the unfused pair
+])
+@pytest.mark.parametrize("num_tokens", [1, 2, 5, 20])
+def test_llama_mlp_folds_the_activation_into_the_down_projection(
+    act: str | None, fused_act: str | None, num_tokens: int, fused_on_cpu: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pagedllm.layers.activation import GeluAndMul
+    from pagedllm.models.llama import LlamaMLP
+
+    config = dict(hidden_size=72, intermediate_size=88)
+    mlp = _filled(LlamaMLP(config, act=None if act is None else GeluAndMul(act)), seed=40)
+    x = randn(num_tokens, 72, seed=41)
+    custom_op.set_fused_kernels(mlp, False)
+    expected = mlp(x)
+    calls = _gated_calls(monkeypatch)
+    custom_op.set_fused_kernels(mlp, True)
+    out = mlp(x)
+    if num_tokens > linear.SKINNY_MAX_TOKENS:
+        assert calls == []
+    else:
+        assert calls == [None, fused_act]  # gate_up, then down (gated when the act is fusable)
+    assert rel_error(out, expected) < FP32_RTOL
+    linear.set_skinny_gemm(mlp, False)  # the skinny GEMM off: the unfused activation again
+    calls.clear()
+    assert rel_error(mlp(x), expected) < FP32_RTOL and calls == []
+
+
+def test_gated_down_projection_splits_each_tensor_parallel_shard_at_its_own_gate_and_up(
+    fused_on_cpu: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TP=2 emulated: each rank's [gate shard | up shard] times its down-projection columns,
+    summed over ranks (the all-reduce), equals the unsharded MLP."""
+    from pagedllm.models.llama import LlamaMLP
+
+    hidden, inter, tp = 48, 64, 2
+    full = _filled(LlamaMLP(dict(hidden_size=hidden, intermediate_size=inter)), seed=42)
+    x = randn(2, hidden, seed=43)
+    custom_op.set_fused_kernels(full, False)
+    expected = full(x)
+    monkeypatch.setattr(linear, "get_tp_size", lambda: tp)
+    calls = _gated_calls(monkeypatch)
+    total = torch.zeros_like(expected)
+    gate_w, up_w = full.gate_up_proj.weight.chunk(2, dim=0)
+    for rank in range(tp):
+        monkeypatch.setattr(linear, "get_tp_rank", lambda rank=rank: rank)
+        shard = LlamaMLP(dict(hidden_size=hidden, intermediate_size=inter)).to(DEVICE)
+        loader = shard.gate_up_proj.weight_loader
+        loader(shard.gate_up_proj.weight, gate_w, 0)
+        loader(shard.gate_up_proj.weight, up_w, 1)
+        shard.down_proj.weight_loader(shard.down_proj.weight, full.down_proj.weight)
+        total += shard(x)
+    assert calls == [None, "silu"] * tp
+    assert rel_error(total, expected) < FP32_RTOL
+
+
+@pytest.mark.parametrize("num_tokens", [1, 2, 5])
+def test_llama_few_token_forward_and_logits_match_with_the_kernel(num_tokens: int, fused_on_cpu: None,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """A tiny Llama over 5 tokens: every linear layer and the LM head through the kernel."""
+    """A tiny Llama over 1-5 tokens: every linear layer and the LM head through the kernel, the
+    MLP's activation inside the down projection."""
     from pagedllm.attention.metadata import AttentionMetadata
     from pagedllm.models.llama import LlamaForCausalLM
 
@@ -256,7 +378,6 @@ def test_llama_few_token_forward_and_logits_match_with_the_kernel(fused_on_cpu: 
         model = LlamaForCausalLM(config).eval()
     for name, param in model.named_parameters():
         param.data.normal_(1.0 if "norm" in name else 0.0, 0.1)
-    num_tokens = 5
     input_ids = torch.randint(0, 97, (num_tokens,), device=DEVICE)
     positions = torch.arange(num_tokens, device=DEVICE)
     metadata = AttentionMetadata(

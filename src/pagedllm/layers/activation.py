@@ -44,3 +44,18 @@ class GeluAndMul(CustomOp):
         from pagedllm.layers import triton_fused
 
         return triton_fused.gelu_tanh_and_mul(x)
+
+
+def gated_act_name(act: object) -> str | None:
+    """The skinny GEMM's name for a gated-activation layer whose fused kernel is on ("silu" for
+    SiluAndMul, "gelu_tanh" for GeluAndMul(approximate="tanh")), else None.
+
+    Exact types only: a subclass may compute something else. Exact-erf GELU has no fused kernel.
+    """
+    if not isinstance(act, CustomOp) or not act.use_fused_kernels:
+        return None
+    if type(act) is SiluAndMul:
+        return "silu"
+    if type(act) is GeluAndMul and act.approximate == "tanh":
+        return "gelu_tanh"
+    return None

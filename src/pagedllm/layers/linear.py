@@ -31,6 +31,18 @@ def _divide(numerator: int, denominator: int, what: str) -> int:
     return numerator // denominator
 
 
+def skinny_eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether the skinny-GEMM kernel serves x [..., hidden] times weight: at most 16 tokens, a
+    plain contiguous 2-D weight of x's dtype (bf16/fp16/fp32), no autograd. The device is the
+    caller's decision (CUDA, or CPU under TRITON_INTERPRET=1 in tests)."""
+    hidden = x.shape[-1] if x.dim() else 0
+    return (hidden > 0 and x.numel() <= SKINNY_MAX_TOKENS * hidden
+            and type(weight) in (torch.Tensor, nn.Parameter) and weight.dim() == 2
+            and weight.dtype in _SKINNY_DTYPES and x.dtype == weight.dtype and weight.is_contiguous()
+            and (bias is None or (bias.dtype == x.dtype and bias.dim() == 1))
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), by the skinny-GEMM Triton kernel when x has at most 16 tokens.
 
@@ -39,11 +51,7 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     Callers decide the device (CUDA, or CPU under TRITON_INTERPRET=1 in tests).
     """
     hidden = x.shape[-1] if x.dim() else 0
-    if (hidden > 0 and x.numel() <= SKINNY_MAX_TOKENS * hidden
-            and type(weight) in (torch.Tensor, nn.Parameter) and weight.dim() == 2
-            and weight.dtype in _SKINNY_DTYPES and x.dtype == weight.dtype and weight.is_contiguous()
-            and (bias is None or (bias.dtype == x.dtype and bias.dim() == 1))
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+    if skinny_eligible(x, weight, bias):
         from pagedllm.layers.triton_gemv import skinny_linear  # triton only where kernels run
 
         out = skinny_linear(x.reshape(-1, hidden), weight, bias)
@@ -176,6 +184,27 @@ class RowParallelLinear(CustomOp):
         if not self.skinny_gemm:
             return self._reduce_and_add_bias(F.linear(x, self.weight))
         return self._reduce_and_add_bias(fused_linear(x, self.weight))
+
+    def can_fuse_gated(self, gate_up: torch.Tensor) -> bool:
+        """Whether forward_gated folds the activation into this layer's kernel for `gate_up`
+        [..., 2 * input_size_per_partition]: the fused, skinny-GEMM path for few tokens."""
+        return (self.skinny_gemm and self.use_fused_path(gate_up)
+                and gate_up.dim() >= 1 and gate_up.shape[-1] == 2 * self.weight.shape[1]
+                and skinny_eligible(gate_up, self.weight))
+
+    def forward_gated(self, gate_up: torch.Tensor, act: str) -> torch.Tensor:
+        """self(act(gate) * up) for gate_up = [gate | up] (act "silu" or "gelu_tanh"), the
+        activation computed inside the skinny-GEMM kernel; only where can_fuse_gated holds.
+
+        Under tensor parallelism gate_up is this rank's MergedColumnParallelLinear output,
+        [gate shard | up shard], and this layer's columns are the same intermediate shard, so
+        the split at input_size_per_partition is the right one on every rank.
+        """
+        from pagedllm.layers.triton_gemv import skinny_linear
+
+        hidden = gate_up.shape[-1]
+        partial = skinny_linear(gate_up.reshape(-1, hidden), self.weight, act=act)
+        return self._reduce_and_add_bias(partial.view(*gate_up.shape[:-1], self.weight.shape[0]))
 
     def _reduce_and_add_bias(self, partial: torch.Tensor) -> torch.Tensor:
         # The bias is added after the all-reduce (every rank holds all of it), so it counts once.

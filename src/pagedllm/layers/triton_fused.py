@@ -215,6 +215,16 @@ def _gated_act_kernel(
     mask = cols < D
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     up = tl.load(x_ptr + row * stride_x + D + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * stride_out + cols, gated_act_tile(gate, up, GELU_TANH), mask=mask)
+
+
+@triton.jit
+def gated_act_tile(gate, up, GELU_TANH: tl.constexpr):
+    """act(gate) * up for two tiles of one dtype, in that dtype, with torch's roundings.
+
+    Shared with the skinny GEMM's gated input (triton_gemv.py), so the fused down projection
+    multiplies exactly the values this module's silu_and_mul / gelu_tanh_and_mul would write.
+    """
     g = gate.to(tl.float32)
     if GELU_TANH:
         # 0.5 (1 + tanh(y)) == sigmoid(2y): gelu_tanh(g) = g * sigmoid(2c (g + 0.044715 g^3)),
@@ -224,8 +234,7 @@ def _gated_act_kernel(
         act = g / (1.0 + tl.exp(-g))
     # torch rounds act(gate) to the dtype before the multiply: do the same.
     act = act.to(gate.dtype).to(tl.float32)
-    out = act * up.to(tl.float32)
-    tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    return (act * up.to(tl.float32)).to(gate.dtype)
 
 
 def _gated_act(x: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,7 @@ import triton
 import triton.language as tl
 
 from pagedllm.attention import triton_backend
+from pagedllm.layers.triton_fused import gated_act_tile
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,25 @@ class GemvConfig:
                 f"warps={self.num_warps} stages={self.num_stages}")
 
 
+@triton.jit
+def _load_x(ptrs, mask, K, MASKED: tl.constexpr, ACT: tl.constexpr):
+    """One x tile at `ptrs` (masked loads read 0), or act(gate) * up of a gated x, up K further.
+
+    A masked-off gate reads 0 and act(0) * 0 == 0, so masking stays exact for gated input.
+    """
+    if MASKED:
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    if ACT != 0:
+        if MASKED:
+            up = tl.load(ptrs + K, mask=mask, other=0.0)
+        else:
+            up = tl.load(ptrs + K)
+        x = gated_act_tile(x, up, ACT == 2)
+    return x
+
+
 @triton.jit(do_not_specialize=["M", "stride_xm"])
 def _skinny_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr,
@@ -74,8 +95,13 @@ def _skinny_gemm_kernel(
     X_ALIGN: tl.constexpr, M_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, NUM_STAGES: tl.constexpr,
+    ACT: tl.constexpr = 0,
 ):
-    """Program (n-block, k-split): out[:M, n-block] (+ bias), or its fp32 partial when split."""
+    """Program (n-block, k-split): out[:M, n-block] (+ bias), or its fp32 partial when split.
+
+    ACT (0: none, 1: SiLU, 2: GELU-tanh) makes x a gated input [M, 2K] = [gate | up]: each
+    loaded K-chunk is act(gate) * up, computed as the unfused activation kernel would.
+    """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -116,9 +142,9 @@ def _skinny_gemm_kernel(
         if USE_DOT:
             # Padded rows (m >= M) are masked: their loads fetch nothing.
             if EVEN_K:
-                xt = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+                xt = _load_x(x_ptrs, m_ok[:, None], K, True, ACT)
             else:
-                xt = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                xt = _load_x(x_ptrs, m_ok[:, None] & k_ok[None, :], K, True, ACT)
             if DOT_UPCAST:  # the interpreter cannot multiply 16-bit tiles: do it in fp32 there
                 acc = tl.dot(w.to(tl.float32), tl.trans(xt.to(tl.float32)), acc, input_precision=DOT_PREC)
             else:
@@ -126,16 +152,10 @@ def _skinny_gemm_kernel(
             x_ptrs += BLOCK_K
         else:
             wf = w.to(tl.float32)
-            if EVEN_K:
-                x0 = tl.load(x0_ptrs)
-            else:
-                x0 = tl.load(x0_ptrs, mask=k_ok, other=0.0)
+            x0 = _load_x(x0_ptrs, k_ok, K, not EVEN_K, ACT)
             acc0 += wf * x0.to(tl.float32)[None, :]
             if M_BLOCK > 1:
-                if EVEN_K:
-                    x1 = tl.load(x1_ptrs)
-                else:
-                    x1 = tl.load(x1_ptrs, mask=k_ok, other=0.0)
+                x1 = _load_x(x1_ptrs, k_ok, K, not EVEN_K, ACT)
                 acc1 += wf * x1.to(tl.float32)[None, :]
             x0_ptrs += BLOCK_K
             x1_ptrs += BLOCK_K
@@ -249,6 +269,11 @@ def heuristic_config(n: int, k: int, m: int, dtype: torch.dtype, sms: int) -> Ge
 
 # (device index, N, K, dtype, M bucket) -> the tuned config.
 _tuned: dict[tuple[int, int, int, torch.dtype, int], GemvConfig] = {}
+# The fused variants (gated input, add + RMSNorm), tuned apart: (variant, *the key above) -> config.
+_tuned_variants: dict[tuple[str, int, int, int, torch.dtype, int], GemvConfig] = {}
+
+# Gated inputs: the `act` names skinny_linear takes -> the kernel's ACT.
+GATED_ACTS = {"silu": 1, "gelu_tanh": 2}
 
 
 # The tuner's baseline: a Triton config must beat it by CUBLAS_MARGIN to be used.
@@ -257,13 +282,17 @@ CUBLAS_MARGIN = 0.97
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-            config: GemvConfig) -> torch.Tensor:
+            config: GemvConfig, act: str | None = None) -> torch.Tensor:
     if config.use_cublas:
+        if act is not None:  # unfused: the activation kernel, then the matmul
+            from pagedllm.layers import triton_fused
+
+            x = triton_fused.gelu_tanh_and_mul(x) if act == "gelu_tanh" else triton_fused.silu_and_mul(x)
         if bias is None:
             return torch.mm(x, weight.t(), out=out)
         return torch.addmm(bias, x, weight.t(), out=out)
-    m, k = x.shape
-    n = weight.shape[0]
+    m = x.shape[0]
+    n, k = weight.shape
     interpret = _interpreting()
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     upcast = interpret and x.dtype != torch.float32
@@ -283,7 +312,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
         SPLIT_K=split, USE_DOT=use_dot, EVEN_N=n % config.block_n == 0,
         EVEN_K=k % config.block_k == 0,
         HAS_BIAS=bias is not None and split == 1, DOT_PREC=precision, DOT_UPCAST=upcast,
-        NUM_STAGES=config.num_stages,
+        NUM_STAGES=config.num_stages, ACT=GATED_ACTS[act] if act is not None else 0,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split > 1:
@@ -311,18 +340,20 @@ def _l2_flush_buffer(device: torch.device, weight_bytes: int) -> torch.Tensor | 
         return None
 
 
-def _tune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-          candidates: list[GemvConfig]) -> GemvConfig:
-    """The fastest candidate by median time, with a cold L2 (in decode the weights stream from
-    DRAM). A few ms per candidate: each call is timed alone, after an L2 flush and a spin that
-    covers the host's launch cost, so the events time the kernels only."""
-    flush = _l2_flush_buffer(x.device, weight.numel() * weight.element_size())
+def _tune(launch: Callable[[GemvConfig], object], weight: torch.Tensor, m: int, dtype: torch.dtype,
+          candidates: list[GemvConfig], variant: str = "") -> GemvConfig:
+    """The fastest candidate by median time of `launch(config)`, with a cold L2 (in decode the
+    weights stream from DRAM). A few ms per candidate: each call is timed alone, after an L2
+    flush and a spin that covers the host's launch cost, so the events time the kernels only.
+    CUBLAS is the baseline (for a fused variant, `launch` runs it unfused)."""
+    device = weight.device
+    flush = _l2_flush_buffer(device, weight.numel() * weight.element_size())
     best, best_ms = candidates[0], float("inf")
     cublas_ms = float("inf")
     for config in [CUBLAS, *candidates]:
         try:
             for _ in range(2):  # compile and warm up
-                _launch(x, weight, bias, out, config)
+                launch(config)
             events = []
             for _ in range(_TUNE_REPS):
                 if flush is not None:
@@ -330,10 +361,10 @@ def _tune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out:
                 torch.cuda._sleep(_SLEEP_CYCLES)
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                _launch(x, weight, bias, out, config)
+                launch(config)
                 end.record()
                 events.append((start, end))
-            torch.cuda.synchronize(x.device)
+            torch.cuda.synchronize(device)
         except Exception as exc:  # noqa: BLE001 - a config that fails to compile or launch is skipped
             logger.warning("skinny GEMM config %s failed for N=%d K=%d: %s", config, *weight.shape, exc)
             continue
@@ -346,49 +377,74 @@ def _tune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out:
         # Not clearly faster: keep cuBLAS (and its numerics), so a near-tie in timing noise does
         # not decide between two kernels.
         best, best_ms = CUBLAS, cublas_ms
-    logger.info("skinny GEMM N=%d K=%d M=%d %s: %s (%.1f us)", weight.shape[0], weight.shape[1], x.shape[0],
-                str(x.dtype).removeprefix("torch."), best, best_ms * 1e3)
+    logger.info("skinny GEMM%s N=%d K=%d M=%d %s: %s (%.1f us)", f" ({variant})" if variant else "",
+                weight.shape[0], weight.shape[1], m, str(dtype).removeprefix("torch."), best, best_ms * 1e3)
     return best
 
 
-def get_config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-               out: torch.Tensor | None = None) -> GemvConfig:
-    """The config skinny_linear uses for this shape: tuned on first CUDA use, else the heuristic."""
-    m, k = x.shape
-    n = weight.shape[0]
-    device = x.device
+def tuned_config(variant: str, m: int, weight: torch.Tensor, dtype: torch.dtype,
+                 launch: Callable[[GemvConfig], object],
+                 candidates: Callable[[int, int, int, torch.dtype, int], list[GemvConfig]] = candidate_configs,
+                 ) -> GemvConfig:
+    """The config of kernel variant `variant` ("" for the plain GEMM) for M rows times `weight`
+    [N, K]: tuned by timing `launch` on the first eager CUDA call, else the first candidate."""
+    n, k = weight.shape
+    device = weight.device
     sms = num_sms(device)
-    key = (device.index if device.type == "cuda" and device.index is not None else -1, n, k, x.dtype, m_bucket(m))
-    config = _tuned.get(key)
+    key = (device.index if device.type == "cuda" and device.index is not None else -1, n, k, dtype, m_bucket(m))
+    cache: dict = _tuned if not variant else _tuned_variants
+    full_key = key if not variant else (variant, *key)
+    config = cache.get(full_key)
     if config is not None:
         return config
     if device.type != "cuda" or _interpreting() or torch.cuda.is_current_stream_capturing():
         # Timing is impossible here (CPU) or would break the capture: use the heuristic, and
         # do not cache it, so the next eager CUDA call still tunes.
-        return heuristic_config(n, k, m, x.dtype, sms)
-    if out is None:
-        out = torch.empty((m, n), dtype=x.dtype, device=device)
-    config = _tune(x, weight, bias, out, candidate_configs(n, k, m, x.dtype, sms))
-    _tuned[key] = config
+        return candidates(n, k, m, dtype, sms)[0]
+    config = _tune(launch, weight, m, dtype, candidates(n, k, m, dtype, sms), variant)
+    cache[full_key] = config
     return config
 
 
+def get_config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               out: torch.Tensor | None = None, act: str | None = None) -> GemvConfig:
+    """The config skinny_linear uses for this shape (and gated `act`): tuned on first CUDA use,
+    else the heuristic. A gated input is tuned apart: its act costs time in every program."""
+    m = x.shape[0]
+    if out is None:
+        out = torch.empty((m, weight.shape[0]), dtype=x.dtype, device=x.device)
+    return tuned_config(act or "", m, weight, x.dtype, lambda config: _launch(x, weight, bias, out, config, act))
+
+
 def tuned_configs() -> dict[tuple[int, int, int, torch.dtype, int], GemvConfig]:
-    """The configs chosen so far, keyed by (device index, N, K, dtype, M bucket)."""
+    """The plain GEMM's configs chosen so far, keyed by (device index, N, K, dtype, M bucket)."""
     return dict(_tuned)
 
 
+def tuned_variant_configs() -> dict[tuple[str, int, int, int, torch.dtype, int], GemvConfig]:
+    """The fused variants' configs chosen so far, keyed by (variant, *tuned_configs' key)."""
+    return dict(_tuned_variants)
+
+
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  config: GemvConfig | None = None) -> torch.Tensor:
+                  config: GemvConfig | None = None, act: str | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for x [M, K] with M <= 16: weight [N, K], bias [N] -> [M, N].
 
     bf16, fp16 or fp32 (x, weight and bias of one dtype), fp32 accumulation, the output in that
     dtype. The weight's rows must be contiguous. `config` overrides the tuned choice (tests,
     benchmarks).
+
+    With `act` ("silu" or "gelu_tanh"), x is a gated input [M, 2K] = [gate | up] (a merged
+    gate_up projection's output) and the result is F.linear(act(gate) * up, weight, bias), the
+    gated product rounded to x's dtype as the unfused SiluAndMul / GELU kernels round it: the
+    activation kernel and its round trip through memory are folded into this one.
     """
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"skinny_linear needs x [M, K] and weight [N, K], got {tuple(x.shape)} and "
-                         f"{tuple(weight.shape)}")
+    if act is not None and act not in GATED_ACTS:
+        raise ValueError(f"skinny_linear act must be one of {sorted(GATED_ACTS)}, got {act!r}")
+    x_cols = (2 if act is not None else 1) * weight.shape[-1]  # a gated x holds [gate | up]
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != x_cols:
+        raise ValueError(f"skinny_linear needs x [M, K] (gated: [M, 2K]) and weight [N, K], got "
+                         f"{tuple(x.shape)} and {tuple(weight.shape)}")
     m = x.shape[0]
     if m > MAX_M:
         raise ValueError(f"skinny_linear serves at most {MAX_M} rows, got {m}")
@@ -405,5 +461,5 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if m == 0 or n == 0:
         return out
     if config is None:
-        config = get_config(x, weight, bias, out)
-    return _launch(x, weight, bias, out, config)
+        config = get_config(x, weight, bias, out, act)
+    return _launch(x, weight, bias, out, config, act)
