@@ -215,3 +215,36 @@ def test_llama_and_qwen3_forward_with_every_fused_layer_matches_torch(
     monkeypatch.setattr(custom_op.CustomOp, "forward",
                         lambda self, *args, **kwargs: self.forward_cuda(*args, **kwargs))
     assert (run() - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("num_tokens", [1, 2])
+def test_decode_sized_forward_with_norms_and_act_folded_into_the_gemms_matches_torch(
+    model_type: str, num_tokens: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1-2 tokens with the fused path on CPU tensors (behind the layers' switch): add + RMSNorm
+    inside the QKV and gate_up skinny GEMMs, the activation inside the down projection."""
+    from pagedllm.layers import triton_gemv_norm as tn
+
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = LlamaForCausalLM(_tiny_config(model_type)).eval()
+    for name, param in model.named_parameters():
+        param.data.normal_(1.0 if "norm" in name else 0.0, 0.1)
+    input_ids = torch.randint(0, 97, (num_tokens,), device=DEVICE)
+    positions = torch.arange(num_tokens, device=DEVICE)
+
+    def run(fused: bool) -> torch.Tensor:
+        custom_op.set_fused_kernels(model, fused)
+        for layer in model.attention_layers():
+            layer.kv_cache = torch.zeros(2, 2, 16, layer.num_kv_heads, layer.head_dim, device=DEVICE)
+        with torch.inference_mode():
+            return model(input_ids, positions, _prefill_metadata(num_tokens))
+
+    monkeypatch.setattr(custom_op.CustomOp, "use_fused_path", lambda self, x: self.use_fused_kernels)
+    expected = run(False)
+    calls: list[int] = []
+    real = tn.skinny_add_rmsnorm_linear
+    monkeypatch.setattr(tn, "skinny_add_rmsnorm_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert (run(True) - expected).abs().max().item() < 1e-4
+    assert len(calls) == 3  # layer 0's gate_up, layer 1's qkv and gate_up (layer 0 has no residual)

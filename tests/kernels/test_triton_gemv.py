@@ -18,6 +18,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from pagedllm.layers import custom_op, linear  # noqa: E402
 from pagedllm.layers import triton_gemv as tg  # noqa: E402
+from pagedllm.layers import triton_gemv_norm as tn  # noqa: E402
 from pagedllm.layers.linear import (  # noqa: E402
     ColumnParallelLinear,
     MergedColumnParallelLinear,
@@ -398,9 +399,82 @@ def test_llama_few_token_forward_and_logits_match_with_the_kernel(num_tokens: in
 
     expected = logits(False)
     calls = _count_kernel_calls(monkeypatch)
+    norm_calls = _count_norm_kernel_calls(monkeypatch)
     out = logits(True)
-    assert len(calls) == 2 * 4 + 1  # qkv, o, gate_up, down per layer, and the LM head
+    # Layer 0 (no residual yet): qkv, o, down; layer 1: o, down; the LM head. The add + RMSNorm
+    # kernels: layer 0's gate_up, layer 1's qkv and gate_up.
+    assert len(calls) == 3 + 2 + 1 and len(norm_calls) == 3
     assert (out - expected).abs().max().item() < 1e-4
+
+
+def _count_norm_kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = tn.skinny_add_rmsnorm_linear
+
+    def spy(hidden: torch.Tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(hidden.shape[0])
+        return real(hidden, *args, **kwargs)
+
+    monkeypatch.setattr(tn, "skinny_add_rmsnorm_linear", spy)
+    return calls
+
+
+# ---------------------------------------------------------------- add + RMSNorm folded in
+
+
+def _norm_reference(hidden: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor | None, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    from pagedllm.layers.layernorm import RMSNorm
+
+    norm = RMSNorm(hidden.shape[1], eps).to(DEVICE, hidden.dtype)
+    norm.weight.data.copy_(norm_weight)
+    normed, summed = norm.forward_native(hidden, residual)
+    return F.linear(normed, weight, bias), summed
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 16])
+@pytest.mark.parametrize("n, k", [(64, 512), (50, 72), (7, 1000)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_add_rmsnorm_linear_matches_the_norm_then_f_linear(m: int, n: int, k: int, with_bias: bool) -> None:
+    hidden, residual = randn(m, k, seed=50), randn(m, k, seed=51) * 3
+    norm_weight, weight = randn(k, seed=52), randn(n, k, seed=53)
+    bias = randn(n, seed=54) if with_bias else None
+    expected, expected_residual = _norm_reference(hidden, residual, norm_weight, weight, bias)
+    before = hidden.clone(), residual.clone()
+    for config in [None, *tn.norm_candidate_configs(n, k, m, torch.float32, sms=132), tg.CUBLAS]:
+        out, residual_out = tn.skinny_add_rmsnorm_linear(hidden, residual, norm_weight, 1e-6, weight, bias,
+                                                         config=config)
+        assert torch.equal(residual_out, expected_residual), config
+        assert rel_error(out, expected) < FP32_RTOL, config
+    assert torch.equal(hidden, before[0]) and torch.equal(residual, before[1])
+
+
+@pytest.mark.parametrize("m", [1, 2, 16])
+def test_add_rmsnorm_linear_16_bit_within_rounding(m: int) -> None:
+    n, k = 96, 520
+    hidden, residual = randn(m, k, seed=55, dtype=torch.bfloat16), randn(m, k, seed=56, dtype=torch.bfloat16)
+    norm_weight, weight = randn(k, seed=57, dtype=torch.bfloat16), randn(n, k, seed=58, dtype=torch.bfloat16)
+    summed = hidden + residual
+    # fp64 reference of the exact math on the rounded sum (both paths round differently from it).
+    s = summed.double()
+    expected = F.linear(s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6) * norm_weight.double(),
+                        weight.double())
+    for config in tn.norm_candidate_configs(n, k, m, torch.bfloat16, sms=132)[:3]:
+        out, residual_out = tn.skinny_add_rmsnorm_linear(hidden, residual, norm_weight, 1e-6, weight, config=config)
+        assert out.dtype == torch.bfloat16
+        if DEVICE.type == "cuda":
+            assert torch.equal(residual_out, summed), config
+        else:  # the interpreter truncates to bf16 where torch rounds to nearest: one ulp apart
+            torch.testing.assert_close(residual_out, summed, rtol=2.0 ** -7, atol=0)
+        assert rel_error(out, expected) < 2.0 ** -6, config
+
+
+def test_add_rmsnorm_linear_rejects_split_k_and_bad_shapes() -> None:
+    hidden, weight = randn(1, 32), randn(8, 32)
+    with pytest.raises(ValueError, match="split-K"):
+        tn.skinny_add_rmsnorm_linear(hidden, hidden, randn(32), 1e-6, weight, config=tg.GemvConfig(16, 16, 2))
+    with pytest.raises(ValueError, match="norm weight"):
+        tn.skinny_add_rmsnorm_linear(hidden, hidden, randn(16), 1e-6, weight)
 
 
 @pytest.mark.parametrize("with_bias", [False, True])

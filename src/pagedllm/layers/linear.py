@@ -102,6 +102,29 @@ class ColumnParallelLinear(CustomOp):
         return fused_linear(x, self.weight, self.bias)
 
 
+    def can_fuse_add_rmsnorm(self, norm: nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None) -> bool:
+        """Whether forward_add_rmsnorm folds `norm(hidden, residual)` into this layer's kernel: a
+        plain RMSNorm (not Gemma's 1 + w), fused kernels and the skinny GEMM on, <= 16 tokens
+        of [T, hidden], residual of the same shape, and every tensor of one dtype."""
+        from pagedllm.layers.layernorm import RMSNorm
+
+        return (residual is not None and type(norm) is RMSNorm and norm.use_fused_path(hidden)
+                and self.skinny_gemm and self.use_fused_path(hidden) and hidden.dim() == 2
+                and residual.shape == hidden.shape and residual.dtype == hidden.dtype
+                and norm.weight.dtype == hidden.dtype and type(norm.weight) in (torch.Tensor, nn.Parameter)
+                and skinny_eligible(hidden, self.weight, self.bias))
+
+    def forward_add_rmsnorm(self, norm: nn.Module, hidden: torch.Tensor, residual: torch.Tensor,
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(normed), new residual) for `normed, new residual = norm(hidden, residual)`, in one
+        skinny-GEMM kernel; only where can_fuse_add_rmsnorm holds. The input is replicated on
+        every rank, so the norm over the full hidden size is each rank's own."""
+        from pagedllm.layers.triton_gemv_norm import skinny_add_rmsnorm_linear
+
+        return skinny_add_rmsnorm_linear(hidden, residual, norm.weight, norm.variance_epsilon,
+                                         self.weight, self.bias)
+
+
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel layers of the same input stored as one (e.g. gate_proj + up_proj)."""
 

@@ -62,9 +62,12 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         """Hidden states [T, hidden] -> attention output [T, hidden]."""
-        qkv = self.qkv_proj(hidden)
+        return self.forward_from_qkv(positions, self.qkv_proj(hidden), metadata)
+
+    def forward_from_qkv(self, positions: torch.Tensor, qkv: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        """The rest of forward, from the QKV projection's output [T, q + 2 kv]."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        num_tokens = hidden.shape[0]
+        num_tokens = qkv.shape[0]
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
@@ -118,14 +121,26 @@ class LlamaDecoderLayer(nn.Module):
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, metadata: AttentionMetadata
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One block; returns (hidden, residual) with the residual add deferred to the next norm."""
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
+        attn, mlp = self.self_attn, self.mlp
+        # Few tokens: each add + RMSNorm runs inside the projection after it (the skinny GEMM
+        # reads the whole row anyway), where the modules are the plain Llama ones.
+        if (residual is not None and type(attn).forward is LlamaAttention.forward
+                and attn.qkv_proj.can_fuse_add_rmsnorm(self.input_layernorm, hidden, residual)):
+            qkv, residual = attn.qkv_proj.forward_add_rmsnorm(self.input_layernorm, hidden, residual)
+            hidden = attn.forward_from_qkv(positions, qkv, metadata)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, metadata)
+            if residual is None:
+                residual = hidden
+                hidden = self.input_layernorm(hidden)
+            else:
+                hidden, residual = self.input_layernorm(hidden, residual)
+            hidden = attn(positions, hidden, metadata)
+        if type(mlp) is LlamaMLP and mlp.gate_up_proj.can_fuse_add_rmsnorm(self.post_attention_layernorm,
+                                                                          hidden, residual):
+            gate_up, residual = mlp.gate_up_proj.forward_add_rmsnorm(self.post_attention_layernorm, hidden, residual)
+            return mlp.forward_from_gate_up(gate_up), residual
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        return mlp(hidden), residual
 
     def make_mlp(self, config: dict[str, Any], layer_idx: int) -> nn.Module:
         """The feed-forward block of layer `layer_idx` (subclasses return e.g. a mixture of experts)."""
