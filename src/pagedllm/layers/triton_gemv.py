@@ -88,6 +88,18 @@ def _load_x(ptrs, mask, K, MASKED: tl.constexpr, ACT: tl.constexpr):
     return x
 
 
+@triton.jit
+def load_weight_tile(w_ptrs, n_ok, k_ok, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+    """A [BLOCK_N, BLOCK_K] weight tile, masked only where the shape needs it."""
+    if EVEN_N and EVEN_K:
+        w = tl.load(w_ptrs)
+    elif EVEN_K:
+        w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
+    else:
+        w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+    return w
+
+
 @triton.jit(do_not_specialize=["M", "stride_xm"])
 def _skinny_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr,
@@ -133,12 +145,7 @@ def _skinny_gemm_kernel(
     # The loop's own num_stages also pipelines (cp.async) loads that do not feed a tl.dot.
     for i in tl.range(0, num_tiles, num_stages=NUM_STAGES):
         k_ok = offs_k + i * BLOCK_K < K
-        if EVEN_N and EVEN_K:
-            w = tl.load(w_ptrs)
-        elif EVEN_K:
-            w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
-        else:
-            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        w = load_weight_tile(w_ptrs, n_ok, k_ok, EVEN_N, EVEN_K)
         if USE_DOT:
             # Padded rows (m >= M) are masked: their loads fetch nothing.
             if EVEN_K:

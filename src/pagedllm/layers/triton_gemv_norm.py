@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from pagedllm.layers import triton_gemv as tg
+from pagedllm.layers.triton_gemv import load_weight_tile
 
 VARIANT = "add_rmsnorm"
 
@@ -80,12 +81,7 @@ def _norm_gemm_kernel(
     for i in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=NUM_STAGES):
         k = offs_k + i * BLOCK_K
         k_ok = k < K
-        if EVEN_N and EVEN_K:
-            w = tl.load(w_ptrs)
-        elif EVEN_K:
-            w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
-        else:
-            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        w = load_weight_tile(w_ptrs, n_ok, k_ok, EVEN_N, EVEN_K)
         nw = tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
         if USE_DOT:
             sf, xt = _norm_input(h_ptrs, r_ptrs, ro_ptrs, nw[None, :], m_ok[:, None] & k_ok[None, :],

@@ -17,7 +17,12 @@ from pagedllm.attention.layer import Attention
 from pagedllm.attention.metadata import AttentionMetadata
 from pagedllm.layers.activation import SiluAndMul, gated_act_name
 from pagedllm.layers.layernorm import RMSNorm
-from pagedllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from pagedllm.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
 from pagedllm.layers.rotary import RotaryEmbedding, rope_parameters
 from pagedllm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from pagedllm.models.sliding_window import layer_sliding_windows
@@ -100,11 +105,19 @@ class LlamaMLP(nn.Module):
     def forward_from_gate_up(self, gate_up: torch.Tensor) -> torch.Tensor:
         """down(act(gate) * up) for the gate_up projection's output [T, 2 * inter / tp]."""
         act = gated_act_name(self.act)
-        if act is not None and self.down_proj.can_fuse_gated(gate_up):
+        # (Quantised layers replace RowParallelLinear and do not fold anything.)
+        if (act is not None and isinstance(self.down_proj, RowParallelLinear)
+                and self.down_proj.can_fuse_gated(gate_up)):
             # Few tokens: the activation runs inside the down projection's skinny GEMM (every
             # program reads the whole gated row anyway), one kernel and round trip fewer.
             return self.down_proj.forward_gated(gate_up, act)
         return self.down_proj(self.act(gate_up))
+
+
+def _can_fuse_add_rmsnorm(proj: nn.Module, norm: nn.Module, hidden: torch.Tensor, residual: torch.Tensor) -> bool:
+    """Whether `norm` (add + RMSNorm) can run inside the column-parallel projection after it
+    (quantised layers replace ColumnParallelLinear and do not fold anything)."""
+    return isinstance(proj, ColumnParallelLinear) and proj.can_fuse_add_rmsnorm(norm, hidden, residual)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -125,7 +138,7 @@ class LlamaDecoderLayer(nn.Module):
         # Few tokens: each add + RMSNorm runs inside the projection after it (the skinny GEMM
         # reads the whole row anyway), where the modules are the plain Llama ones.
         if (residual is not None and type(attn).forward is LlamaAttention.forward
-                and attn.qkv_proj.can_fuse_add_rmsnorm(self.input_layernorm, hidden, residual)):
+                and _can_fuse_add_rmsnorm(attn.qkv_proj, self.input_layernorm, hidden, residual)):
             qkv, residual = attn.qkv_proj.forward_add_rmsnorm(self.input_layernorm, hidden, residual)
             hidden = attn.forward_from_qkv(positions, qkv, metadata)
         else:
@@ -135,8 +148,8 @@ class LlamaDecoderLayer(nn.Module):
             else:
                 hidden, residual = self.input_layernorm(hidden, residual)
             hidden = attn(positions, hidden, metadata)
-        if type(mlp) is LlamaMLP and mlp.gate_up_proj.can_fuse_add_rmsnorm(self.post_attention_layernorm,
-                                                                          hidden, residual):
+        if type(mlp) is LlamaMLP and _can_fuse_add_rmsnorm(mlp.gate_up_proj, self.post_attention_layernorm,
+                                                           hidden, residual):
             gate_up, residual = mlp.gate_up_proj.forward_add_rmsnorm(self.post_attention_layernorm, hidden, residual)
             return mlp.forward_from_gate_up(gate_up), residual
         hidden, residual = self.post_attention_layernorm(hidden, residual)
