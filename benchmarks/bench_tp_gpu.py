@@ -133,31 +133,57 @@ def t1(config: str, tp: int, greedy_prompts: list[list[int]], greedy_tokens: int
 
 
 def _allreduce_worker(rank: int, world: int, port: int, hidden: int, batches: list[int], per_step: int, q) -> None:
+    """Per batch size: a decode step's all-reduces in a CUDA graph, NCCL vs the custom one
+    (symmetric memory), after checking the custom result equals NCCL's (eager and replayed)."""
     import torch.distributed as dist
 
+    import pagedllm.distributed as pd
+
     torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            device_id=torch.device("cuda", rank))
-    out = {}
+    device = torch.device("cuda", rank)
+    pd.init_distributed_environment(rank, world, f"tcp://127.0.0.1:{port}", device, custom_all_reduce=True)
+    custom = pd._CUSTOM_ALL_REDUCE
+    out: dict = {"custom_available": custom is not None}
     for batch in batches:
-        x = torch.randn(batch, hidden, dtype=torch.bfloat16, device="cuda")
-        for _ in range(10):
-            dist.all_reduce(x)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(per_step):
-                dist.all_reduce(x)
-        graph.replay()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(20):
+        x = torch.randn(batch, hidden, dtype=torch.bfloat16, device="cuda", generator=torch.Generator(
+            device="cuda").manual_seed(rank))
+        for name, comm in (("nccl", None), ("custom", custom)):
+            if name == "custom" and comm is None:
+                continue
+            pd._CUSTOM_ALL_REDUCE = comm
+            if name == "custom":
+                ref = x.clone()
+                dist.all_reduce(ref)
+                got = x.clone()
+                pd.tensor_model_parallel_all_reduce(got)
+                out[f"batch_{batch}_custom_equals_nccl_eager"] = bool(torch.equal(got, ref))
+            y = x.clone()
+            for _ in range(10):
+                pd.tensor_model_parallel_all_reduce(y.copy_(x))
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(per_step):
+                    pd.tensor_model_parallel_all_reduce(y)
+            if name == "custom":
+                y.copy_(x)
+                graph.replay()  # per_step reduces of y in place
+                ref = x.clone()
+                for _ in range(per_step):
+                    dist.all_reduce(ref)
+                out[f"batch_{batch}_custom_equals_nccl_graph"] = bool(torch.allclose(y.float(), ref.float(),
+                                                                                     rtol=1e-2, atol=1e-2))
             graph.replay()
-        torch.cuda.synchronize()
-        out[batch] = (time.perf_counter() - t0) / 20 * 1e3
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(20):
+                graph.replay()
+            torch.cuda.synchronize()
+            out[f"batch_{batch}_{name}_ms_per_step"] = (time.perf_counter() - t0) / 20 * 1e3
+    pd._CUSTOM_ALL_REDUCE = custom
     if rank == 0:
         q.put(out)
-    dist.destroy_process_group()
+    pd.destroy_distributed_environment()
 
 
 def allreduce_ms_per_step(world: int, hidden: int, layers: int, batches: list[int]) -> dict:
@@ -176,7 +202,7 @@ def allreduce_ms_per_step(world: int, hidden: int, layers: int, batches: list[in
     result = q.get(timeout=300)
     for p in procs:
         p.join(timeout=60)
-    return {f"batch_{b}": ms for b, ms in result.items()}
+    return result
 
 
 def _compare_tokens(base: list[list[int]], other: list[list[int]]) -> dict:

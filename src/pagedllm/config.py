@@ -101,6 +101,7 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     distributed_executor_backend: str | None = None  # uni | mp | ray (default: uni for one rank, else mp)
+    disable_custom_all_reduce: bool = False
     trust_remote_code: bool = False
     disable_log_stats: bool = True
     hf_overrides: dict[str, Any] | None = None
@@ -148,6 +149,8 @@ class EngineArgs:
                            help="how ranks run: uni (in process, one rank), mp (one process per rank on this "
                                 "machine; the default for several ranks), ray (Ray actors, possibly on several "
                                 "machines; joins the cluster at RAY_ADDRESS or starts a local one)")
+        group.add_argument("--disable-custom-all-reduce", action="store_true",
+                           help="NCCL for every GPU all-reduce (default: small ones over NVLink symmetric memory)")
         return parser
 
     @classmethod
@@ -246,6 +249,7 @@ class ParallelConfig:
 
     tensor_parallel_size: int = 1
     distributed_executor_backend: str = "uni"  # uni | mp | ray
+    disable_custom_all_reduce: bool = False  # NCCL for every all-reduce (custom_all_reduce.py)
 
     @property
     def world_size(self) -> int:
@@ -376,4 +380,5 @@ def create_parallel_config(args: EngineArgs, hf_config: dict[str, Any], device: 
 
         if tp > torch.cuda.device_count():
             raise ValueError(f"tensor_parallel_size={tp} needs {tp} GPUs; {torch.cuda.device_count()} visible.")
-    return ParallelConfig(tensor_parallel_size=tp, distributed_executor_backend=backend)
+    return ParallelConfig(tensor_parallel_size=tp, distributed_executor_backend=backend,
+                          disable_custom_all_reduce=args.disable_custom_all_reduce)

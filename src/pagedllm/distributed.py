@@ -7,6 +7,8 @@ import torch.distributed as dist
 
 _TP_RANK = 0
 _TP_SIZE = 1
+# Small GPU all-reduces over symmetric memory (custom_all_reduce.py), when set up.
+_CUSTOM_ALL_REDUCE = None
 
 
 def set_tensor_parallel_state(rank: int, world_size: int) -> None:
@@ -25,17 +27,29 @@ def get_tp_size() -> int:
     return _TP_SIZE
 
 
-def init_distributed_environment(rank: int, world_size: int, init_method: str, device: torch.device) -> None:
-    """Join the tensor-parallel process group: NCCL between GPUs, gloo between CPU processes."""
+def init_distributed_environment(rank: int, world_size: int, init_method: str, device: torch.device,
+                                 custom_all_reduce: bool = True) -> None:
+    """Join the tensor-parallel process group: NCCL between GPUs, gloo between CPU processes.
+
+    On GPUs, small all-reduces go through symmetric memory over NVLink when it works here
+    (`custom_all_reduce.py`; `custom_all_reduce=False` keeps NCCL for all of them).
+    """
+    global _CUSTOM_ALL_REDUCE
     if world_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, **kwargs)
+        if device.type == "cuda" and custom_all_reduce:
+            from pagedllm.custom_all_reduce import create_custom_all_reduce
+
+            _CUSTOM_ALL_REDUCE = create_custom_all_reduce(device, rank, world_size)
     set_tensor_parallel_state(rank, world_size)
 
 
 def destroy_distributed_environment() -> None:
     """Leave the process group (if any) and return to single-rank state."""
+    global _CUSTOM_ALL_REDUCE
+    _CUSTOM_ALL_REDUCE = None
     if dist.is_initialized():
         dist.destroy_process_group()
     set_tensor_parallel_state(0, 1)
@@ -51,6 +65,8 @@ def tensor_model_parallel_broadcast(x: torch.Tensor) -> torch.Tensor:
 def tensor_model_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over the tensor-parallel ranks, in place; a no-op on one rank."""
     if _TP_SIZE > 1:
+        if _CUSTOM_ALL_REDUCE is not None and _CUSTOM_ALL_REDUCE.applies(x):
+            return _CUSTOM_ALL_REDUCE.all_reduce_(x)
         dist.all_reduce(x)
     return x
 
