@@ -271,13 +271,15 @@ def gumbel_max_sample(
     rows_per_program = max(1, block_size // block)
     tiles = min(tiles_per_chunk, triton.cdiv(vocab_size, block))
     n_chunks = triton.cdiv(vocab_size, tiles * block)
-    keys = torch.empty(2, n_rows, n_chunks, dtype=torch.float32, device=logits.device)
-    ids = torch.empty(2, n_rows, n_chunks, dtype=torch.int32, device=logits.device)
+    # Four separate buffers, not views of one: Triton specialises on pointer alignment, and a view
+    # at offset n_rows * n_chunks would compile a second variant of both kernels for some batch sizes.
+    keys, inf_keys = (torch.empty(n_rows, n_chunks, dtype=torch.float32, device=logits.device) for _ in range(2))
+    ids, inf_ids = (torch.empty(n_rows, n_chunks, dtype=torch.int32, device=logits.device) for _ in range(2))
     temperature = temperature.contiguous()
     row_ids = rows.to(torch.int64).contiguous() if rows is not None else temperature  # unused when None
     _race_partial_kernel[(triton.cdiv(n_rows, rows_per_program), n_chunks)](
         logits, temperature, row_ids,
-        keys[0], ids[0], keys[1], ids[1],
+        keys, ids, inf_keys, inf_ids,
         seed, n_rows, vocab_size, logits.stride(0), n_chunks,
         ROWS=rows_per_program, BLOCK=block, TILES=tiles, HAS_ROWS=rows is not None,
         ALIGNED=vocab_size % 4 == 0 and logits.stride(0) % 4 == 0,
@@ -290,7 +292,7 @@ def gumbel_max_sample(
     block_c = triton.next_power_of_2(n_chunks)
     reduce_rows = max(1, min(64, 1024 // block_c))
     _race_reduce_kernel[(triton.cdiv(n_rows, reduce_rows),)](
-        keys[0], ids[0], keys[1], ids[1], out,
+        keys, ids, inf_keys, inf_ids, out,
         n_rows, n_chunks,
         ROWS=reduce_rows, BLOCK_C=block_c,
         num_warps=1,
