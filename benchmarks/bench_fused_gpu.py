@@ -33,8 +33,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 sys.path.insert(0, os.path.dirname(__file__))
-
 from bench_attention_gpu import Timer, attempt, rel_error  # noqa: E402
+from gpu_check import write_results  # noqa: E402
 
 from pagedllm.layers import triton_fused as tf  # noqa: E402
 from pagedllm.layers.activation import GeluAndMul, SiluAndMul  # noqa: E402
@@ -400,11 +400,7 @@ def main() -> None:
             results["model_step"] += attempt(f"{s.name} model step",
                                              lambda: bench_model_step(s, batches, args.context, args.iters)) or []
     print_summary(results["kernels"], results["model_step"])
-    if os.environ.get("OUT"):
-        path = os.path.join(os.environ["OUT"], "fused_kernels.json")
-        with open(path, "w") as f:
-            json.dump(results, f, indent=1)
-        print(f"wrote {path}")
+    write_results(results, "fused_kernels.json")
 
 
 if __name__ == "__main__":

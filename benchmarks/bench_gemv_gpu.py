@@ -20,7 +20,6 @@ everything to $OUT/gemv.json when OUT is set. Needs only torch, triton and this 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -39,6 +38,7 @@ from pagedllm.layers import triton_gemv as tg  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_attention_gpu import attempt  # noqa: E402
+from gpu_check import write_results  # noqa: E402
 
 DEVICE = torch.device("cuda")
 MAX_REL_ERROR = 1e-2
@@ -204,11 +204,7 @@ def main() -> None:
         print(f"{model}: decoder linears at M=1 save {us:.0f} us per token over cuBLAS ({layers[model]} layers)")
     failures = [r for r in results["rows"] if not (r.get("pass") and r.get("graph_ok"))]
     print(f"{'ALL PASS' if not failures else f'{len(failures)} FAILED'}; {results['wall_s']:.0f} s")
-    if os.environ.get("OUT"):
-        path = os.path.join(os.environ["OUT"], "gemv.json")
-        with open(path, "w") as f:
-            json.dump(results, f, indent=1)
-        print(f"wrote {path}")
+    write_results(results, "gemv.json")
 
 
 if __name__ == "__main__":

@@ -46,8 +46,10 @@ def write_results(results: dict, filename: str) -> None:
     """Write `results` as JSON to $OUT/filename when $OUT is set (the device run's output folder)."""
     out = os.environ.get("OUT")
     if out:
-        with open(os.path.join(out, filename), "w") as f:
+        path = os.path.join(out, filename)
+        with open(path, "w") as f:
             json.dump(results, f, indent=1)
+        print(f"wrote {path}")
 
 
 def section(name):
@@ -84,6 +86,21 @@ def _prompts(vocab, n=8, seed=0):
     return [[rng.randrange(3, min(vocab, 5000)) for _ in range(L)] for L in (1, 7, 16, 33, 64, 100, 129, 200)[:n]]
 
 
+def greedy_eager_and_graph(model_dir: str, prompts: list[list[int]], max_tokens: int,
+                           **llm_kwargs) -> dict[str, list[list[int]]]:
+    """fp32 greedy completions of `prompts` by pagedllm with --enforce-eager and with CUDA graphs:
+    {"eager": tokens, "graph": tokens}."""
+    tokens = {}
+    for eager in (True, False):
+        llm = LLM(model_dir, skip_tokenizer_init=True, dtype="float32", enforce_eager=eager, max_num_seqs=16,
+                  **llm_kwargs)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
+        tokens["eager" if eager else "graph"] = [o.outputs[0].token_ids for o in outs]
+        del llm
+    return tokens
+
+
 @section("tiny_fp32_vs_hf")
 def tiny_vs_hf():
     res = {}
@@ -92,13 +109,8 @@ def tiny_vs_hf():
             hf = _random_hf_model(arch, d, std=0.08)
             prompts = _prompts(512)
             expected = hf_greedy(hf, prompts, 24)
-            for eager in (True, False):
-                llm = LLM(d, skip_tokenizer_init=True, dtype="float32", enforce_eager=eager, max_model_len=512,
-                          gpu_memory_utilization=0.3, max_num_seqs=16)
-                outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                                    SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
-                res[f"{arch}_{'eager' if eager else 'graph'}"] = [o.outputs[0].token_ids for o in outs] == expected
-                del llm
+            tokens = greedy_eager_and_graph(d, prompts, 24, max_model_len=512, gpu_memory_utilization=0.3)
+            res.update({f"{arch}_{mode}": toks == expected for mode, toks in tokens.items()})
             del hf
     return res
 
@@ -110,17 +122,9 @@ def smollm2_shape():
         hf = _random_hf_model(os.path.join(CONFIGS, "smollm2-135m"), d, std=0.05)
         prompts = _prompts(49152)
         expected = hf_greedy(hf, prompts, 32)
-        tokens = {}
-        for eager in (True, False):
-            llm = LLM(d, skip_tokenizer_init=True, dtype="float32", enforce_eager=eager, max_model_len=1024,
-                      gpu_memory_utilization=0.3, max_num_seqs=16)
-            outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                                SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
-            toks = [o.outputs[0].token_ids for o in outs]
-            res[f"fp32_{'eager' if eager else 'graph'}_equals_hf"] = toks == expected
-            tokens[eager] = toks
-            del llm
-        res["graph_equals_eager"] = tokens[True] == tokens[False]
+        tokens = greedy_eager_and_graph(d, prompts, 32, max_model_len=1024, gpu_memory_utilization=0.3)
+        res.update({f"fp32_{mode}_equals_hf": toks == expected for mode, toks in tokens.items()})
+        res["graph_equals_eager"] = tokens["eager"] == tokens["graph"]
         # bf16: logprobs of the greedy tokens close to HF bf16's.
         hf = hf.to(torch.bfloat16)
         llm = LLM(d, skip_tokenizer_init=True, dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.3)

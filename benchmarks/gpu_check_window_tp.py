@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from pagedllm import LLM, SamplingParams  # noqa: E402
+from benchmarks.gpu_check import greedy_eager_and_graph  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
 
@@ -38,13 +39,8 @@ def sliding_window_vs_hf() -> dict:
         with tempfile.TemporaryDirectory() as d:
             hf = build_tiny_model(arch, d, configs=SLIDING_WINDOW_CONFIGS, perturb_norms=True).to("cuda")
             expected = hf_greedy(hf, prompts, 16)
-            for eager in (True, False):
-                llm = LLM(d, skip_tokenizer_init=True, dtype="float32", enforce_eager=eager, max_model_len=256,
-                          num_gpu_blocks_override=64, max_num_seqs=16)
-                outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                                    SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
-                res[f"{arch}_{'eager' if eager else 'graph'}"] = [o.outputs[0].token_ids for o in outs] == expected
-                del llm
+            tokens = greedy_eager_and_graph(d, prompts, 16, max_model_len=256, num_gpu_blocks_override=64)
+            res.update({f"{arch}_{mode}": toks == expected for mode, toks in tokens.items()})
     return res
 
 

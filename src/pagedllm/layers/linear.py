@@ -98,9 +98,8 @@ class ColumnParallelLinear(CustomOp):
     def forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
         """As forward_native, through the skinny-GEMM kernel for few tokens."""
         if not self.skinny_gemm:
-            return F.linear(x, self.weight, self.bias)
+            return self.forward_native(x)
         return fused_linear(x, self.weight, self.bias)
-
 
     def can_fuse_add_rmsnorm(self, norm: nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None) -> bool:
         """Whether forward_add_rmsnorm folds `norm(hidden, residual)` into this layer's kernel: a
@@ -205,7 +204,7 @@ class RowParallelLinear(CustomOp):
     def forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
         """As forward_native, the local matmul through the skinny-GEMM kernel for few tokens."""
         if not self.skinny_gemm:
-            return self._reduce_and_add_bias(F.linear(x, self.weight))
+            return self.forward_native(x)
         return self._reduce_and_add_bias(fused_linear(x, self.weight))
 
     def can_fuse_gated(self, gate_up: torch.Tensor) -> bool:

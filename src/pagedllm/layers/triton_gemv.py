@@ -274,10 +274,9 @@ def heuristic_config(n: int, k: int, m: int, dtype: torch.dtype, sms: int) -> Ge
     return candidate_configs(n, k, m, dtype, sms)[0]
 
 
-# (device index, N, K, dtype, M bucket) -> the tuned config.
-_tuned: dict[tuple[int, int, int, torch.dtype, int], GemvConfig] = {}
-# The fused variants (gated input, add + RMSNorm), tuned apart: (variant, *the key above) -> config.
-_tuned_variants: dict[tuple[str, int, int, int, torch.dtype, int], GemvConfig] = {}
+# (variant, device index, N, K, dtype, M bucket) -> the tuned config. Variant "" is the plain GEMM;
+# the fused variants (gated input, add + RMSNorm) are tuned apart.
+_tuned: dict[tuple[str, int, int, int, torch.dtype, int], GemvConfig] = {}
 
 # Gated inputs: the `act` names skinny_linear takes -> the kernel's ACT.
 GATED_ACTS = {"silu": 1, "gelu_tanh": 2}
@@ -398,10 +397,9 @@ def tuned_config(variant: str, m: int, weight: torch.Tensor, dtype: torch.dtype,
     n, k = weight.shape
     device = weight.device
     sms = num_sms(device)
-    key = (device.index if device.type == "cuda" and device.index is not None else -1, n, k, dtype, m_bucket(m))
-    cache: dict = _tuned if not variant else _tuned_variants
-    full_key = key if not variant else (variant, *key)
-    config = cache.get(full_key)
+    key = (variant, device.index if device.type == "cuda" and device.index is not None else -1, n, k, dtype,
+           m_bucket(m))
+    config = _tuned.get(key)
     if config is not None:
         return config
     if device.type != "cuda" or _interpreting() or torch.cuda.is_current_stream_capturing():
@@ -409,7 +407,7 @@ def tuned_config(variant: str, m: int, weight: torch.Tensor, dtype: torch.dtype,
         # do not cache it, so the next eager CUDA call still tunes.
         return candidates(n, k, m, dtype, sms)[0]
     config = _tune(launch, weight, m, dtype, candidates(n, k, m, dtype, sms), variant)
-    cache[full_key] = config
+    _tuned[key] = config
     return config
 
 
@@ -425,12 +423,12 @@ def get_config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 
 def tuned_configs() -> dict[tuple[int, int, int, torch.dtype, int], GemvConfig]:
     """The plain GEMM's configs chosen so far, keyed by (device index, N, K, dtype, M bucket)."""
-    return dict(_tuned)
+    return {key[1:]: config for key, config in _tuned.items() if not key[0]}
 
 
 def tuned_variant_configs() -> dict[tuple[str, int, int, int, torch.dtype, int], GemvConfig]:
     """The fused variants' configs chosen so far, keyed by (variant, *tuned_configs' key)."""
-    return dict(_tuned_variants)
+    return {key: config for key, config in _tuned.items() if key[0]}
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

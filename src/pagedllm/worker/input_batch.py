@@ -81,7 +81,7 @@ class BatchInputs:
     prompt_logprob_spans: dict[str, tuple[int, int, int]]
     # Persistent block-table row of each sampling request: where its sampled token is kept on the
     # device (InputBuffers.last_token) for the next step's input.
-    sampling_table_rows: torch.Tensor | None = None
+    sampling_table_rows: torch.Tensor
 
 
 class InputBuffers:

@@ -221,7 +221,7 @@ class ModelRunner:
         # Every tensor-parallel rank samples from the same gathered logits; rank 0's tokens are
         # broadcast anyway so that the ranks' request states can never drift apart.
         token_ids = tensor_model_parallel_broadcast(out.sampled_token_ids)
-        self.input_buffers.record_sampled(batch.sampling_table_rows, token_ids)  # type: ignore[arg-type]
+        self.input_buffers.record_sampled(batch.sampling_table_rows, token_ids)
         logprobs: dict[str, LogprobsLists] = {}
         for row, state in enumerate(states):
             state.append_output_token(PLACEHOLDER_TOKEN_ID)
