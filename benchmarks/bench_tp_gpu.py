@@ -15,6 +15,7 @@ import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import time
 
@@ -29,7 +30,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from gpu_check import record  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
-RESULTS: dict = {"device": torch.cuda.get_device_name(0), "num_gpus": torch.cuda.device_count()}
+RESULTS: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+                 "num_gpus": torch.cuda.device_count()}
 
 
 def copy_bandwidth_gbs() -> float:
@@ -76,7 +78,69 @@ def control_path_us(engine, iters: int = 300) -> dict[str, float]:
     return {"median_us": statistics.median(times) * 1e6, "p90_us": sorted(times)[int(0.9 * iters)] * 1e6}
 
 
-def l1(config: str, tp: int, floor_gb: float, bandwidth: float, engine=None) -> dict:
+def host_breakdown(engine, prompt: list[int], output_len: int) -> dict[str, float]:
+    """Mean microseconds per engine step in each part of the engine process's loop (L1 workload).
+
+    `wait_result` is the time the engine waits for a launched step's tokens: near zero means the
+    device finished before the host asked (the host path is the bound), near the step time the
+    opposite. Parts are timed by wrapping the engine core's collaborators (instance attributes,
+    removed afterwards).
+    """
+    from pagedllm.benchmarks.latency import measure_latency
+
+    core = engine.engine_core
+    totals: dict[str, float] = {}
+
+    def timed(label: str, fn):
+        def call(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                totals[label] = totals.get(label, 0.0) + time.perf_counter() - t0
+        return call
+
+    def launch(scheduler_output):
+        future = send(scheduler_output)
+        future.result = timed("wait_result", future.result)
+        return future
+
+    send = timed("send_step", core.executor.execute_model_async)
+    patched = [(core.scheduler, "schedule", timed("schedule", core.scheduler.schedule)),
+               (core.scheduler, "update_from_output", timed("update_from_output", core.scheduler.update_from_output)),
+               (core.executor, "execute_model_async", launch),
+               (engine.output_processor, "process_outputs",
+                timed("process_outputs", engine.output_processor.process_outputs)),
+               (engine, "step", timed("engine_step", engine.step))]
+    for obj, name, fn in patched:
+        setattr(obj, name, fn)
+    try:
+        result = measure_latency(engine, [prompt], output_len)
+    finally:
+        for obj, name, _ in patched:
+            delattr(obj, name)
+    return {"tpot_ms": result["tpot_median_s"] * 1e3,
+            **{f"{k}_us_per_step": v / output_len * 1e6 for k, v in totals.items()}}
+
+
+def profile_l1(engine, prompt: list[int], output_len: int) -> dict:
+    """Torch-profiler traces of every rank over `output_len` L1 steps, summarised (trace_summary)."""
+    from pagedllm.benchmarks.latency import measure_latency
+    from trace_summary import format_summary, summarize_trace
+
+    engine.start_profile()
+    measure_latency(engine, [prompt], output_len)
+    paths = engine.stop_profile()
+    summaries = {}
+    for rank, path in enumerate(paths):
+        summary = summarize_trace(path)
+        print(format_summary(summary), flush=True)
+        summaries[f"rank{rank}"] = summary
+        subprocess.run(["gzip", "-f", path], check=False)
+    return summaries
+
+
+def l1(config: str, tp: int, floor_gb: float, bandwidth: float, engine=None, profile: bool = False) -> dict:
     from pagedllm.benchmarks.latency import measure_latency
 
     shared = engine is not None
@@ -93,6 +157,9 @@ def l1(config: str, tp: int, floor_gb: float, bandwidth: float, engine=None) -> 
            "floor_ms": floor_ms, "tpot_over_floor": tpot / floor_ms}
     if tp > 1:
         res["control_path"] = control_path_us(engine)
+    if profile:
+        res["host_breakdown"] = host_breakdown(engine, prompt, 128)
+        res["profile"] = profile_l1(engine, prompt, 48)
     if not shared:
         engine.shutdown()
         del engine
@@ -222,6 +289,8 @@ def main() -> None:
     ap.add_argument("--skip-l1", action="store_true")
     ap.add_argument("--skip-t1", action="store_true")
     ap.add_argument("--skip-allreduce", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="L1: host-loop breakdown and torch-profiler traces of every rank (to $OUT/traces)")
     ap.add_argument("--shared-engine", action="store_true", help="L1 on the T1 engine (same config)")
     ap.add_argument("--greedy-t1", action="store_true", help="also time T1 with greedy sampling")
     ap.add_argument("--tokens-out", default=None, help="write the greedy tokens of each TP size here (JSON)")
@@ -234,13 +303,15 @@ def main() -> None:
         print(json.dumps(compare))
         return
     sizes = [int(x) for x in args.tp.split(",")]
+    if args.profile:  # before any engine starts: worker processes inherit it
+        os.environ["PAGEDLLM_TORCH_PROFILER_DIR"] = os.path.join(os.environ.get("OUT", "."), "traces")
     bandwidth = record(RESULTS, "copy_bandwidth_gbs", copy_bandwidth_gbs)
     rng = random.Random(1)
     greedy_prompts = [[rng.randrange(100, 10000) for _ in range(rng.randint(16, 512))] for _ in range(32)]
     tokens = {}
     for tp in sizes:
         if not args.skip_l1 and not args.shared_engine:
-            record(RESULTS, f"l1_tp{tp}", l1, args.l1_config, tp, args.floor_gb, bandwidth)
+            record(RESULTS, f"l1_tp{tp}", l1, args.l1_config, tp, args.floor_gb, bandwidth, profile=args.profile)
         if not args.skip_t1:
             l1_args = (args.floor_gb, bandwidth) if args.shared_engine else None
             res = record(RESULTS, f"t1_tp{tp}", lambda: t1(args.t1_config, tp, greedy_prompts, 128, l1_args,

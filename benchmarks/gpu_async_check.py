@@ -89,17 +89,57 @@ def t1_variant(async_scheduling: bool, triton_sampling: bool, skinny_gemm: bool 
               max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=16384, async_scheduling=async_scheduling)
     startup = time.perf_counter() - t0
     llm.llm_engine.engine_core.executor.worker.model_runner.sampler.use_triton = triton_sampling
-    compiles = _log_triton_compiles() if os.environ.get("LOG_TRITON_COMPILES") else None
-    runs = []
+    compiles = _log_triton_compiles()
+    trace = StepTrace(llm.llm_engine.engine_core.scheduler)
+    runs, step_profiles, compiled = [], [], []
     for _ in range(2):
+        trace.clear()
         runs.append(bench_pagedllm(llm, reqs, 0.6))
-        if compiles is not None:
-            print("compiles during the pass:", compiles, flush=True)
-            compiles.clear()
+        step_profiles.append(trace.summary())
+        compiled.append(dict(compiles))
+        compiles.clear()
+        # The next pass must compute its prompts again (the protocol's pass has no cache hits).
+        assert llm.reset_prefix_cache()
     greedy = bench_pagedllm(llm, reqs, 0.0)
     return {"startup_s": startup, "passes_tok_s": [r["output_tok_s"] for r in runs],
             "output_tokens": runs[-1]["output_tokens"], "greedy_tok_s": greedy["output_tok_s"],
-            "pipelined_steps": llm.llm_engine.engine_core.num_pipelined_steps}
+            "pipelined_steps": llm.llm_engine.engine_core.num_pipelined_steps,
+            "triton_compiles_per_pass": compiled, "step_profile_per_pass": step_profiles}
+
+
+class StepTrace:
+    """Records when each step is scheduled and its shape; the gaps between schedules are the step
+    times (with async scheduling the device sets the pace once it is the bound)."""
+
+    BUCKETS = ((1, 16), (17, 32), (33, 64), (65, 128), (129, 192), (193, 256), (257, 10**9))
+
+    def __init__(self, scheduler) -> None:
+        self.steps: list[tuple[float, int, int]] = []
+        schedule = scheduler.schedule
+
+        def traced():
+            out = schedule()
+            self.steps.append((time.perf_counter(), len(out.num_scheduled_tokens), out.total_num_scheduled_tokens))
+            return out
+
+        scheduler.schedule = traced
+
+    def clear(self) -> None:
+        """Forget the steps recorded so far."""
+        self.steps.clear()
+
+    def summary(self) -> dict:
+        """Seconds and step counts by kind: steps with prompt tokens, and decode steps by batch size."""
+        rows: dict[str, list[float]] = {}
+        for (t, reqs, tokens), (t_next, _, _) in zip(self.steps, self.steps[1:]):
+            if tokens > reqs:
+                key = "prefill"
+            else:
+                lo, hi = next(b for b in self.BUCKETS if b[0] <= reqs <= b[1])
+                key = f"decode_{lo}-{hi}"
+            rows.setdefault(key, []).append(t_next - t)
+        return {key: {"steps": len(v), "seconds": round(sum(v), 4), "mean_ms": round(sum(v) / len(v) * 1e3, 3)}
+                for key, v in sorted(rows.items())}
 
 
 def _log_triton_compiles() -> dict:

@@ -8,6 +8,7 @@ aborts, and seeded parallel samples must be the same.
 
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter
 
@@ -75,6 +76,32 @@ def test_greedy_outputs_with_shared_prefixes_equal_caching_off(model_path, refer
     stats = llm.llm_engine.engine_core.scheduler.make_stats()
     assert 0 < stats.prefix_cache_hits < stats.prefix_cache_queries
     assert_no_block_leaked(llm.llm_engine)
+
+
+def test_reset_prefix_cache_makes_the_next_pass_compute_every_prompt(model_path, reference, tmp_path, monkeypatch):
+    llm = make_llm(model_path, num_blocks=256)
+    prompts = shared_prefix_prompts()
+    # The profiler rides along: a trace per rank, covering the pass.
+    monkeypatch.setenv("PAGEDLLM_TORCH_PROFILER_DIR", str(tmp_path))
+    llm.start_profile()
+    assert generate(llm, prompts) == reference
+    [trace] = llm.stop_profile()
+    assert trace.startswith(str(tmp_path)) and os.path.getsize(trace) > 0
+    assert llm.reset_prefix_cache()
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == reference
+    # As on the first pass: only requests admitted together share (nothing from before the reset).
+    assert [o.num_cached_tokens for o in outputs] == [0, 16, 16, 16, 0, 32, 32, 32, 0, 64, 64, 64]
+    assert_no_block_leaked(llm.llm_engine)
+
+
+def test_profiling_needs_a_trace_directory(model_path, monkeypatch):
+    monkeypatch.delenv("PAGEDLLM_TORCH_PROFILER_DIR", raising=False)
+    llm = make_llm(model_path)
+    with pytest.raises(RuntimeError, match="PAGEDLLM_TORCH_PROFILER_DIR"):
+        llm.start_profile()
+    with pytest.raises(RuntimeError, match="not running"):
+        llm.stop_profile()
 
 
 def test_greedy_outputs_equal_under_eviction_pressure(model_path, reference):

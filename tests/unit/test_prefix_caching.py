@@ -130,6 +130,20 @@ def test_freed_blocks_stay_cached_until_their_memory_is_needed() -> None:
     assert manager.get_computed_blocks(make_request("d", list(range(9)))) == ([], 0)
 
 
+def test_reset_prefix_cache_forgets_every_prefix_but_never_while_blocks_are_in_use() -> None:
+    manager = KVCacheManager(num_blocks=4, block_size=4, max_model_len=32)
+    first = make_request("a", list(range(8)))
+    compute(manager, first)
+    assert not manager.reset_prefix_cache()  # "a" still holds its blocks
+    assert manager.block_pool.get_num_cached_blocks() == 2
+    manager.free(first)
+    assert manager.reset_prefix_cache()
+    assert manager.block_pool.get_num_cached_blocks() == 0
+    assert all(block.block_hash is None for block in manager.block_pool.blocks)
+    assert manager.get_computed_blocks(make_request("b", list(range(9)))) == ([], 0)
+    assert manager.num_free_blocks == 4
+
+
 def test_eviction_takes_the_least_recently_freed_blocks_a_sequence_tail_first() -> None:
     manager = KVCacheManager(num_blocks=4, block_size=4, max_model_len=32)
     older, newer = make_request("old", list(range(8))), make_request("new", list(range(50, 58)))

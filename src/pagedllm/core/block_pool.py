@@ -187,6 +187,18 @@ class BlockPool:
                 self.free_block_queue.remove(block)
             block.ref_cnt += 1
 
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached prefix hash; refused (False, nothing changed) while a block is in use.
+
+        Refusing keeps a running request's registered blocks consistent with the index.
+        """
+        if self.free_block_queue.num_free_blocks != self.num_blocks:
+            return False
+        for block in self.blocks:
+            block.block_hash = None
+        self.cached_block_hash_to_block.clear()
+        return True
+
     def get_num_free_blocks(self) -> int:
         """Number of blocks in the free queue."""
         return self.free_block_queue.num_free_blocks

@@ -263,6 +263,10 @@ class KVCacheManager:
         # prompt-prefix blocks, which are the ones other requests are likely to hit.
         self.block_pool.free_blocks(block for block in reversed(blocks) if block is not NULL_BLOCK)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (benchmarks, weight updates); False while requests hold blocks."""
+        return self.block_pool.reset_prefix_cache()
+
     def take_blocks_to_copy(self) -> list[tuple[int, int]]:
         """The (src, dst) copies recorded since the last call, for this step's SchedulerOutput."""
         blocks_to_copy, self.blocks_to_copy = self.blocks_to_copy, []

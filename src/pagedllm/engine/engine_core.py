@@ -102,6 +102,18 @@ class EngineCore:
         scheduler_output, future = in_flight
         return self.scheduler.update_from_output(scheduler_output, future.result())
 
+    def start_profile(self) -> None:
+        """Start the torch profiler on every worker rank (PAGEDLLM_TORCH_PROFILER_DIR)."""
+        self.executor.collective_rpc("start_profile")
+
+    def stop_profile(self) -> list[str]:
+        """Stop the profiler on every rank (after the launched steps finish); trace paths by rank."""
+        return [str(path) for path in self.executor.collective_rpc("stop_profile")]
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix block; False (nothing changed) while requests hold blocks."""
+        return self.kv_cache_manager.reset_prefix_cache()
+
     def check_health(self) -> None:
         """Raise if a worker rank is gone (WorkerDiedError names it)."""
         self.executor.check_health()

@@ -62,6 +62,18 @@ class LLMEngine:
             self.engine_core.finish_requests_stopped(processed.reqs_to_abort)
         return processed.request_outputs
 
+    def start_profile(self) -> None:
+        """Start the torch profiler in every worker (traces go to PAGEDLLM_TORCH_PROFILER_DIR)."""
+        self.engine_core.start_profile()
+
+    def stop_profile(self) -> list[str]:
+        """Stop the profiler; the Chrome trace written by each rank, in rank order."""
+        return self.engine_core.stop_profile()
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop the prefix cache (e.g. between benchmark passes); False while requests run."""
+        return self.engine_core.reset_prefix_cache()
+
     def has_unfinished_requests(self) -> bool:
         """True while any request is queued, running, or has outputs not yet returned."""
         return self.engine_core.has_unfinished_requests() or self.output_processor.has_unfinished_requests()

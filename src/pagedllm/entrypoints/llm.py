@@ -44,6 +44,18 @@ class LLM:
     def __exit__(self, *exc_info: object) -> None:
         self.shutdown()
 
+    def start_profile(self) -> None:
+        """Start the torch profiler in every worker; set PAGEDLLM_TORCH_PROFILER_DIR first."""
+        self.llm_engine.start_profile()
+
+    def stop_profile(self) -> list[str]:
+        """Stop the profiler; the Chrome trace of each rank (open in Perfetto / chrome://tracing)."""
+        return self.llm_engine.stop_profile()
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix; returns False (and does nothing) while requests are running."""
+        return self.llm_engine.reset_prefix_cache()
+
     def get_tokenizer(self) -> Tokenizer:
         """The model's tokenizer."""
         return self.llm_engine.get_tokenizer()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -14,6 +15,9 @@ from pagedllm.worker.model_runner import AsyncModelRunnerOutput, ModelRunner
 from pagedllm.worker.runner_output import ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
+
+# Where start_profile / stop_profile write their traces (vLLM: VLLM_TORCH_PROFILER_DIR).
+PROFILER_DIR_ENV = "PAGEDLLM_TORCH_PROFILER_DIR"
 
 
 class Worker:
@@ -28,6 +32,8 @@ class Worker:
                  distributed_init_method: str | None = None) -> None:
         self.config = config
         self.rank = rank
+        self._profiler: torch.profiler.profile | None = None
+        self._num_traces = 0
         world_size = config.parallel_config.world_size
         if config.device == "cuda":
             self.device = torch.device("cuda", local_rank)
@@ -93,6 +99,38 @@ class Worker:
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> AsyncModelRunnerOutput:
         """Launch one scheduled step; its sampled tokens are fetched by `result()`."""
         return self.model_runner.execute_model_async(scheduler_output)
+
+    def start_profile(self) -> None:
+        """Start the torch profiler (CPU, and CUDA kernels on a GPU) in this rank's process.
+
+        The trace goes to the directory named by PAGEDLLM_TORCH_PROFILER_DIR (vLLM's
+        VLLM_TORCH_PROFILER_DIR); without it there is nowhere to write, so this refuses.
+        """
+        directory = os.environ.get(PROFILER_DIR_ENV)
+        if not directory:
+            raise RuntimeError(f"Set {PROFILER_DIR_ENV} to a directory for the traces before profiling.")
+        if self._profiler is not None:
+            raise RuntimeError("The profiler is already running; call stop_profile first.")
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        os.makedirs(directory, exist_ok=True)
+        self._profiler = torch.profiler.profile(activities=activities)
+        self._profiler.start()
+
+    def stop_profile(self) -> str:
+        """Stop the profiler once the device is idle; the path of the Chrome trace written."""
+        if self._profiler is None:
+            raise RuntimeError("The profiler is not running; call start_profile first.")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        profiler, self._profiler = self._profiler, None
+        profiler.stop()
+        self._num_traces += 1
+        path = os.path.join(os.environ[PROFILER_DIR_ENV], f"trace_rank{self.rank}_{os.getpid()}_{self._num_traces}.json")
+        profiler.export_chrome_trace(path)
+        logger.info("Profiler trace written to %s", path)
+        return path
 
     def shutdown(self) -> None:
         """Leave the process group (tensor parallelism)."""
