@@ -3,9 +3,16 @@
 Run: PYTHONPATH=src python benchmarks/bench_sampler.py [--rows 256] [--iters 5] [--device cpu]
      PYTHONPATH=src python benchmarks/bench_sampler.py --triton --device cuda [--rows 256]
 
+     PYTHONPATH=src python benchmarks/bench_sampler.py --greedy --device cuda [--rows 256]
+
 --triton compares only the temperature-only case (T = 0.6, vocab 151,936) on the PyTorch path
 and on the fused Triton kernel (Sampler(use_triton=True)). With --device cpu it runs the kernel
 in the Triton interpreter, which is only a smoke test: use a few rows.
+
+--greedy compares greedy argmax at 1 x 128,256 (batch-1 decode, Llama-3.1-8B vocabulary) and
+--rows x 151,936, bf16 and fp32 logits: torch.argmax, sample_greedy (nan_to_num_ + argmax, the
+PyTorch path on CUDA) and the Triton greedy_sample. On CUDA each is timed per call inside a CUDA
+graph of 10 calls (GPU time, launch overhead excluded) and eagerly with a sync per call.
 
 Logits are "LM-like" (Gaussian with std 4: a peaked distribution whose 0.95 nucleus holds tens
 to hundreds of tokens), except the "flat" case (std 1), the worst case for top-p because its
@@ -148,6 +155,66 @@ def bench_triton(rows: int, iters: int, device: torch.device, vocab_size: int = 
     print(f"speedup of the forward: {base / results['triton Sampler.forward']:.1f}x")
 
 
+def bench_greedy(rows: int, iters: int, device: torch.device) -> None:
+    """Print us per call of torch argmax, sample_greedy and greedy_sample; check they agree."""
+    from pagedllm.worker.sampler import sample_greedy
+    from pagedllm.worker.triton_sampling import greedy_sample
+
+    is_cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if is_cuda else (lambda: None)
+    calls_per_graph = 10
+
+    def eager_us(step: Callable[[], object]) -> float:
+        """Mean us of `step` with a sync after each call, after one warm-up call."""
+        step()
+        sync()
+        total = 0.0
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            step()
+            sync()
+            total += time.perf_counter() - t0
+        return total / iters * 1e6
+
+    def graph_us(step: Callable[[], object]) -> float:
+        """Mean GPU us of `step` replayed from a CUDA graph of calls_per_graph calls."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (Triton compiles) off the capture
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        sync()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls_per_graph):
+                step()
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        replays = max(iters, 20)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        sync()
+        return start.elapsed_time(end) * 1e3 / (replays * calls_per_graph)
+
+    for n, vocab_size in ((1, 128256), (rows, 151936)):
+        source = torch.randn(n, vocab_size, generator=torch.Generator().manual_seed(2)) * 4.0
+        for dtype in (torch.bfloat16, torch.float32):
+            logits = source.to(device=device, dtype=dtype)
+            expected = sample_greedy(logits.clone())
+            assert torch.equal(greedy_sample(logits), expected), "greedy_sample differs from sample_greedy"
+            steps: dict[str, Callable[[], object]] = {
+                "torch argmax": lambda: logits.argmax(-1),
+                "torch sample_greedy (nan_to_num_ + argmax)": lambda: sample_greedy(logits),
+                "triton greedy_sample": lambda: greedy_sample(logits),
+            }
+            for name, step in steps.items():
+                graph = f"graph {graph_us(step):8.1f} us   " if is_cuda else ""
+                print(f"greedy {n:4d} x {vocab_size}  {str(dtype)[6:]:8s}  {name:44s} {graph}"
+                      f"eager {eager_us(step):8.1f} us")
+
+
 def main() -> None:
     """Parse arguments and run every case at vocab 49152 and 151936 (or the --triton comparison)."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -155,14 +222,18 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--triton", action="store_true", help="compare the torch and fused Triton paths only")
+    parser.add_argument("--greedy", action="store_true", help="compare torch argmax and the Triton greedy_sample")
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rows} rows on {device}")
+    if (args.triton or args.greedy) and device.type == "cpu":
+        # Triton runs on CPU tensors only in its interpreter, chosen before triton is imported.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if args.greedy:
+        bench_greedy(args.rows, args.iters, device)
     if args.triton:
-        if device.type == "cpu":
-            # Triton runs on CPU tensors only in its interpreter, chosen before triton is imported.
-            os.environ.setdefault("TRITON_INTERPRET", "1")
         bench_triton(args.rows, args.iters, device)
+    if args.triton or args.greedy:
         return
     for vocab_size in (49152, 151936):
         bench(args.rows, vocab_size, args.iters, device)

@@ -19,7 +19,7 @@ import triton.language as tl  # noqa: E402
 
 from pagedllm.sampling_params import SamplingParams  # noqa: E402
 from pagedllm.worker import triton_sampling as ts  # noqa: E402
-from pagedllm.worker.sampler import Sampler  # noqa: E402
+from pagedllm.worker.sampler import Sampler, sample_greedy  # noqa: E402
 from pagedllm.worker.sampling_metadata import SamplingMetadata, build_sampling_metadata  # noqa: E402
 
 DEVICE = torch.device("cuda" if os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available() else "cpu")
@@ -334,3 +334,166 @@ def test_sampler_all_random_batch_and_filtered_batches(monkeypatch: pytest.Monke
             results.append(sampler(use_triton).forward(logits[:2].clone(), md).sampled_token_ids)
         assert torch.equal(results[0], results[1])
     assert len(calls) == 1
+
+
+# ---------------------------------------------------------------- greedy
+
+
+def greedy_oracle(logits: torch.Tensor) -> torch.Tensor:
+    """sample_greedy's tokens two ways (its CUDA path: NaN -> -inf then argmax; its CPU path),
+    checked equal: the oracle of greedy_sample."""
+    cuda_path = torch.nan_to_num(logits.float(), nan=NEG_INF, posinf=POS_INF, neginf=NEG_INF).argmax(-1)
+    cpu_path = sample_greedy(logits.cpu().clone())
+    assert torch.equal(cuda_path.cpu(), cpu_path)
+    return cuda_path
+
+
+# (block_size, tiles_per_chunk): the defaults, one tile per chunk, and several tiles per chunk
+# with the last chunk partial (1000 = 15 tiles of 64 + 40; 4099 tokens in tiles of 256).
+GREEDY_TILES = [{}, dict(block_size=64, tiles_per_chunk=1), dict(block_size=64, tiles_per_chunk=4),
+                dict(block_size=256, tiles_per_chunk=3)]
+
+
+@pytest.mark.parametrize("tiles", GREEDY_TILES)
+@pytest.mark.parametrize(
+    "rows, vocab, dtype",
+    [(3, 1000, torch.float32), (2, 4099, torch.bfloat16), (4, 1537, torch.float16), (5, 5000, torch.float32)],
+)
+def test_greedy_is_torch_argmax_on_random_rows(rows: int, vocab: int, dtype: torch.dtype, tiles: dict) -> None:
+    logits = randn(rows, vocab, seed=vocab + rows, scale=3.0).to(dtype)
+    sampled = ts.greedy_sample(logits, **tiles)
+    assert sampled.dtype == torch.int64 and sampled.device == logits.device
+    assert torch.equal(sampled, logits.argmax(-1))
+
+
+@pytest.mark.parametrize("tiles", GREEDY_TILES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_ties_go_to_the_first_index(dtype: torch.dtype, tiles: dict) -> None:
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randint(-3, 4, (8, 1003), generator=gen).float()  # ~140 tied maxima a row
+    logits[1] = 2.0  # all tied: token 0
+    logits[2, :] = -1.0
+    logits[2, [517, 900, 1002]] = 5.0  # tied maxima in different chunks and tiles
+    logits[3, :] = 0.0
+    logits[3, :600] = -0.0  # -0.0 == 0.0: still token 0
+    logits[4, :] = -2.0
+    logits[4, [1002, 64, 65]] = 7.0  # the lowest id, not the first written
+    logits[5, :] = -2.0
+    logits[5, 1002] = 1.0  # the last token, in the partial last tile
+    logits[6, :] = torch.finfo(torch.bfloat16).min  # the lowest finite value everywhere
+    logits = logits.to(dtype).to(DEVICE)
+    sampled = ts.greedy_sample(logits, **tiles)
+    assert torch.equal(sampled, logits.argmax(-1))
+    assert sampled[1:7].tolist() == [0, 517, 0, 64, 1002, 0]
+
+
+@pytest.mark.parametrize("tiles", GREEDY_TILES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_nan_inf_and_dead_rows_match_sample_greedy(dtype: torch.dtype, tiles: dict) -> None:
+    logits = randn(10, 1001, seed=12, scale=4.0)
+    logits[0, logits[0].argmax()] = NAN  # the would-be maximum is NaN: the runner-up wins
+    logits[1, ::3] = NAN
+    logits[1, 0] = NAN
+    logits[2] = NAN  # all NaN: token 0
+    logits[3] = NEG_INF  # all -inf: token 0
+    logits[4, ::2], logits[4, 1::2] = NEG_INF, NAN  # nothing finite: token 0
+    logits[5, [700, 90, 999]] = POS_INF  # the first +inf
+    logits[5, :90] = NAN
+    logits[6] = NAN
+    logits[6, 998] = -3.0  # the only finite entry, NaN all around
+    logits[7] = NEG_INF
+    logits[7, 1000] = NEG_INF  # (still nothing) ...
+    logits[7, 640] = -1e30  # ... but one finite value in a later chunk
+    logits[8, :] = POS_INF  # all +inf: token 0
+    logits[9, 0] = NAN
+    logits[9, 1] = POS_INF  # NaN first, then +inf
+    logits = logits.to(dtype)
+    sampled = ts.greedy_sample(logits, **tiles)
+    expected = greedy_oracle(logits)
+    assert torch.equal(sampled, expected)
+    assert sampled[2:10].tolist() == [0, 0, 0, 90, 998, 640, 0, 1]
+    live = [0, 1, 5, 6, 7, 9]  # rows with a finite or +inf entry never get a NaN token
+    assert not bool(logits.float()[live].gather(1, sampled[live].unsqueeze(1)).isnan().any())
+
+
+@pytest.mark.parametrize(
+    "rows, vocab, tiles",
+    [(37, 13, {}), (70, 3, dict(block_size=64)), (5, 1, {}), (9, 2, {}), (33, 200, dict(block_size=256))],
+)
+def test_greedy_several_rows_per_program(rows: int, vocab: int, tiles: dict) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    logits = torch.randint(0, 3, (rows, vocab), generator=gen).float().to(DEVICE)  # ties
+    logits[::5, vocab // 2] = NAN
+    logits[3::7] = NEG_INF
+    assert torch.equal(ts.greedy_sample(logits, **tiles), greedy_oracle(logits))
+
+
+def test_greedy_chunks_sized_by_the_batch_give_the_same_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    logits = randn(6, 2000, seed=13).to(torch.bfloat16)
+    logits[:, 1999] = logits.amax(-1)  # a tie with the last token
+    expected = logits.argmax(-1)
+    for programs in (1, 6, 40, 2048):  # chunks of 8, 8, 2 and 1 tiles of 64
+        monkeypatch.setattr(ts, "_GREEDY_PROGRAMS", programs)
+        assert torch.equal(ts.greedy_sample(logits, block_size=64), expected)
+
+
+@pytest.mark.parametrize("stride", [1008, 1009])  # rows 16-byte aligned for bf16 (vector loads) or not
+def test_greedy_strided_rows_empty_batches_and_bad_input(stride: int) -> None:
+    wide = randn(5, stride, seed=14).to(torch.bfloat16)
+    view = wide[:, :1000]
+    view[2, 999] = 100.0  # the maximum on the last token (of the last vector when aligned)
+    assert torch.equal(ts.greedy_sample(view), view.argmax(-1))
+    assert torch.equal(ts.greedy_sample(view, block_size=128, tiles_per_chunk=2), view.argmax(-1))
+    empty = ts.greedy_sample(torch.empty(0, 1000, device=DEVICE))
+    assert empty.shape == (0,) and empty.dtype == torch.int64
+    with pytest.raises(ValueError, match="power of two"):
+        ts.greedy_sample(view, block_size=48)
+    with pytest.raises(ValueError, match="fp32, bf16 or fp16"):
+        ts.greedy_sample(view.double())
+
+
+def count_greedy_calls(monkeypatch: pytest.MonkeyPatch) -> list:
+    calls: list = []
+    real = ts.greedy_sample
+    monkeypatch.setattr(ts, "greedy_sample", lambda *a, **k: calls.append(a) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sampler_greedy_rows_take_the_same_tokens_with_triton(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = count_greedy_calls(monkeypatch)
+    vocab = 1537
+    logits = randn(6, vocab, seed=15, scale=3.0)
+    logits[1, 17] = NAN
+    logits[1, logits[1].argmax()] = NAN
+    logits[2] = NAN
+    logits[3, [900, 40]] = POS_INF
+    logits[4] = NEG_INF
+    logits[5] = torch.randint(0, 2, (vocab,), generator=torch.Generator().manual_seed(5)).float()
+    logits = logits.to(dtype)
+    greedy = [SamplingParams(temperature=0.0)] * 6
+    mixed = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.8), SamplingParams(temperature=0.0),
+             SamplingParams(temperature=0.0, seed=3), SamplingParams(temperature=0.7, top_p=0.9),
+             SamplingParams(temperature=0.0)]
+    with_logprobs = [SamplingParams(temperature=0.0, logprobs=2)] * 6
+    penalised = [SamplingParams(temperature=0.0, presence_penalty=0.5)] * 6  # the fp32 general path
+    for params in (greedy, mixed, with_logprobs, penalised):
+        outs = []
+        for use_triton in (True, False):
+            md = sampler_batch(params, vocab, 7)
+            torch.manual_seed(0)
+            outs.append(sampler(use_triton).forward(logits.clone(), md))
+        fused, torch_path = outs
+        assert torch.equal(fused.sampled_token_ids, torch_path.sampled_token_ids)
+        assert fused.logprobs == torch_path.logprobs
+        greedy_rows = [i for i, p in enumerate(params) if p.temperature == 0.0 and p.seed is None]
+        expected = greedy_oracle(logits)
+        assert fused.sampled_token_ids[greedy_rows].tolist() == expected[greedy_rows].tolist()
+    assert len(calls) == 4  # once per use_triton=True forward
+    # Without the interpreter switch, CPU logits stay on the PyTorch path.
+    if DEVICE.type == "cpu":
+        md = sampler_batch(greedy, vocab, 7)
+        Sampler(use_triton=True).forward(logits.clone(), md)
+        assert len(calls) == 4

@@ -22,7 +22,9 @@ draw, so preemption and async scheduling cannot shift a seeded request's draws e
 `Sampler(use_triton=True)` samples the unseeded random rows of a temperature-only batch (no
 top-k, top-p or min-p) on CUDA with one fused Triton kernel (`triton_sampling.py`: the same race
 as Gumbel-max, one read of the logits, no host sync) whose seed comes from torch's default CPU
-generator, so `torch.manual_seed` still makes runs reproducible.
+generator, so `torch.manual_seed` still makes runs reproducible. It also takes the greedy rows'
+argmax (`greedy_sample`: a row split over many programs, NaN read as -inf in the kernel), whose
+tokens are `sample_greedy`'s bit for bit, without its in-place NaN pass or torch's one-CTA argmax.
 """
 
 from __future__ import annotations
@@ -316,8 +318,9 @@ def _fused_sample(logits: torch.Tensor, md: SamplingMetadata, rows: torch.Tensor
 class Sampler:
     """Turns a batch of logits into one token per row (see the module docstring for order).
 
-    `use_triton`: sample unseeded temperature-only rows with the fused Triton kernel when the
-    logits are on CUDA (or on CPU with `triton_on_cpu`, for tests under TRITON_INTERPRET=1).
+    `use_triton`: sample unseeded temperature-only rows with the fused Triton kernel, and take the
+    greedy rows' argmax with its greedy sibling, when the logits are on CUDA (or on CPU with
+    `triton_on_cpu`, for tests under TRITON_INTERPRET=1).
     """
 
     def __init__(self, use_triton: bool = False) -> None:
@@ -335,6 +338,15 @@ class Sampler:
             and md.no_min_p
             and (logits.is_cuda or self.triton_on_cpu)
         )
+
+    def _greedy(self, logits: torch.Tensor) -> torch.Tensor:
+        """The argmax of every row: `greedy_sample` (same tokens) when the Triton kernels are on."""
+        if self.use_triton and (logits.is_cuda or self.triton_on_cpu):
+            from pagedllm.worker import triton_sampling  # imports triton: only on this path
+
+            if logits.dtype in triton_sampling.GREEDY_DTYPES:
+                return triton_sampling.greedy_sample(logits)
+        return sample_greedy(logits)
 
     def forward(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         """Sample every row of `logits` [num_reqs, vocab]; the logits may be overwritten."""
@@ -360,7 +372,7 @@ class Sampler:
                 sampled = torch.empty(md.num_reqs, dtype=torch.int64, device=logits.device)
             else:
                 # Greedy rows: argmax over the whole batch is one pass and no copy.
-                sampled = sample_greedy(logits)
+                sampled = self._greedy(logits)
             if unseeded.numel() and fused:
                 # The kernel reads the rows in place: no copy of logits[unseeded].
                 sampled[unseeded] = _fused_sample(logits, md, unseeded)

@@ -42,6 +42,15 @@ batch size. Tile shapes depend on the vocabulary size only (and on whether V and
 are multiples of 4, which lets a thread load its Philox group as one vector). Under
 TRITON_INTERPRET=1 the kernels run on CPU tensors (the tests). The seed is a kernel argument: do
 not capture these launches in a CUDA graph, whose replays would reuse the captured seed.
+
+Greedy rows (`greedy_sample`) use the same two-kernel split without noise: `_argmax_partial_kernel`
+keeps each chunk's first maximum of the raw logits (NaN counted as -inf) and `_race_reduce_kernel`
+picks the first of those per row, so a single row is spread over many SMs, where torch.argmax
+runs a row in one CTA (28 us for 128,256 bf16 logits in a batch-1 decode profile). Its tokens are
+the sampler's `sample_greedy` (torch.argmax after NaN -> -inf) bit for bit: the first maximum,
+the first +inf of a row holding +inf, token 0 in a row without a finite or +inf entry. It has no
+seed and no host sync: it may be captured in a CUDA graph. Chunks are sized by the batch (a
+runtime loop bound), so one compiled variant still serves every batch size.
 """
 
 from __future__ import annotations
@@ -110,6 +119,16 @@ def _first_argmax(keys, ids, axis: tl.constexpr):
 
 
 @triton.jit
+def _keep_first_max(key, cols, best, best_id):
+    """Per-lane running winners (best, best_id) updated with the tile (key, cols).
+
+    Strict ">": a lane sees its tokens in increasing order, so ties keep the first.
+    """
+    better = key > best
+    return tl.where(better, key, best), tl.where(better, cols, best_id)
+
+
+@triton.jit
 def _token_uniforms(seed, group_base, first_col, BLOCK: tl.constexpr):
     """[R, BLOCK] uniforms of tokens first_col + arange(BLOCK) of R rows (first_col % 4 == 0).
 
@@ -129,11 +148,18 @@ def _token_uniforms(seed, group_base, first_col, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _tile(row_ptrs, row_ok, vocab_size, seed, group_base, start, BLOCK: tl.constexpr):
-    """(token ids [1, BLOCK], logits [ROWS, BLOCK] fp32, uniforms) of tokens start + arange(BLOCK)."""
+def _load_tile(row_ptrs, row_ok, vocab_size, start, BLOCK: tl.constexpr):
+    """(token ids [1, BLOCK], logits [ROWS, BLOCK] fp32) of tokens start + arange(BLOCK); -inf past
+    the vocabulary and in rows past the batch. Widening bf16 / fp16 to fp32 is exact."""
     cols = (start + tl.arange(0, BLOCK))[None, :]
     mask = row_ok[:, None] & (cols < vocab_size)
-    x = tl.load(row_ptrs + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    return cols, tl.load(row_ptrs + cols, mask=mask, other=float("-inf")).to(tl.float32)
+
+
+@triton.jit
+def _tile(row_ptrs, row_ok, vocab_size, seed, group_base, start, BLOCK: tl.constexpr):
+    """(token ids [1, BLOCK], logits [ROWS, BLOCK] fp32, uniforms) of tokens start + arange(BLOCK)."""
+    cols, x = _load_tile(row_ptrs, row_ok, vocab_size, start, BLOCK)
     # Tiles start at multiples of BLOCK (>= 4): every tile is whole Philox groups.
     return cols, x, _token_uniforms(seed, group_base, start, BLOCK)
 
@@ -176,10 +202,7 @@ def _race_partial_kernel(
     for t in range(TILES):
         cols, x, u = _tile(row_ptrs, row_ok, vocab_size, seed, group_base, first + t * BLOCK, BLOCK)
         key, _ = _race_keys(x, u, temperature)
-        # Strict ">": a lane sees its tokens in increasing order, so ties keep the first.
-        better = key > best
-        best = tl.where(better, key, best)
-        best_id = tl.where(better, cols, best_id)
+        best, best_id = _keep_first_max(key, cols, best, best_id)
         x_max = tl.maximum(x_max, x)  # maxnum: NaN is skipped
     chunk_best, chunk_id = _first_argmax(best, best_id, 1)
     # The race among +inf logits cost ~5 of ~76 instructions a token in the loop and is almost
@@ -193,9 +216,7 @@ def _race_partial_kernel(
         for t in range(TILES):
             cols, x, u = _tile(row_ptrs, row_ok, vocab_size, seed, group_base, first + t * BLOCK, BLOCK)
             _, inf_key = _race_keys(x, u, temperature)
-            better = inf_key > inf_best
-            inf_best = tl.where(better, inf_key, inf_best)
-            inf_id = tl.where(better, cols, inf_id)
+            inf_best, inf_id = _keep_first_max(inf_key, cols, inf_best, inf_id)
         chunk_inf, chunk_inf_id = _first_argmax(inf_best, inf_id, 1)
     offs = out_rows * n_chunks + chunk
     tl.store(keys_ptr + offs, chunk_best, mask=row_ok)
@@ -208,9 +229,12 @@ def _race_partial_kernel(
 def _race_reduce_kernel(
     keys_ptr, ids_ptr, inf_keys_ptr, inf_ids_ptr, out_ptr,
     n_rows, n_chunks,
-    ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, HAS_INF: tl.constexpr,
 ):
-    """Program: ROWS rows' token = the +inf winner if any, else the finite winner, else 0."""
+    """Program: ROWS rows' token = the +inf winner if any, else the finite winner, else 0.
+
+    Without HAS_INF (greedy: +inf is an ordinary key there) the inf partials are not read.
+    """
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     chunks = tl.arange(0, BLOCK_C)
     row_ok = rows < n_rows
@@ -218,13 +242,48 @@ def _race_reduce_kernel(
     offs = rows[:, None] * n_chunks + chunks[None, :]
     keys = tl.load(keys_ptr + offs, mask=mask, other=float("-inf"))
     ids = tl.load(ids_ptr + offs, mask=mask, other=0)
-    inf_keys = tl.load(inf_keys_ptr + offs, mask=mask, other=float("-inf"))
-    inf_ids = tl.load(inf_ids_ptr + offs, mask=mask, other=0)
     # Chunks hold increasing token ranges: the smallest id among tied chunks is the first token.
     best, best_id = _first_argmax(keys, ids, 1)
-    inf_best, inf_id = _first_argmax(inf_keys, inf_ids, 1)
-    token = tl.where(inf_best > float("-inf"), inf_id, tl.where(best > float("-inf"), best_id, 0))
+    token = tl.where(best > float("-inf"), best_id, 0)
+    if HAS_INF:
+        inf_keys = tl.load(inf_keys_ptr + offs, mask=mask, other=float("-inf"))
+        inf_ids = tl.load(inf_ids_ptr + offs, mask=mask, other=0)
+        inf_best, inf_id = _first_argmax(inf_keys, inf_ids, 1)
+        token = tl.where(inf_best > float("-inf"), inf_id, token)
     tl.store(out_ptr + rows, token.to(tl.int64), mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["n_rows", "vocab_size", "stride_row", "n_chunks", "tiles"])
+def _argmax_partial_kernel(
+    logits_ptr, keys_ptr, ids_ptr,
+    n_rows, vocab_size, stride_row, n_chunks, tiles,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
+):
+    """Program (row block, chunk): each of ROWS rows' first maximum over `tiles` * BLOCK tokens,
+    NaN counted as -inf (key -inf and id 0 when the chunk holds nothing else)."""
+    if VEC > 1:
+        # The host checked V % VEC == 0 and stride_row % VEC == 0 (no-ops, spelled for Triton's
+        # alignment analysis, as in _race_partial_kernel): a thread's VEC tokens, 16 bytes of bf16,
+        # are then one vector load.
+        stride_row = stride_row // VEC * VEC
+        vocab_size = vocab_size // VEC * VEC
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    chunk = tl.program_id(1)
+    row_ok = rows < n_rows
+    row_ptrs = logits_ptr + (rows * stride_row)[:, None]
+    first = chunk * tiles * BLOCK
+    best = tl.full((ROWS, BLOCK), float("-inf"), tl.float32)
+    best_id = tl.zeros((ROWS, BLOCK), tl.int32)
+    # `tiles` is a runtime loop bound: the host sizes chunks by the batch without a recompile.
+    for t in range(tiles):
+        cols, x = _load_tile(row_ptrs, row_ok, vocab_size, first + t * BLOCK, BLOCK)
+        # NaN > anything is false: from -inf, a NaN never becomes a lane's best, i.e. it counts as
+        # -inf with no pass of its own (a lane with nothing above -inf keeps id 0).
+        best, best_id = _keep_first_max(x, cols, best, best_id)
+    chunk_best, chunk_id = _first_argmax(best, best_id, 1)
+    offs = rows * n_chunks + chunk
+    tl.store(keys_ptr + offs, chunk_best, mask=row_ok)
+    tl.store(ids_ptr + offs, chunk_id, mask=row_ok)
 
 
 def _tile_size(vocab_size: int, block_size: int) -> int:
@@ -294,7 +353,72 @@ def gumbel_max_sample(
     _race_reduce_kernel[(triton.cdiv(n_rows, reduce_rows),)](
         keys, ids, inf_keys, inf_ids, out,
         n_rows, n_chunks,
-        ROWS=reduce_rows, BLOCK_C=block_c,
+        ROWS=reduce_rows, BLOCK_C=block_c, HAS_INF=True,
+        num_warps=1,
+    )
+    return out
+
+
+# Greedy: how many partial programs a batch aims for. Batch 1 x 128,256 then gets 126 programs of
+# one tile (a row over as many SMs), batch 256 chunks of _TILES_PER_CHUNK tiles, as the race.
+_GREEDY_PROGRAMS = 2048
+# Logit dtypes greedy_sample reads (exactly, widened to fp32).
+GREEDY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def greedy_sample(
+    logits: torch.Tensor,
+    *,
+    block_size: int = _BLOCK,
+    tiles_per_chunk: int | None = None,
+) -> torch.Tensor:
+    """torch.argmax(logits, -1) with NaN counted as -inf, split across programs: [n] int64.
+
+    `logits` [n, V] fp32 / bf16 / fp16 (read as they are) with a contiguous last dim. Row r's token
+    is the first index of its maximum, the first +inf when it holds one, 0 when it holds nothing
+    but -inf and NaN: `sample_greedy`'s result bit for bit. No host sync and no seed, so the
+    launches may be captured in a CUDA graph. `block_size` (a power of two, at least 4) and
+    `tiles_per_chunk` (default: from the batch size) set a program's share of a row (tests shrink
+    them to get several chunks on a small vocabulary); they do not change the result.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"greedy_sample needs [rows, vocab] logits, got shape {tuple(logits.shape)}.")
+    if logits.dtype not in GREEDY_DTYPES:
+        # Read as fp32: a wider type could round distinct values into a tie.
+        raise ValueError(f"greedy_sample reads fp32, bf16 or fp16 logits, got {logits.dtype}.")
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    n_rows, vocab_size = logits.shape
+    if n_rows == 0 or vocab_size == 0:
+        return torch.zeros(n_rows, dtype=torch.int64, device=logits.device)
+    if block_size < 4 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 4, got {block_size}.")
+    block = _tile_size(vocab_size, block_size)
+    rows_per_program = max(1, block_size // block)
+    n_tiles = triton.cdiv(vocab_size, block)
+    if tiles_per_chunk is None:
+        tiles_per_chunk = min(_TILES_PER_CHUNK, triton.cdiv(n_rows * n_tiles, _GREEDY_PROGRAMS))
+    tiles = max(1, min(tiles_per_chunk, n_tiles))
+    n_chunks = triton.cdiv(n_tiles, tiles)
+    keys = torch.empty(n_rows, n_chunks, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(n_rows, n_chunks, dtype=torch.int32, device=logits.device)
+    vec = 8 if vocab_size % 8 == 0 and logits.stride(0) % 8 == 0 else 1
+    _argmax_partial_kernel[(triton.cdiv(n_rows, rows_per_program), n_chunks)](
+        logits, keys, ids,
+        n_rows, vocab_size, logits.stride(0), n_chunks, tiles,
+        ROWS=rows_per_program, BLOCK=block, VEC=vec,
+        # 8 tokens a thread (one 16-byte load of bf16): nothing to compute, memory bound.
+        num_warps=max(1, min(4, block_size // 256)),
+    )
+    out = torch.empty(n_rows, dtype=torch.int64, device=logits.device)
+    # Sized for the most chunks this vocabulary can have (one tile each), not for n_chunks: one
+    # compiled reduce serves every batch size.
+    block_c = triton.next_power_of_2(n_tiles)
+    reduce_rows = max(1, min(64, 1024 // block_c))
+    _race_reduce_kernel[(triton.cdiv(n_rows, reduce_rows),)](
+        keys, ids, keys, ids, out,
+        n_rows, n_chunks,
+        ROWS=reduce_rows, BLOCK_C=block_c, HAS_INF=False,
         num_warps=1,
     )
     return out
