@@ -158,8 +158,8 @@ def l1(config: str, tp: int, floor_gb: float, bandwidth: float, engine=None, pro
     if tp > 1:
         res["control_path"] = control_path_us(engine)
     if profile:
-        res["host_breakdown"] = host_breakdown(engine, prompt, 128)
-        res["profile"] = profile_l1(engine, prompt, 48)
+        res["host_breakdown"] = host_breakdown(engine, prompt[0], 128)
+        res["profile"] = profile_l1(engine, prompt[0], 48)
     if not shared:
         engine.shutdown()
         del engine
@@ -211,19 +211,22 @@ def _allreduce_worker(rank: int, world: int, port: int, hidden: int, batches: li
     pd.init_distributed_environment(rank, world, f"tcp://127.0.0.1:{port}", device, custom_all_reduce=True)
     custom = pd._CUSTOM_ALL_REDUCE
     out: dict = {"custom_available": custom is not None}
+    one_shot_limit = custom.one_shot_max_bytes if custom is not None else 0
+    # custom = the default routing (one-shot Triton kernel up to its limit, then two-shot);
+    # two_shot = torch's two-shot kernel for every size.
+    variants = [("nccl", None, 0)] + ([("custom", custom, one_shot_limit), ("two_shot", custom, 0)] if custom else [])
     for batch in batches:
         x = torch.randn(batch, hidden, dtype=torch.bfloat16, device="cuda", generator=torch.Generator(
             device="cuda").manual_seed(rank))
-        for name, comm in (("nccl", None), ("custom", custom)):
-            if name == "custom" and comm is None:
-                continue
+        for name, comm, limit in variants:
             pd._CUSTOM_ALL_REDUCE = comm
-            if name == "custom":
+            if comm is not None:
+                comm.one_shot_max_bytes = limit
                 ref = x.clone()
                 dist.all_reduce(ref)
                 got = x.clone()
                 pd.tensor_model_parallel_all_reduce(got)
-                out[f"batch_{batch}_custom_equals_nccl_eager"] = bool(torch.equal(got, ref))
+                out[f"batch_{batch}_{name}_equals_nccl_eager"] = bool(torch.equal(got, ref))
             y = x.clone()
             for _ in range(10):
                 pd.tensor_model_parallel_all_reduce(y.copy_(x))
@@ -232,14 +235,13 @@ def _allreduce_worker(rank: int, world: int, port: int, hidden: int, batches: li
             with torch.cuda.graph(graph):
                 for _ in range(per_step):
                     pd.tensor_model_parallel_all_reduce(y)
-            if name == "custom":
+            if comm is not None:
                 y.copy_(x)
                 graph.replay()  # per_step reduces of y in place
                 ref = x.clone()
                 for _ in range(per_step):
                     dist.all_reduce(ref)
-                out[f"batch_{batch}_custom_equals_nccl_graph"] = bool(torch.allclose(y.float(), ref.float(),
-                                                                                     rtol=1e-2, atol=1e-2))
+                out[f"batch_{batch}_{name}_equals_nccl_graph"] = bool(torch.equal(y, ref))
             graph.replay()
             torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -247,6 +249,8 @@ def _allreduce_worker(rank: int, world: int, port: int, hidden: int, batches: li
                 graph.replay()
             torch.cuda.synchronize()
             out[f"batch_{batch}_{name}_ms_per_step"] = (time.perf_counter() - t0) / 20 * 1e3
+        if custom is not None:
+            custom.one_shot_max_bytes = one_shot_limit
     pd._CUSTOM_ALL_REDUCE = custom
     if rank == 0:
         q.put(out)
@@ -331,7 +335,7 @@ def main() -> None:
         for tp in sizes:
             if tp > 1:
                 record(RESULTS, f"allreduce_tp{tp}", allreduce_ms_per_step, tp, cfg["hidden_size"],
-                        cfg["num_hidden_layers"], [1, 64, 256])
+                        cfg["num_hidden_layers"], [1, 16, 64, 256])
     print(json.dumps(RESULTS, indent=1))
     out = os.environ.get("OUT")
     if out:

@@ -132,7 +132,9 @@ class StepTrace:
         """Seconds and step counts by kind: steps with prompt tokens, and decode steps by batch size."""
         rows: dict[str, list[float]] = {}
         for (t, reqs, tokens), (t_next, _, _) in zip(self.steps, self.steps[1:]):
-            if tokens > reqs:
+            if reqs == 0:
+                key = "empty"
+            elif tokens > reqs:
                 key = "prefill"
             else:
                 lo, hi = next(b for b in self.BUCKETS if b[0] <= reqs <= b[1])

@@ -2,8 +2,10 @@
 
 NCCL's all-reduce costs ~22 us at batch 1 on two H200s even inside a CUDA graph; a decode step of
 an 8B model at TP=2 runs 64 of them (~1.4 ms of a ~3.4 ms step). With symmetric memory every rank
-maps its peers' buffers, and one kernel (`two_shot_all_reduce_`: each rank reduces its slice from
-all peers' buffers over NVLink, then gathers the others' slices) finishes in a few microseconds.
+maps its peers' buffers. The smallest tensors (up to `one_shot_max_bytes`) go through our one-shot
+Triton kernel (`one_shot_all_reduce.py`: copy in, flag, read every peer, sum, in one launch);
+larger ones through torch's `two_shot_all_reduce_` (each rank reduces its slice from all peers'
+buffers, then gathers the others' slices) with a copy in and out of the symmetric buffer.
 
 NVLink multicast (NVLS) stays off (TORCH_SYMM_MEM_DISABLE_MULTICAST=1): the kernel uses plain
 peer loads and stores. Used for bf16/fp16 tensors up to the buffer size on CUDA; anything else,
@@ -22,22 +24,46 @@ import torch.distributed as dist
 logger = logging.getLogger(__name__)
 
 _MAX_BYTES = 8 << 20  # decode-sized activations; prefill chunks go to NCCL
+_ONE_SHOT_MAX_BYTES = 512 << 10
 
 
 class SymmMemAllReduce:
     """In-place sum of a CUDA tensor over the default process group through a symmetric buffer."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(self, device: torch.device, dtype: torch.dtype = torch.bfloat16,
+                 one_shot_max_bytes: int = _ONE_SHOT_MAX_BYTES) -> None:
         os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
         import torch.distributed._symmetric_memory as symm_mem
+
+        from pagedllm import one_shot_all_reduce
 
         self.group_name = dist.group.WORLD.group_name  # type: ignore[union-attr]
         if hasattr(symm_mem, "enable_symm_mem_for_group"):
             symm_mem.enable_symm_mem_for_group(self.group_name)
         self.dtype = dtype
-        self.buffer = symm_mem.empty(_MAX_BYTES // torch.tensor([], dtype=dtype).element_size(),
-                                     dtype=dtype, device=device)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        element_size = torch.tensor([], dtype=dtype).element_size()
+        self.buffer = symm_mem.empty(_MAX_BYTES // element_size, dtype=dtype, device=device)
         symm_mem.rendezvous(self.buffer, self.group_name)
+        # The one-shot kernel's buffers: two slots of data and a flag per (peer, program).
+        self.one_shot_max_bytes = one_shot_max_bytes
+        self.slot_numel = one_shot_max_bytes // element_size
+        data = symm_mem.empty(2 * self.slot_numel, dtype=dtype, device=device)
+        flags = symm_mem.empty(self.world_size * one_shot_all_reduce.MAX_PROGRAMS, dtype=torch.int32, device=device)
+        flags.zero_()
+        self.epochs = torch.zeros(one_shot_all_reduce.MAX_PROGRAMS, dtype=torch.int32, device=device)
+        self.buffer_ptrs = self._peer_addresses(symm_mem.rendezvous(data, self.group_name), data, device)
+        self.flag_ptrs = self._peer_addresses(symm_mem.rendezvous(flags, self.group_name), flags, device)
+        self._one_shot_buffers = (data, flags)  # keep the mappings alive
+        torch.cuda.synchronize(device)
+        dist.barrier()  # every rank's flags are zero before any peer can write one
+
+    def _peer_addresses(self, handle: object, local: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Each rank's address of the symmetric tensor `local`, as mapped on this device."""
+        addresses = [int(a) for a in handle.buffer_ptrs]  # type: ignore[attr-defined]
+        if addresses[self.rank] != local.data_ptr():
+            raise RuntimeError("symmetric tensor does not start at its allocation")
+        return torch.tensor(addresses, dtype=torch.int64, device=device)
 
     def applies(self, x: torch.Tensor) -> bool:
         """Whether `x` goes through the symmetric buffer (else NCCL)."""
@@ -46,6 +72,11 @@ class SymmMemAllReduce:
 
     def all_reduce_(self, x: torch.Tensor) -> torch.Tensor:
         """Sum `x` over the ranks, in place (CUDA-graph capturable: no host syncs)."""
+        if x.numel() * x.element_size() <= self.one_shot_max_bytes:
+            from pagedllm.one_shot_all_reduce import one_shot_all_reduce_
+
+            return one_shot_all_reduce_(x, self.buffer_ptrs, self.flag_ptrs, self.epochs, self.slot_numel,
+                                        self.rank, self.world_size)
         staged = self.buffer[: x.numel()]
         staged.copy_(x.view(-1))
         torch.ops.symm_mem.two_shot_all_reduce_(staged, "sum", self.group_name)
@@ -56,19 +87,37 @@ class SymmMemAllReduce:
 def create_custom_all_reduce(device: torch.device, rank: int, world_size: int) -> SymmMemAllReduce | None:
     """A checked SymmMemAllReduce, or None (NCCL) when it cannot run here; every rank decides alike."""
     comm: SymmMemAllReduce | None = None
-    ok = torch.ones(1, device=device)
     try:
         comm = SymmMemAllReduce(device)
-        probe = torch.full((4096,), float(rank + 1), dtype=comm.dtype, device=device)
-        comm.all_reduce_(probe)
-        expected = world_size * (world_size + 1) / 2
-        if not bool((probe == expected).all()):
-            raise RuntimeError(f"self-check summed to {probe[0].item()} instead of {expected}")
     except Exception as e:  # noqa: BLE001 - any failure means NCCL, on every rank
         logger.warning("Custom all-reduce unavailable (%s); using NCCL.", e)
-        ok.zero_()
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    if ok.item() < 1:
+    # The self-check's kernels wait for their peers: run them only where every rank got this far.
+    if not _all_ranks_agree(comm is not None, device):
         return None
-    logger.info("Custom all-reduce: symmetric memory over NVLink for bf16 tensors up to %d MiB.", _MAX_BYTES >> 20)
+    assert comm is not None
+    expected = world_size * (world_size + 1) / 2
+    failure = None
+    # One size through each kernel (one-shot, two-shot), and both slots of the one-shot's buffer.
+    for numel in (4096, 4096, comm.slot_numel + 8, 4096):
+        probe = torch.full((numel,), float(rank + 1), dtype=comm.dtype, device=device)
+        try:
+            comm.all_reduce_(probe)
+        except Exception as e:  # noqa: BLE001 - e.g. a kernel that does not compile here (alike on every rank)
+            failure = f"self-check ({e})"
+            break
+        if failure is None and not bool((probe == expected).all()):
+            failure = f"self-check of {numel} elements summed to {probe[0].item()} instead of {expected}"
+    if failure is not None:
+        logger.warning("Custom all-reduce failed its %s; using NCCL.", failure)
+    if not _all_ranks_agree(failure is None, device):
+        return None
+    logger.info("Custom all-reduce: symmetric memory over NVLink for bf16 tensors up to %d MiB "
+                "(one-shot kernel up to %d KiB).", _MAX_BYTES >> 20, comm.one_shot_max_bytes >> 10)
     return comm
+
+
+def _all_ranks_agree(ok: bool, device: torch.device) -> bool:
+    """True when `ok` holds on every rank (an NCCL all-reduce of the flags)."""
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() >= 1)

@@ -255,8 +255,8 @@ def varlen_attention(
     grid = (num_tokens // block_q + n_reqs, num_kv_heads)
     kernels._varlen_attention_kernel[grid](
         query, key_cache, value_cache, out,
-        query_start_loc[first_req:], seq_lens[first_req:], block_tables[first_req:],
-        num_reqs=n_reqs, scale_log2=scale * LOG2_E,
+        query_start_loc, seq_lens, block_tables,
+        first_req=first_req, num_reqs=n_reqs, scale_log2=scale * LOG2_E,
         stride_qt=query.stride(0), stride_qh=query.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
         stride_cb=key_cache.stride(0), stride_ct=key_cache.stride(1), stride_ch=key_cache.stride(2),
         stride_bt=block_tables.stride(0),

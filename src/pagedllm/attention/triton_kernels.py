@@ -139,11 +139,11 @@ def _attend_kv_tile(
     return acc, l_i, m_new
 
 
-@triton.jit(do_not_specialize=["num_reqs", "window", "stride_bt"])
+@triton.jit(do_not_specialize=["first_req", "num_reqs", "window", "stride_bt"])
 def _varlen_attention_kernel(
     q_ptr, key_cache_ptr, value_cache_ptr, out_ptr,
     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
-    num_reqs, scale_log2, window, softcap_log2,
+    first_req, num_reqs, scale_log2, window, softcap_log2,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_ct, stride_ch, stride_bt,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -155,8 +155,13 @@ def _varlen_attention_kernel(
     Grid: (num_tokens // BLOCK_Q + num_reqs, num_kv_heads). Request i owns the tile indices
     starting at qsl[i] // BLOCK_Q + i: monotonic, at least cdiv(query_len, BLOCK_Q) apart, so
     a binary search finds the request and spare tiles simply exit. The grid depends only on
-    the token and request counts, never on query lengths.
+    the token and request counts, never on query lengths. Requests before `first_req` (decodes
+    served by the decode kernel) are skipped by offsetting the per-request arrays here: sliced
+    on the host, their addresses' alignment would vary with first_req and compile new variants.
     """
+    query_start_loc_ptr += first_req
+    seq_lens_ptr += first_req
+    block_tables_ptr += first_req.to(tl.int64) * stride_bt
     # Highest tile first: a request's last query tiles see the most keys, so the long programs
     # start early and the short ones fill the tail.
     tile = tl.num_programs(0) - 1 - tl.program_id(0)

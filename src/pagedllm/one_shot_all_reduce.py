@@ -1,0 +1,104 @@
+"""One-shot all-reduce of small tensors through peer-mapped memory, as one Triton kernel.
+
+A decode step at batch 1 all-reduces a few KB per call, 64 times per step at TP=2 on an 8B
+model: the cost is latency, not bandwidth. torch's two-shot kernel plus the copies into and out
+of its symmetric buffer took ~12 us per call on H100s. Here one kernel does the whole call:
+
+1. every program copies its chunks of x into this rank's buffer (the slot of this call's parity);
+2. it publishes the call's epoch into each peer's flag for (this rank, this program), with
+   release semantics at system scope, after a CTA barrier (so all its threads' stores are seen);
+3. it spins until every peer's flag for (that peer, this program) reaches the epoch (acquire);
+4. it sums the chunks of all ranks' buffers in rank order (so every rank gets the same bits)
+   in fp32 and writes the result over x.
+
+Buffers alternate between two slots by the parity of the epoch: a rank writes a slot again two
+calls later, and by then it has seen each peer's flag of the call in between, which a peer
+publishes only after it finished reading the slot (its kernels run in stream order). A flag
+that is already one epoch ahead is as good as the awaited one. Each program keeps its own epoch
+counter in device memory, so the kernel needs no host state and replays from a CUDA graph.
+
+Every program waits only for the same program on the peers; the grid stays far below the SM
+count so that all programs are resident at once on every rank and none waits on one that
+cannot run.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_PROGRAMS = 32
+_BLOCK = 2048  # elements per chunk: 4 KB of bf16
+
+
+@triton.jit
+def _wait_for_epoch(flag_ptr, epoch):
+    """Spin until the flag holds `epoch` or `epoch + 1` (acquire, system scope)."""
+    seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
+    while (seen != epoch) & (seen != epoch + 1):
+        seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
+
+
+@triton.jit(do_not_specialize=["n", "slot_stride"])
+def _one_shot_all_reduce_kernel(
+    x_ptr, buffer_ptrs, flag_ptrs, epoch_ptr, n, slot_stride,
+    RANK: tl.constexpr, WORLD: tl.constexpr, MAX_PROGS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    step = tl.num_programs(0) * BLOCK
+    elem = x_ptr.dtype.element_ty
+    epoch = tl.load(epoch_ptr + pid) + 1
+    slot = (epoch % 2).to(tl.int64) * slot_stride
+    own = tl.load(buffer_ptrs + RANK).to(tl.pointer_type(elem)) + slot
+    for start in range(pid * BLOCK, n, step):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < n
+        tl.store(own + offs, tl.load(x_ptr + offs, mask=mask), mask=mask)
+    tl.debug_barrier()
+    for peer in tl.static_range(WORLD):
+        if peer != RANK:
+            peer_flags = tl.load(flag_ptrs + peer).to(tl.pointer_type(tl.int32))
+            tl.atomic_xchg(peer_flags + RANK * MAX_PROGS + pid, epoch, sem="release", scope="sys")
+    own_flags = tl.load(flag_ptrs + RANK).to(tl.pointer_type(tl.int32))
+    for peer in tl.static_range(WORLD):
+        if peer != RANK:
+            _wait_for_epoch(own_flags + peer * MAX_PROGS + pid, epoch)
+    tl.debug_barrier()
+    for start in range(pid * BLOCK, n, step):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < n
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for r in tl.static_range(WORLD):
+            src = tl.load(buffer_ptrs + r).to(tl.pointer_type(elem)) + slot
+            acc += tl.load(src + offs, mask=mask, other=0.0, cache_modifier=".cv").to(tl.float32)
+        tl.store(x_ptr + offs, acc.to(elem), mask=mask)
+    tl.store(epoch_ptr + pid, epoch)
+
+
+def num_programs(numel: int) -> int:
+    """Programs the kernel runs for `numel` elements (both ranks must agree: it depends on numel only)."""
+    return max(1, min(MAX_PROGRAMS, triton.cdiv(numel, _BLOCK)))
+
+
+def one_shot_all_reduce_(x: torch.Tensor, buffer_ptrs: torch.Tensor, flag_ptrs: torch.Tensor,
+                         epochs: torch.Tensor, slot_numel: int, rank: int, world_size: int) -> torch.Tensor:
+    """Sum the contiguous tensor `x` over the ranks in place.
+
+    buffer_ptrs / flag_ptrs: int64 [world_size] device tensors with the address of each rank's
+    data buffer (2 x slot_numel elements of x's dtype) and flag array (int32 [world_size,
+    MAX_PROGRAMS], zeroed before first use), peer-mapped on this device; epochs: this rank's
+    int32 [MAX_PROGRAMS] counters, zeroed. Every rank must make the same sequence of calls.
+    """
+    if not x.is_contiguous():
+        raise ValueError("one_shot_all_reduce_ needs a contiguous tensor")
+    if x.numel() > slot_numel:
+        raise ValueError(f"{x.numel()} elements do not fit the {slot_numel}-element buffer slot")
+    if x.numel() == 0:
+        return x
+    grid = (num_programs(x.numel()),)
+    _one_shot_all_reduce_kernel[grid](
+        x, buffer_ptrs, flag_ptrs, epochs, x.numel(), slot_numel,
+        RANK=rank, WORLD=world_size, MAX_PROGS=MAX_PROGRAMS, BLOCK=_BLOCK, num_warps=4,
+    )
+    return x
