@@ -131,6 +131,9 @@ def profile_l1(engine, prompt: list[int], output_len: int) -> dict:
     engine.start_profile()
     measure_latency(engine, [prompt], output_len)
     paths = engine.stop_profile()
+    from trace_timeline import step_timeline
+
+    print("\n".join(step_timeline(paths, output_len // 2)), flush=True)
     summaries = {}
     for rank, path in enumerate(paths):
         summary = summarize_trace(path)

@@ -65,7 +65,9 @@ def run_worker_process(config: EngineConfig, rank: int, init_method: str, conn: 
     replies = _StepReplies(conn, rank, worker.device)
     while True:
         try:
-            method, args = pickle.loads(conn.recv_bytes())
+            with torch.profiler.record_function("wait_for_message"):
+                message = conn.recv_bytes()
+            method, args = pickle.loads(message)
         except (EOFError, OSError):
             break  # the engine is gone
         if method == _SHUTDOWN:
@@ -115,9 +117,10 @@ class _StepReplies:
             torch.cuda.set_device(self.device)  # type: ignore[arg-type]
         while (future := self._pending.get()) is not None:
             try:
-                output = future.result()  # type: ignore[attr-defined]
-                if self.rank == 0:
-                    self.send(("ok", output))
+                with torch.profiler.record_function("step_reply"):
+                    output = future.result()  # type: ignore[attr-defined]
+                    if self.rank == 0:
+                        self.send(("ok", output))
             except OSError:
                 return  # the engine is gone
             except BaseException:  # noqa: BLE001 - the engine names the rank

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch.profiler import record_function
 
 from pagedllm.config import CacheConfig, ModelConfig
 from pagedllm.core.scheduler_output import SchedulerOutput
@@ -167,25 +168,30 @@ class ModelRunner:
             self._copy_blocks(scheduler_output.blocks_to_copy)
         if scheduler_output.is_empty:
             return AsyncModelRunnerOutput(ModelRunnerOutput(req_ids=[], sampled_token_ids=[]))
-        batch = prepare_inputs(scheduler_output, self.requests, self.block_size, self.device, self.input_buffers)
-        if self.cuda_graphs is not None and self.cuda_graphs.can_run(batch.attn_metadata):
-            hidden = self.cuda_graphs.run(batch.input_ids, batch.positions, batch.attn_metadata)
-        else:
-            hidden = self.model(batch.input_ids, batch.positions, batch.attn_metadata)  # type: ignore[misc]
+        # The record_function scopes name the stages in profiler traces (LLM.start_profile).
+        with record_function("prepare_inputs"):
+            batch = prepare_inputs(scheduler_output, self.requests, self.block_size, self.device, self.input_buffers)
+        with record_function("forward"):
+            if self.cuda_graphs is not None and self.cuda_graphs.can_run(batch.attn_metadata):
+                hidden = self.cuda_graphs.run(batch.input_ids, batch.positions, batch.attn_metadata)
+            else:
+                hidden = self.model(batch.input_ids, batch.positions, batch.attn_metadata)  # type: ignore[misc]
         logprobs: dict[str, LogprobsLists] = {}
         request_errors: dict[str, str] = {}
         sampled_ids: torch.Tensor | None = None
         sampling_states: list[CachedRequestState] = []
         if batch.sampling_req_ids:
-            # In the model's dtype: the sampler widens to fp32 only for the features that need it.
-            logits = self.model.compute_logits(  # type: ignore[union-attr]
-                hidden.index_select(0, batch.logits_indices))
+            with record_function("compute_logits"):
+                # In the model's dtype: the sampler widens to fp32 only for the features that need it.
+                logits = self.model.compute_logits(  # type: ignore[union-attr]
+                    hidden.index_select(0, batch.logits_indices))
             sampling_states = [self.requests[r] for r in batch.sampling_req_ids]
             if self.logits_processor_req_ids:
                 logits = logits.float()
                 # A request whose processor fails is finished by the scheduler; the batch goes on.
                 request_errors = apply_logits_processors(logits, sampling_states)
-            sampled_ids, logprobs = self._sample(batch, sampling_states, logits)
+            with record_function("sample"):
+                sampled_ids, logprobs = self._sample(batch, sampling_states, logits)
         prompt_logprobs = self._prompt_logprobs(batch, hidden) if batch.prompt_logprob_spans else {}
         output = ModelRunnerOutput(
             req_ids=batch.req_ids,
