@@ -14,6 +14,7 @@ last and writes JSON to $OUT.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -75,7 +76,7 @@ def correctness() -> dict:
     return res
 
 
-def t1_variant(async_scheduling: bool, triton_sampling: bool, skinny_gemm: bool = True) -> dict:
+def t1_variant(async_scheduling: bool, triton_sampling: bool, skinny_gemm: bool = True, gc_freeze: bool = True) -> dict:
     """T1 (two passes: the first compiles what the warm-up did not reach) in this process."""
     import pagedllm.layers.linear
     from pagedllm.benchmarks.throughput import bench_pagedllm, t1_requests
@@ -88,14 +89,19 @@ def t1_variant(async_scheduling: bool, triton_sampling: bool, skinny_gemm: bool 
     llm = LLM(os.path.join(CONFIGS, "qwen3-0.6b"), load_format="dummy", skip_tokenizer_init=True,
               max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=16384, async_scheduling=async_scheduling)
     startup = time.perf_counter() - t0
+    if not gc_freeze:  # as before the engine froze its start-up objects
+        gc.unfreeze()
     llm.llm_engine.engine_core.executor.worker.model_runner.sampler.use_triton = triton_sampling
+    gc_pauses = GcPauses()
     compiles = _log_triton_compiles()
     trace = StepTrace(llm.llm_engine.engine_core.scheduler)
-    runs, step_profiles, compiled = [], [], []
+    runs, step_profiles, compiled, pauses = [], [], [], []
     for _ in range(2):
         trace.clear()
+        gc_pauses.clear()
         runs.append(bench_pagedllm(llm, reqs, 0.6))
         step_profiles.append(trace.summary())
+        pauses.append(gc_pauses.summary())
         compiled.append(dict(compiles))
         compiles.clear()
         # The next pass must compute its prompts again (the protocol's pass has no cache hits).
@@ -104,7 +110,32 @@ def t1_variant(async_scheduling: bool, triton_sampling: bool, skinny_gemm: bool 
     return {"startup_s": startup, "passes_tok_s": [r["output_tok_s"] for r in runs],
             "output_tokens": runs[-1]["output_tokens"], "greedy_tok_s": greedy["output_tok_s"],
             "pipelined_steps": llm.llm_engine.engine_core.num_pipelined_steps,
-            "triton_compiles_per_pass": compiled, "step_profile_per_pass": step_profiles}
+            "triton_compiles_per_pass": compiled, "step_profile_per_pass": step_profiles,
+            "gc_pauses_per_pass": pauses}
+
+
+class GcPauses:
+    """Counts and total seconds of the garbage collector's pauses, by generation."""
+
+    def __init__(self) -> None:
+        self.pauses: dict[int, list[float]] = {}
+        self._start = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.pauses.setdefault(info["generation"], []).append(time.perf_counter() - self._start)
+
+    def clear(self) -> None:
+        """Forget the pauses so far."""
+        self.pauses.clear()
+
+    def summary(self) -> dict:
+        """{generation: {count, seconds, max_ms}}."""
+        return {f"gen{g}": {"count": len(v), "seconds": round(sum(v), 4), "max_ms": round(max(v) * 1e3, 2)}
+                for g, v in sorted(self.pauses.items())}
 
 
 class StepTrace:
@@ -185,6 +216,7 @@ VARIANTS = [
     ("t1", {"async_scheduling": 0, "triton_sampling": 0}), ("t1", {"async_scheduling": 1, "triton_sampling": 0}),
     ("t1", {"async_scheduling": 0, "triton_sampling": 1}), ("t1", {"async_scheduling": 1, "triton_sampling": 1}),
     ("t1", {"async_scheduling": 1, "triton_sampling": 1, "skinny_gemm": 0}),
+    ("t1", {"async_scheduling": 1, "triton_sampling": 1, "gc_freeze": 0}),
 ]
 
 
@@ -194,6 +226,7 @@ def main() -> None:
     ap.add_argument("--async-scheduling", type=int, default=1)
     ap.add_argument("--triton-sampling", type=int, default=1)
     ap.add_argument("--skinny-gemm", type=int, default=1)
+    ap.add_argument("--gc-freeze", type=int, default=1)
     ap.add_argument("--json", default=None, help="write this variant's result here (used by the driver)")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: correctness,l1,t1")
     ap.add_argument("--variants", default="", help="comma-separated indices into VARIANTS to run (default all)")
@@ -206,7 +239,7 @@ def main() -> None:
             out = record(results, "l1", l1_variant, bool(args.async_scheduling), bool(args.skinny_gemm))
         else:
             out = record(results, "t1", t1_variant, bool(args.async_scheduling), bool(args.triton_sampling),
-                         bool(args.skinny_gemm))
+                         bool(args.skinny_gemm), bool(args.gc_freeze))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(out, f)

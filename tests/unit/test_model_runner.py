@@ -1,4 +1,4 @@
-"""The model runner's memory-profiling pass runs a full-budget prefill and leaves no state behind."""
+"""The model runner's memory-profiling and warm-up passes run a full-budget prefill and leave no state behind."""
 
 from __future__ import annotations
 
@@ -16,6 +16,22 @@ def test_profile_run_executes_a_full_budget_step_and_cleans_up(tmp_path):
     cache_bytes = runner.profile_run(num_tokens=100, num_seqs=3)
     assert cache_bytes == (3 * 3) * runner.kv_cache_bytes_per_block()  # 34, 33, 33 tokens -> 3 blocks each
     assert runner.requests == {} and runner.kv_caches == []
+
+
+def test_warm_up_prefills_through_the_real_pool_and_leaves_no_request_behind(tmp_path):
+    from pagedllm import LLM, SamplingParams
+
+    build_tiny_model("LlamaForCausalLM", str(tmp_path))
+    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 40, 70)]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in LLM(str(tmp_path), skip_tokenizer_init=True,
+                                                    num_gpu_blocks_override=12, max_model_len=192).generate(prompts, params, use_tqdm=False)]
+    llm = LLM(str(tmp_path), skip_tokenizer_init=True, num_gpu_blocks_override=12, max_model_len=192)
+    runner = llm.llm_engine.engine_core.executor.worker.model_runner
+    # More dummy tokens than the 12-block pool holds: the dummy prompts share blocks round-robin.
+    runner.warm_up(num_tokens=300, num_seqs=4)
+    assert runner.requests == {}
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
 
 
 def test_block_copies_read_every_source_before_writing_any_destination():

@@ -77,19 +77,43 @@ class ModelRunner:
         Uses a temporary KV cache just large enough for the dummy prompts (freed afterwards);
         returns its size in bytes so the caller can leave it out of the activation peak.
         """
+        num_blocks = sum(self._dummy_prompt_blocks(num_tokens, num_seqs))
+        self.initialize_kv_cache(num_blocks)
+        self._dummy_prefill(num_tokens, num_seqs, num_blocks)
+        for layer in self.model.attention_layers():  # type: ignore[union-attr]
+            layer.kv_cache = torch.empty(0)
+        self.kv_caches = []
+        return num_blocks * self.kv_cache_bytes_per_block()
+
+    def warm_up(self, num_tokens: int, num_seqs: int) -> None:
+        """One full-budget prefill step through the real KV pool, before the first request.
+
+        The memory profile emptied the allocator's cache, so without this the first prompts
+        would pay for cudaMalloc of every activation buffer (~0.1 s on the T1 workload). The
+        dummy prompts write into blocks no request holds yet; their K/V is never read.
+        """
+        self._dummy_prefill(num_tokens, num_seqs, self.kv_caches[0].shape[1])
+
+    def _dummy_prompt_blocks(self, num_tokens: int, num_seqs: int) -> list[int]:
+        """KV blocks of each dummy prompt when `num_tokens` tokens are split over `num_seqs` requests."""
+        num_seqs = max(1, min(num_seqs, num_tokens))
+        lengths = [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
+        return [-(-n // self.block_size) for n in lengths]
+
+    def _dummy_prefill(self, num_tokens: int, num_seqs: int, num_blocks: int) -> None:
+        """Prefill dummy prompts (token 0) through blocks [0, num_blocks), shared round-robin when fewer."""
         from pagedllm.core.scheduler_output import NewRequestData, SchedulerOutput
         from pagedllm.sampling_params import SamplingParams
 
-        num_seqs = max(1, min(num_seqs, num_tokens))
-        lengths = [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
-        blocks_per_seq = [-(-n // self.block_size) for n in lengths]
-        self.initialize_kv_cache(sum(blocks_per_seq))
+        blocks_per_seq = self._dummy_prompt_blocks(num_tokens, num_seqs)
+        lengths = [num_tokens // len(blocks_per_seq) + (1 if i < num_tokens % len(blocks_per_seq) else 0)
+                   for i in range(len(blocks_per_seq))]
         new_reqs, next_block = [], 0
         for i, (n, nb) in enumerate(zip(lengths, blocks_per_seq)):
             new_reqs.append(NewRequestData(
-                req_id=f"profile-{i}", prompt_token_ids=[0] * n, output_token_ids=[],
+                req_id=f"dummy-{i}", prompt_token_ids=[0] * n, output_token_ids=[],
                 sampling_params=SamplingParams(temperature=1.0, max_tokens=1),
-                block_ids=list(range(next_block, next_block + nb)), num_computed_tokens=0))
+                block_ids=[(next_block + j) % num_blocks for j in range(nb)], num_computed_tokens=0))
             next_block += nb
         output = SchedulerOutput(
             scheduled_new_reqs=new_reqs, scheduled_cached_reqs=[],
@@ -97,11 +121,6 @@ class ModelRunner:
             total_num_scheduled_tokens=num_tokens)
         self.execute_model(output)
         self.requests.clear()
-        for layer in self.model.attention_layers():  # type: ignore[union-attr]
-            layer.kv_cache = torch.empty(0)
-        temporary_cache_bytes = sum(blocks_per_seq) * self.kv_cache_bytes_per_block()
-        self.kv_caches = []
-        return temporary_cache_bytes
 
     def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         """Capture decode-step CUDA graphs for a ladder of batch sizes (after the KV cache exists)."""

@@ -88,9 +88,11 @@ class Worker:
         self.model_runner.initialize_kv_cache(num_blocks)
         if self.config.enforce_eager:
             set_skinny_gemm(self.model_runner.model, False)  # type: ignore[arg-type]
-        if self.device.type == "cuda" and not self.config.enforce_eager:
+        if self.device.type == "cuda":
             sched = self.config.scheduler_config
-            self.model_runner.capture_cuda_graphs(sched.max_num_seqs, sched.max_model_len)
+            if not self.config.enforce_eager:
+                self.model_runner.capture_cuda_graphs(sched.max_num_seqs, sched.max_model_len)
+            self.model_runner.warm_up(sched.max_num_batched_tokens, sched.max_num_seqs)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Run one scheduled step."""
