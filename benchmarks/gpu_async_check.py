@@ -76,7 +76,7 @@ def correctness() -> dict:
     return res
 
 
-def t1_variant(async_scheduling: bool, triton_sampling: bool, skinny_gemm: bool = True, gc_freeze: bool = True) -> dict:
+def t1_variant(async_scheduling: bool, triton_sampling: bool, skinny_gemm: bool = True) -> dict:
     """T1 (two passes: the first compiles what the warm-up did not reach) in this process."""
     import pagedllm.layers.linear
     from pagedllm.benchmarks.throughput import bench_pagedllm, t1_requests
@@ -89,8 +89,6 @@ def t1_variant(async_scheduling: bool, triton_sampling: bool, skinny_gemm: bool 
     llm = LLM(os.path.join(CONFIGS, "qwen3-0.6b"), load_format="dummy", skip_tokenizer_init=True,
               max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=16384, async_scheduling=async_scheduling)
     startup = time.perf_counter() - t0
-    if not gc_freeze:  # as before the engine froze its start-up objects
-        gc.unfreeze()
     llm.llm_engine.engine_core.executor.worker.model_runner.sampler.use_triton = triton_sampling
     gc_pauses = GcPauses()
     compiles = _log_triton_compiles()
@@ -216,7 +214,6 @@ VARIANTS = [
     ("t1", {"async_scheduling": 0, "triton_sampling": 0}), ("t1", {"async_scheduling": 1, "triton_sampling": 0}),
     ("t1", {"async_scheduling": 0, "triton_sampling": 1}), ("t1", {"async_scheduling": 1, "triton_sampling": 1}),
     ("t1", {"async_scheduling": 1, "triton_sampling": 1, "skinny_gemm": 0}),
-    ("t1", {"async_scheduling": 1, "triton_sampling": 1, "gc_freeze": 0}),
 ]
 
 
@@ -226,7 +223,6 @@ def main() -> None:
     ap.add_argument("--async-scheduling", type=int, default=1)
     ap.add_argument("--triton-sampling", type=int, default=1)
     ap.add_argument("--skinny-gemm", type=int, default=1)
-    ap.add_argument("--gc-freeze", type=int, default=1)
     ap.add_argument("--json", default=None, help="write this variant's result here (used by the driver)")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: correctness,l1,t1")
     ap.add_argument("--variants", default="", help="comma-separated indices into VARIANTS to run (default all)")
@@ -239,7 +235,7 @@ def main() -> None:
             out = record(results, "l1", l1_variant, bool(args.async_scheduling), bool(args.skinny_gemm))
         else:
             out = record(results, "t1", t1_variant, bool(args.async_scheduling), bool(args.triton_sampling),
-                         bool(args.skinny_gemm), bool(args.gc_freeze))
+                         bool(args.skinny_gemm))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(out, f)
