@@ -243,8 +243,10 @@ def main() -> None:
     skip = set(args.skip.split(","))
     chosen = [VARIANTS[int(i)] for i in args.variants.split(",")] if args.variants else VARIANTS
     plan = [("correctness", {})] * ("correctness" not in skip) + [v for v in chosen if v[0] not in skip]
-    for name, flags in plan:
+    for index, (name, flags) in enumerate(plan):
         key = name + "".join(f"_{k}={v}" for k, v in flags.items())
+        if key in results:  # a variant asked for twice: keep both runs
+            key += f"#{index}"
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             cmd = [sys.executable, __file__, "--only", name, "--json", f.name]
             for k, v in flags.items():

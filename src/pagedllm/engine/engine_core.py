@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import weakref
 
@@ -14,6 +15,16 @@ from pagedllm.models.sliding_window import kv_cache_sliding_window
 from pagedllm.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
+
+
+def freeze_startup_objects() -> None:
+    """Move every object alive after start-up (modules, model, configs) out of the garbage
+    collector's reach: a full collection then walks only what serving allocates, instead of
+    pausing the step loop (and with it the GPU) over the ~0.5M objects of the imported libraries
+    (one such collection took 249 ms in the middle of a T1 pass on an H200).
+    `EngineCore.shutdown` gives them back."""
+    gc.collect()
+    gc.freeze()
 
 
 class EngineCore:
@@ -57,6 +68,7 @@ class EngineCore:
         num_tokens = num_blocks * cache.block_size
         logger.info("KV cache: %d tokens (%d blocks), max concurrency %.2fx at max_model_len %d",
                     num_tokens, num_blocks, num_tokens / sched.max_model_len, sched.max_model_len)
+        freeze_startup_objects()
 
     def add_request(self, request: Request) -> None:
         """Queue a validated request."""
@@ -119,5 +131,10 @@ class EngineCore:
         self.executor.check_health()
 
     def shutdown(self) -> None:
-        """Release the executor (stops tensor-parallel workers); safe to call twice."""
+        """Release the executor (stops tensor-parallel workers); safe to call twice.
+
+        Also hands the frozen start-up objects back to the garbage collector, so that whatever of
+        this engine is left in reference cycles can be freed once it is dropped.
+        """
         self._finalizer()
+        gc.unfreeze()
