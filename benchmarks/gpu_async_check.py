@@ -169,8 +169,13 @@ class StepTrace:
                 lo, hi = next(b for b in self.BUCKETS if b[0] <= reqs <= b[1])
                 key = f"decode_{lo}-{hi}"
             rows.setdefault(key, []).append(t_next - t)
-        return {key: {"steps": len(v), "seconds": round(sum(v), 4), "mean_ms": round(sum(v) / len(v) * 1e3, 3)}
-                for key, v in sorted(rows.items())}
+        summary = {key: {"steps": len(v), "seconds": round(sum(v), 4), "mean_ms": round(sum(v) / len(v) * 1e3, 3)}
+                   for key, v in sorted(rows.items())}
+        # The steps with prompt tokens one by one: (ms, requests, tokens).
+        summary["prefill_steps"] = [(round((t_next - t) * 1e3, 2), reqs, tokens)
+                                    for (t, reqs, tokens), (t_next, _, _) in zip(self.steps, self.steps[1:])
+                                    if tokens > reqs]
+        return summary
 
 
 def _log_triton_compiles() -> dict:

@@ -347,13 +347,19 @@ def gumbel_max_sample(
         # does, keeps many warps.
         num_warps=max(1, min(8, block_size // 128)),
     )
-    out = torch.empty(n_rows, dtype=torch.int64, device=logits.device)
-    block_c = triton.next_power_of_2(n_chunks)
+    return _reduce_partials(keys, ids, inf_keys, inf_ids, n_chunks, triton.next_power_of_2(n_chunks), has_inf=True)
+
+
+def _reduce_partials(keys: torch.Tensor, ids: torch.Tensor, inf_keys: torch.Tensor, inf_ids: torch.Tensor,
+                     n_chunks: int, block_c: int, has_inf: bool) -> torch.Tensor:
+    """Each row's winner over its n_chunks partial (key, id) pairs: [n_rows] int64."""
+    n_rows = keys.shape[0]
+    out = torch.empty(n_rows, dtype=torch.int64, device=keys.device)
     reduce_rows = max(1, min(64, 1024 // block_c))
     _race_reduce_kernel[(triton.cdiv(n_rows, reduce_rows),)](
         keys, ids, inf_keys, inf_ids, out,
         n_rows, n_chunks,
-        ROWS=reduce_rows, BLOCK_C=block_c, HAS_INF=True,
+        ROWS=reduce_rows, BLOCK_C=block_c, HAS_INF=has_inf,
         num_warps=1,
     )
     return out
@@ -410,18 +416,9 @@ def greedy_sample(
         # 8 tokens a thread (one 16-byte load of bf16): nothing to compute, memory bound.
         num_warps=max(1, min(4, block_size // 256)),
     )
-    out = torch.empty(n_rows, dtype=torch.int64, device=logits.device)
     # Sized for the most chunks this vocabulary can have (one tile each), not for n_chunks: one
     # compiled reduce serves every batch size.
-    block_c = triton.next_power_of_2(n_tiles)
-    reduce_rows = max(1, min(64, 1024 // block_c))
-    _race_reduce_kernel[(triton.cdiv(n_rows, reduce_rows),)](
-        keys, ids, keys, ids, out,
-        n_rows, n_chunks,
-        ROWS=reduce_rows, BLOCK_C=block_c, HAS_INF=False,
-        num_warps=1,
-    )
-    return out
+    return _reduce_partials(keys, ids, keys, ids, n_chunks, triton.next_power_of_2(n_tiles), has_inf=False)
 
 
 @triton.jit(do_not_specialize=["seed", "vocab_size"])
