@@ -92,14 +92,23 @@ def t1_variant(async_scheduling: bool, triton_sampling: bool, skinny_gemm: bool 
     llm.llm_engine.engine_core.executor.worker.model_runner.sampler.use_triton = triton_sampling
     gc_pauses = GcPauses()
     compiles = _log_triton_compiles()
-    trace = StepTrace(llm.llm_engine.engine_core.scheduler)
-    runs, step_profiles, compiled, pauses = [], [], [], []
+    # PROFILE_STEPS=n: torch-profile each pass's first n steps (its prefill) and list the host ops.
+    profile_steps = int(os.environ.get("PROFILE_STEPS", "0"))
+    os.environ.setdefault("PAGEDLLM_TORCH_PROFILER_DIR", os.path.join(os.environ.get("OUT", "/tmp"), "traces"))
+    trace = StepTrace(llm.llm_engine.engine_core.scheduler, llm if profile_steps else None, profile_steps)
+    runs, step_profiles, compiled, pauses, host_profiles = [], [], [], [], []
     for _ in range(2):
         trace.clear()
         gc_pauses.clear()
+        if profile_steps:
+            llm.start_profile()
         runs.append(bench_pagedllm(llm, reqs, 0.6))
         step_profiles.append(trace.summary())
         pauses.append(gc_pauses.summary())
+        if trace.trace_paths:
+            from benchmarks.trace_summary import host_ops
+
+            host_profiles.append(host_ops(trace.trace_paths[-1][0]))
         compiled.append(dict(compiles))
         compiles.clear()
         # The next pass must compute its prompts again (the protocol's pass has no cache hits).
@@ -109,7 +118,7 @@ def t1_variant(async_scheduling: bool, triton_sampling: bool, skinny_gemm: bool 
             "output_tokens": runs[-1]["output_tokens"], "greedy_tok_s": greedy["output_tok_s"],
             "pipelined_steps": llm.llm_engine.engine_core.num_pipelined_steps,
             "triton_compiles_per_pass": compiled, "step_profile_per_pass": step_profiles,
-            "gc_pauses_per_pass": pauses}
+            "gc_pauses_per_pass": pauses, "host_ops_first_steps_per_pass": host_profiles}
 
 
 class GcPauses:
@@ -142,13 +151,16 @@ class StepTrace:
 
     BUCKETS = ((1, 16), (17, 32), (33, 64), (65, 128), (129, 192), (193, 256), (257, 10**9))
 
-    def __init__(self, scheduler) -> None:
+    def __init__(self, scheduler, profiled_llm=None, profile_steps: int = 0) -> None:
         self.steps: list[tuple[float, int, int]] = []
+        self.trace_paths: list[list[str]] = []
         schedule = scheduler.schedule
 
         def traced():
             out = schedule()
             self.steps.append((time.perf_counter(), len(out.num_scheduled_tokens), out.total_num_scheduled_tokens))
+            if profiled_llm is not None and len(self.steps) == profile_steps:
+                self.trace_paths.append(profiled_llm.stop_profile())
             return out
 
         scheduler.schedule = traced

@@ -76,6 +76,17 @@ def summarize_trace(path: str, top: int = 15, gap_us: float = 5.0) -> dict:
     return result
 
 
+def host_ops(path: str, top: int = 25) -> list[dict]:
+    """The host-side events (torch ops, CUDA runtime calls, record_function scopes) with the most
+    total time: where a host-bound stretch of steps spends it."""
+    totals: dict[str, list[float]] = defaultdict(list)
+    for event in _load(path):
+        if event.get("cat") in ("cpu_op", "cuda_runtime", "user_annotation", "cuda_driver") and "dur" in event:
+            totals[f"{event['cat']}: {_short(event['name'], 60)}"].append(event["dur"])
+    return [{"name": k, "count": len(v), "total_ms": round(sum(v) / 1e3, 3), "max_ms": round(max(v) / 1e3, 3)}
+            for k, v in sorted(totals.items(), key=lambda kv: -sum(kv[1]))[:top]]
+
+
 def format_summary(summary: dict) -> str:
     """A few readable lines of `summarize_trace`'s result."""
     if not summary.get("gpu_events", 1):

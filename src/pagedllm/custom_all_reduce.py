@@ -3,7 +3,7 @@
 NCCL's all-reduce costs ~22 us at batch 1 on two H200s even inside a CUDA graph; a decode step of
 an 8B model at TP=2 runs 64 of them (~1.4 ms of a ~3.4 ms step). With symmetric memory every rank
 maps its peers' buffers. The smallest tensors (up to `one_shot_max_bytes`) go through our one-shot
-Triton kernel (`one_shot_all_reduce.py`: copy in, flag, read every peer, sum, in one launch);
+Triton kernel (`one_shot_all_reduce.py`: push to every peer, flag, sum locally, in one launch);
 larger ones through torch's `two_shot_all_reduce_` (each rank reduces its slice from all peers'
 buffers, then gathers the others' slices) with a copy in and out of the symmetric buffer.
 
@@ -48,7 +48,7 @@ class SymmMemAllReduce:
         # The one-shot kernel's buffers: two slots of data and a flag per (peer, program).
         self.one_shot_max_bytes = one_shot_max_bytes
         self.slot_numel = one_shot_max_bytes // element_size
-        data = symm_mem.empty(2 * self.slot_numel, dtype=dtype, device=device)
+        data = symm_mem.empty(2 * self.world_size * self.slot_numel, dtype=dtype, device=device)
         flags = symm_mem.empty(self.world_size * one_shot_all_reduce.MAX_PROGRAMS, dtype=torch.int32, device=device)
         flags.zero_()
         self.epochs = torch.zeros(one_shot_all_reduce.MAX_PROGRAMS, dtype=torch.int32, device=device)

@@ -4,15 +4,16 @@ A decode step at batch 1 all-reduces a few KB per call, 64 times per step at TP=
 model: the cost is latency, not bandwidth. torch's two-shot kernel plus the copies into and out
 of its symmetric buffer took ~12 us per call on H100s. Here one kernel does the whole call:
 
-1. every program copies its chunks of x into this rank's buffer (the slot of this call's parity);
+1. every program pushes its chunks of x into each peer's buffer, in the region for this rank in
+   the slot of this call's parity (stores over NVLink are posted: no round trip);
 2. it publishes the call's epoch into each peer's flag for (this rank, this program), with
    release semantics at system scope, after a CTA barrier (so all its threads' stores are seen);
 3. it spins until every peer's flag for (that peer, this program) reaches the epoch (acquire);
-4. it sums the chunks of all ranks' buffers in rank order (so every rank gets the same bits)
-   in fp32 and writes the result over x.
+4. it sums x and the peers' regions of its own buffer (local reads) in rank order, so every
+   rank gets the same bits, in fp32, and writes the result over x.
 
-Buffers alternate between two slots by the parity of the epoch: a rank writes a slot again two
-calls later, and by then it has seen each peer's flag of the call in between, which a peer
+Slots alternate with the parity of the epoch: a rank writes into a peer's slot again two calls
+later, and by then it has seen that peer's flag of the call in between, which the peer
 publishes only after it finished reading the slot (its kernels run in stream order). A flag
 that is already one epoch ahead is as good as the awaited one. Each program keeps its own epoch
 counter in device memory, so the kernel needs no host state and replays from a CUDA graph.
@@ -40,21 +41,25 @@ def _wait_for_epoch(flag_ptr, epoch):
         seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
 
 
-@triton.jit(do_not_specialize=["n", "slot_stride"])
+@triton.jit(do_not_specialize=["n", "slot_numel"])
 def _one_shot_all_reduce_kernel(
-    x_ptr, buffer_ptrs, flag_ptrs, epoch_ptr, n, slot_stride,
+    x_ptr, buffer_ptrs, flag_ptrs, epoch_ptr, n, slot_numel,
     RANK: tl.constexpr, WORLD: tl.constexpr, MAX_PROGS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     step = tl.num_programs(0) * BLOCK
     elem = x_ptr.dtype.element_ty
     epoch = tl.load(epoch_ptr + pid) + 1
-    slot = (epoch % 2).to(tl.int64) * slot_stride
-    own = tl.load(buffer_ptrs + RANK).to(tl.pointer_type(elem)) + slot
+    # A buffer is [2 slots][WORLD regions][slot_numel]: region r of a slot holds rank r's data.
+    slot = (epoch % 2).to(tl.int64) * WORLD * slot_numel
     for start in range(pid * BLOCK, n, step):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < n
-        tl.store(own + offs, tl.load(x_ptr + offs, mask=mask), mask=mask)
+        x = tl.load(x_ptr + offs, mask=mask)
+        for peer in tl.static_range(WORLD):
+            if peer != RANK:
+                region = tl.load(buffer_ptrs + peer).to(tl.pointer_type(elem)) + slot + RANK * slot_numel
+                tl.store(region + offs, x, mask=mask)
     tl.debug_barrier()
     for peer in tl.static_range(WORLD):
         if peer != RANK:
@@ -65,13 +70,17 @@ def _one_shot_all_reduce_kernel(
         if peer != RANK:
             _wait_for_epoch(own_flags + peer * MAX_PROGS + pid, epoch)
     tl.debug_barrier()
+    own = tl.load(buffer_ptrs + RANK).to(tl.pointer_type(elem)) + slot
     for start in range(pid * BLOCK, n, step):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < n
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for r in tl.static_range(WORLD):
-            src = tl.load(buffer_ptrs + r).to(tl.pointer_type(elem)) + slot
-            acc += tl.load(src + offs, mask=mask, other=0.0, cache_modifier=".cv").to(tl.float32)
+            if r == RANK:
+                acc += tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            else:
+                acc += tl.load(own + r * slot_numel + offs, mask=mask, other=0.0,
+                               cache_modifier=".cv").to(tl.float32)
         tl.store(x_ptr + offs, acc.to(elem), mask=mask)
     tl.store(epoch_ptr + pid, epoch)
 
@@ -86,9 +95,9 @@ def one_shot_all_reduce_(x: torch.Tensor, buffer_ptrs: torch.Tensor, flag_ptrs: 
     """Sum the contiguous tensor `x` over the ranks in place.
 
     buffer_ptrs / flag_ptrs: int64 [world_size] device tensors with the address of each rank's
-    data buffer (2 x slot_numel elements of x's dtype) and flag array (int32 [world_size,
-    MAX_PROGRAMS], zeroed before first use), peer-mapped on this device; epochs: this rank's
-    int32 [MAX_PROGRAMS] counters, zeroed. Every rank must make the same sequence of calls.
+    data buffer (2 x world_size x slot_numel elements of x's dtype) and flag array (int32
+    [world_size, MAX_PROGRAMS], zeroed before first use), peer-mapped on this device; epochs:
+    this rank's int32 [MAX_PROGRAMS] counters, zeroed. Every rank must make the same calls.
     """
     if not x.is_contiguous():
         raise ValueError("one_shot_all_reduce_ needs a contiguous tensor")

@@ -1,8 +1,8 @@
 """The one-shot all-reduce kernel in the interpreter: ranks simulated one after another in a process.
 
 A rank's kernel waits for its peers' flags, so the ranks cannot run one after another as they
-are: before rank r runs, the ranks after it are made to look as if they had published this call
-(their data in their slot of the call's parity, their flags set on rank r), exactly the state
+are: before rank r runs, the ranks after it are made to look as if they had pushed this call
+(their data in their region of rank r's buffer, their flags set on rank r), exactly the state
 their own kernels leave. The ranks before r really ran and published. Each rank's result must be
 the rank-ordered fp32 sum, identical on every rank, over several calls (both buffer slots) and
 sizes spanning one chunk to more chunks than programs.
@@ -23,7 +23,7 @@ class SimulatedRanks:
 
     def __init__(self, world: int, dtype: torch.dtype) -> None:
         self.world = world
-        self.buffers = [torch.zeros(2 * SLOT, dtype=dtype) for _ in range(world)]
+        self.buffers = [torch.zeros(2 * world * SLOT, dtype=dtype) for _ in range(world)]
         self.flags = [torch.zeros(world * MAX_PROGRAMS, dtype=torch.int32) for _ in range(world)]
         self.epochs = [torch.zeros(MAX_PROGRAMS, dtype=torch.int32) for _ in range(world)]
         self.buffer_ptrs = torch.tensor([b.data_ptr() for b in self.buffers], dtype=torch.int64)
@@ -37,9 +37,10 @@ class SimulatedRanks:
         epochs = self.epochs[0][:programs] + 1
         results = []
         for rank in range(self.world):
-            for later in range(rank + 1, self.world):  # as if rank `later` had published already
-                for slot in (0, SLOT):  # the slot of each program's parity (both hold this call's data)
-                    self.buffers[later][slot : slot + n] = xs[later]
+            for later in range(rank + 1, self.world):  # as if rank `later` had pushed its data already
+                for slot in (0, self.world * SLOT):  # each program's parity: both hold this call's data
+                    start = slot + later * SLOT
+                    self.buffers[rank][start : start + n] = xs[later]
                 self.flags[rank][later * MAX_PROGRAMS : later * MAX_PROGRAMS + programs] = epochs
             x = xs[rank].clone()
             one_shot_all_reduce_(x, self.buffer_ptrs, self.flag_ptrs, self.epochs[rank], SLOT, rank, self.world)

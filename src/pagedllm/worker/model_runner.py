@@ -85,14 +85,27 @@ class ModelRunner:
         self.kv_caches = []
         return num_blocks * self.kv_cache_bytes_per_block()
 
+    @torch.inference_mode()
     def warm_up(self, num_tokens: int, num_seqs: int) -> None:
-        """One full-budget prefill step through the real KV pool, before the first request.
+        """Run what the first requests would otherwise pay for once, before they come.
 
-        The memory profile emptied the allocator's cache, so without this the first prompts
-        would pay for cudaMalloc of every activation buffer (~0.1 s on the T1 workload). The
-        dummy prompts write into blocks no request holds yet; their K/V is never read.
+        Prefill steps of num_tokens, num_tokens / 2, ... tokens through the real KV pool: the
+        allocator keeps the largest step's activation buffers (the memory profile emptied its
+        cache), and cuBLAS loads the GEMM kernels it picks for each size class (lazily loaded
+        on first use: ~5 ms each, which stalled the first prefill steps of a T1 pass). Then the
+        LM head at every row count a step can sample (1 .. num_seqs): outside the CUDA graphs,
+        each new row count would load its kernel mid-run. The dummy prompts write into blocks no
+        request holds yet; their K/V is never read.
         """
-        self._dummy_prefill(num_tokens, num_seqs, self.kv_caches[0].shape[1])
+        num_blocks = self.kv_caches[0].shape[1]
+        tokens = num_tokens
+        while tokens >= 64:
+            self._dummy_prefill(tokens, num_seqs, num_blocks)
+            tokens //= 2
+        hidden_size = int(self.model_config.hf_config["hidden_size"])
+        hidden = torch.zeros(num_seqs, hidden_size, dtype=self.dtype, device=self.device)
+        for rows in range(1, num_seqs + 1):
+            self.model.compute_logits(hidden[:rows])  # type: ignore[union-attr]
 
     def _dummy_prompt_blocks(self, num_tokens: int, num_seqs: int) -> list[int]:
         """KV blocks of each dummy prompt when `num_tokens` tokens are split over `num_seqs` requests."""
