@@ -77,7 +77,7 @@ class ModelRunner:
         Uses a temporary KV cache just large enough for the dummy prompts (freed afterwards);
         returns its size in bytes so the caller can leave it out of the activation peak.
         """
-        num_blocks = sum(self._dummy_prompt_blocks(num_tokens, num_seqs))
+        num_blocks = sum(-(-n // self.block_size) for n in _dummy_prompt_lengths(num_tokens, num_seqs))
         self.initialize_kv_cache(num_blocks)
         self._dummy_prefill(num_tokens, num_seqs, num_blocks)
         for layer in self.model.attention_layers():  # type: ignore[union-attr]
@@ -107,22 +107,14 @@ class ModelRunner:
         for rows in range(1, num_seqs + 1):
             self.model.compute_logits(hidden[:rows])  # type: ignore[union-attr]
 
-    def _dummy_prompt_blocks(self, num_tokens: int, num_seqs: int) -> list[int]:
-        """KV blocks of each dummy prompt when `num_tokens` tokens are split over `num_seqs` requests."""
-        num_seqs = max(1, min(num_seqs, num_tokens))
-        lengths = [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
-        return [-(-n // self.block_size) for n in lengths]
-
     def _dummy_prefill(self, num_tokens: int, num_seqs: int, num_blocks: int) -> None:
         """Prefill dummy prompts (token 0) through blocks [0, num_blocks), shared round-robin when fewer."""
         from pagedllm.core.scheduler_output import NewRequestData, SchedulerOutput
         from pagedllm.sampling_params import SamplingParams
 
-        blocks_per_seq = self._dummy_prompt_blocks(num_tokens, num_seqs)
-        lengths = [num_tokens // len(blocks_per_seq) + (1 if i < num_tokens % len(blocks_per_seq) else 0)
-                   for i in range(len(blocks_per_seq))]
         new_reqs, next_block = [], 0
-        for i, (n, nb) in enumerate(zip(lengths, blocks_per_seq)):
+        for i, n in enumerate(_dummy_prompt_lengths(num_tokens, num_seqs)):
+            nb = -(-n // self.block_size)
             new_reqs.append(NewRequestData(
                 req_id=f"dummy-{i}", prompt_token_ids=[0] * n, output_token_ids=[],
                 sampling_params=SamplingParams(temperature=1.0, max_tokens=1),
@@ -281,6 +273,12 @@ class ModelRunner:
             lp = torch.log_softmax(logits, dim=-1)
             result[req_id] = compute_logprobs(lp, state.sampling_params.prompt_logprobs or 0, next_tokens)
         return result
+
+
+def _dummy_prompt_lengths(num_tokens: int, num_seqs: int) -> list[int]:
+    """Lengths of the dummy prompts when `num_tokens` tokens are split over (at most) `num_seqs` requests."""
+    num_seqs = max(1, min(num_seqs, num_tokens))
+    return [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
 
 
 def position_seed(seed: int, output_index: int) -> int:

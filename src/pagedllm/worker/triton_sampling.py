@@ -291,6 +291,18 @@ def _tile_size(vocab_size: int, block_size: int) -> int:
     return max(4, min(block_size, triton.next_power_of_2(vocab_size)))
 
 
+def _rows_of_logits(logits: torch.Tensor, caller: str) -> torch.Tensor:
+    """`logits` checked to be [rows, vocab], with a contiguous last dim (copied if not)."""
+    if logits.dim() != 2:
+        raise ValueError(f"{caller} needs [rows, vocab] logits, got shape {tuple(logits.shape)}.")
+    return logits if logits.stride(-1) == 1 else logits.contiguous()
+
+
+def _check_block_size(block_size: int) -> None:
+    if block_size < 4 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 4, got {block_size}.")
+
+
 def gumbel_max_sample(
     logits: torch.Tensor,
     temperature: torch.Tensor,
@@ -315,16 +327,12 @@ def gumbel_max_sample(
     a small vocabulary); they do not change the draws.
     No host sync: the launch depends on shapes only.
     """
-    if logits.dim() != 2:
-        raise ValueError(f"gumbel_max_sample needs [rows, vocab] logits, got shape {tuple(logits.shape)}.")
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()
+    logits = _rows_of_logits(logits, "gumbel_max_sample")
     n_src, vocab_size = logits.shape
     n_rows = n_src if rows is None else rows.shape[0]
     if n_rows == 0 or vocab_size == 0:
         return torch.zeros(n_rows, dtype=torch.int64, device=logits.device)
-    if block_size < 4 or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two >= 4, got {block_size}.")
+    _check_block_size(block_size)
     block = _tile_size(vocab_size, block_size)
     # A vocabulary smaller than a tile shares it between rows (e.g. 128 rows of 8 tokens).
     rows_per_program = max(1, block_size // block)
@@ -387,18 +395,14 @@ def greedy_sample(
     `tiles_per_chunk` (default: from the batch size) set a program's share of a row (tests shrink
     them to get several chunks on a small vocabulary); they do not change the result.
     """
-    if logits.dim() != 2:
-        raise ValueError(f"greedy_sample needs [rows, vocab] logits, got shape {tuple(logits.shape)}.")
+    logits = _rows_of_logits(logits, "greedy_sample")
     if logits.dtype not in GREEDY_DTYPES:
         # Read as fp32: a wider type could round distinct values into a tie.
         raise ValueError(f"greedy_sample reads fp32, bf16 or fp16 logits, got {logits.dtype}.")
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()
     n_rows, vocab_size = logits.shape
     if n_rows == 0 or vocab_size == 0:
         return torch.zeros(n_rows, dtype=torch.int64, device=logits.device)
-    if block_size < 4 or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two >= 4, got {block_size}.")
+    _check_block_size(block_size)
     block = _tile_size(vocab_size, block_size)
     rows_per_program = max(1, block_size // block)
     n_tiles = triton.cdiv(vocab_size, block)

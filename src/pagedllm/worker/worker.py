@@ -33,6 +33,7 @@ class Worker:
         self.config = config
         self.rank = rank
         self._profiler: torch.profiler.profile | None = None
+        self._profile_dir = ""  # where the running profiler's trace goes
         self._num_traces = 0
         world_size = config.parallel_config.world_size
         if config.device == "cuda":
@@ -117,6 +118,7 @@ class Worker:
         if self.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         os.makedirs(directory, exist_ok=True)
+        self._profile_dir = directory
         self._profiler = torch.profiler.profile(activities=activities)
         self._profiler.start()
 
@@ -129,7 +131,7 @@ class Worker:
         profiler, self._profiler = self._profiler, None
         profiler.stop()
         self._num_traces += 1
-        path = os.path.join(os.environ[PROFILER_DIR_ENV], f"trace_rank{self.rank}_{os.getpid()}_{self._num_traces}.json")
+        path = os.path.join(self._profile_dir, f"trace_rank{self.rank}_{os.getpid()}_{self._num_traces}.json")
         profiler.export_chrome_trace(path)
         logger.info("Profiler trace written to %s", path)
         return path
