@@ -14,13 +14,18 @@ import gzip
 import json
 from collections import defaultdict
 
-_GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def load_trace(path: str) -> dict:
+    """A Chrome trace as written by the torch profiler (gzipped or not)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        return json.load(f)
 
 
 def _load(path: str) -> list[dict]:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt") as f:
-        return json.load(f)["traceEvents"]
+    return load_trace(path)["traceEvents"]
 
 
 def _short(name: str, width: int = 70) -> str:
@@ -34,7 +39,7 @@ def summarize_trace(path: str, top: int = 15, gap_us: float = 5.0) -> dict:
     CUDA graph; eager steps are not counted), when there are any.
     """
     events = _load(path)
-    gpu = sorted((e for e in events if e.get("cat") in _GPU_CATEGORIES and "dur" in e), key=lambda e: e["ts"])
+    gpu = sorted((e for e in events if e.get("cat") in GPU_CATEGORIES and "dur" in e), key=lambda e: e["ts"])
     if not gpu:
         return {"path": path, "gpu_events": 0}
     graph_launches = sum(1 for e in events if e.get("cat") == "cuda_runtime" and e.get("name") == "cudaGraphLaunch")

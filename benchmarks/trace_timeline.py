@@ -7,19 +7,12 @@ kernels outside the graph and GPU idle gaps, so a late rank and what delays it s
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 
-_GPU = ("kernel", "gpu_memcpy", "gpu_memset")
+from trace_summary import GPU_CATEGORIES, load_trace
+
 # Kernels replayed inside the decode graph (not listed one by one).
 _IN_GRAPH = ("norm_gemm", "skinny_gemm", "all_reduce", "decode_attention", "reduce_splits", "rotary",
              "reshape_and_cache", "memcpy32", "rms_norm", "gated_act", "nvjet", "splitKreduce")
-
-
-def _load(path: str) -> dict:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt") as f:
-        return json.load(f)
 
 
 def step_timeline(paths: list[str], step: int, gap_us: float = 10.0) -> list[str]:
@@ -27,7 +20,7 @@ def step_timeline(paths: list[str], step: int, gap_us: float = 10.0) -> list[str
     lines: list[str] = []
     origin = None
     for rank, path in enumerate(paths):
-        trace = _load(path)
+        trace = load_trace(path)
         base = int(trace.get("baseTimeNanoseconds", 0)) / 1e3  # us
         events = trace["traceEvents"]
         launches = sorted((e for e in events if e.get("name") == "cudaGraphLaunch"), key=lambda e: e["ts"])
@@ -44,9 +37,9 @@ def step_timeline(paths: list[str], step: int, gap_us: float = 10.0) -> list[str
             name, cat = e["name"], e.get("cat")
             if cat == "user_annotation" or name == "cudaGraphLaunch":
                 rows.append((e["ts"], f"host tid {e.get('tid')}: {name} ({e['dur']:.0f} us)"))
-            elif cat in _GPU and not any(k in name for k in _IN_GRAPH):
+            elif cat in GPU_CATEGORIES and not any(k in name for k in _IN_GRAPH):
                 rows.append((e["ts"], f"  gpu: {name[:60]} ({e['dur']:.1f} us)"))
-        gpu = sorted((e for e in events if e.get("cat") in _GPU and "dur" in e and lo - 200 <= e["ts"] <= hi),
+        gpu = sorted((e for e in events if e.get("cat") in GPU_CATEGORIES and "dur" in e and lo - 200 <= e["ts"] <= hi),
                      key=lambda e: e["ts"])
         end = None
         for e in gpu:
