@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.distributed import get_tp_rank, get_tp_size, tensor_model_parallel_all_reduce
+from pagedllm.deferred_all_reduce import PartialSums
+from pagedllm.distributed import get_custom_all_reduce, get_tp_rank, get_tp_size, tensor_model_parallel_all_reduce
 from pagedllm.layers.custom_op import CustomOp
 
 # Inputs of at most this many tokens take the skinny-GEMM kernel (its M limit).
@@ -107,17 +108,20 @@ class ColumnParallelLinear(CustomOp):
         of [T, hidden], residual of the same shape, and every tensor of one dtype."""
         from pagedllm.layers.layernorm import RMSNorm
 
+        if isinstance(hidden, PartialSums):  # a deferred all-reduce, summed by this layer's kernel
+            hidden = hidden.out
         return (residual is not None and type(norm) is RMSNorm and norm.use_fused_path(hidden)
                 and self.skinny_gemm and self.use_fused_path(hidden) and hidden.dim() == 2
                 and residual.shape == hidden.shape and residual.dtype == hidden.dtype
                 and norm.weight.dtype == hidden.dtype and type(norm.weight) in (torch.Tensor, nn.Parameter)
                 and skinny_eligible(hidden, self.weight, self.bias))
 
-    def forward_add_rmsnorm(self, norm: nn.Module, hidden: torch.Tensor, residual: torch.Tensor,
+    def forward_add_rmsnorm(self, norm: nn.Module, hidden: torch.Tensor | PartialSums, residual: torch.Tensor,
                             ) -> tuple[torch.Tensor, torch.Tensor]:
         """(self(normed), new residual) for `normed, new residual = norm(hidden, residual)`, in one
         skinny-GEMM kernel; only where can_fuse_add_rmsnorm holds. The input is replicated on
-        every rank, so the norm over the full hidden size is each rank's own."""
+        every rank, so the norm over the full hidden size is each rank's own. A deferred
+        all-reduce (`PartialSums`) as hidden is summed inside the same kernel."""
         from pagedllm.layers.triton_gemv_norm import skinny_add_rmsnorm_linear
 
         return skinny_add_rmsnorm_linear(hidden, residual, norm.weight, norm.variance_epsilon,
@@ -227,6 +231,22 @@ class RowParallelLinear(CustomOp):
         hidden = gate_up.shape[-1]
         partial = skinny_linear(gate_up.reshape(-1, hidden), self.weight, act=act)
         return self._reduce_and_add_bias(partial.view(*gate_up.shape[:-1], self.weight.shape[0]))
+
+    def forward_deferred(self, x: torch.Tensor, act: str | None = None) -> torch.Tensor | PartialSums:
+        """self(x), or forward_gated(x, act) with `act`, leaving the all-reduce to whoever reads
+        the result where it can: a decode-sized input on CUDA under tensor parallelism with the
+        symmetric-memory communicator, no bias. Then the GEMM pushes its block to every rank and
+        the result is a `PartialSums` (deferred_all_reduce.py), which the caller must consume
+        (or resolve) before the next row-parallel layer runs; else the summed tensor."""
+        comm = get_custom_all_reduce()
+        fused = self.can_fuse_gated(x) if act is not None else (
+            self.skinny_gemm and self.use_fused_path(x) and skinny_eligible(x, self.weight))
+        if (comm is None or not fused or self.bias is not None or x.dim() != 2
+                or not comm.can_push(x.shape[0] * self.weight.shape[0], x.dtype)):
+            return self.forward_gated(x, act) if act is not None else self(x)
+        from pagedllm.layers.triton_gemv import skinny_linear_push
+
+        return skinny_linear_push(x, self.weight, comm, act=act)
 
     def _reduce_and_add_bias(self, partial: torch.Tensor) -> torch.Tensor:
         # The bias is added after the all-reduce (every rank holds all of it), so it counts once.
