@@ -5,29 +5,31 @@ Even the one-shot kernel (`one_shot_all_reduce.py`) is a launch, a push, a wait 
 ~5 us each on H100s: ~10% of the step. Here the all-reduce has no kernel of its own:
 
 - the *producer* (the skinny GEMM of o_proj / down_proj, `layers/triton_gemv.py` with `PUSH`)
-  stores each output tile, rounded to the activation dtype, into this rank's region of every
-  rank's buffer (peers' over NVLink: posted stores, no round trip), then adds the tile's element
-  count to each peer's arrival counter for this rank (release, system scope);
+  stores each output block, rounded to the activation dtype, into this rank's region of every
+  rank's buffer (peers' over NVLink: posted stores, overlapped with the other programs' GEMM
+  work), then adds the block's element count to each peer's arrival counter for this rank
+  (release, system scope). Its last program (by a ticket counter) waits until every peer's
+  counter holds the whole [M, N] (acquire), so when the kernel ends every rank's block is here;
 - the *consumer* (the add + RMSNorm skinny GEMM of the next projection,
-  `layers/triton_gemv_norm.py` with `GATHER`, or `finish_kernel` where nothing fuses) waits until
-  every peer's counter holds the whole [M, N] (acquire) and sums the ranks' regions of its own
-  buffer in rank order, in fp32, rounded once: the bits the one-shot kernel gives, on every rank.
+  `layers/triton_gemv_norm.py` with `GATHER`, or the finish kernel where nothing fuses) sums the
+  ranks' regions of its own buffer in rank order as it reads them, in fp32, rounded once: the
+  bits the one-shot all-reduce gives, on every rank. It waits for nothing (stream order).
 
-Buffers and counters alternate between two parities. The state a rank keeps in device memory is
-`epoch` (producer calls completed) and `ticket` (programs of the running producer done). A
-producer pushes into parity `epoch % 2`; its last program (by ticket) bumps the epoch, so the
-consumer, which runs after it in stream order, reads parity `(epoch - 1) % 2`.
+Buffers and counters alternate between two parities. A rank keeps `epoch` (producer calls
+completed) and `ticket` (programs of the running producer done) in device memory. A producer
+pushes into parity `epoch % 2` and its last program bumps the epoch, so the consumer, which runs
+after it, reads parity `(epoch - 1) % 2`. That last program also zeroes the counters it waited
+on: the peers add to them again only two producer calls later.
 
 Why two parities suffice: a rank pushes into a peer's parity p again two producer calls later;
-by then the peer has run the consumer of the call in between, which waited for this rank's pushes
-of that call, which this rank made only after its own consumer of call p had finished (stream
-order: every producer's output is consumed before the next producer runs; `PartialSums` is
-resolved within the decoder layer). A rank's received-element counter of parity p is zeroed by
-program 0 of its next producer (the call of the other parity), before that program announces its
-own tile: the peer can add to it again only after seeing that announcement.
+before that, its producer of the call in between waited for that peer's pushes of that call,
+which the peer made only after its consumer of call p had finished (stream order: every
+producer's output is consumed before the next producer runs; `PartialSums` is resolved within
+the decoder layer).
 
-The kernels are in deferred_all_reduce_kernels.py. Producers never wait, so no program can block one that would free it; consumers wait only for
-producers that already ran or run on another GPU. No host state: CUDA-graph replayable.
+The kernels are in deferred_all_reduce_kernels.py. Only one program per producer waits, after
+all of its rank's programs have announced their blocks, and it waits only for programs of other
+GPUs that never wait on it. No host state: CUDA-graph replayable.
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
 """The deferred all-reduce in the interpreter: ranks simulated one after another in a process.
 
-Producers (skinny GEMMs with PUSH) never wait, so every rank's producer can run before any
-consumer; consumers (the add + RMSNorm GEMM with GATHER, or `resolve`) then find every peer's
-block in their buffer. Each rank's result must be the rank-ordered fp32 sum of the ranks' GEMM
+A producer (skinny GEMM with PUSH) ends by waiting for its peers' announcements, so ranks
+cannot run one after another as they are: before rank r's producer runs, the ranks after it are
+made to look as if they had announced their blocks (their counts on rank r's counters; their
+data arrives when they run, before any consumer), and their real announcements, which in a
+real run come before rank r's wait, are taken back afterwards. Consumers (the add + RMSNorm
+GEMM with GATHER, or `resolve`) then find every rank's block in their buffer. Each rank's result must be the rank-ordered fp32 sum of the ranks' GEMM
 outputs (each rounded to the activation dtype, as the unfused GEMM + all-reduce rounds it), bit
 for bit what the unfused path computes from that sum, on every rank, over calls of both parities.
 """
@@ -36,6 +39,24 @@ def simulated_ranks(world: int, dtype: torch.dtype) -> list[SimpleNamespace]:
             for r in range(world)]
 
 
+def push_all(ranks: list[SimpleNamespace], xs: list[torch.Tensor], weights: list[torch.Tensor],
+             **kwargs) -> list[PartialSums]:
+    """Every rank's producer call, as the module docstring describes."""
+    parity = int(ranks[0].push_state[0]) % 2
+    total = xs[0].shape[0] * weights[0].shape[0]
+    pending = []
+    for rank, comm in enumerate(ranks):
+        for later in range(rank + 1, len(ranks)):
+            comm.own_arrivals[later * 2 + parity] = total
+        pending.append(skinny_linear_push(xs[rank], weights[rank], comm, **kwargs))
+    for rank, comm in enumerate(ranks):
+        for later in range(rank + 1, len(ranks)):
+            assert int(comm.own_arrivals[later * 2 + parity]) == total  # announced again, for real
+            comm.own_arrivals[later * 2 + parity] = 0
+    assert all(int(v) == 0 for comm in ranks for v in comm.own_arrivals)  # every wait consumed its counts
+    return pending
+
+
 def rank_ordered_sum(parts: list[torch.Tensor]) -> torch.Tensor:
     acc = parts[0].float()
     for part in parts[1:]:
@@ -57,7 +78,7 @@ def test_resolve_and_the_norm_gemm_give_the_rank_ordered_sum_on_every_rank(world
         xs = [torch.randn(m, k, generator=gen) for _ in range(world)]
         weights = [torch.randn(n, k, generator=gen) for _ in range(world)]
         expected = rank_ordered_sum([skinny_linear(x, w, config=producer) for x, w in zip(xs, weights)])
-        pending = [skinny_linear_push(x, w, comm, config=producer) for x, w, comm in zip(xs, weights, ranks)]
+        pending = push_all(ranks, xs, weights, config=producer)
         assert all(isinstance(p, PartialSums) and p.shape == (m, n) for p in pending)
         residual = torch.randn(m, n, generator=gen)
         want_out, want_res = skinny_add_rmsnorm_linear(expected, residual, norm_weight, 1e-6, w_next, config=DOT)
@@ -76,7 +97,7 @@ def test_gated_producer_sums_the_activated_gemm() -> None:
     xs = [torch.randn(2, 2 * 64, generator=gen) for _ in range(2)]
     weights = [torch.randn(32, 64, generator=gen) for _ in range(2)]
     expected = rank_ordered_sum([skinny_linear(x, w, config=DOT, act="silu") for x, w in zip(xs, weights)])
-    pending = [skinny_linear_push(x, w, comm, act="silu", config=DOT) for x, w, comm in zip(xs, weights, ranks)]
+    pending = push_all(ranks, xs, weights, act="silu", config=DOT)
     for p in pending:
         assert torch.equal(p.resolve(), expected)
 
@@ -87,7 +108,7 @@ def test_bf16_blocks_are_rounded_before_the_sum() -> None:
     xs = [torch.randn(1, 64, generator=gen).bfloat16() for _ in range(2)]
     weights = [torch.randn(32, 64, generator=gen).bfloat16() for _ in range(2)]
     parts = [skinny_linear(x, w, config=DOT) for x, w in zip(xs, weights)]
-    pending = [skinny_linear_push(x, w, comm, config=DOT) for x, w, comm in zip(xs, weights, ranks)]
+    pending = push_all(ranks, xs, weights, config=DOT)
     want = parts[0].float() + parts[1].float()
     for p in pending:
         # One rounding of the fp32 sum (the interpreter may truncate rather than round to nearest).

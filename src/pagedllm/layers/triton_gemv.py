@@ -40,7 +40,7 @@ import triton.language as tl
 
 from pagedllm.attention import triton_backend
 from pagedllm.deferred_all_reduce import PartialSums
-from pagedllm.deferred_all_reduce_kernels import push_begin, push_end, push_region
+from pagedllm.deferred_all_reduce_kernels import push_end, push_region
 from pagedllm.layers.triton_fused import gated_act_tile
 
 if TYPE_CHECKING:
@@ -125,7 +125,7 @@ def _skinny_gemm_kernel(
     buffer instead of out, for the consumer to sum (`deferred_all_reduce.py`).
     """
     if PUSH_WORLD > 0:
-        epoch = push_begin(state_ptr, arrival_ptrs, RANK, PUSH_WORLD)
+        epoch = tl.load(state_ptr)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -199,7 +199,8 @@ def _skinny_gemm_kernel(
         for rank in tl.static_range(PUSH_WORLD):
             dst = push_region(push_ptrs, rank, epoch, slot_numel, RANK, PUSH_WORLD, out_ptr.dtype.element_ty)
             _store_tile(dst, out, out0, out1, offs_n, n_ok, offs_m, m_ok, N, USE_DOT, M_BLOCK)
-        push_end(arrival_ptrs, state_ptr, epoch, M * tl.minimum(N - pid_n * BLOCK_N, BLOCK_N), RANK, PUSH_WORLD)
+        push_end(arrival_ptrs, state_ptr, epoch, M * tl.minimum(N - pid_n * BLOCK_N, BLOCK_N), M * N, RANK,
+                 PUSH_WORLD)
     else:
         if SPLIT_K == 1:
             dst = out_ptr

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from pagedllm.deferred_all_reduce import PartialSums, resolve
-from pagedllm.deferred_all_reduce_kernels import gather_begin, load_summed
+from pagedllm.deferred_all_reduce_kernels import gathered_slot, load_summed
 from pagedllm.layers import triton_gemv as tg
 from pagedllm.layers.triton_gemv import load_weight_tile
 
@@ -58,18 +58,18 @@ def _norm_input(h_ptrs, r_ptrs, ro_ptrs, nw, mask, WRITE_RESIDUAL, slot_numel, G
 def _norm_gemm_kernel(
     h_ptr, r_ptr, nw_ptr, w_ptr, bias_ptr, out_ptr, res_out_ptr,
     M, stride_hm, stride_rm, N, K, eps,
-    state_ptr, counts_ptr, slot_numel,
+    state_ptr, slot_numel,
     M_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, NUM_STAGES: tl.constexpr, GATHER: tl.constexpr = 0, RANK: tl.constexpr = 0,
+    DOT_UPCAST: tl.constexpr, NUM_STAGES: tl.constexpr, GATHER: tl.constexpr = 0,
 ):
     """Program n-block: out[:M, n-block] = rmsnorm(h + r) @ W[n-block]^T (+ bias).
 
     GATHER > 0: h_ptr is this rank's deferred all-reduce buffer and h the sum of the GATHER
-    ranks' [M, K] blocks in it, once they have all arrived (deferred_all_reduce.py).
+    ranks' [M, K] blocks in it, all arrived before the producer ended (deferred_all_reduce.py).
     """
     if GATHER > 0:
-        h_ptr += gather_begin(state_ptr, counts_ptr, M * K, slot_numel, RANK, GATHER)
+        h_ptr += gathered_slot(state_ptr, slot_numel, GATHER)
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -171,14 +171,13 @@ def _launch(hidden: torch.Tensor | PartialSums, residual: torch.Tensor, norm_wei
         raise ValueError(f"the elementwise GEMV path serves at most 2 rows, got {m}")
     if isinstance(hidden, PartialSums):  # h is summed from the ranks' blocks in the buffer
         comm = hidden.comm
-        h, stride_h, gather = comm.push_data, k, (comm.push_state, comm.own_arrivals, comm.slot_numel)
-        world, rank = comm.world_size, comm.rank
+        h, stride_h, gather, world = comm.push_data, k, (comm.push_state, comm.slot_numel), comm.world_size
     else:
-        h, stride_h, gather, world, rank = hidden, hidden.stride(0), (out, out, 0), 0, 0
+        h, stride_h, gather, world = hidden, hidden.stride(0), (out, 0), 0
     _norm_gemm_kernel[(triton.cdiv(n, config.block_n),)](
         h, residual, norm_weight, weight, bias if bias is not None else weight, out, residual_out,
         m, stride_h, residual.stride(0), n, k, eps, *gather,
-        GATHER=world, RANK=rank, M_BLOCK=tg._DOT_M if use_dot else m, BLOCK_N=config.block_n,
+        GATHER=world, M_BLOCK=tg._DOT_M if use_dot else m, BLOCK_N=config.block_n,
         BLOCK_K=config.block_k, USE_DOT=use_dot, EVEN_N=n % config.block_n == 0, EVEN_K=k % config.block_k == 0,
         HAS_BIAS=bias is not None, DOT_PREC="ieee" if out.dtype == torch.float32 else "tf32",
         DOT_UPCAST=tg._interpreting() and out.dtype != torch.float32,
