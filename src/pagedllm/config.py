@@ -153,8 +153,8 @@ class EngineArgs:
         group.add_argument("--disable-custom-all-reduce", action="store_true",
                            help="NCCL for every GPU all-reduce (default: small ones over NVLink symmetric memory)")
         group.add_argument("--disable-fused-all-reduce", action="store_true",
-                           help="a separate all-reduce kernel after each row-parallel decode GEMM (default: the "
-                                "GEMM pushes its output to the peers and the next kernel sums it)")
+                           help="a separate all-reduce kernel after each row-parallel decode GEMM (default: "
+                                "the GEMM pushes its output to the peers and its last program sums)")
         return parser
 
     @classmethod
@@ -254,7 +254,7 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     distributed_executor_backend: str = "uni"  # uni | mp | ray
     disable_custom_all_reduce: bool = False  # NCCL for every all-reduce (custom_all_reduce.py)
-    disable_fused_all_reduce: bool = False  # no all-reduce folded into decode GEMMs (deferred_all_reduce.py)
+    disable_fused_all_reduce: bool = False  # no all-reduce inside decode GEMMs (gemm_all_reduce.py)
 
     @property
     def world_size(self) -> int:

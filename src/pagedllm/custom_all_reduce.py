@@ -55,8 +55,8 @@ class SymmMemAllReduce:
         self.buffer_ptrs = self._peer_addresses(symm_mem.rendezvous(data, self.group_name), data, device)
         self.flag_ptrs = self._peer_addresses(symm_mem.rendezvous(flags, self.group_name), flags, device)
         self._one_shot_buffers = (data, flags)  # keep the mappings alive
-        # The deferred all-reduce's buffers (deferred_all_reduce.py): two slots of data, the
-        # elements received per (peer, parity), and this rank's (epoch, ticket).
+        # The buffers of the all-reduce inside decode GEMMs (gemm_all_reduce.py): two slots of
+        # data, the elements received per (peer, parity), and this rank's (epoch, ticket).
         self.fuse_into_gemm = fuse_into_gemm
         self.push_data = symm_mem.empty(2 * self.world_size * self.slot_numel, dtype=dtype, device=device)
         arrivals = symm_mem.empty(self.world_size * 2, dtype=torch.int32, device=device)
@@ -81,10 +81,13 @@ class SymmMemAllReduce:
         return (x.is_cuda and x.dtype == self.dtype and x.is_contiguous()
                 and x.numel() <= self.buffer.numel() and (x.numel() * x.element_size()) % 16 == 0)
 
-    def can_push(self, numel: int, dtype: torch.dtype) -> bool:
-        """Whether a row-parallel GEMM's [M, N] output of `numel` elements may defer its
-        all-reduce into the GEMM and its consumer (deferred_all_reduce.py)."""
-        return self.fuse_into_gemm and dtype == self.dtype and 0 < numel <= self.slot_numel
+    def can_fuse(self, numel: int, dtype: torch.dtype) -> bool:
+        """Whether a row-parallel GEMM's [M, N] output of `numel` elements is all-reduced inside
+        the GEMM (gemm_all_reduce.py) rather than by a kernel of its own."""
+        from pagedllm.gemm_all_reduce import MAX_SUM_ELEMENTS
+
+        return (self.fuse_into_gemm and dtype == self.dtype
+                and 0 < numel <= min(self.slot_numel, MAX_SUM_ELEMENTS))
 
     def all_reduce_(self, x: torch.Tensor) -> torch.Tensor:
         """Sum `x` over the ranks, in place (CUDA-graph capturable: no host syncs)."""
@@ -103,7 +106,7 @@ class SymmMemAllReduce:
 def create_custom_all_reduce(device: torch.device, rank: int, world_size: int,
                              fuse_into_gemm: bool = True) -> SymmMemAllReduce | None:
     """A checked SymmMemAllReduce, or None (NCCL) when it cannot run here; every rank decides alike.
-    `fuse_into_gemm` lets decode GEMMs defer their all-reduce (deferred_all_reduce.py)."""
+    `fuse_into_gemm` lets decode GEMMs all-reduce inside themselves (gemm_all_reduce.py)."""
     comm: SymmMemAllReduce | None = None
     try:
         comm = SymmMemAllReduce(device, fuse_into_gemm=fuse_into_gemm)
@@ -130,26 +133,26 @@ def create_custom_all_reduce(device: torch.device, rank: int, world_size: int,
     if not _all_ranks_agree(failure is None, device):
         return None
     if comm.fuse_into_gemm:
-        deferred_failure = _check_deferred(comm, rank, world_size, device)
-        if deferred_failure is not None:
-            logger.warning("Deferred all-reduce failed its %s; decode GEMMs all-reduce apart.", deferred_failure)
-        comm.fuse_into_gemm = _all_ranks_agree(deferred_failure is None, device)
+        fused_failure = _check_gemm_all_reduce(comm, rank, world_size, device)
+        if fused_failure is not None:
+            logger.warning("All-reduce inside decode GEMMs failed its %s; they all-reduce apart.", fused_failure)
+        comm.fuse_into_gemm = _all_ranks_agree(fused_failure is None, device)
     logger.info("Custom all-reduce: symmetric memory over NVLink for bf16 tensors up to %d MiB "
                 "(one-shot kernel up to %d KiB; folded into decode GEMMs: %s).", _MAX_BYTES >> 20,
                 comm.one_shot_max_bytes >> 10, comm.fuse_into_gemm)
     return comm
 
 
-def _check_deferred(comm: SymmMemAllReduce, rank: int, world_size: int, device: torch.device) -> str | None:
-    """Push a GEMM's output of every rank (both buffer parities) and sum it; None when right."""
-    from pagedllm.layers.triton_gemv import skinny_linear_push
+def _check_gemm_all_reduce(comm: SymmMemAllReduce, rank: int, world_size: int, device: torch.device) -> str | None:
+    """All-reduce a GEMM's output inside it (both buffer parities); None when right."""
+    from pagedllm.layers.triton_gemv import skinny_linear_all_reduce
 
     x = torch.ones((1, 64), dtype=comm.dtype, device=device)
     weight = torch.full((256, 64), (rank + 1) / 64, dtype=comm.dtype, device=device)
     expected = world_size * (world_size + 1) / 2
     for _ in range(2):
         try:
-            got = skinny_linear_push(x, weight, comm).resolve()
+            got = skinny_linear_all_reduce(x, weight, comm)
         except Exception as e:  # noqa: BLE001 - e.g. a kernel that does not compile here (alike on every rank)
             return f"self-check ({e})"
         if not bool((got == expected).all()):

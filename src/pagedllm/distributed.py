@@ -37,9 +37,9 @@ def init_distributed_environment(rank: int, world_size: int, init_method: str, d
     """Join the tensor-parallel process group: NCCL between GPUs, gloo between CPU processes.
 
     On GPUs, small all-reduces go through symmetric memory over NVLink when it works here
-    (`custom_all_reduce.py`; `custom_all_reduce=False` keeps NCCL for all of them), and decode
-    GEMMs of row-parallel layers fold theirs into themselves and their consumer
-    (`deferred_all_reduce.py`) unless `fused_all_reduce=False`.
+    (`custom_all_reduce.py`; `custom_all_reduce=False` keeps NCCL for all of them), and the
+    decode GEMMs of row-parallel layers all-reduce inside themselves (`gemm_all_reduce.py`)
+    unless `fused_all_reduce=False`.
     """
     global _CUSTOM_ALL_REDUCE
     if world_size > 1:

@@ -13,13 +13,17 @@ local matmul: the all-reduce and bias handling are the same on both paths.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.deferred_all_reduce import PartialSums
 from pagedllm.distributed import get_custom_all_reduce, get_tp_rank, get_tp_size, tensor_model_parallel_all_reduce
 from pagedllm.layers.custom_op import CustomOp
+
+if TYPE_CHECKING:
+    from pagedllm.custom_all_reduce import SymmMemAllReduce
 
 # Inputs of at most this many tokens take the skinny-GEMM kernel (its M limit).
 SKINNY_MAX_TOKENS = 16
@@ -108,20 +112,17 @@ class ColumnParallelLinear(CustomOp):
         of [T, hidden], residual of the same shape, and every tensor of one dtype."""
         from pagedllm.layers.layernorm import RMSNorm
 
-        if isinstance(hidden, PartialSums):  # a deferred all-reduce, summed by this layer's kernel
-            hidden = hidden.out
         return (residual is not None and type(norm) is RMSNorm and norm.use_fused_path(hidden)
                 and self.skinny_gemm and self.use_fused_path(hidden) and hidden.dim() == 2
                 and residual.shape == hidden.shape and residual.dtype == hidden.dtype
                 and norm.weight.dtype == hidden.dtype and type(norm.weight) in (torch.Tensor, nn.Parameter)
                 and skinny_eligible(hidden, self.weight, self.bias))
 
-    def forward_add_rmsnorm(self, norm: nn.Module, hidden: torch.Tensor | PartialSums, residual: torch.Tensor,
+    def forward_add_rmsnorm(self, norm: nn.Module, hidden: torch.Tensor, residual: torch.Tensor,
                             ) -> tuple[torch.Tensor, torch.Tensor]:
         """(self(normed), new residual) for `normed, new residual = norm(hidden, residual)`, in one
         skinny-GEMM kernel; only where can_fuse_add_rmsnorm holds. The input is replicated on
-        every rank, so the norm over the full hidden size is each rank's own. A deferred
-        all-reduce (`PartialSums`) as hidden is summed inside the same kernel."""
+        every rank, so the norm over the full hidden size is each rank's own."""
         from pagedllm.layers.triton_gemv_norm import skinny_add_rmsnorm_linear
 
         return skinny_add_rmsnorm_linear(hidden, residual, norm.weight, norm.variance_epsilon,
@@ -206,9 +207,15 @@ class RowParallelLinear(CustomOp):
         return self._reduce_and_add_bias(F.linear(x, self.weight))
 
     def forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
-        """As forward_native, the local matmul through the skinny-GEMM kernel for few tokens."""
+        """As forward_native, the local matmul through the skinny-GEMM kernel for few tokens
+        (with the all-reduce inside it where `_gemm_all_reduce_comm` allows)."""
         if not self.skinny_gemm:
             return self.forward_native(x)
+        comm = self._gemm_all_reduce_comm(x) if skinny_eligible(x, self.weight) else None
+        if comm is not None:
+            from pagedllm.layers.triton_gemv import skinny_linear_all_reduce
+
+            return self._add_bias(skinny_linear_all_reduce(x, self.weight, comm))
         return self._reduce_and_add_bias(fused_linear(x, self.weight))
 
     def can_fuse_gated(self, gate_up: torch.Tensor) -> bool:
@@ -226,31 +233,31 @@ class RowParallelLinear(CustomOp):
         [gate shard | up shard], and this layer's columns are the same intermediate shard, so
         the split at input_size_per_partition is the right one on every rank.
         """
-        from pagedllm.layers.triton_gemv import skinny_linear
+        from pagedllm.layers.triton_gemv import skinny_linear, skinny_linear_all_reduce
 
         hidden = gate_up.shape[-1]
-        partial = skinny_linear(gate_up.reshape(-1, hidden), self.weight, act=act)
-        return self._reduce_and_add_bias(partial.view(*gate_up.shape[:-1], self.weight.shape[0]))
+        rows = gate_up.reshape(-1, hidden)
+        comm = self._gemm_all_reduce_comm(rows)
+        if comm is not None:
+            out = self._add_bias(skinny_linear_all_reduce(rows, self.weight, comm, act=act))
+        else:
+            out = self._reduce_and_add_bias(skinny_linear(rows, self.weight, act=act))
+        return out.view(*gate_up.shape[:-1], self.weight.shape[0])
 
-    def forward_deferred(self, x: torch.Tensor, act: str | None = None) -> torch.Tensor | PartialSums:
-        """self(x), or forward_gated(x, act) with `act`, leaving the all-reduce to whoever reads
-        the result where it can: a decode-sized input on CUDA under tensor parallelism with the
-        symmetric-memory communicator, no bias. Then the GEMM pushes its block to every rank and
-        the result is a `PartialSums` (deferred_all_reduce.py), which the caller must consume
-        (or resolve) before the next row-parallel layer runs; else the summed tensor."""
+    def _gemm_all_reduce_comm(self, x: torch.Tensor) -> SymmMemAllReduce | None:
+        """The communicator that all-reduces this layer's output for x [T, in] inside the skinny
+        GEMM (gemm_all_reduce.py), or None: several ranks on CUDA, a 2-D input whose output fits
+        `can_fuse` (decode sizes), not turned off (--disable-fused-all-reduce)."""
         comm = get_custom_all_reduce()
-        fused = self.can_fuse_gated(x) if act is not None else (
-            self.skinny_gemm and self.use_fused_path(x) and skinny_eligible(x, self.weight))
-        if (comm is None or not fused or self.bias is not None or x.dim() != 2
-                or not comm.can_push(x.shape[0] * self.weight.shape[0], x.dtype)):
-            return self.forward_gated(x, act) if act is not None else self(x)
-        from pagedllm.layers.triton_gemv import skinny_linear_push
-
-        return skinny_linear_push(x, self.weight, comm, act=act)
+        if comm is None or x.dim() != 2 or not comm.can_fuse(x.shape[0] * self.weight.shape[0], x.dtype):
+            return None
+        return comm
 
     def _reduce_and_add_bias(self, partial: torch.Tensor) -> torch.Tensor:
+        return self._add_bias(tensor_model_parallel_all_reduce(partial))
+
+    def _add_bias(self, out: torch.Tensor) -> torch.Tensor:
         # The bias is added after the all-reduce (every rank holds all of it), so it counts once.
-        out = tensor_model_parallel_all_reduce(partial)
         if self.bias is not None:
             out = out + self.bias
         return out

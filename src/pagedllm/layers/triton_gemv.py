@@ -39,8 +39,7 @@ import triton
 import triton.language as tl
 
 from pagedllm.attention import triton_backend
-from pagedllm.deferred_all_reduce import PartialSums
-from pagedllm.deferred_all_reduce_kernels import push_end, push_region
+from pagedllm.gemm_all_reduce import push_end, push_region
 from pagedllm.layers.triton_fused import gated_act_tile
 
 if TYPE_CHECKING:
@@ -106,7 +105,7 @@ def load_weight_tile(w_ptrs, n_ok, k_ok, EVEN_N: tl.constexpr, EVEN_K: tl.conste
     return w
 
 
-@triton.jit(do_not_specialize=["M", "stride_xm", "slot_numel"])
+@triton.jit(do_not_specialize=["M", "stride_xm"])
 def _skinny_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr,
     M, stride_xm, N, K,
@@ -121,8 +120,8 @@ def _skinny_gemm_kernel(
     ACT (0: none, 1: SiLU, 2: GELU-tanh) makes x a gated input [M, 2K] = [gate | up]: each
     loaded K-chunk is act(gate) * up, computed as the unfused activation kernel would.
 
-    PUSH_WORLD > 0 (SPLIT_K == 1, no bias): the tile goes to this rank's region of every rank's
-    buffer instead of out, for the consumer to sum (`deferred_all_reduce.py`).
+    PUSH_WORLD > 0 (SPLIT_K == 1, no bias): out is summed over the ranks in the epilogue
+    (`gemm_all_reduce.py`): each block goes to every rank's buffer, the last program sums.
     """
     if PUSH_WORLD > 0:
         epoch = tl.load(state_ptr)
@@ -199,8 +198,8 @@ def _skinny_gemm_kernel(
         for rank in tl.static_range(PUSH_WORLD):
             dst = push_region(push_ptrs, rank, epoch, slot_numel, RANK, PUSH_WORLD, out_ptr.dtype.element_ty)
             _store_tile(dst, out, out0, out1, offs_n, n_ok, offs_m, m_ok, N, USE_DOT, M_BLOCK)
-        push_end(arrival_ptrs, state_ptr, epoch, M * tl.minimum(N - pid_n * BLOCK_N, BLOCK_N), M * N, RANK,
-                 PUSH_WORLD)
+        push_end(push_ptrs, arrival_ptrs, state_ptr, out_ptr, epoch, M * tl.minimum(N - pid_n * BLOCK_N, BLOCK_N),
+                 M * N, slot_numel, RANK, PUSH_WORLD)
     else:
         if SPLIT_K == 1:
             dst = out_ptr
@@ -326,7 +325,8 @@ CUBLAS_MARGIN = 0.97
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
             config: GemvConfig, act: str | None = None, push: SymmMemAllReduce | None = None) -> torch.Tensor:
     if push is not None and (config.use_cublas or config.split_k != 1 or bias is not None):
-        raise ValueError(f"a pushing skinny GEMM needs a Triton config without split-K and no bias, got {config}")
+        raise ValueError(f"an all-reducing skinny GEMM needs a Triton config without split-K and no bias, "
+                         f"got {config}")
     if config.use_cublas:
         if act is not None:  # unfused: the activation kernel, then the matmul
             from pagedllm.layers import triton_fused
@@ -529,9 +529,9 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def push_config(x: torch.Tensor, weight: torch.Tensor, act: str | None = None) -> GemvConfig:
-    """The config of a pushing GEMM: the plain GEMM's tuned one, split-K and cuBLAS excepted (a
-    pushing program must own whole output columns); then the first Triton candidate unsplit.
-    Ranks may choose differently: the consumer counts elements, not programs."""
+    """The config of an all-reducing GEMM: the plain GEMM's tuned one, split-K and cuBLAS excepted
+    (a program must own whole output columns); then the first Triton candidate unsplit. Ranks
+    may choose differently: the protocol counts elements, not programs."""
     config = get_config(x, weight, None, None, act)
     if config.use_cublas or config.split_k != 1:
         config = replace(candidate_configs(weight.shape[0], weight.shape[1], x.shape[0], x.dtype,
@@ -539,17 +539,17 @@ def push_config(x: torch.Tensor, weight: torch.Tensor, act: str | None = None) -
     return config
 
 
-def skinny_linear_push(x: torch.Tensor, weight: torch.Tensor, comm: SymmMemAllReduce, act: str | None = None,
-                       config: GemvConfig | None = None) -> PartialSums:
-    """skinny_linear(x, weight, act=act) summed over the tensor-parallel ranks, deferred: every
-    rank's GEMM pushes its block to all ranks and the sum happens where the result is read
-    (`deferred_all_reduce.py`). Every rank must make the same calls; x [M, N] must fit the
-    communicator's slot (`comm.can_push`)."""
+def skinny_linear_all_reduce(x: torch.Tensor, weight: torch.Tensor, comm: SymmMemAllReduce, act: str | None = None,
+                             config: GemvConfig | None = None) -> torch.Tensor:
+    """skinny_linear(x, weight, act=act) summed over the tensor-parallel ranks in the same kernel
+    (`gemm_all_reduce.py`): the rank-ordered fp32 sum of every rank's output rounded to x's dtype,
+    the bits the one-shot all-reduce gives. Every rank must make the same calls; the [M, N]
+    output must pass `comm.can_fuse`."""
     x, _ = _checked_inputs(x, weight, None, act)
     m, n = x.shape[0], weight.shape[0]
-    if not comm.can_push(m * n, x.dtype):
-        raise ValueError(f"a [{m}, {n}] {x.dtype} block does not fit the deferred all-reduce's buffers")
+    if not comm.can_fuse(m * n, x.dtype):
+        raise ValueError(f"a [{m}, {n}] {x.dtype} output cannot be all-reduced inside the GEMM")
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m and n:
         _launch(x, weight, None, out, config or push_config(x, weight, act), act, push=comm)
-    return PartialSums(comm, out)
+    return out

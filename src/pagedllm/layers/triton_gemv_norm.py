@@ -29,8 +29,6 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.deferred_all_reduce import PartialSums, resolve
-from pagedllm.deferred_all_reduce_kernels import gathered_slot, load_summed
 from pagedllm.layers import triton_gemv as tg
 from pagedllm.layers.triton_gemv import load_weight_tile
 
@@ -38,14 +36,10 @@ VARIANT = "add_rmsnorm"
 
 
 @triton.jit
-def _norm_input(h_ptrs, r_ptrs, ro_ptrs, nw, mask, WRITE_RESIDUAL, slot_numel, GATHER: tl.constexpr):
+def _norm_input(h_ptrs, r_ptrs, ro_ptrs, nw, mask, WRITE_RESIDUAL):
     """One input tile: s = round(h + r) (stored to residual_out when WRITE_RESIDUAL), returned
-    as fp32 with the matmul operand round(s * norm_weight). With GATHER ranks, h is the rank-
-    ordered sum of the GATHER regions at h_ptrs (deferred_all_reduce.py)."""
-    if GATHER > 0:
-        h = load_summed(h_ptrs, mask, slot_numel, GATHER)
-    else:
-        h = tl.load(h_ptrs, mask=mask, other=0.0)
+    as fp32 with the matmul operand round(s * norm_weight)."""
+    h = tl.load(h_ptrs, mask=mask, other=0.0)
     r = tl.load(r_ptrs, mask=mask, other=0.0)
     s = (h.to(tl.float32) + r.to(tl.float32)).to(h.dtype)
     if WRITE_RESIDUAL:
@@ -54,22 +48,15 @@ def _norm_input(h_ptrs, r_ptrs, ro_ptrs, nw, mask, WRITE_RESIDUAL, slot_numel, G
     return sf, (sf * nw).to(h.dtype)
 
 
-@triton.jit(do_not_specialize=["M", "stride_hm", "stride_rm", "eps", "slot_numel"])
+@triton.jit(do_not_specialize=["M", "stride_hm", "stride_rm", "eps"])
 def _norm_gemm_kernel(
     h_ptr, r_ptr, nw_ptr, w_ptr, bias_ptr, out_ptr, res_out_ptr,
     M, stride_hm, stride_rm, N, K, eps,
-    state_ptr, slot_numel,
     M_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, NUM_STAGES: tl.constexpr, GATHER: tl.constexpr = 0,
+    DOT_UPCAST: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    """Program n-block: out[:M, n-block] = rmsnorm(h + r) @ W[n-block]^T (+ bias).
-
-    GATHER > 0: h_ptr is this rank's deferred all-reduce buffer and h the sum of the GATHER
-    ranks' [M, K] blocks in it, all arrived before the producer ended (deferred_all_reduce.py).
-    """
-    if GATHER > 0:
-        h_ptr += gathered_slot(state_ptr, slot_numel, GATHER)
+    """Program n-block: out[:M, n-block] = rmsnorm(h + r) @ W[n-block]^T (+ bias)."""
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -98,7 +85,7 @@ def _norm_gemm_kernel(
         nw = tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
         if USE_DOT:
             sf, xt = _norm_input(h_ptrs, r_ptrs, ro_ptrs, nw[None, :], m_ok[:, None] & k_ok[None, :],
-                                 write_residual, slot_numel, GATHER)
+                                 write_residual)
             ssq += tl.sum(sf * sf, axis=1)
             if DOT_UPCAST:  # the interpreter cannot multiply 16-bit tiles: do it in fp32 there
                 acc = tl.dot(w.to(tl.float32), tl.trans(xt.to(tl.float32)), acc, input_precision=DOT_PREC)
@@ -109,13 +96,12 @@ def _norm_gemm_kernel(
             ro_ptrs += BLOCK_K
         else:
             wf = w.to(tl.float32)
-            sf0, x0 = _norm_input(h_ptr + k, r_ptr + k, res_out_ptr + k, nw, k_ok, write_residual, slot_numel,
-                                  GATHER)
+            sf0, x0 = _norm_input(h_ptr + k, r_ptr + k, res_out_ptr + k, nw, k_ok, write_residual)
             ssq0 += sf0 * sf0
             acc0 += wf * x0.to(tl.float32)[None, :]
             if M_BLOCK > 1:
                 sf1, x1 = _norm_input(h_ptr + stride_hm + k, r_ptr + stride_rm + k, res_out_ptr + K + k,
-                                      nw, k_ok, write_residual, slot_numel, GATHER)
+                                      nw, k_ok, write_residual)
                 ssq1 += sf1 * sf1
                 acc1 += wf * x1.to(tl.float32)[None, :]
         w_ptrs += BLOCK_K
@@ -147,11 +133,9 @@ def norm_candidate_configs(n: int, k: int, m: int, dtype: torch.dtype, sms: int)
     return seen
 
 
-def _launch(hidden: torch.Tensor | PartialSums, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+def _launch(hidden: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
             weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, residual_out: torch.Tensor,
             config: tg.GemvConfig) -> None:
-    if isinstance(hidden, PartialSums) and config.use_cublas:
-        hidden = hidden.resolve()
     if config.use_cublas:  # unfused: the add + RMSNorm kernel, then the matmul
         from pagedllm.layers import triton_fused
 
@@ -169,24 +153,19 @@ def _launch(hidden: torch.Tensor | PartialSums, residual: torch.Tensor, norm_wei
     use_dot = config.use_dot
     if not use_dot and m > 2:
         raise ValueError(f"the elementwise GEMV path serves at most 2 rows, got {m}")
-    if isinstance(hidden, PartialSums):  # h is summed from the ranks' blocks in the buffer
-        comm = hidden.comm
-        h, stride_h, gather, world = comm.push_data, k, (comm.push_state, comm.slot_numel), comm.world_size
-    else:
-        h, stride_h, gather, world = hidden, hidden.stride(0), (out, 0), 0
     _norm_gemm_kernel[(triton.cdiv(n, config.block_n),)](
-        h, residual, norm_weight, weight, bias if bias is not None else weight, out, residual_out,
-        m, stride_h, residual.stride(0), n, k, eps, *gather,
-        GATHER=world, M_BLOCK=tg._DOT_M if use_dot else m, BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, USE_DOT=use_dot, EVEN_N=n % config.block_n == 0, EVEN_K=k % config.block_k == 0,
-        HAS_BIAS=bias is not None, DOT_PREC="ieee" if out.dtype == torch.float32 else "tf32",
-        DOT_UPCAST=tg._interpreting() and out.dtype != torch.float32,
+        hidden, residual, norm_weight, weight, bias if bias is not None else weight, out, residual_out,
+        m, hidden.stride(0), residual.stride(0), n, k, eps,
+        M_BLOCK=tg._DOT_M if use_dot else m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, USE_DOT=use_dot,
+        EVEN_N=n % config.block_n == 0, EVEN_K=k % config.block_k == 0, HAS_BIAS=bias is not None,
+        DOT_PREC="ieee" if hidden.dtype == torch.float32 else "tf32",
+        DOT_UPCAST=tg._interpreting() and hidden.dtype != torch.float32,
         NUM_STAGES=config.num_stages, num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
 
 def skinny_add_rmsnorm_linear(
-    hidden: torch.Tensor | PartialSums, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+    hidden: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
     weight: torch.Tensor, bias: torch.Tensor | None = None, config: tg.GemvConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(F.linear(rmsnorm(hidden + residual), weight, bias), hidden + residual) in one kernel.
@@ -194,45 +173,32 @@ def skinny_add_rmsnorm_linear(
     hidden and residual [M, K] (M <= 16, rows contiguous), norm_weight [K], weight [N, K]
     contiguous, bias [N]: all of one dtype (bf16, fp16, fp32). The inputs are left unchanged.
     See the module docstring for the roundings. `config` overrides the tuned choice.
-
-    hidden may be a row-parallel layer's deferred all-reduce (`PartialSums`): the kernel then
-    sums the ranks' blocks as it reads them, where a tuned Triton config exists for the shape
-    (else it is resolved first and this runs as for a tensor).
     """
-    like = hidden.out if isinstance(hidden, PartialSums) else hidden
-    m, k = like.shape
-    if (residual.shape != like.shape or weight.dim() != 2 or weight.shape[1] != k
+    m, k = hidden.shape
+    if (residual.shape != hidden.shape or weight.dim() != 2 or weight.shape[1] != k
             or norm_weight.shape != (k,)):
         raise ValueError(f"skinny_add_rmsnorm_linear needs hidden/residual [M, K], norm weight [K] and "
-                         f"weight [N, K], got {tuple(like.shape)}, {tuple(residual.shape)}, "
+                         f"weight [N, K], got {tuple(hidden.shape)}, {tuple(residual.shape)}, "
                          f"{tuple(norm_weight.shape)}, {tuple(weight.shape)}")
     if m > tg.MAX_M:
         raise ValueError(f"skinny_add_rmsnorm_linear serves at most {tg.MAX_M} rows, got {m}")
-    dtype = like.dtype
+    dtype = hidden.dtype
     if (dtype not in tg.SUPPORTED_DTYPES or any(t.dtype != dtype for t in (residual, norm_weight, weight))
             or (bias is not None and bias.dtype != dtype)):
         raise ValueError(f"skinny_add_rmsnorm_linear needs tensors of one dtype in {tg.SUPPORTED_DTYPES}")
     if not weight.is_contiguous():
         raise ValueError("skinny_add_rmsnorm_linear needs a contiguous weight")
-    if isinstance(hidden, PartialSums) and config is None:
-        # Summing while reading needs a tuned Triton config; the first call tunes on the sum.
-        config = tg.cached_config(VARIANT, m, weight, dtype)
-        if config is None:
-            hidden = hidden.resolve()
-    if isinstance(hidden, torch.Tensor) and hidden.stride(-1) != 1:
-        hidden = hidden.contiguous()
-    if residual.stride(-1) != 1:
-        residual = residual.contiguous()
+    hidden, residual = (t if t.stride(-1) == 1 else t.contiguous() for t in (hidden, residual))
     norm_weight = norm_weight.contiguous()
     if bias is not None:
         bias = bias.contiguous()
     n = weight.shape[0]
-    out = torch.empty((m, n), dtype=dtype, device=like.device)
-    residual_out = torch.empty((m, k), dtype=dtype, device=like.device)
+    out = torch.empty((m, n), dtype=dtype, device=hidden.device)
+    residual_out = torch.empty((m, k), dtype=dtype, device=hidden.device)
     if m == 0:
         return out, residual_out
     if n == 0:  # no program would write the residual
-        residual_out.copy_(resolve(hidden) + residual)
+        residual_out.copy_(hidden + residual)
         return out, residual_out
     if config is None:
         config = tg.tuned_config(

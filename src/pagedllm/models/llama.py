@@ -15,7 +15,6 @@ from torch import nn
 
 from pagedllm.attention.layer import Attention
 from pagedllm.attention.metadata import AttentionMetadata
-from pagedllm.deferred_all_reduce import PartialSums, resolve
 from pagedllm.layers.activation import SiluAndMul, gated_act_name
 from pagedllm.layers.layernorm import RMSNorm
 from pagedllm.layers.linear import (
@@ -70,11 +69,8 @@ class LlamaAttention(nn.Module):
         """Hidden states [T, hidden] -> attention output [T, hidden]."""
         return self.forward_from_qkv(positions, self.qkv_proj(hidden), metadata)
 
-    def forward_from_qkv(self, positions: torch.Tensor, qkv: torch.Tensor, metadata: AttentionMetadata,
-                         defer_all_reduce: bool = False) -> torch.Tensor | PartialSums:
-        """The rest of forward, from the QKV projection's output [T, q + 2 kv]. With
-        `defer_all_reduce` the output projection may return a PartialSums (its all-reduce left to
-        the next kernel, see RowParallelLinear.forward_deferred)."""
+    def forward_from_qkv(self, positions: torch.Tensor, qkv: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        """The rest of forward, from the QKV projection's output [T, q + 2 kv]."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         num_tokens = qkv.shape[0]
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
@@ -83,8 +79,6 @@ class LlamaAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         out = self.attn(q.reshape(num_tokens, -1), k.reshape(num_tokens, -1), v, metadata)
-        if defer_all_reduce and isinstance(self.o_proj, RowParallelLinear):
-            return self.o_proj.forward_deferred(out)
         return self.o_proj(out)
 
 
@@ -108,18 +102,14 @@ class LlamaMLP(nn.Module):
         """[T, hidden] -> [T, hidden]."""
         return self.forward_from_gate_up(self.gate_up_proj(x))
 
-    def forward_from_gate_up(self, gate_up: torch.Tensor, defer_all_reduce: bool = False,
-                             ) -> torch.Tensor | PartialSums:
-        """down(act(gate) * up) for the gate_up projection's output [T, 2 * inter / tp]; with
-        `defer_all_reduce` possibly a PartialSums (see RowParallelLinear.forward_deferred)."""
+    def forward_from_gate_up(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """down(act(gate) * up) for the gate_up projection's output [T, 2 * inter / tp]."""
         act = gated_act_name(self.act)
         # (Quantised layers replace RowParallelLinear and do not fold anything.)
         if (act is not None and isinstance(self.down_proj, RowParallelLinear)
                 and self.down_proj.can_fuse_gated(gate_up)):
             # Few tokens: the activation runs inside the down projection's skinny GEMM (every
             # program reads the whole gated row anyway), one kernel and round trip fewer.
-            if defer_all_reduce:
-                return self.down_proj.forward_deferred(gate_up, act)
             return self.down_proj.forward_gated(gate_up, act)
         return self.down_proj(self.act(gate_up))
 
@@ -141,24 +131,17 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config["hidden_size"], config["rms_norm_eps"])
 
     def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor | PartialSums, residual: torch.Tensor | None,
-        metadata: AttentionMetadata,
-    ) -> tuple[torch.Tensor | PartialSums, torch.Tensor]:
-        """One block; returns (hidden, residual) with the residual add deferred to the next norm.
-
-        Under tensor parallelism at decode sizes, hidden (in and out) may be a row-parallel
-        projection's PartialSums: its all-reduce then happens inside the add + RMSNorm kernel of
-        the projection after it (deferred_all_reduce.py); anything else resolves it first.
-        """
+        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, metadata: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One block; returns (hidden, residual) with the residual add deferred to the next norm."""
         attn, mlp = self.self_attn, self.mlp
         # Few tokens: each add + RMSNorm runs inside the projection after it (the skinny GEMM
         # reads the whole row anyway), where the modules are the plain Llama ones.
         if (residual is not None and type(attn).forward is LlamaAttention.forward
                 and _can_fuse_add_rmsnorm(attn.qkv_proj, self.input_layernorm, hidden, residual)):
             qkv, residual = attn.qkv_proj.forward_add_rmsnorm(self.input_layernorm, hidden, residual)
-            hidden = attn.forward_from_qkv(positions, qkv, metadata, defer_all_reduce=True)
+            hidden = attn.forward_from_qkv(positions, qkv, metadata)
         else:
-            hidden = resolve(hidden)
             if residual is None:
                 residual = hidden
                 hidden = self.input_layernorm(hidden)
@@ -168,8 +151,8 @@ class LlamaDecoderLayer(nn.Module):
         if type(mlp) is LlamaMLP and _can_fuse_add_rmsnorm(mlp.gate_up_proj, self.post_attention_layernorm,
                                                            hidden, residual):
             gate_up, residual = mlp.gate_up_proj.forward_add_rmsnorm(self.post_attention_layernorm, hidden, residual)
-            return mlp.forward_from_gate_up(gate_up, defer_all_reduce=True), residual
-        hidden, residual = self.post_attention_layernorm(resolve(hidden), residual)
+            return mlp.forward_from_gate_up(gate_up), residual
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
         return mlp(hidden), residual
 
     def make_mlp(self, config: dict[str, Any], layer_idx: int) -> nn.Module:
@@ -198,7 +181,7 @@ class LlamaModel(nn.Module):
         residual = None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, metadata)
-        hidden, _ = self.norm(resolve(hidden), residual)
+        hidden, _ = self.norm(hidden, residual)
         return hidden
 
 
