@@ -143,14 +143,13 @@ def profile_l1(engine, prompt: list[int], output_len: int) -> dict:
     return summaries
 
 
-def l1(config: str, tp: int, floor_gb: float, bandwidth: float, engine=None, profile: bool = False,
-       **engine_kw) -> dict:
+def l1(config: str, tp: int, floor_gb: float, bandwidth: float, engine=None, profile: bool = False) -> dict:
     from pagedllm.benchmarks.latency import measure_latency
 
     shared = engine is not None
     startup = 0.0
     if not shared:
-        engine, startup = _engine(config, tp, max_model_len=4096, max_num_seqs=8, **engine_kw)
+        engine, startup = _engine(config, tp, max_model_len=4096, max_num_seqs=8)
     rng = random.Random(0)
     prompt = [[rng.randrange(100, 10000) for _ in range(128)]]
     measure_latency(engine, prompt, 8)
@@ -300,8 +299,6 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="L1: host-loop breakdown and torch-profiler traces of every rank (to $OUT/traces)")
     ap.add_argument("--shared-engine", action="store_true", help="L1 on the T1 engine (same config)")
-    ap.add_argument("--l1-unfused", action="store_true",
-                    help="also L1 at TP > 1 with --disable-fused-all-reduce (a separate all-reduce kernel)")
     ap.add_argument("--greedy-t1", action="store_true", help="also time T1 with greedy sampling")
     ap.add_argument("--tokens-out", default=None, help="write the greedy tokens of each TP size here (JSON)")
     ap.add_argument("--compare-tokens", nargs=2, default=None, metavar=("A", "B"),
@@ -322,9 +319,6 @@ def main() -> None:
     for tp in sizes:
         if not args.skip_l1 and not args.shared_engine:
             record(RESULTS, f"l1_tp{tp}", l1, args.l1_config, tp, args.floor_gb, bandwidth, profile=args.profile)
-            if tp > 1 and args.l1_unfused:
-                record(RESULTS, f"l1_tp{tp}_unfused", l1, args.l1_config, tp, args.floor_gb, bandwidth,
-                       disable_fused_all_reduce=True)
         if not args.skip_t1:
             l1_args = (args.floor_gb, bandwidth) if args.shared_engine else None
             res = record(RESULTS, f"t1_tp{tp}", lambda: t1(args.t1_config, tp, greedy_prompts, 128, l1_args,

@@ -102,7 +102,6 @@ class EngineArgs:
     pipeline_parallel_size: int = 1
     distributed_executor_backend: str | None = None  # uni | mp | ray (default: uni for one rank, else mp)
     disable_custom_all_reduce: bool = False
-    disable_fused_all_reduce: bool = False
     trust_remote_code: bool = False
     disable_log_stats: bool = True
     hf_overrides: dict[str, Any] | None = None
@@ -152,9 +151,6 @@ class EngineArgs:
                                 "machines; joins the cluster at RAY_ADDRESS or starts a local one)")
         group.add_argument("--disable-custom-all-reduce", action="store_true",
                            help="NCCL for every GPU all-reduce (default: small ones over NVLink symmetric memory)")
-        group.add_argument("--disable-fused-all-reduce", action="store_true",
-                           help="a separate all-reduce kernel after each row-parallel decode GEMM (default: "
-                                "the GEMM pushes its output to the peers and its last program sums)")
         return parser
 
     @classmethod
@@ -254,7 +250,6 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     distributed_executor_backend: str = "uni"  # uni | mp | ray
     disable_custom_all_reduce: bool = False  # NCCL for every all-reduce (custom_all_reduce.py)
-    disable_fused_all_reduce: bool = False  # no all-reduce inside decode GEMMs (gemm_all_reduce.py)
 
     @property
     def world_size(self) -> int:
@@ -386,5 +381,4 @@ def create_parallel_config(args: EngineArgs, hf_config: dict[str, Any], device: 
         if tp > torch.cuda.device_count():
             raise ValueError(f"tensor_parallel_size={tp} needs {tp} GPUs; {torch.cuda.device_count()} visible.")
     return ParallelConfig(tensor_parallel_size=tp, distributed_executor_backend=backend,
-                          disable_custom_all_reduce=args.disable_custom_all_reduce,
-                          disable_fused_all_reduce=args.disable_fused_all_reduce)
+                          disable_custom_all_reduce=args.disable_custom_all_reduce)

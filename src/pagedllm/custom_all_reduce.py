@@ -31,7 +31,7 @@ class SymmMemAllReduce:
     """In-place sum of a CUDA tensor over the default process group through a symmetric buffer."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype = torch.bfloat16,
-                 one_shot_max_bytes: int = _ONE_SHOT_MAX_BYTES, fuse_into_gemm: bool = True) -> None:
+                 one_shot_max_bytes: int = _ONE_SHOT_MAX_BYTES) -> None:
         os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
         import torch.distributed._symmetric_memory as symm_mem
 
@@ -55,17 +55,6 @@ class SymmMemAllReduce:
         self.buffer_ptrs = self._peer_addresses(symm_mem.rendezvous(data, self.group_name), data, device)
         self.flag_ptrs = self._peer_addresses(symm_mem.rendezvous(flags, self.group_name), flags, device)
         self._one_shot_buffers = (data, flags)  # keep the mappings alive
-        # The buffers of the all-reduce inside decode GEMMs (gemm_all_reduce.py): two slots of
-        # data, the elements received per (peer, parity), and this rank's (epoch, ticket).
-        self.fuse_into_gemm = fuse_into_gemm
-        self.push_data = symm_mem.empty(2 * self.world_size * self.slot_numel, dtype=dtype, device=device)
-        arrivals = symm_mem.empty(self.world_size * 2, dtype=torch.int32, device=device)
-        arrivals.zero_()
-        self.own_arrivals = arrivals
-        self.push_state = torch.zeros(2, dtype=torch.int32, device=device)
-        self.push_ptrs = self._peer_addresses(symm_mem.rendezvous(self.push_data, self.group_name),
-                                              self.push_data, device)
-        self.arrival_ptrs = self._peer_addresses(symm_mem.rendezvous(arrivals, self.group_name), arrivals, device)
         torch.cuda.synchronize(device)
         dist.barrier()  # every rank's flags are zero before any peer can write one
 
@@ -81,14 +70,6 @@ class SymmMemAllReduce:
         return (x.is_cuda and x.dtype == self.dtype and x.is_contiguous()
                 and x.numel() <= self.buffer.numel() and (x.numel() * x.element_size()) % 16 == 0)
 
-    def can_fuse(self, numel: int, dtype: torch.dtype) -> bool:
-        """Whether a row-parallel GEMM's [M, N] output of `numel` elements is all-reduced inside
-        the GEMM (gemm_all_reduce.py) rather than by a kernel of its own."""
-        from pagedllm.gemm_all_reduce import MAX_SUM_ELEMENTS
-
-        return (self.fuse_into_gemm and dtype == self.dtype
-                and 0 < numel <= min(self.slot_numel, MAX_SUM_ELEMENTS))
-
     def all_reduce_(self, x: torch.Tensor) -> torch.Tensor:
         """Sum `x` over the ranks, in place (CUDA-graph capturable: no host syncs)."""
         if x.numel() * x.element_size() <= self.one_shot_max_bytes:
@@ -103,13 +84,11 @@ class SymmMemAllReduce:
         return x
 
 
-def create_custom_all_reduce(device: torch.device, rank: int, world_size: int,
-                             fuse_into_gemm: bool = True) -> SymmMemAllReduce | None:
-    """A checked SymmMemAllReduce, or None (NCCL) when it cannot run here; every rank decides alike.
-    `fuse_into_gemm` lets decode GEMMs all-reduce inside themselves (gemm_all_reduce.py)."""
+def create_custom_all_reduce(device: torch.device, rank: int, world_size: int) -> SymmMemAllReduce | None:
+    """A checked SymmMemAllReduce, or None (NCCL) when it cannot run here; every rank decides alike."""
     comm: SymmMemAllReduce | None = None
     try:
-        comm = SymmMemAllReduce(device, fuse_into_gemm=fuse_into_gemm)
+        comm = SymmMemAllReduce(device)
     except Exception as e:  # noqa: BLE001 - any failure means NCCL, on every rank
         logger.warning("Custom all-reduce unavailable (%s); using NCCL.", e)
     # The self-check's kernels wait for their peers: run them only where every rank got this far.
@@ -132,32 +111,9 @@ def create_custom_all_reduce(device: torch.device, rank: int, world_size: int,
         logger.warning("Custom all-reduce failed its %s; using NCCL.", failure)
     if not _all_ranks_agree(failure is None, device):
         return None
-    if comm.fuse_into_gemm:
-        fused_failure = _check_gemm_all_reduce(comm, rank, world_size, device)
-        if fused_failure is not None:
-            logger.warning("All-reduce inside decode GEMMs failed its %s; they all-reduce apart.", fused_failure)
-        comm.fuse_into_gemm = _all_ranks_agree(fused_failure is None, device)
     logger.info("Custom all-reduce: symmetric memory over NVLink for bf16 tensors up to %d MiB "
-                "(one-shot kernel up to %d KiB; folded into decode GEMMs: %s).", _MAX_BYTES >> 20,
-                comm.one_shot_max_bytes >> 10, comm.fuse_into_gemm)
+                "(one-shot kernel up to %d KiB).", _MAX_BYTES >> 20, comm.one_shot_max_bytes >> 10)
     return comm
-
-
-def _check_gemm_all_reduce(comm: SymmMemAllReduce, rank: int, world_size: int, device: torch.device) -> str | None:
-    """All-reduce a GEMM's output inside it (both buffer parities); None when right."""
-    from pagedllm.layers.triton_gemv import skinny_linear_all_reduce
-
-    x = torch.ones((1, 64), dtype=comm.dtype, device=device)
-    weight = torch.full((256, 64), (rank + 1) / 64, dtype=comm.dtype, device=device)
-    expected = world_size * (world_size + 1) / 2
-    for _ in range(2):
-        try:
-            got = skinny_linear_all_reduce(x, weight, comm)
-        except Exception as e:  # noqa: BLE001 - e.g. a kernel that does not compile here (alike on every rank)
-            return f"self-check ({e})"
-        if not bool((got == expected).all()):
-            return f"self-check summed to {got[0, 0].item()} instead of {expected}"
-    return None
 
 
 def _all_ranks_agree(ok: bool, device: torch.device) -> bool:

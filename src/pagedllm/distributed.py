@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.distributed as dist
-
-if TYPE_CHECKING:
-    from pagedllm.custom_all_reduce import SymmMemAllReduce
 
 _TP_RANK = 0
 _TP_SIZE = 1
 # Small GPU all-reduces over symmetric memory (custom_all_reduce.py), when set up.
-_CUSTOM_ALL_REDUCE: SymmMemAllReduce | None = None
+_CUSTOM_ALL_REDUCE = None
 
 
 def set_tensor_parallel_state(rank: int, world_size: int) -> None:
@@ -33,13 +28,11 @@ def get_tp_size() -> int:
 
 
 def init_distributed_environment(rank: int, world_size: int, init_method: str, device: torch.device,
-                                 custom_all_reduce: bool = True, fused_all_reduce: bool = True) -> None:
+                                 custom_all_reduce: bool = True) -> None:
     """Join the tensor-parallel process group: NCCL between GPUs, gloo between CPU processes.
 
     On GPUs, small all-reduces go through symmetric memory over NVLink when it works here
-    (`custom_all_reduce.py`; `custom_all_reduce=False` keeps NCCL for all of them), and the
-    decode GEMMs of row-parallel layers all-reduce inside themselves (`gemm_all_reduce.py`)
-    unless `fused_all_reduce=False`.
+    (`custom_all_reduce.py`; `custom_all_reduce=False` keeps NCCL for all of them).
     """
     global _CUSTOM_ALL_REDUCE
     if world_size > 1:
@@ -49,7 +42,7 @@ def init_distributed_environment(rank: int, world_size: int, init_method: str, d
         if device.type == "cuda" and custom_all_reduce:
             from pagedllm.custom_all_reduce import create_custom_all_reduce
 
-            _CUSTOM_ALL_REDUCE = create_custom_all_reduce(device, rank, world_size, fused_all_reduce)
+            _CUSTOM_ALL_REDUCE = create_custom_all_reduce(device, rank, world_size)
     set_tensor_parallel_state(rank, world_size)
 
 
@@ -67,11 +60,6 @@ def tensor_model_parallel_broadcast(x: torch.Tensor) -> torch.Tensor:
     if _TP_SIZE > 1:
         dist.broadcast(x, src=0)
     return x
-
-
-def get_custom_all_reduce() -> SymmMemAllReduce | None:
-    """The symmetric-memory communicator of this rank, if set up (GPUs, several ranks)."""
-    return _CUSTOM_ALL_REDUCE
 
 
 def tensor_model_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:

@@ -19,14 +19,11 @@ def test_cli_flags_reach_the_engine_config(tmp_path):
     # On the CPU async scheduling is off unless asked (nothing to overlap); custom all-reduce on.
     assert not default.scheduler_config.async_scheduling
     assert not default.parallel_config.disable_custom_all_reduce
-    assert not default.parallel_config.disable_fused_all_reduce
     assert default.model_config.use_fused_kernels
     chosen = create_engine_config(_parse("--model", str(tmp_path), "--device", "cpu", "--async-scheduling",
-                                         "--disable-custom-all-reduce", "--disable-fused-all-reduce",
-                                         "--no-fused-kernels"))
+                                         "--disable-custom-all-reduce", "--no-fused-kernels"))
     assert chosen.scheduler_config.async_scheduling
     assert chosen.parallel_config.disable_custom_all_reduce
-    assert chosen.parallel_config.disable_fused_all_reduce
     assert not chosen.model_config.use_fused_kernels
     off = create_engine_config(_parse("--model", str(tmp_path), "--device", "cpu", "--no-async-scheduling"))
     assert not off.scheduler_config.async_scheduling

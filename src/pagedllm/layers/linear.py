@@ -13,17 +13,12 @@ local matmul: the all-reduce and bias handling are the same on both paths.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.distributed import get_custom_all_reduce, get_tp_rank, get_tp_size, tensor_model_parallel_all_reduce
+from pagedllm.distributed import get_tp_rank, get_tp_size, tensor_model_parallel_all_reduce
 from pagedllm.layers.custom_op import CustomOp
-
-if TYPE_CHECKING:
-    from pagedllm.custom_all_reduce import SymmMemAllReduce
 
 # Inputs of at most this many tokens take the skinny-GEMM kernel (its M limit).
 SKINNY_MAX_TOKENS = 16
@@ -207,15 +202,9 @@ class RowParallelLinear(CustomOp):
         return self._reduce_and_add_bias(F.linear(x, self.weight))
 
     def forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
-        """As forward_native, the local matmul through the skinny-GEMM kernel for few tokens
-        (with the all-reduce inside it where `_gemm_all_reduce_comm` allows)."""
+        """As forward_native, the local matmul through the skinny-GEMM kernel for few tokens."""
         if not self.skinny_gemm:
             return self.forward_native(x)
-        comm = self._gemm_all_reduce_comm(x) if skinny_eligible(x, self.weight) else None
-        if comm is not None:
-            from pagedllm.layers.triton_gemv import skinny_linear_all_reduce
-
-            return self._add_bias(skinny_linear_all_reduce(x, self.weight, comm))
         return self._reduce_and_add_bias(fused_linear(x, self.weight))
 
     def can_fuse_gated(self, gate_up: torch.Tensor) -> bool:
@@ -233,31 +222,15 @@ class RowParallelLinear(CustomOp):
         [gate shard | up shard], and this layer's columns are the same intermediate shard, so
         the split at input_size_per_partition is the right one on every rank.
         """
-        from pagedllm.layers.triton_gemv import skinny_linear, skinny_linear_all_reduce
+        from pagedllm.layers.triton_gemv import skinny_linear
 
         hidden = gate_up.shape[-1]
-        rows = gate_up.reshape(-1, hidden)
-        comm = self._gemm_all_reduce_comm(rows)
-        if comm is not None:
-            out = self._add_bias(skinny_linear_all_reduce(rows, self.weight, comm, act=act))
-        else:
-            out = self._reduce_and_add_bias(skinny_linear(rows, self.weight, act=act))
-        return out.view(*gate_up.shape[:-1], self.weight.shape[0])
-
-    def _gemm_all_reduce_comm(self, x: torch.Tensor) -> SymmMemAllReduce | None:
-        """The communicator that all-reduces this layer's output for x [T, in] inside the skinny
-        GEMM (gemm_all_reduce.py), or None: several ranks on CUDA, a 2-D input whose output fits
-        `can_fuse` (decode sizes), not turned off (--disable-fused-all-reduce)."""
-        comm = get_custom_all_reduce()
-        if comm is None or x.dim() != 2 or not comm.can_fuse(x.shape[0] * self.weight.shape[0], x.dtype):
-            return None
-        return comm
+        partial = skinny_linear(gate_up.reshape(-1, hidden), self.weight, act=act)
+        return self._reduce_and_add_bias(partial.view(*gate_up.shape[:-1], self.weight.shape[0]))
 
     def _reduce_and_add_bias(self, partial: torch.Tensor) -> torch.Tensor:
-        return self._add_bias(tensor_model_parallel_all_reduce(partial))
-
-    def _add_bias(self, out: torch.Tensor) -> torch.Tensor:
         # The bias is added after the all-reduce (every rank holds all of it), so it counts once.
+        out = tensor_model_parallel_all_reduce(partial)
         if self.bias is not None:
             out = out + self.bias
         return out

@@ -31,19 +31,14 @@ import logging
 import os
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from pagedllm.attention import triton_backend
-from pagedllm.gemm_all_reduce import push_end, push_region
 from pagedllm.layers.triton_fused import gated_act_tile
-
-if TYPE_CHECKING:
-    from pagedllm.custom_all_reduce import SymmMemAllReduce
 
 logger = logging.getLogger(__name__)
 
@@ -109,22 +104,16 @@ def load_weight_tile(w_ptrs, n_ok, k_ok, EVEN_N: tl.constexpr, EVEN_K: tl.conste
 def _skinny_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr,
     M, stride_xm, N, K,
-    push_ptrs, arrival_ptrs, state_ptr, slot_numel,
     X_ALIGN: tl.constexpr, M_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, NUM_STAGES: tl.constexpr,
-    ACT: tl.constexpr = 0, PUSH_WORLD: tl.constexpr = 0, RANK: tl.constexpr = 0,
+    ACT: tl.constexpr = 0,
 ):
     """Program (n-block, k-split): out[:M, n-block] (+ bias), or its fp32 partial when split.
 
     ACT (0: none, 1: SiLU, 2: GELU-tanh) makes x a gated input [M, 2K] = [gate | up]: each
     loaded K-chunk is act(gate) * up, computed as the unfused activation kernel would.
-
-    PUSH_WORLD > 0 (SPLIT_K == 1, no bias): out is summed over the ranks in the epilogue
-    (`gemm_all_reduce.py`): each block goes to every rank's buffer, the last program sums.
     """
-    if PUSH_WORLD > 0:
-        epoch = tl.load(state_ptr)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -179,47 +168,23 @@ def _skinny_gemm_kernel(
             x1_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
+    if SPLIT_K == 1:
+        dst = out_ptr
+    else:  # the fp32 partial of split pid_k, in a workspace [SPLIT_K, M, N]
+        dst = out_ptr + pid_k * M * N
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     else:
         bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    # The block as `_store_tile` takes it (the names a path does not use hold placeholders).
     if USE_DOT:
+        # acc is [BLOCK_N, M_BLOCK]: store it transposed through the pointers, not a shuffle.
         out = acc + bias[:, None]
-        out0 = bias
-        out1 = bias
-    else:
-        out = bias
-        out0 = tl.sum(acc0, axis=1) + bias
-        out1 = bias
-        if M_BLOCK > 1:
-            out1 = tl.sum(acc1, axis=1) + bias
-    if PUSH_WORLD > 0:
-        for rank in tl.static_range(PUSH_WORLD):
-            dst = push_region(push_ptrs, rank, epoch, slot_numel, RANK, PUSH_WORLD, out_ptr.dtype.element_ty)
-            _store_tile(dst, out, out0, out1, offs_n, n_ok, offs_m, m_ok, N, USE_DOT, M_BLOCK)
-        push_end(push_ptrs, arrival_ptrs, state_ptr, out_ptr, epoch, M * tl.minimum(N - pid_n * BLOCK_N, BLOCK_N),
-                 M * N, slot_numel, RANK, PUSH_WORLD)
-    else:
-        if SPLIT_K == 1:
-            dst = out_ptr
-        else:  # the fp32 partial of split pid_k, in a workspace [SPLIT_K, M, N]
-            dst = out_ptr + pid_k * M * N
-        _store_tile(dst, out, out0, out1, offs_n, n_ok, offs_m, m_ok, N, USE_DOT, M_BLOCK)
-
-
-@triton.jit
-def _store_tile(dst, out, out0, out1, offs_n, n_ok, offs_m, m_ok, N, USE_DOT: tl.constexpr, M_BLOCK: tl.constexpr):
-    """Store a program's output block (out [BLOCK_N, M_BLOCK] for tl.dot, else rows out0 / out1)
-    into the row-major [M, N] at dst, in dst's dtype."""
-    if USE_DOT:
-        # out is [BLOCK_N, M_BLOCK]: store it transposed through the pointers, not a shuffle.
         tl.store(dst + offs_m[None, :] * N + offs_n[:, None], out.to(dst.dtype.element_ty),
                  mask=n_ok[:, None] & m_ok[None, :])
     else:
-        tl.store(dst + offs_n, out0.to(dst.dtype.element_ty), mask=n_ok)
+        tl.store(dst + offs_n, (tl.sum(acc0, axis=1) + bias).to(dst.dtype.element_ty), mask=n_ok)
         if M_BLOCK > 1:
-            tl.store(dst + N + offs_n, out1.to(dst.dtype.element_ty), mask=n_ok)
+            tl.store(dst + N + offs_n, (tl.sum(acc1, axis=1) + bias).to(dst.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit(do_not_specialize=["total"])
@@ -323,10 +288,7 @@ CUBLAS_MARGIN = 0.97
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-            config: GemvConfig, act: str | None = None, push: SymmMemAllReduce | None = None) -> torch.Tensor:
-    if push is not None and (config.use_cublas or config.split_k != 1 or bias is not None):
-        raise ValueError(f"an all-reducing skinny GEMM needs a Triton config without split-K and no bias, "
-                         f"got {config}")
+            config: GemvConfig, act: str | None = None) -> torch.Tensor:
     if config.use_cublas:
         if act is not None:  # unfused: the activation kernel, then the matmul
             from pagedllm.layers import triton_fused
@@ -349,19 +311,14 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
     split = config.split_k
     target = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     bias_arg = bias if bias is not None else weight
-    if push is not None:
-        push_args = (push.push_ptrs, push.arrival_ptrs, push.push_state, push.slot_numel)
-    else:
-        push_args = (target, target, target, 0)  # unused
     _skinny_gemm_kernel[(triton.cdiv(n, config.block_n), split)](
         x, weight, bias_arg, target,
-        m, x.stride(0), n, k, *push_args,
+        m, x.stride(0), n, k,
         X_ALIGN=x_align, M_BLOCK=m_block, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         SPLIT_K=split, USE_DOT=use_dot, EVEN_N=n % config.block_n == 0,
         EVEN_K=k % config.block_k == 0,
         HAS_BIAS=bias is not None and split == 1, DOT_PREC=precision, DOT_UPCAST=upcast,
         NUM_STAGES=config.num_stages, ACT=GATED_ACTS[act] if act is not None else 0,
-        PUSH_WORLD=push.world_size if push is not None else 0, RANK=push.rank if push is not None else 0,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split > 1:
@@ -431,18 +388,6 @@ def _tune(launch: Callable[[GemvConfig], object], weight: torch.Tensor, m: int, 
     return best
 
 
-def _tuning_key(variant: str, m: int, weight: torch.Tensor, dtype: torch.dtype,
-                ) -> tuple[str, int, int, int, torch.dtype, int]:
-    device = weight.device
-    index = device.index if device.type == "cuda" and device.index is not None else -1
-    return (variant, index, weight.shape[0], weight.shape[1], dtype, m_bucket(m))
-
-
-def cached_config(variant: str, m: int, weight: torch.Tensor, dtype: torch.dtype) -> GemvConfig | None:
-    """The config tuned_config chose for these arguments, or None before it has tuned them."""
-    return _tuned.get(_tuning_key(variant, m, weight, dtype))
-
-
 def tuned_config(variant: str, m: int, weight: torch.Tensor, dtype: torch.dtype,
                  launch: Callable[[GemvConfig], object],
                  candidates: Callable[[int, int, int, torch.dtype, int], list[GemvConfig]] = candidate_configs,
@@ -452,7 +397,8 @@ def tuned_config(variant: str, m: int, weight: torch.Tensor, dtype: torch.dtype,
     n, k = weight.shape
     device = weight.device
     sms = num_sms(device)
-    key = _tuning_key(variant, m, weight, dtype)
+    key = (variant, device.index if device.type == "cuda" and device.index is not None else -1, n, k, dtype,
+           m_bucket(m))
     config = _tuned.get(key)
     if config is not None:
         return config
@@ -485,26 +431,6 @@ def tuned_variant_configs() -> dict[tuple[str, int, int, int, torch.dtype, int],
     return {key: config for key, config in _tuned.items() if key[0]}
 
 
-def _checked_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str | None,
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """skinny_linear's argument checks; x and bias made row-contiguous where they were not."""
-    if act is not None and act not in GATED_ACTS:
-        raise ValueError(f"skinny_linear act must be one of {sorted(GATED_ACTS)}, got {act!r}")
-    x_cols = (2 if act is not None else 1) * weight.shape[-1]  # a gated x holds [gate | up]
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != x_cols:
-        raise ValueError(f"skinny_linear needs x [M, K] (gated: [M, 2K]) and weight [N, K], got "
-                         f"{tuple(x.shape)} and {tuple(weight.shape)}")
-    if x.shape[0] > MAX_M:
-        raise ValueError(f"skinny_linear serves at most {MAX_M} rows, got {x.shape[0]}")
-    if x.dtype not in SUPPORTED_DTYPES or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise ValueError(f"skinny_linear needs x, weight and bias of one dtype in {SUPPORTED_DTYPES}")
-    if weight.stride(1) != 1 or weight.stride(0) != weight.shape[1]:
-        raise ValueError("skinny_linear needs a contiguous weight")
-    if bias is not None and bias.stride(0) != 1:
-        bias = bias.contiguous()
-    return (x if x.stride(1) == 1 else x.contiguous()), bias
-
-
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   config: GemvConfig | None = None, act: str | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for x [M, K] with M <= 16: weight [N, K], bias [N] -> [M, N].
@@ -518,38 +444,27 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     gated product rounded to x's dtype as the unfused SiluAndMul / GELU kernels round it: the
     activation kernel and its round trip through memory are folded into this one.
     """
-    x, bias = _checked_inputs(x, weight, bias, act)
-    m, n = x.shape[0], weight.shape[0]
+    if act is not None and act not in GATED_ACTS:
+        raise ValueError(f"skinny_linear act must be one of {sorted(GATED_ACTS)}, got {act!r}")
+    x_cols = (2 if act is not None else 1) * weight.shape[-1]  # a gated x holds [gate | up]
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != x_cols:
+        raise ValueError(f"skinny_linear needs x [M, K] (gated: [M, 2K]) and weight [N, K], got "
+                         f"{tuple(x.shape)} and {tuple(weight.shape)}")
+    m = x.shape[0]
+    if m > MAX_M:
+        raise ValueError(f"skinny_linear serves at most {MAX_M} rows, got {m}")
+    if x.dtype not in SUPPORTED_DTYPES or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError(f"skinny_linear needs x, weight and bias of one dtype in {SUPPORTED_DTYPES}")
+    if weight.stride(1) != 1 or weight.stride(0) != weight.shape[1]:
+        raise ValueError("skinny_linear needs a contiguous weight")
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    n = weight.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
     if config is None:
         config = get_config(x, weight, bias, out, act)
     return _launch(x, weight, bias, out, config, act)
-
-
-def push_config(x: torch.Tensor, weight: torch.Tensor, act: str | None = None) -> GemvConfig:
-    """The config of an all-reducing GEMM: the plain GEMM's tuned one, split-K and cuBLAS excepted
-    (a program must own whole output columns); then the first Triton candidate unsplit. Ranks
-    may choose differently: the protocol counts elements, not programs."""
-    config = get_config(x, weight, None, None, act)
-    if config.use_cublas or config.split_k != 1:
-        config = replace(candidate_configs(weight.shape[0], weight.shape[1], x.shape[0], x.dtype,
-                                           num_sms(x.device))[0], split_k=1)
-    return config
-
-
-def skinny_linear_all_reduce(x: torch.Tensor, weight: torch.Tensor, comm: SymmMemAllReduce, act: str | None = None,
-                             config: GemvConfig | None = None) -> torch.Tensor:
-    """skinny_linear(x, weight, act=act) summed over the tensor-parallel ranks in the same kernel
-    (`gemm_all_reduce.py`): the rank-ordered fp32 sum of every rank's output rounded to x's dtype,
-    the bits the one-shot all-reduce gives. Every rank must make the same calls; the [M, N]
-    output must pass `comm.can_fuse`."""
-    x, _ = _checked_inputs(x, weight, None, act)
-    m, n = x.shape[0], weight.shape[0]
-    if not comm.can_fuse(m * n, x.dtype):
-        raise ValueError(f"a [{m}, {n}] {x.dtype} output cannot be all-reduced inside the GEMM")
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m and n:
-        _launch(x, weight, None, out, config or push_config(x, weight, act), act, push=comm)
-    return out

@@ -44,10 +44,8 @@ class Worker:
         if world_size > 1:
             if distributed_init_method is None:
                 raise ValueError("A tensor-parallel worker needs a distributed_init_method (tcp://host:port).")
-            parallel = config.parallel_config
             init_distributed_environment(rank, world_size, distributed_init_method, self.device,
-                                         custom_all_reduce=not parallel.disable_custom_all_reduce,
-                                         fused_all_reduce=not parallel.disable_fused_all_reduce)
+                                         custom_all_reduce=not config.parallel_config.disable_custom_all_reduce)
         torch.manual_seed(config.seed)
         self.model_runner = ModelRunner(config.model_config, config.cache_config, self.device, seed=config.seed)
 
