@@ -54,7 +54,14 @@ class SymmMemAllReduce:
         self.epochs = torch.zeros(one_shot_all_reduce.MAX_PROGRAMS, dtype=torch.int32, device=device)
         self.buffer_ptrs = self._peer_addresses(symm_mem.rendezvous(data, self.group_name), data, device)
         self.flag_ptrs = self._peer_addresses(symm_mem.rendezvous(flags, self.group_name), flags, device)
-        self._one_shot_buffers = (data, flags)  # keep the mappings alive
+        # The LL variant (flag inside each 8-byte word): int64 [2 slots][world][slot words].
+        self.ll_slot_words = self.slot_numel // 2
+        ll_data = symm_mem.empty(2 * self.world_size * self.ll_slot_words, dtype=torch.int64, device=device)
+        ll_data.zero_()
+        self.ll_epochs = torch.zeros(one_shot_all_reduce.MAX_PROGRAMS, dtype=torch.int32, device=device)
+        self.ll_buffer_ptrs = self._peer_addresses(symm_mem.rendezvous(ll_data, self.group_name), ll_data, device)
+        self.use_ll = True  # the one-shot path's protocol: LL words (else data + release flag)
+        self._one_shot_buffers = (data, flags, ll_data)  # keep the mappings alive
         torch.cuda.synchronize(device)
         dist.barrier()  # every rank's flags are zero before any peer can write one
 
@@ -73,7 +80,11 @@ class SymmMemAllReduce:
     def all_reduce_(self, x: torch.Tensor) -> torch.Tensor:
         """Sum `x` over the ranks, in place (CUDA-graph capturable: no host syncs)."""
         if x.numel() * x.element_size() <= self.one_shot_max_bytes:
-            from pagedllm.one_shot_all_reduce import one_shot_all_reduce_
+            from pagedllm.one_shot_all_reduce import ll_all_reduce_, one_shot_all_reduce_
+
+            if self.use_ll and x.element_size() == 2 and x.data_ptr() % 4 == 0:  # (applies: even numel)
+                return ll_all_reduce_(x, self.ll_buffer_ptrs, self.ll_epochs, self.ll_slot_words,
+                                      self.rank, self.world_size)
 
             return one_shot_all_reduce_(x, self.buffer_ptrs, self.flag_ptrs, self.epochs, self.slot_numel,
                                         self.rank, self.world_size)

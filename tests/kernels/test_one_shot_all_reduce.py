@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedllm.one_shot_all_reduce import MAX_PROGRAMS, num_programs, one_shot_all_reduce_
+from pagedllm.one_shot_all_reduce import MAX_PROGRAMS, ll_all_reduce_, ll_num_programs, num_programs, one_shot_all_reduce_
 
 SLOT = 70_000
 
@@ -84,3 +84,63 @@ def test_refuses_what_does_not_fit_or_is_not_contiguous() -> None:
         one_shot_all_reduce_(torch.zeros(SLOT + 1), ranks.buffer_ptrs, ranks.flag_ptrs, ranks.epochs[0], SLOT, 0, 2)
     with pytest.raises(ValueError, match="contiguous"):
         one_shot_all_reduce_(torch.zeros(8, 2).t(), ranks.buffer_ptrs, ranks.flag_ptrs, ranks.epochs[0], SLOT, 0, 2)
+
+
+class SimulatedLLRanks:
+    """The LL variant's per-rank int64 buffers and epoch counters in host memory."""
+
+    def __init__(self, world: int) -> None:
+        self.world = world
+        self.buffers = [torch.zeros(2 * world * SLOT, dtype=torch.int64) for _ in range(world)]
+        self.epochs = [torch.zeros(MAX_PROGRAMS, dtype=torch.int32) for _ in range(world)]
+        self.buffer_ptrs = torch.tensor([b.data_ptr() for b in self.buffers], dtype=torch.int64)
+
+    def all_reduce(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Every rank's kernel on its own copy of xs[rank]; before rank r runs, the ranks after it
+        are made to look as if they had pushed (their tagged words in rank r's buffer)."""
+        words = xs[0].numel() // 2
+        programs = ll_num_programs(xs[0].numel())
+        # Each program counts its own calls (a call with fewer programs leaves the others behind);
+        # chunk c of 1024 words belongs to program c % programs.
+        epochs = [int(e) + 1 for e in self.epochs[0][:programs]]
+        results = []
+        for rank in range(self.world):
+            for later in range(rank + 1, self.world):
+                data = xs[later].view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+                for chunk, begin in enumerate(range(0, words, 1024)):
+                    epoch = epochs[chunk % programs]
+                    start = ((epoch % 2) * self.world + later) * SLOT + begin
+                    end = min(begin + 1024, words)
+                    self.buffers[rank][start : start + end - begin] = data[begin:end] | (epoch << 32)
+            x = xs[rank].clone()
+            ll_all_reduce_(x, self.buffer_ptrs, self.epochs[rank], SLOT, rank, self.world)
+            results.append(x)
+        return results
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ll_variant_gives_the_rank_ordered_sum_on_every_rank(world: int, dtype: torch.dtype) -> None:
+    ranks = SimulatedLLRanks(world)
+    gen = torch.Generator().manual_seed(world)
+    for n in (8, 2048, 4096 + 8, 2 * 1024 * MAX_PROGRAMS + 2048, 8):  # one chunk .. more chunks than programs
+        xs = [torch.randn(n, generator=gen).to(dtype) for _ in range(world)]
+        expected = xs[0].float()
+        for x in xs[1:]:
+            expected = expected + x.float()  # rank order, fp32
+        results = ranks.all_reduce(xs)
+        for result in results:
+            assert torch.equal(result, results[0])  # the same bits on every rank
+            # One rounding of the fp32 sum (the interpreter may truncate rather than round to nearest).
+            assert torch.allclose(result.float(), expected, rtol=2 ** -7 if dtype == torch.bfloat16 else 2 ** -10,
+                                  atol=1e-6)
+
+
+def test_ll_variant_refuses_what_it_cannot_take() -> None:
+    ranks = SimulatedLLRanks(2)
+    with pytest.raises(ValueError, match="16-bit"):
+        ll_all_reduce_(torch.zeros(8), ranks.buffer_ptrs, ranks.epochs[0], SLOT, 0, 2)
+    with pytest.raises(ValueError, match="even numel"):
+        ll_all_reduce_(torch.zeros(7, dtype=torch.bfloat16), ranks.buffer_ptrs, ranks.epochs[0], SLOT, 0, 2)
+    with pytest.raises(ValueError, match="do not fit"):
+        ll_all_reduce_(torch.zeros(2 * SLOT + 2, dtype=torch.bfloat16), ranks.buffer_ptrs, ranks.epochs[0], SLOT, 0, 2)
