@@ -217,9 +217,7 @@ def _allreduce_worker(rank: int, world: int, port: int, hidden: int, batches: li
     one_shot_limit = custom.one_shot_max_bytes if custom is not None else 0
     # custom = the default routing (one-shot Triton kernel up to its limit, then two-shot);
     # two_shot = torch's two-shot kernel for every size.
-    # flags = the one-shot kernel with a release flag per program instead of LL words.
-    variants = [("nccl", None, 0)] + ([("custom", custom, one_shot_limit), ("flags", custom, one_shot_limit),
-                                       ("two_shot", custom, 0)] if custom else [])
+    variants = [("nccl", None, 0)] + ([("custom", custom, one_shot_limit), ("two_shot", custom, 0)] if custom else [])
     for batch in batches:
         x = torch.randn(batch, hidden, dtype=torch.bfloat16, device="cuda", generator=torch.Generator(
             device="cuda").manual_seed(rank))
@@ -227,7 +225,6 @@ def _allreduce_worker(rank: int, world: int, port: int, hidden: int, batches: li
             pd._CUSTOM_ALL_REDUCE = comm
             if comm is not None:
                 comm.one_shot_max_bytes = limit
-                comm.use_ll = name != "flags"
                 ref = x.clone()
                 dist.all_reduce(ref)
                 got = x.clone()
@@ -257,7 +254,6 @@ def _allreduce_worker(rank: int, world: int, port: int, hidden: int, batches: li
             out[f"batch_{batch}_{name}_ms_per_step"] = (time.perf_counter() - t0) / 20 * 1e3
         if custom is not None:
             custom.one_shot_max_bytes = one_shot_limit
-            custom.use_ll = True
     pd._CUSTOM_ALL_REDUCE = custom
     if rank == 0:
         q.put(out)

@@ -3,7 +3,8 @@
 NCCL's all-reduce costs ~22 us at batch 1 on two H200s even inside a CUDA graph; a decode step of
 an 8B model at TP=2 runs 64 of them (~1.4 ms of a ~3.4 ms step). With symmetric memory every rank
 maps its peers' buffers. The smallest tensors (up to `one_shot_max_bytes`) go through our one-shot
-Triton kernel (`one_shot_all_reduce.py`: push to every peer, flag, sum locally, in one launch);
+Triton kernel (`one_shot_all_reduce.py`: push words tagged with the call's epoch to every peer,
+poll for theirs, sum locally, in one launch);
 larger ones through torch's `two_shot_all_reduce_` (each rank reduces its slice from all peers'
 buffers, then gathers the others' slices) with a copy in and out of the symmetric buffer.
 
@@ -45,25 +46,17 @@ class SymmMemAllReduce:
         element_size = torch.tensor([], dtype=dtype).element_size()
         self.buffer = symm_mem.empty(_MAX_BYTES // element_size, dtype=dtype, device=device)
         symm_mem.rendezvous(self.buffer, self.group_name)
-        # The one-shot kernel's buffers: two slots of data and a flag per (peer, program).
+        # The one-shot kernel's buffer: int64 words [2 slots][world regions][slot words], each
+        # two 16-bit elements and an epoch; and this rank's epoch per program.
         self.one_shot_max_bytes = one_shot_max_bytes
-        self.slot_numel = one_shot_max_bytes // element_size
-        data = symm_mem.empty(2 * self.world_size * self.slot_numel, dtype=dtype, device=device)
-        flags = symm_mem.empty(self.world_size * one_shot_all_reduce.MAX_PROGRAMS, dtype=torch.int32, device=device)
-        flags.zero_()
+        self.slot_words = one_shot_max_bytes // 4
+        words = symm_mem.empty(2 * self.world_size * self.slot_words, dtype=torch.int64, device=device)
+        words.zero_()
         self.epochs = torch.zeros(one_shot_all_reduce.MAX_PROGRAMS, dtype=torch.int32, device=device)
-        self.buffer_ptrs = self._peer_addresses(symm_mem.rendezvous(data, self.group_name), data, device)
-        self.flag_ptrs = self._peer_addresses(symm_mem.rendezvous(flags, self.group_name), flags, device)
-        # The LL variant (flag inside each 8-byte word): int64 [2 slots][world][slot words].
-        self.ll_slot_words = self.slot_numel // 2
-        ll_data = symm_mem.empty(2 * self.world_size * self.ll_slot_words, dtype=torch.int64, device=device)
-        ll_data.zero_()
-        self.ll_epochs = torch.zeros(one_shot_all_reduce.MAX_PROGRAMS, dtype=torch.int32, device=device)
-        self.ll_buffer_ptrs = self._peer_addresses(symm_mem.rendezvous(ll_data, self.group_name), ll_data, device)
-        self.use_ll = True  # the one-shot path's protocol: LL words (else data + release flag)
-        self._one_shot_buffers = (data, flags, ll_data)  # keep the mappings alive
+        self.buffer_ptrs = self._peer_addresses(symm_mem.rendezvous(words, self.group_name), words, device)
+        self._one_shot_buffer = words  # keep the mapping alive
         torch.cuda.synchronize(device)
-        dist.barrier()  # every rank's flags are zero before any peer can write one
+        dist.barrier()  # every rank's words are zero before any peer can write one
 
     def _peer_addresses(self, handle: object, local: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Each rank's address of the symmetric tensor `local`, as mapped on this device."""
@@ -79,15 +72,10 @@ class SymmMemAllReduce:
 
     def all_reduce_(self, x: torch.Tensor) -> torch.Tensor:
         """Sum `x` over the ranks, in place (CUDA-graph capturable: no host syncs)."""
-        if x.numel() * x.element_size() <= self.one_shot_max_bytes:
-            from pagedllm.one_shot_all_reduce import ll_all_reduce_, one_shot_all_reduce_
+        if x.numel() * x.element_size() <= self.one_shot_max_bytes and x.data_ptr() % 4 == 0:
+            from pagedllm.one_shot_all_reduce import one_shot_all_reduce_
 
-            if self.use_ll and x.element_size() == 2 and x.data_ptr() % 4 == 0:  # (applies: even numel)
-                return ll_all_reduce_(x, self.ll_buffer_ptrs, self.ll_epochs, self.ll_slot_words,
-                                      self.rank, self.world_size)
-
-            return one_shot_all_reduce_(x, self.buffer_ptrs, self.flag_ptrs, self.epochs, self.slot_numel,
-                                        self.rank, self.world_size)
+            return one_shot_all_reduce_(x, self.buffer_ptrs, self.epochs, self.slot_words, self.rank, self.world_size)
         staged = self.buffer[: x.numel()]
         staged.copy_(x.view(-1))
         torch.ops.symm_mem.two_shot_all_reduce_(staged, "sum", self.group_name)
@@ -109,7 +97,7 @@ def create_custom_all_reduce(device: torch.device, rank: int, world_size: int) -
     expected = world_size * (world_size + 1) / 2
     failure = None
     # One size through each kernel (one-shot, two-shot), and both slots of the one-shot's buffer.
-    for numel in (4096, 4096, comm.slot_numel + 8, 4096):
+    for numel in (4096, 4096, comm.one_shot_max_bytes // 2 + 8, 4096):
         probe = torch.full((numel,), float(rank + 1), dtype=comm.dtype, device=device)
         try:
             comm.all_reduce_(probe)

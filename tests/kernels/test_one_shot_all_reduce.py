@@ -1,11 +1,11 @@
 """The one-shot all-reduce kernel in the interpreter: ranks simulated one after another in a process.
 
-A rank's kernel waits for its peers' flags, so the ranks cannot run one after another as they
-are: before rank r runs, the ranks after it are made to look as if they had pushed this call
-(their data in their region of rank r's buffer, their flags set on rank r), exactly the state
-their own kernels leave. The ranks before r really ran and published. Each rank's result must be
-the rank-ordered fp32 sum, identical on every rank, over several calls (both buffer slots) and
-sizes spanning one chunk to more chunks than programs.
+A rank's kernel waits for its peers' tagged words, so the ranks cannot run one after another as
+they are: before rank r runs, the ranks after it are made to look as if they had pushed this
+call (their words, tagged with each program's epoch, in their region of rank r's buffer),
+exactly the state their own kernels leave. The ranks before r really ran and pushed. Each rank's
+result must be the rank-ordered fp32 sum rounded once, identical on every rank, over several
+calls (both buffer slots) and sizes spanning one chunk to more chunks than programs.
 """
 
 from __future__ import annotations
@@ -13,81 +13,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedllm.one_shot_all_reduce import MAX_PROGRAMS, ll_all_reduce_, ll_num_programs, num_programs, one_shot_all_reduce_
+from pagedllm.one_shot_all_reduce import MAX_PROGRAMS, num_programs, one_shot_all_reduce_
 
-SLOT = 70_000
+SLOT = 70_000  # words
 
 
 class SimulatedRanks:
-    """Per-rank buffers, flags and epoch counters in host memory, addressed like peer mappings."""
-
-    def __init__(self, world: int, dtype: torch.dtype) -> None:
-        self.world = world
-        self.buffers = [torch.zeros(2 * world * SLOT, dtype=dtype) for _ in range(world)]
-        self.flags = [torch.zeros(world * MAX_PROGRAMS, dtype=torch.int32) for _ in range(world)]
-        self.epochs = [torch.zeros(MAX_PROGRAMS, dtype=torch.int32) for _ in range(world)]
-        self.buffer_ptrs = torch.tensor([b.data_ptr() for b in self.buffers], dtype=torch.int64)
-        self.flag_ptrs = torch.tensor([f.data_ptr() for f in self.flags], dtype=torch.int64)
-
-    def all_reduce(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Run every rank's kernel on its own copy of xs[rank]; the results by rank."""
-        n = xs[0].numel()
-        programs = num_programs(n)
-        # Each program counts its own calls (a call with fewer programs leaves the others behind).
-        epochs = self.epochs[0][:programs] + 1
-        results = []
-        for rank in range(self.world):
-            for later in range(rank + 1, self.world):  # as if rank `later` had pushed its data already
-                for slot in (0, self.world * SLOT):  # each program's parity: both hold this call's data
-                    start = slot + later * SLOT
-                    self.buffers[rank][start : start + n] = xs[later]
-                self.flags[rank][later * MAX_PROGRAMS : later * MAX_PROGRAMS + programs] = epochs
-            x = xs[rank].clone()
-            one_shot_all_reduce_(x, self.buffer_ptrs, self.flag_ptrs, self.epochs[rank], SLOT, rank, self.world)
-            results.append(x)
-        # Every rank counted the call and told every peer so.
-        for rank in range(self.world):
-            assert torch.equal(self.epochs[rank][:programs], epochs)
-            for peer in range(self.world):
-                if peer != rank:
-                    assert torch.equal(self.flags[peer][rank * MAX_PROGRAMS : rank * MAX_PROGRAMS + programs], epochs)
-        return results
-
-
-@pytest.mark.parametrize("world", [2, 3])
-def test_every_rank_gets_the_rank_ordered_sum_over_repeated_calls_and_sizes(world: int) -> None:
-    ranks = SimulatedRanks(world, torch.float32)
-    gen = torch.Generator().manual_seed(world)
-    for n in (1, 2048, 5000, 2048 * MAX_PROGRAMS + 4000, 4096):
-        xs = [torch.randn(n, generator=gen) for _ in range(world)]
-        expected = xs[0].clone()
-        for x in xs[1:]:
-            expected += x  # rank order, fp32: the kernel's order
-        for result in ranks.all_reduce(xs):
-            assert torch.equal(result, expected)
-
-
-def test_bf16_sums_in_fp32_and_rounds_once() -> None:
-    ranks = SimulatedRanks(2, torch.bfloat16)
-    gen = torch.Generator().manual_seed(0)
-    xs = [torch.randn(3000, generator=gen).to(torch.bfloat16) for _ in range(2)]
-    expected = xs[0].float() + xs[1].float()
-    for _ in range(2):
-        for result in ranks.all_reduce(xs):
-            # One rounding to bf16 (the interpreter may truncate rather than round to nearest).
-            assert torch.allclose(result.float(), expected, rtol=2 ** -7, atol=0)
-
-
-def test_refuses_what_does_not_fit_or_is_not_contiguous() -> None:
-    ranks = SimulatedRanks(2, torch.float32)
-    with pytest.raises(ValueError, match="do not fit"):
-        one_shot_all_reduce_(torch.zeros(SLOT + 1), ranks.buffer_ptrs, ranks.flag_ptrs, ranks.epochs[0], SLOT, 0, 2)
-    with pytest.raises(ValueError, match="contiguous"):
-        one_shot_all_reduce_(torch.zeros(8, 2).t(), ranks.buffer_ptrs, ranks.flag_ptrs, ranks.epochs[0], SLOT, 0, 2)
-
-
-class SimulatedLLRanks:
-    """The LL variant's per-rank int64 buffers and epoch counters in host memory."""
+    """Per-rank int64 buffers and epoch counters in host memory."""
 
     def __init__(self, world: int) -> None:
         self.world = world
@@ -99,7 +31,7 @@ class SimulatedLLRanks:
         """Every rank's kernel on its own copy of xs[rank]; before rank r runs, the ranks after it
         are made to look as if they had pushed (their tagged words in rank r's buffer)."""
         words = xs[0].numel() // 2
-        programs = ll_num_programs(xs[0].numel())
+        programs = num_programs(xs[0].numel())
         # Each program counts its own calls (a call with fewer programs leaves the others behind);
         # chunk c of 1024 words belongs to program c % programs.
         epochs = [int(e) + 1 for e in self.epochs[0][:programs]]
@@ -113,15 +45,15 @@ class SimulatedLLRanks:
                     end = min(begin + 1024, words)
                     self.buffers[rank][start : start + end - begin] = data[begin:end] | (epoch << 32)
             x = xs[rank].clone()
-            ll_all_reduce_(x, self.buffer_ptrs, self.epochs[rank], SLOT, rank, self.world)
+            one_shot_all_reduce_(x, self.buffer_ptrs, self.epochs[rank], SLOT, rank, self.world)
             results.append(x)
         return results
 
 
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_ll_variant_gives_the_rank_ordered_sum_on_every_rank(world: int, dtype: torch.dtype) -> None:
-    ranks = SimulatedLLRanks(world)
+def test_every_rank_gets_the_rank_ordered_sum_over_repeated_calls_and_sizes(world: int, dtype: torch.dtype) -> None:
+    ranks = SimulatedRanks(world)
     gen = torch.Generator().manual_seed(world)
     for n in (8, 2048, 4096 + 8, 2 * 1024 * MAX_PROGRAMS + 2048, 8):  # one chunk .. more chunks than programs
         xs = [torch.randn(n, generator=gen).to(dtype) for _ in range(world)]
@@ -136,11 +68,13 @@ def test_ll_variant_gives_the_rank_ordered_sum_on_every_rank(world: int, dtype: 
                                   atol=1e-6)
 
 
-def test_ll_variant_refuses_what_it_cannot_take() -> None:
-    ranks = SimulatedLLRanks(2)
+def test_refuses_what_it_cannot_take() -> None:
+    ranks = SimulatedRanks(2)
     with pytest.raises(ValueError, match="16-bit"):
-        ll_all_reduce_(torch.zeros(8), ranks.buffer_ptrs, ranks.epochs[0], SLOT, 0, 2)
+        one_shot_all_reduce_(torch.zeros(8), ranks.buffer_ptrs, ranks.epochs[0], SLOT, 0, 2)
     with pytest.raises(ValueError, match="even numel"):
-        ll_all_reduce_(torch.zeros(7, dtype=torch.bfloat16), ranks.buffer_ptrs, ranks.epochs[0], SLOT, 0, 2)
+        one_shot_all_reduce_(torch.zeros(7, dtype=torch.bfloat16), ranks.buffer_ptrs, ranks.epochs[0], SLOT, 0, 2)
     with pytest.raises(ValueError, match="do not fit"):
-        ll_all_reduce_(torch.zeros(2 * SLOT + 2, dtype=torch.bfloat16), ranks.buffer_ptrs, ranks.epochs[0], SLOT, 0, 2)
+        one_shot_all_reduce_(torch.zeros(2 * SLOT + 2, dtype=torch.bfloat16), ranks.buffer_ptrs, ranks.epochs[0], SLOT, 0, 2)
+    with pytest.raises(ValueError, match="contiguous"):
+        one_shot_all_reduce_(torch.zeros(8, 2, dtype=torch.bfloat16).t(), ranks.buffer_ptrs, ranks.epochs[0], SLOT, 0, 2)
