@@ -16,9 +16,12 @@ the "LL" (low-latency) style of NCCL's small-message protocol:
 
 Slots alternate with the parity of the epoch: a rank writes into a peer's slot again two calls
 later, and by then it has seen that peer's words of the call in between, which the peer pushes
-only after it finished reading the slot (its kernels run in stream order); a word left from the
-slot's previous use carries epoch - 2, never the awaited one. Each program keeps its own epoch
-counter in device memory, so the kernel needs no host state and replays from a CUDA graph.
+only after it finished reading the slot (its kernels run in stream order). A reader zeroes the
+words it consumed, so a slot never holds a word of an earlier call (a later call may be larger
+than the last one that wrote a word), and epochs can run in a finite cycle (1 .. 2^30) without
+ever being mistaken. Chunk c is always handled by program c % MAX_PROGRAMS, on every rank and
+at every size, and each program keeps its own epoch counter in device memory, so the kernel
+needs no host state and replays from a CUDA graph.
 
 Every program waits only for the same program on the peers; the grid stays far below the SM
 count so that all programs are resident at once on every rank and none waits on one that
@@ -34,6 +37,7 @@ import triton.language as tl
 
 MAX_PROGRAMS = 32
 _BLOCK = 1024  # words per chunk: 2048 elements
+EPOCH_PERIOD: tl.constexpr = tl.constexpr(1 << 30)  # epochs run 1 .. 2^30 and start over (an even period)
 
 
 @triton.jit
@@ -53,9 +57,9 @@ def _one_shot_all_reduce_kernel(
     the epoch; wait for every peer's; write the rank-ordered sums over x."""
     pid = tl.program_id(0)
     step = tl.num_programs(0) * BLOCK
-    epoch = tl.load(epoch_ptr + pid) + 1
+    epoch = tl.load(epoch_ptr + pid) % EPOCH_PERIOD + 1  # 1 .. EPOCH_PERIOD: never 0, never overflows
     tag = epoch.to(tl.int64) << 32
-    slot = (epoch % 2).to(tl.int64) * WORLD * slot_words
+    slot = (epoch & 1).to(tl.int64) * WORLD * slot_words
     for start in range(pid * BLOCK, n_words, step):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < n_words
@@ -79,6 +83,7 @@ def _one_shot_all_reduce_kernel(
                 got = tl.load(ptrs, mask=mask, other=tag, volatile=True)
                 while tl.sum(((got >> 32) != epoch).to(tl.int32), axis=0) > 0:
                     got = tl.load(ptrs, mask=mask, other=tag, volatile=True)
+                tl.store(ptrs, tl.zeros([BLOCK], dtype=tl.int64), mask=mask)  # consumed: no stale tag left
                 words = (got & 0xFFFFFFFF).to(tl.int32)
             lo, hi = _halves_to_float(words, ELEM)
             acc_lo += lo

@@ -34,7 +34,7 @@ class SimulatedRanks:
         programs = num_programs(xs[0].numel())
         # Each program counts its own calls (a call with fewer programs leaves the others behind);
         # chunk c of 1024 words belongs to program c % programs.
-        epochs = [int(e) + 1 for e in self.epochs[0][:programs]]
+        epochs = [int(e) % (1 << 30) + 1 for e in self.epochs[0][:programs]]
         results = []
         for rank in range(self.world):
             for later in range(rank + 1, self.world):
@@ -47,6 +47,12 @@ class SimulatedRanks:
             x = xs[rank].clone()
             one_shot_all_reduce_(x, self.buffer_ptrs, self.epochs[rank], SLOT, rank, self.world)
             results.append(x)
+        # The last rank ran after every other really pushed: it consumed (zeroed) all their words.
+        last = self.buffers[self.world - 1]
+        for earlier in range(self.world - 1):
+            for epoch in set(epochs):
+                start = ((epoch % 2) * self.world + earlier) * SLOT
+                assert not bool(last[start : start + words].any())
         return results
 
 
@@ -66,6 +72,19 @@ def test_every_rank_gets_the_rank_ordered_sum_over_repeated_calls_and_sizes(worl
             # One rounding of the fp32 sum (the interpreter may truncate rather than round to nearest).
             assert torch.allclose(result.float(), expected, rtol=2 ** -7 if dtype == torch.bfloat16 else 2 ** -10,
                                   atol=1e-6)
+
+
+def test_epochs_start_over_without_confusing_a_slot() -> None:
+    ranks = SimulatedRanks(2)
+    for epochs in ranks.epochs:
+        epochs.fill_((1 << 30) - 1)  # the next calls use epochs 2^30, then 1, 2: the parity keeps alternating
+    gen = torch.Generator().manual_seed(7)
+    for n in (4096, 4096, 4096):
+        xs = [torch.randn(n, generator=gen).bfloat16() for _ in range(2)]
+        results = ranks.all_reduce(xs)
+        assert torch.equal(results[0], results[1])
+        assert torch.allclose(results[0].float(), xs[0].float() + xs[1].float(), rtol=2 ** -7, atol=1e-6)
+    assert ranks.epochs[0][0].item() == 2
 
 
 def test_refuses_what_it_cannot_take() -> None:
