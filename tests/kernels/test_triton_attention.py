@@ -273,6 +273,109 @@ def test_write_then_attend_equals_the_torch_backend_doing_both() -> None:
     assert (out - expected).abs().max().item() < 1e-5
 
 
+# ---------------------------------------------------------------- steps folded into the decode kernel
+
+
+def _new_token_slots(md: AttentionMetadata, block_size: int) -> torch.Tensor:
+    """Each decode's slot for its newest position (seq_len - 1)."""
+    slots = [int(md.block_tables[i, (n - 1) // block_size]) * block_size + (n - 1) % block_size
+             for i, n in enumerate(md.seq_lens_cpu)]
+    return torch.tensor(slots, device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("group", "num_kv_splits", "window"), [(1, 1, None), (4, 4, None), (2, 3, 20)])
+def test_decode_kernel_rotating_and_writing_new_tokens_equals_the_separate_kernels(
+    dtype: torch.dtype, group: int, num_kv_splits: int, window: int | None,
+) -> None:
+    from pagedllm.layers import triton_fused
+    from pagedllm.layers.rotary import RotaryEmbedding
+
+    # A graph-padding row last: seq_len 1 and slot -1 (writes nothing, attends over block 0).
+    batch = make_batch([1, 1, 1, 1], [17, 1, 70, 1], group=group, dtype=dtype, seed=140 + group)
+    md = batch.metadata
+    num_kv_heads, head_dim = batch.kv_cache.shape[3], batch.kv_cache.shape[4]
+    slots = _new_token_slots(md, batch.kv_cache.shape[2])
+    slots[3] = -1
+    md.slot_mapping = slots
+    positions = md.seq_lens - 1
+    rotary = RotaryEmbedding(head_dim, head_dim, 128, {"rope_theta": 10000.0, "rope_type": "default"}).to(DEVICE)
+    # q, k, v as strided views of one fused QKV output, as the model hands them over.
+    q_size, kv_size = num_kv_heads * group * head_dim, num_kv_heads * head_dim
+    qkv = torch.randn(4, q_size + 2 * kv_size, generator=torch.Generator().manual_seed(7)).to(dtype).to(DEVICE)
+    qkv_before = qkv.clone()
+
+    def views(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = t.split([q_size, kv_size, kv_size], dim=-1)
+        return (q.view(4, num_kv_heads * group, head_dim), k.view(4, num_kv_heads, head_dim),
+                v.view(4, num_kv_heads, head_dim))
+
+    expected_cache = batch.kv_cache.clone()
+    q, k, v = views(qkv.clone())
+    triton_fused.rotary_embedding_(positions, q, k, rotary.cos_cache, rotary.sin_cache, head_dim)
+    tb.reshape_and_cache(k, v, expected_cache, slots)
+    expected = tb.paged_attention(q, expected_cache, md, SCALE, num_kv_splits=num_kv_splits, sliding_window=window)
+
+    q, k, v = views(qkv)
+    new_tokens = tb.NewTokens(k, v, slots, positions, rotary.cos_cache, rotary.sin_cache)
+    out = tb.paged_attention(q, batch.kv_cache, md, SCALE, num_kv_splits=num_kv_splits, sliding_window=window,
+                             new_tokens=new_tokens)
+    assert torch.equal(batch.kv_cache, expected_cache)
+    assert torch.equal(out, expected)
+    assert torch.equal(qkv, qkv_before)  # the query is rotated in registers, its buffer untouched
+
+
+def test_decode_kernel_writing_new_tokens_without_rotary_equals_reshape_and_cache() -> None:
+    batch = make_batch([1, 1, 1], [33, 5, 16], group=2, seed=150)
+    md = batch.metadata
+    num_kv_heads, head_dim = batch.kv_cache.shape[3], batch.kv_cache.shape[4]
+    md.slot_mapping = _new_token_slots(md, batch.kv_cache.shape[2])
+    key = torch.randn(3, num_kv_heads, head_dim, device=DEVICE)
+    value = torch.randn(3, num_kv_heads, head_dim, device=DEVICE)
+    expected_cache = batch.kv_cache.clone()
+    tb.reshape_and_cache(key, value, expected_cache, md.slot_mapping)
+    expected = tb.paged_attention(batch.query, expected_cache, md, SCALE, num_kv_splits=2)
+    out = tb.paged_attention(batch.query, batch.kv_cache, md, SCALE, num_kv_splits=2,
+                             new_tokens=tb.NewTokens(key, value, md.slot_mapping))
+    assert torch.equal(batch.kv_cache, expected_cache)
+    assert torch.equal(out, expected)
+
+
+def test_new_tokens_are_refused_for_a_batch_with_prefills() -> None:
+    batch = make_batch([1, 4], [9, 12], seed=160)
+    key = torch.zeros(5, 2, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="decode-only"):
+        tb.paged_attention(batch.query, batch.kv_cache, batch.metadata, SCALE,
+                           new_tokens=tb.NewTokens(key, key, batch.metadata.slot_mapping))
+
+
+@pytest.mark.parametrize("window", [None, 24])
+def test_split_reduce_in_the_last_program_equals_the_reduce_kernel_and_resets_its_counters(window: int | None) -> None:
+    batch = make_batch([1, 1, 1, 1], [100, 31, 16, 1], group=4, seed=170)
+    md = batch.metadata
+    outs = []
+    for fused_reduce in (False, True, True):  # the second fused call finds its counters at zero again
+        out = torch.full_like(batch.query, float("nan"))
+        tb.decode_attention(batch.query, batch.kv_cache, md.query_start_loc, md.seq_lens, md.block_tables,
+                            md.num_decodes, SCALE, out, num_kv_splits=8, sliding_window=window, block_n=16,
+                            fused_reduce=fused_reduce)
+        outs.append(out)
+    assert torch.equal(outs[1], outs[0])
+    assert torch.equal(outs[2], outs[0])
+    assert not tb.split_counters(DEVICE, 1).any()
+    assert max_error(outs[1], batch, sliding_window=window) < 1e-5
+
+
+def test_rotary_is_never_folded_into_attention_on_the_cpu_or_when_partial() -> None:
+    from pagedllm.layers.rotary import RotaryEmbedding
+
+    params = {"rope_theta": 10000.0, "rope_type": "default"}
+    assert not RotaryEmbedding(64, 64, 32, params).foldable_into_attention(torch.zeros(1, dtype=torch.long))
+    partial = RotaryEmbedding(64, 32, 32, params)
+    partial.use_fused_path = lambda x: True  # as on CUDA
+    assert not partial.foldable_into_attention(torch.zeros(1, dtype=torch.long))
+
+
 # ---------------------------------------------------------------- sliding window and soft cap
 
 

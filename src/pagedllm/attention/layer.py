@@ -7,6 +7,7 @@ from torch import nn
 
 from pagedllm.attention import torch_backend
 from pagedllm.attention.metadata import AttentionMetadata
+from pagedllm.layers.rotary import RotaryEmbedding
 
 
 def _triton_backend():
@@ -43,21 +44,43 @@ class Attention(nn.Module):
         self.kv_cache = torch.empty(0)
 
     def forward(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, metadata: AttentionMetadata
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, metadata: AttentionMetadata,
+        rotary: RotaryEmbedding | None = None, positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """query [T, H*D], key/value [T, Hkv*D] -> attention output [T, H*D]."""
+        """query [T, H*D], key/value [T, Hkv*D] -> attention output [T, H*D].
+
+        With `rotary`, query and key are rotated at `positions` first. On CUDA, a decode-only
+        batch whose rotary can be folded (`RotaryEmbedding.foldable_into_attention`) has the
+        rotation and the K/V write done inside the decode attention kernel: two launches fewer
+        per layer, same arithmetic.
+        """
         num_tokens = query.shape[0]
         q = query.view(num_tokens, self.num_heads, self.head_dim)
         k = key.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = value.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if rotary is not None and positions is None:
+            raise ValueError("Attention with a rotary embedding needs the token positions")
         if q.is_cuda:
             backend = _triton_backend()
+            if (rotary is not None and metadata.num_decodes == metadata.num_reqs == num_tokens
+                    and rotary.foldable_into_attention(positions)):
+                new_tokens = backend.NewTokens(k, v, metadata.slot_mapping, positions,
+                                               rotary.cos_cache, rotary.sin_cache)
+                out = backend.paged_attention(q, self.kv_cache, metadata, self.scale,
+                                              num_kv_splits=metadata.num_kv_splits,
+                                              sliding_window=self.sliding_window,
+                                              logits_soft_cap=self.logits_soft_cap, new_tokens=new_tokens)
+                return out.view(num_tokens, self.num_heads * self.head_dim)
+            if rotary is not None:
+                q, k = rotary(positions, q, k)
             backend.reshape_and_cache(k, v, self.kv_cache, metadata.slot_mapping)
             out = backend.paged_attention(q, self.kv_cache, metadata, self.scale,
                                           num_kv_splits=metadata.num_kv_splits,
                                           sliding_window=self.sliding_window,
                                           logits_soft_cap=self.logits_soft_cap)
         else:
+            if rotary is not None:
+                q, k = rotary(positions, q, k)
             torch_backend.write_to_kv_cache(k, v, self.kv_cache, metadata.slot_mapping)
             out = torch_backend.paged_attention(q, self.kv_cache, metadata, self.scale,
                                                 sliding_window=self.sliding_window,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -26,6 +27,46 @@ LOG2_E = 1.4426950408889634
 _TARGET_PROGRAMS_PER_SM = 2
 _MIN_PARTITION_TOKENS = 128
 MAX_KV_SPLITS = 64
+
+
+@dataclass(frozen=True)
+class NewTokens:
+    """This step's keys/values, for the decode kernel to write into the cache itself.
+
+    key / value [T, Hkv, D] (views of a fused QKV output are fine: the last dim must be
+    contiguous), slot_mapping [T] (-1: write nothing). With positions [T] and the rotary
+    cos/sin tables [max_position, D] (each frequency twice, NeoX layout, full head dim), the
+    query and key are rotated in the kernel too. Replaces the rotary and reshape-and-cache
+    launches of a decode-only step with nothing (see `_decode_attention_kernel`).
+    """
+
+    key: torch.Tensor
+    value: torch.Tensor
+    slot_mapping: torch.Tensor
+    positions: torch.Tensor | None = None
+    cos_cache: torch.Tensor | None = None
+    sin_cache: torch.Tensor | None = None
+
+
+# Per device, the arrival counters of the fused split-KV reduce (zero between launches: the last
+# program of each (request, KV head) resets its counter). Never freed: a captured CUDA graph
+# keeps using the buffer it was captured with.
+_split_counters: dict[tuple[str, int], list[torch.Tensor]] = {}
+_MIN_SPLIT_COUNTERS = 1 << 14
+
+
+def split_counters(device: torch.device, needed: int) -> torch.Tensor | None:
+    """A zeroed int32 buffer of at least `needed` counters on `device`, or None when none is
+    large enough and one cannot be allocated now (during a CUDA-graph capture: the zeroing
+    would be captured too); the caller then launches the separate reduce kernel."""
+    key = (device.type, device.index if device.index is not None else -1)
+    buffers = _split_counters.setdefault(key, [])
+    if buffers and buffers[-1].numel() >= needed:
+        return buffers[-1]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    buffers.append(torch.zeros(max(needed, _MIN_SPLIT_COUNTERS), dtype=torch.int32, device=device))
+    return buffers[-1]
 
 
 def _interpreting() -> bool:
@@ -103,18 +144,22 @@ def paged_attention(
     num_kv_splits: int | None = None,
     sliding_window: int | None = None,
     logits_soft_cap: float | None = None,
+    new_tokens: NewTokens | None = None,
 ) -> torch.Tensor:
     """Causal attention of query tokens [T, H, D] over each request's cached keys/values.
 
     Same contract as `torch_backend.paged_attention` (sliding window and soft-capping included):
     rows past metadata's last request are left untouched. `num_kv_splits` fixes the decode
-    split count (None: `choose_num_kv_splits`).
+    split count (None: `choose_num_kv_splits`). `new_tokens` (decode-only batches): this
+    step's keys/values, written (and rotated) by the decode kernel instead of beforehand.
     """
     if out is None:
         out = torch.empty_like(query)
     num_decodes = metadata.num_decodes
     num_reqs = metadata.num_reqs
     qsl = metadata.query_start_loc_cpu
+    if new_tokens is not None and not (num_decodes == num_reqs == metadata.num_actual_tokens):
+        raise ValueError("new_tokens is for decode-only batches (one query token per request)")
     if num_decodes:
         if num_kv_splits is None:
             max_decode_len = max(metadata.seq_lens_cpu[:num_decodes])
@@ -124,7 +169,8 @@ def paged_attention(
                                                  num_sms(query.device))
         decode_attention(query, kv_cache, metadata.query_start_loc, metadata.seq_lens,
                          metadata.block_tables, num_decodes, scale, out, num_kv_splits=num_kv_splits,
-                         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
+                         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+                         new_tokens=new_tokens)
     if num_reqs > num_decodes:
         varlen_attention(query, kv_cache, metadata.query_start_loc, metadata.seq_lens,
                          metadata.block_tables, num_decodes, num_reqs, qsl[num_reqs] - qsl[num_decodes],
@@ -158,11 +204,16 @@ def decode_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    new_tokens: NewTokens | None = None,
+    fused_reduce: bool = True,
 ) -> torch.Tensor:
     """Single-token attention for requests [0, num_decodes), each KV split into partitions.
 
-    With a sliding window only the last `sliding_window` keys are partitioned. Tile overrides
-    (block_n, num_warps, num_stages) exist for tests and benchmarks.
+    With a sliding window only the last `sliding_window` keys are partitioned. `new_tokens`:
+    the kernel writes (and rotates) this step's keys/values itself (see NewTokens). With
+    `fused_reduce` the split partials are combined by the last program of each (request, KV
+    head) instead of a second kernel (when counters are available; False: always the second
+    kernel). Tile overrides (block_n, num_warps, num_stages) exist for tests and benchmarks.
     """
     _check_inputs(query, kv_cache, out, block_tables)
     _, num_heads, head_dim = query.shape
@@ -170,6 +221,7 @@ def decode_attention(
     group = num_heads // num_kv_heads
     if num_kv_splits < 1:
         raise ValueError(f"num_kv_splits must be at least 1, got {num_kv_splits}")
+    new_kv_args = _new_tokens_args(new_tokens, query, num_kv_heads, head_dim, num_decodes)
     # Few resident programs per SM each need more bytes in flight: larger KV tiles then
     # (H200 sweep: 128-token tiles win up to ~2 programs per SM, 64-token tiles beyond;
     # 32 KB tiles prefer 2 pipeline stages, smaller ones 3).
@@ -185,8 +237,10 @@ def decode_attention(
         part_lse = torch.empty(num_decodes, num_heads, num_kv_splits, dtype=torch.float32, device=query.device)
     else:
         part_out = part_lse = out  # unused by the kernel when SPLIT is off
+    counters = split_counters(query.device, num_decodes * num_kv_heads) if split and fused_reduce else None
     precision, upcast = _dot_args(query.dtype)
     block_d = triton.next_power_of_2(head_dim)
+    block_s = triton.next_power_of_2(num_kv_splits)
     kernels._decode_attention_kernel[(num_decodes, num_kv_heads, num_kv_splits)](
         query, key_cache, value_cache, out, part_out, part_lse,
         query_start_loc, seq_lens, block_tables,
@@ -194,23 +248,56 @@ def decode_attention(
         stride_qt=query.stride(0), stride_qh=query.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
         stride_cb=key_cache.stride(0), stride_ct=key_cache.stride(1), stride_ch=key_cache.stride(2),
         stride_bt=block_tables.stride(0),
+        split_counter_ptr=counters if counters is not None else seq_lens,
         NUM_HEADS=num_heads, GROUP=group,
         # tl.dot needs M >= 16: small groups leave rows idle, which costs no extra KV reads.
         BLOCK_M=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=page,
         SPLIT=split, DOT_PREC=precision, DOT_UPCAST=upcast,
+        FUSED_REDUCE=counters is not None, BLOCK_S=block_s,
         num_warps=num_warps, num_stages=num_stages,
-        **_window_args(sliding_window, logits_soft_cap),
+        **_window_args(sliding_window, logits_soft_cap), **new_kv_args,
     )
-    if split:
+    if split and counters is None:
         kernels._reduce_splits_kernel[(num_decodes, num_heads)](
             part_out, part_lse, out, query_start_loc,
             num_kv_splits, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
-            BLOCK_S=triton.next_power_of_2(num_kv_splits),
+            BLOCK_S=block_s,
             num_warps=4,
         )
     return out
+
+
+def _new_tokens_args(new_tokens: NewTokens | None, query: torch.Tensor, num_kv_heads: int, head_dim: int,
+                     num_decodes: int) -> dict[str, object]:
+    """The decode kernel's arguments for the K/V write and rotary folded into it (off: dummies)."""
+    if new_tokens is None:
+        return dict(new_k_ptr=query, new_v_ptr=query, slot_mapping_ptr=query, positions_ptr=query,
+                    cos_ptr=query, sin_ptr=query, stride_nkt=0, stride_nkh=0, stride_nvt=0, stride_nvh=0,
+                    stride_cos=0, WRITE_KV=False, ROPE=False)
+    key, value = new_tokens.key, new_tokens.value
+    for name, t in (("key", key), ("value", value)):
+        if t.dim() != 3 or t.shape[1:] != (num_kv_heads, head_dim) or t.shape[0] < num_decodes or t.stride(-1) != 1:
+            raise ValueError(f"new_tokens.{name} must be [T >= {num_decodes}, {num_kv_heads}, {head_dim}] with a "
+                             f"contiguous last dim, got {tuple(t.shape)} strides {t.stride()}")
+    if new_tokens.slot_mapping.shape[0] < num_decodes:
+        raise ValueError("new_tokens.slot_mapping has fewer entries than decodes")
+    rope = new_tokens.positions is not None
+    cos, sin = new_tokens.cos_cache, new_tokens.sin_cache
+    if rope:
+        if cos is None or sin is None:
+            raise ValueError("new_tokens.positions needs cos_cache and sin_cache")
+        if (cos.dim() != 2 or cos.shape[1] != head_dim or cos.stride(-1) != 1 or cos.stride() != sin.stride()
+                or head_dim % 2):
+            raise ValueError(f"the fused rotary needs cos/sin tables [max_position, {head_dim}] (full, even head "
+                             f"dim) with a contiguous last dim, got {tuple(cos.shape)}")
+    return dict(new_k_ptr=key, new_v_ptr=value, slot_mapping_ptr=new_tokens.slot_mapping,
+                positions_ptr=new_tokens.positions if rope else query,
+                cos_ptr=cos if rope else query, sin_ptr=sin if rope else query,
+                stride_nkt=key.stride(0), stride_nkh=key.stride(1), stride_nvt=value.stride(0),
+                stride_nvh=value.stride(1), stride_cos=cos.stride(0) if rope else 0,
+                WRITE_KV=True, ROPE=rope)
 
 
 def varlen_attention(

@@ -245,6 +245,45 @@ def _varlen_attention_kernel(
              out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
+@triton.jit
+def _rope(x, x_partner, cos, sin, lower):
+    """NeoX rotary of a loaded vector/tile whose last dim is the head dim: x_partner holds each
+    element's rotate-half partner (d +- D/2), `lower` marks the first half. The same fp32
+    expressions as `triton_fused._rotate_heads`, rounded back to x's dtype."""
+    xf, pf = x.to(tl.float32), x_partner.to(tl.float32)
+    return tl.where(lower, xf * cos - pf * sin, xf * cos + pf * sin).to(x.dtype)
+
+
+@triton.jit
+def _reduce_group_splits(
+    part_out_ptr, part_lse_ptr, out_ptr, token, req, kv_head, num_splits, stride_ot, stride_oh,
+    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """`_reduce_splits_kernel`'s combine for the GROUP heads of one KV head, in this program.
+
+    Called by the program that finished its (request, KV head) last: the partials of the
+    others were published before their arrival on the counter (.cg: read from L2).
+    """
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_valid = offs_s < num_splits
+    mask = s_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
+    for g in range(GROUP):
+        head = kv_head * GROUP + g
+        base = (req * NUM_HEADS + head).to(tl.int64) * num_splits
+        lse = tl.load(part_lse_ptr + base + offs_s, mask=s_valid, other=float("-inf"), cache_modifier=".cg")
+        lse_max = tl.max(lse, axis=0)
+        lse_max = tl.where(lse_max > float("-inf"), lse_max, 0.0)
+        weight = tl.exp2(lse - lse_max)
+        total = tl.sum(weight, axis=0)
+        parts = tl.load(part_out_ptr + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=mask,
+                        other=0.0, cache_modifier=".cg")
+        out = tl.sum(parts * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+        tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d,
+                 out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
 @triton.jit(do_not_specialize=["num_splits", "window", "stride_bt"])
 def _decode_attention_kernel(
     q_ptr, key_cache_ptr, value_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
@@ -252,10 +291,14 @@ def _decode_attention_kernel(
     num_splits, scale_log2, window, softcap_log2,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_ct, stride_ch, stride_bt,
+    new_k_ptr, new_v_ptr, slot_mapping_ptr, positions_ptr, cos_ptr, sin_ptr, split_counter_ptr,
+    stride_nkt, stride_nkh, stride_nvt, stride_nvh, stride_cos,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     SPLIT: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr,
     DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    WRITE_KV: tl.constexpr = False, ROPE: tl.constexpr = False, FUSED_REDUCE: tl.constexpr = False,
+    BLOCK_S: tl.constexpr = 1,
 ):
     """One query token's GROUP heads over one partition of its request's KV (flash-decoding).
 
@@ -264,6 +307,17 @@ def _decode_attention_kernel(
     while lengths change. With SPLIT the normalized partial output and its log2-sum-exp go to
     fp32 scratch for `_reduce_splits_kernel`; without it the output is written directly.
     With SLIDING only the keys from seq_len - window on are partitioned.
+
+    Folded steps (each replaces a kernel launch of the unfused path, same arithmetic):
+    - WRITE_KV: the program whose partition holds the newest key (position seq_len - 1) first
+      writes this step's key/value (new_k/new_v [T, Hkv, D], slot_mapping [T]; slot -1 writes
+      nothing) into the cache, as `_reshape_and_cache_kernel` would, then reads it back.
+    - ROPE (with WRITE_KV): the query and that key are rotated (NeoX, full head dim) at
+      positions[token] with cos/sin rows [.., HEAD_DIM] (each frequency twice), as the rotary
+      kernel would; the query is rotated in registers, its buffer is left as it was.
+    - FUSED_REDUCE (with SPLIT): each program counts its arrival on split_counter[req, kv_head]
+      after writing its partial; the last to arrive combines the partials of the group's heads
+      (`_reduce_group_splits`) and resets the counter to 0 for the next launch.
     """
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -287,8 +341,33 @@ def _decode_attention_kernel(
     if BLOCK_D != HEAD_DIM:
         q_mask = q_mask & (offs_d < HEAD_DIM)[None, :]
     token = tl.load(query_start_loc_ptr + req).to(tl.int64)
-    q = tl.load(q_ptr + token * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                mask=q_mask, other=0.0)
+    q_ptrs = q_ptr + token * stride_qt + head[:, None] * stride_qh
+    q = tl.load(q_ptrs + offs_d[None, :], mask=q_mask, other=0.0)
+    if ROPE:
+        lower = offs_d < HEAD_DIM // 2
+        partner = tl.where(lower, offs_d + HEAD_DIM // 2, offs_d - HEAD_DIM // 2)
+        pos = tl.load(positions_ptr + token).to(tl.int64)
+        d_ok = offs_d < HEAD_DIM
+        cos = tl.load(cos_ptr + pos * stride_cos + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + pos * stride_cos + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        q = _rope(q, tl.load(q_ptrs + partner[None, :], mask=q_mask, other=0.0), cos[None, :], sin[None, :],
+                  lower[None, :])
+    if WRITE_KV:
+        newest = seq_len - 1
+        if (kv_start <= newest) & (newest < kv_end):
+            slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+            if slot >= 0:
+                d_ok = offs_d < HEAD_DIM
+                k_ptrs = new_k_ptr + token * stride_nkt + kv_head * stride_nkh
+                k_new = tl.load(k_ptrs + offs_d, mask=d_ok, other=0.0)
+                if ROPE:
+                    k_new = _rope(k_new, tl.load(k_ptrs + partner, mask=d_ok, other=0.0), cos, sin, lower)
+                v_new = tl.load(new_v_ptr + token * stride_nvt + kv_head * stride_nvh + offs_d, mask=d_ok)
+                dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_ct + kv_head * stride_ch + offs_d
+                tl.store(key_cache_ptr + dst, k_new.to(key_cache_ptr.dtype.element_ty), mask=d_ok)
+                tl.store(value_cache_ptr + dst, v_new.to(value_cache_ptr.dtype.element_ty), mask=d_ok)
+            # Every thread's stores land before any thread loads the tile that holds them.
+            tl.debug_barrier()
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -329,6 +408,16 @@ def _decode_attention_kernel(
         tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=q_mask)
         lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + part, lse, mask=row_valid)
+        if FUSED_REDUCE:
+            # Every thread's partial stores precede the release of the arrival (CTA barrier, then
+            # the gpu-scope acq_rel atomic); the last arrival's acquire makes all partials visible.
+            tl.debug_barrier()
+            counter = split_counter_ptr + req * tl.num_programs(1) + kv_head
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if arrived == num_splits - 1:
+                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+                _reduce_group_splits(part_out_ptr, part_lse_ptr, out_ptr, token, req, kv_head, num_splits,
+                                     stride_ot, stride_oh, NUM_HEADS, GROUP, HEAD_DIM, BLOCK_D, BLOCK_S)
     else:
         tl.store(out_ptr + token * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=q_mask)

@@ -95,6 +95,12 @@ class RotaryEmbedding(CustomOp):
         triton_fused.rotary_embedding_(positions, query, key, self.cos_cache, self.sin_cache, self.rotary_dim)
         return query, key
 
+    def foldable_into_attention(self, positions: torch.Tensor) -> bool:
+        """Whether the decode attention kernel may apply this rotary itself: fused kernels on,
+        CUDA, and the whole head rotated (the kernel has no partial-rotary pass-through)."""
+        return (self.use_fused_path(positions) and self.rotary_dim == self.head_dim
+                and self.cos_cache.dtype == torch.float32)
+
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]

@@ -77,8 +77,7 @@ class LlamaAttention(nn.Module):
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        out = self.attn(q.reshape(num_tokens, -1), k.reshape(num_tokens, -1), v, metadata)
+        out = self.attn(q.reshape(num_tokens, -1), k.reshape(num_tokens, -1), v, metadata, self.rotary, positions)
         return self.o_proj(out)
 
 
