@@ -276,6 +276,17 @@ def test_write_then_attend_equals_the_torch_backend_doing_both() -> None:
 # ---------------------------------------------------------------- steps folded into the decode kernel
 
 
+def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Bitwise under the interpreter; on a GPU the compiler may contract the rotary's multiply-adds
+    differently in the two kernels (one fp32 rounding), so there: within the dtype's rounding."""
+    if DEVICE.type == "cpu":
+        assert torch.equal(actual, expected)
+    else:
+        tol = 1e-5 if actual.dtype == torch.float32 else 2e-2
+        diff = (actual.float() - expected.float()).abs().max().item()
+        assert diff <= tol * max(1.0, expected.float().abs().max().item()), diff
+
+
 def _new_token_slots(md: AttentionMetadata, block_size: int) -> torch.Tensor:
     """Each decode's slot for its newest position (seq_len - 1)."""
     slots = [int(md.block_tables[i, (n - 1) // block_size]) * block_size + (n - 1) % block_size
@@ -320,8 +331,8 @@ def test_decode_kernel_rotating_and_writing_new_tokens_equals_the_separate_kerne
     new_tokens = tb.NewTokens(k, v, slots, positions, rotary.cos_cache, rotary.sin_cache)
     out = tb.paged_attention(q, batch.kv_cache, md, SCALE, num_kv_splits=num_kv_splits, sliding_window=window,
                              new_tokens=new_tokens)
-    assert torch.equal(batch.kv_cache, expected_cache)
-    assert torch.equal(out, expected)
+    assert_same(batch.kv_cache, expected_cache)
+    assert_same(out, expected)
     assert torch.equal(qkv, qkv_before)  # the query is rotated in registers, its buffer untouched
 
 
@@ -347,23 +358,6 @@ def test_new_tokens_are_refused_for_a_batch_with_prefills() -> None:
     with pytest.raises(ValueError, match="decode-only"):
         tb.paged_attention(batch.query, batch.kv_cache, batch.metadata, SCALE,
                            new_tokens=tb.NewTokens(key, key, batch.metadata.slot_mapping))
-
-
-@pytest.mark.parametrize("window", [None, 24])
-def test_split_reduce_in_the_last_program_equals_the_reduce_kernel_and_resets_its_counters(window: int | None) -> None:
-    batch = make_batch([1, 1, 1, 1], [100, 31, 16, 1], group=4, seed=170)
-    md = batch.metadata
-    outs = []
-    for fused_reduce in (False, True, True):  # the second fused call finds its counters at zero again
-        out = torch.full_like(batch.query, float("nan"))
-        tb.decode_attention(batch.query, batch.kv_cache, md.query_start_loc, md.seq_lens, md.block_tables,
-                            md.num_decodes, SCALE, out, num_kv_splits=8, sliding_window=window, block_n=16,
-                            fused_reduce=fused_reduce)
-        outs.append(out)
-    assert torch.equal(outs[1], outs[0])
-    assert torch.equal(outs[2], outs[0])
-    assert not tb.split_counters(DEVICE, 1).any()
-    assert max_error(outs[1], batch, sliding_window=window) < 1e-5
 
 
 def test_rotary_is_never_folded_into_attention_on_the_cpu_or_when_partial() -> None:

@@ -48,27 +48,6 @@ class NewTokens:
     sin_cache: torch.Tensor | None = None
 
 
-# Per device, the arrival counters of the fused split-KV reduce (zero between launches: the last
-# program of each (request, KV head) resets its counter). Never freed: a captured CUDA graph
-# keeps using the buffer it was captured with.
-_split_counters: dict[tuple[str, int], list[torch.Tensor]] = {}
-_MIN_SPLIT_COUNTERS = 1 << 14
-
-
-def split_counters(device: torch.device, needed: int) -> torch.Tensor | None:
-    """A zeroed int32 buffer of at least `needed` counters on `device`, or None when none is
-    large enough and one cannot be allocated now (during a CUDA-graph capture: the zeroing
-    would be captured too); the caller then launches the separate reduce kernel."""
-    key = (device.type, device.index if device.index is not None else -1)
-    buffers = _split_counters.setdefault(key, [])
-    if buffers and buffers[-1].numel() >= needed:
-        return buffers[-1]
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return None
-    buffers.append(torch.zeros(max(needed, _MIN_SPLIT_COUNTERS), dtype=torch.int32, device=device))
-    return buffers[-1]
-
-
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -205,15 +184,12 @@ def decode_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     new_tokens: NewTokens | None = None,
-    fused_reduce: bool = True,
 ) -> torch.Tensor:
     """Single-token attention for requests [0, num_decodes), each KV split into partitions.
 
     With a sliding window only the last `sliding_window` keys are partitioned. `new_tokens`:
-    the kernel writes (and rotates) this step's keys/values itself (see NewTokens). With
-    `fused_reduce` the split partials are combined by the last program of each (request, KV
-    head) instead of a second kernel (when counters are available; False: always the second
-    kernel). Tile overrides (block_n, num_warps, num_stages) exist for tests and benchmarks.
+    the kernel writes (and rotates) this step's keys/values itself (see NewTokens). Tile
+    overrides (block_n, num_warps, num_stages) exist for tests and benchmarks.
     """
     _check_inputs(query, kv_cache, out, block_tables)
     _, num_heads, head_dim = query.shape
@@ -237,10 +213,8 @@ def decode_attention(
         part_lse = torch.empty(num_decodes, num_heads, num_kv_splits, dtype=torch.float32, device=query.device)
     else:
         part_out = part_lse = out  # unused by the kernel when SPLIT is off
-    counters = split_counters(query.device, num_decodes * num_kv_heads) if split and fused_reduce else None
     precision, upcast = _dot_args(query.dtype)
     block_d = triton.next_power_of_2(head_dim)
-    block_s = triton.next_power_of_2(num_kv_splits)
     kernels._decode_attention_kernel[(num_decodes, num_kv_heads, num_kv_splits)](
         query, key_cache, value_cache, out, part_out, part_lse,
         query_start_loc, seq_lens, block_tables,
@@ -248,22 +222,20 @@ def decode_attention(
         stride_qt=query.stride(0), stride_qh=query.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
         stride_cb=key_cache.stride(0), stride_ct=key_cache.stride(1), stride_ch=key_cache.stride(2),
         stride_bt=block_tables.stride(0),
-        split_counter_ptr=counters if counters is not None else seq_lens,
         NUM_HEADS=num_heads, GROUP=group,
         # tl.dot needs M >= 16: small groups leave rows idle, which costs no extra KV reads.
         BLOCK_M=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=page,
         SPLIT=split, DOT_PREC=precision, DOT_UPCAST=upcast,
-        FUSED_REDUCE=counters is not None, BLOCK_S=block_s,
         num_warps=num_warps, num_stages=num_stages,
         **_window_args(sliding_window, logits_soft_cap), **new_kv_args,
     )
-    if split and counters is None:
+    if split:
         kernels._reduce_splits_kernel[(num_decodes, num_heads)](
             part_out, part_lse, out, query_start_loc,
             num_kv_splits, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
-            BLOCK_S=block_s,
+            BLOCK_S=triton.next_power_of_2(num_kv_splits),
             num_warps=4,
         )
     return out

@@ -254,36 +254,6 @@ def _rope(x, x_partner, cos, sin, lower):
     return tl.where(lower, xf * cos - pf * sin, xf * cos + pf * sin).to(x.dtype)
 
 
-@triton.jit
-def _reduce_group_splits(
-    part_out_ptr, part_lse_ptr, out_ptr, token, req, kv_head, num_splits, stride_ot, stride_oh,
-    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
-    """`_reduce_splits_kernel`'s combine for the GROUP heads of one KV head, in this program.
-
-    Called by the program that finished its (request, KV head) last: the partials of the
-    others were published before their arrival on the counter (.cg: read from L2).
-    """
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_valid = offs_s < num_splits
-    mask = s_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
-    for g in range(GROUP):
-        head = kv_head * GROUP + g
-        base = (req * NUM_HEADS + head).to(tl.int64) * num_splits
-        lse = tl.load(part_lse_ptr + base + offs_s, mask=s_valid, other=float("-inf"), cache_modifier=".cg")
-        lse_max = tl.max(lse, axis=0)
-        lse_max = tl.where(lse_max > float("-inf"), lse_max, 0.0)
-        weight = tl.exp2(lse - lse_max)
-        total = tl.sum(weight, axis=0)
-        parts = tl.load(part_out_ptr + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=mask,
-                        other=0.0, cache_modifier=".cg")
-        out = tl.sum(parts * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
-        tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d,
-                 out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
-
-
 @triton.jit(do_not_specialize=["num_splits", "window", "stride_bt"])
 def _decode_attention_kernel(
     q_ptr, key_cache_ptr, value_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
@@ -291,14 +261,13 @@ def _decode_attention_kernel(
     num_splits, scale_log2, window, softcap_log2,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_ct, stride_ch, stride_bt,
-    new_k_ptr, new_v_ptr, slot_mapping_ptr, positions_ptr, cos_ptr, sin_ptr, split_counter_ptr,
+    new_k_ptr, new_v_ptr, slot_mapping_ptr, positions_ptr, cos_ptr, sin_ptr,
     stride_nkt, stride_nkh, stride_nvt, stride_nvh, stride_cos,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     SPLIT: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr,
     DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
-    WRITE_KV: tl.constexpr = False, ROPE: tl.constexpr = False, FUSED_REDUCE: tl.constexpr = False,
-    BLOCK_S: tl.constexpr = 1,
+    WRITE_KV: tl.constexpr = False, ROPE: tl.constexpr = False,
 ):
     """One query token's GROUP heads over one partition of its request's KV (flash-decoding).
 
@@ -315,9 +284,9 @@ def _decode_attention_kernel(
     - ROPE (with WRITE_KV): the query and that key are rotated (NeoX, full head dim) at
       positions[token] with cos/sin rows [.., HEAD_DIM] (each frequency twice), as the rotary
       kernel would; the query is rotated in registers, its buffer is left as it was.
-    - FUSED_REDUCE (with SPLIT): each program counts its arrival on split_counter[req, kv_head]
-      after writing its partial; the last to arrive combines the partials of the group's heads
-      (`_reduce_group_splits`) and resets the counter to 0 for the next launch.
+    (Folding the split reduce in too, the last program of each KV head combining the partials
+    after an arrival counter, was measured slower than the reduce kernel: 3-4 us per layer on
+    an H200, the gpu-scope atomics and the serial combine on the critical path.)
     """
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -408,16 +377,6 @@ def _decode_attention_kernel(
         tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=q_mask)
         lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + part, lse, mask=row_valid)
-        if FUSED_REDUCE:
-            # Every thread's partial stores precede the release of the arrival (CTA barrier, then
-            # the gpu-scope acq_rel atomic); the last arrival's acquire makes all partials visible.
-            tl.debug_barrier()
-            counter = split_counter_ptr + req * tl.num_programs(1) + kv_head
-            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-            if arrived == num_splits - 1:
-                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
-                _reduce_group_splits(part_out_ptr, part_lse_ptr, out_ptr, token, req, kv_head, num_splits,
-                                     stride_ot, stride_oh, NUM_HEADS, GROUP, HEAD_DIM, BLOCK_D, BLOCK_S)
     else:
         tl.store(out_ptr + token * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=q_mask)
