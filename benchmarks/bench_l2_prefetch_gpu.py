@@ -27,7 +27,8 @@ from pagedllm.layers.rotary import RotaryEmbedding
 from pagedllm.layers.triton_gemv import skinny_linear
 
 DEVICE = torch.device("cuda")
-VARIANTS = ["attention", "o", "attention, o", "attention | prefetch, o", "prefetch, o"]
+VARIANTS = ["attention", "o", "attention, o", "attention | prefetch, o", "prefetch, o",
+            "attention | load, o", "load, o"]
 
 
 def step(name: str, layers: list[Layer], weights: list[torch.Tensor], rotary: RotaryEmbedding, splits: int,
@@ -36,13 +37,14 @@ def step(name: str, layers: list[Layer], weights: list[torch.Tensor], rotary: Ro
     main = torch.cuda.current_stream()
     outs = []
     for layer, weight in zip(layers, weights):
-        prefetch = "prefetch" in name
+        prefetch = "prefetch" in name or "load" in name
+        fetch = l2.l2_prefetch if "prefetch" in name else l2.l2_load
         if prefetch and "|" in name:
             side.wait_stream(main)
             with torch.cuda.stream(side):
-                l2.l2_prefetch(weight)
+                fetch(weight)
         elif prefetch:
-            l2.l2_prefetch(weight)
+            fetch(weight)
         if "attention" in name:
             run_variant("folded", layer, rotary, splits)
         if prefetch and "|" in name:
@@ -94,7 +96,8 @@ def main() -> None:
                                                   args.replays)
         # Same inputs each replay after the first (the folded kernel rewrites the same K/V slot).
         row["prefetch_outputs_equal"] = all(
-            torch.equal(a, b) for a, b in zip(results["attention, o"], results["attention | prefetch, o"]))
+            torch.equal(a, b) and torch.equal(a, c) for a, b, c in
+            zip(results["attention, o"], results["attention | prefetch, o"], results["attention | load, o"]))
         print(json.dumps(row), flush=True)
         rows.append(row)
     out = os.environ.get("OUT")

@@ -31,6 +31,32 @@ def _l2_prefetch_kernel(base_ptr, num_bytes, CHUNK: tl.constexpr, BLOCK: tl.cons
         "=r,l,r", [base_ptr + offs, size], dtype=tl.int32, is_pure=False, pack=1)
 
 
+@triton.jit
+def _l2_load_kernel(base_ptr, sink_ptr, num_words, BLOCK: tl.constexpr, TILES: tl.constexpr):
+    """Program p reads words [p * TILES * BLOCK, ...) with an evict-last hint. The values feed
+    only a store whose mask depends on them (in practice never taken), so the loads are kept."""
+    start = tl.program_id(0).to(tl.int64) * TILES * BLOCK
+    acc = tl.zeros([BLOCK], dtype=tl.int32)
+    for t in tl.range(0, TILES, num_stages=4):
+        offs = start + t * BLOCK + tl.arange(0, BLOCK)
+        acc ^= tl.load(base_ptr + offs, mask=offs < num_words, other=0, eviction_policy="evict_last")
+    total = tl.sum(acc, axis=0)
+    tl.store(sink_ptr, total, mask=total == 0x5A5A5A5A)
+
+
+_sinks: dict[int, torch.Tensor] = {}
+
+
+def l2_load(tensor: torch.Tensor, programs: int = 32) -> None:
+    """`l2_prefetch` by plain loads from `programs` programs (for comparison in benchmarks)."""
+    words = tensor.view(-1).view(torch.int32)
+    block = 2048
+    tiles = triton.cdiv(triton.cdiv(words.numel(), block), programs)
+    sink = _sinks.setdefault(tensor.device.index or 0, torch.zeros(1, dtype=torch.int32, device=tensor.device))
+    _l2_load_kernel[(triton.cdiv(words.numel(), block * tiles),)](words, sink, words.numel(), BLOCK=block,
+                                                                   TILES=tiles, num_warps=8)
+
+
 def supported(tensor: torch.Tensor) -> bool:
     """Whether `l2_prefetch` can run for this tensor: contiguous, 16-byte aligned, on an sm_90+ GPU."""
     return (tensor.is_cuda and tensor.is_contiguous() and tensor.data_ptr() % 16 == 0
