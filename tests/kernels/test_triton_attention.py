@@ -352,12 +352,42 @@ def test_decode_kernel_writing_new_tokens_without_rotary_equals_reshape_and_cach
     assert torch.equal(out, expected)
 
 
-def test_new_tokens_are_refused_for_a_batch_with_prefills() -> None:
-    batch = make_batch([1, 4], [9, 12], seed=160)
-    key = torch.zeros(5, 2, 64, device=DEVICE)
-    with pytest.raises(ValueError, match="decode-only"):
-        tb.paged_attention(batch.query, batch.kv_cache, batch.metadata, SCALE,
-                           new_tokens=tb.NewTokens(key, key, batch.metadata.slot_mapping))
+def test_mixed_batch_with_decodes_folded_and_prefills_written_from_an_offset_equals_the_separate_kernels() -> None:
+    from pagedllm.layers import triton_fused
+    from pagedllm.layers.rotary import RotaryEmbedding
+
+    batch = make_batch([1, 1, 6, 9], [17, 30, 22, 9], group=2, seed=160)
+    md = batch.metadata
+    block_size, num_kv_heads, head_dim = batch.kv_cache.shape[2], batch.kv_cache.shape[3], batch.kv_cache.shape[4]
+    slots, positions = [], []
+    for i in range(md.num_reqs):
+        q_len = md.query_start_loc_cpu[i + 1] - md.query_start_loc_cpu[i]
+        for pos in range(md.seq_lens_cpu[i] - q_len, md.seq_lens_cpu[i]):
+            slots.append(int(md.block_tables[i, pos // block_size]) * block_size + pos % block_size)
+            positions.append(pos)
+    md.slot_mapping = torch.tensor(slots, device=DEVICE)
+    positions_t = torch.tensor(positions, device=DEVICE)
+    rotary = RotaryEmbedding(head_dim, head_dim, 64, {"rope_theta": 10000.0, "rope_type": "default"}).to(DEVICE)
+    gen = torch.Generator().manual_seed(8)
+    key = torch.randn(len(slots), num_kv_heads, head_dim, generator=gen).to(DEVICE)
+    value = torch.randn(len(slots), num_kv_heads, head_dim, generator=gen).to(DEVICE)
+    query = batch.query
+
+    expected_cache = batch.kv_cache.clone()
+    q, k = query.clone(), key.clone()
+    triton_fused.rotary_embedding_(positions_t, q, k, rotary.cos_cache, rotary.sin_cache, head_dim)
+    tb.reshape_and_cache(k, value, expected_cache, md.slot_mapping)
+    expected = tb.paged_attention(q, expected_cache, md, SCALE, num_kv_splits=2)
+
+    q, k = query.clone(), key.clone()
+    triton_fused.rotary_embedding_(positions_t, q, k, rotary.cos_cache, rotary.sin_cache, head_dim, first_token=2)
+    tb.reshape_and_cache(k, value, batch.kv_cache, md.slot_mapping, first_token=2)
+    assert torch.equal(q[:2], query[:2]) and torch.equal(k[:2], key[:2])  # the decodes are left to the kernel
+    out = tb.paged_attention(q, batch.kv_cache, md, SCALE, num_kv_splits=2,
+                             new_tokens=tb.NewTokens(k, value, md.slot_mapping, positions_t, rotary.cos_cache,
+                                                     rotary.sin_cache))
+    assert_same(batch.kv_cache, expected_cache)
+    assert_same(out, expected)
 
 
 def test_rotary_is_never_folded_into_attention_on_the_cpu_or_when_partial() -> None:

@@ -49,10 +49,11 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """query [T, H*D], key/value [T, Hkv*D] -> attention output [T, H*D].
 
-        With `rotary`, query and key are rotated at `positions` first. On CUDA, a decode-only
-        batch whose rotary can be folded (`RotaryEmbedding.foldable_into_attention`) has the
-        rotation and the K/V write done inside the decode attention kernel: two launches fewer
-        per layer, same arithmetic.
+        With `rotary`, query and key are rotated at `positions` first. On CUDA, when the rotary
+        can be folded (`RotaryEmbedding.foldable_into_attention`), the decodes' rotation and K/V
+        write happen inside the decode attention kernel (two launches fewer per layer, same
+        arithmetic; the prefill tokens of a mixed batch take the separate kernels), so every
+        decode, CUDA graph or not, runs the same compiled kernel.
         """
         num_tokens = query.shape[0]
         q = query.view(num_tokens, self.num_heads, self.head_dim)
@@ -62,8 +63,11 @@ class Attention(nn.Module):
             raise ValueError("Attention with a rotary embedding needs the token positions")
         if q.is_cuda:
             backend = _triton_backend()
-            if (rotary is not None and metadata.num_decodes == metadata.num_reqs == num_tokens
-                    and rotary.foldable_into_attention(positions)):
+            num_decodes = metadata.num_decodes
+            if rotary is not None and num_decodes and rotary.foldable_into_attention(positions):
+                if num_tokens > num_decodes:  # the prefill tokens: separate kernels, from the first on
+                    rotary.rotate_from(positions, q, k, first_token=num_decodes)
+                    backend.reshape_and_cache(k, v, self.kv_cache, metadata.slot_mapping, first_token=num_decodes)
                 new_tokens = backend.NewTokens(k, v, metadata.slot_mapping, positions,
                                                rotary.cos_cache, rotary.sin_cache)
                 out = backend.paged_attention(q, self.kv_cache, metadata, self.scale,

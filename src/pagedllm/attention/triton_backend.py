@@ -36,8 +36,10 @@ class NewTokens:
     key / value [T, Hkv, D] (views of a fused QKV output are fine: the last dim must be
     contiguous), slot_mapping [T] (-1: write nothing). With positions [T] and the rotary
     cos/sin tables [max_position, D] (each frequency twice, NeoX layout, full head dim), the
-    query and key are rotated in the kernel too. Replaces the rotary and reshape-and-cache
-    launches of a decode-only step with nothing (see `_decode_attention_kernel`).
+    decodes' queries and keys are rotated in the kernel too. Only the decode tokens (the first
+    num_decodes) are handled: a mixed batch's prefill tokens must be rotated and written before
+    (`reshape_and_cache(..., first_token=num_decodes)`). Replaces the rotary and
+    reshape-and-cache launches of a decode-only step with nothing (see `_decode_attention_kernel`).
     """
 
     key: torch.Tensor
@@ -87,14 +89,16 @@ def choose_num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, sm_
 
 
 def reshape_and_cache(
-    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    first_token: int = 0,
 ) -> None:
     """Store new keys/values [T, Hkv, D] at their flat slots; padding slots (-1) are skipped.
 
-    Only the first slot_mapping.shape[0] tokens are written; values are cast to the cache dtype.
+    Tokens [first_token, slot_mapping.shape[0]) are written (an offset, not a slice: the tensors
+    keep their alignment and the kernel its compiled variant); values are cast to the cache dtype.
     """
-    num_tokens = slot_mapping.shape[0]
-    if num_tokens == 0:
+    num_tokens = slot_mapping.shape[0] - first_token
+    if num_tokens <= 0:
         return
     _check_kv_cache(kv_cache)
     if key.stride(-1) != 1:
@@ -104,7 +108,7 @@ def reshape_and_cache(
     _, _, page, num_kv_heads, head_dim = kv_cache.shape
     key_cache, value_cache = kv_cache[0], kv_cache[1]
     kernels._reshape_and_cache_kernel[(num_tokens,)](
-        key, value, key_cache, value_cache, slot_mapping,
+        key, value, key_cache, value_cache, slot_mapping, first_token,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
@@ -129,16 +133,14 @@ def paged_attention(
 
     Same contract as `torch_backend.paged_attention` (sliding window and soft-capping included):
     rows past metadata's last request are left untouched. `num_kv_splits` fixes the decode
-    split count (None: `choose_num_kv_splits`). `new_tokens` (decode-only batches): this
-    step's keys/values, written (and rotated) by the decode kernel instead of beforehand.
+    split count (None: `choose_num_kv_splits`). `new_tokens`: the decodes' keys/values of this
+    step, written (and rotated) by the decode kernel instead of beforehand (see NewTokens).
     """
     if out is None:
         out = torch.empty_like(query)
     num_decodes = metadata.num_decodes
     num_reqs = metadata.num_reqs
     qsl = metadata.query_start_loc_cpu
-    if new_tokens is not None and not (num_decodes == num_reqs == metadata.num_actual_tokens):
-        raise ValueError("new_tokens is for decode-only batches (one query token per request)")
     if num_decodes:
         if num_kv_splits is None:
             max_decode_len = max(metadata.seq_lens_cpu[:num_decodes])

@@ -27,16 +27,16 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["first_token"])
 def _reshape_and_cache_kernel(
-    key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_mapping_ptr,
+    key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_mapping_ptr, first_token,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cb, stride_ct, stride_ch,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
 ):
-    """One program per token: copy its [Hkv, D] key and value into the slot it was given."""
-    token = tl.program_id(0).to(tl.int64)
+    """One program per token from first_token on: copy its [Hkv, D] key and value into its slot."""
+    token = tl.program_id(0).to(tl.int64) + first_token
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot < 0:  # padding token (CUDA-graph padding or a skipped row)
         return

@@ -95,6 +95,14 @@ class RotaryEmbedding(CustomOp):
         triton_fused.rotary_embedding_(positions, query, key, self.cos_cache, self.sin_cache, self.rotary_dim)
         return query, key
 
+    def rotate_from(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, first_token: int) -> None:
+        """Rotate tokens [first_token, T) in place with the fused kernel (the CUDA path of a mixed
+        batch whose decodes the attention kernel rotates)."""
+        from pagedllm.layers import triton_fused
+
+        triton_fused.rotary_embedding_(positions, query, key, self.cos_cache, self.sin_cache, self.rotary_dim,
+                                       first_token=first_token)
+
     def foldable_into_attention(self, positions: torch.Tensor) -> bool:
         """Whether the decode attention kernel may apply this rotary itself: fused kernels on,
         CUDA, and the whole head rotated (the kernel has no partial-rotary pass-through)."""

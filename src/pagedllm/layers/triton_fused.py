@@ -143,15 +143,15 @@ def _rotate_heads(
     tl.store(ptrs + HALF, (x2f * cos + x1f * sin).to(x1.dtype), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["first_token"])
 def _rotary_kernel(
-    positions_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr,
+    positions_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr, first_token,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_cache,
     NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Program (token, head block): rotate BLOCK_H query heads and the same key head block."""
-    token = tl.program_id(0).to(tl.int64)
+    token = tl.program_id(0).to(tl.int64) + first_token
     head_start = tl.program_id(1) * BLOCK_H
     pos = tl.load(positions_ptr + token).to(tl.int64)
     offs_h = tl.arange(0, BLOCK_H)
@@ -174,8 +174,13 @@ def rotary_embedding_(
     cos_cache: torch.Tensor,
     sin_cache: torch.Tensor,
     rotary_dim: int,
+    first_token: int = 0,
 ) -> None:
     """Rotate the first `rotary_dim` dims of query [T, H, D] and key [T, Hkv, D] in place.
+
+    Tokens before `first_token` are left alone (the decodes of a mixed batch, which the decode
+    attention kernel rotates itself): an offset, not a slice, so the tensors keep their alignment
+    and the kernel its compiled variant.
 
     NeoX layout (rotate-half, as Hugging Face Llama/Qwen). `cos_cache` / `sin_cache` are
     [max_position, rotary_dim] with each frequency twice ([freqs, freqs], as RotaryEmbedding
@@ -183,8 +188,8 @@ def rotary_embedding_(
     untouched. query/key may be strided views (e.g. of a fused QKV output); their last dim must
     be contiguous.
     """
-    num_tokens = positions.shape[0]
-    if num_tokens == 0:
+    num_tokens = positions.shape[0] - first_token
+    if num_tokens <= 0:
         return
     if query.stride(-1) != 1 or key.stride(-1) != 1:
         raise ValueError("rotary_embedding_ rotates in place and needs a contiguous last dim.")
@@ -196,7 +201,7 @@ def rotary_embedding_(
     block_h = min(triton.next_power_of_2(max(num_q_heads, num_k_heads)), max(1, _TILE_ELEMENTS // 2 // block_half))
     grid = (num_tokens, triton.cdiv(max(num_q_heads, num_k_heads), block_h))
     _rotary_kernel[grid](
-        positions, query, key, cos_cache, sin_cache,
+        positions, query, key, cos_cache, sin_cache, first_token,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), cos_cache.stride(0),
         NUM_Q_HEADS=num_q_heads, NUM_K_HEADS=num_k_heads,
         HALF=half, BLOCK_HALF=block_half, BLOCK_H=block_h,
