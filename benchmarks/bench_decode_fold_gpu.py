@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+import sys
 
 import torch
 
@@ -30,6 +30,9 @@ from pagedllm.attention import triton_backend as tb
 from pagedllm.attention.metadata import AttentionMetadata
 from pagedllm.layers import triton_fused
 from pagedllm.layers.rotary import RotaryEmbedding
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_gemv_gpu import median_replay_us  # noqa: E402
 
 DEVICE = torch.device("cuda")
 HEAD_DIM, BLOCK_SIZE, LAYERS, MAX_MODEL_LEN = 128, 16, 32, 4096
@@ -108,18 +111,7 @@ def time_variant(name: str, layers: list[Layer], rotary: RotaryEmbedding, splits
     with torch.cuda.graph(graph):
         for layer in layers:
             run_variant(name, layer, rotary, splits)
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(layers))
-    return statistics.median(times)
+    return median_replay_us(graph, replays, warm_ups=3) / len(layers)
 
 
 def main() -> None:

@@ -73,7 +73,13 @@ def graph_time(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torc
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         outs = [fn(x, w) for w in order]
-    graph.replay()
+    return median_replay_us(graph, replays) / len(order), graph, outs[-1]
+
+
+def median_replay_us(graph: torch.cuda.CUDAGraph, replays: int, warm_ups: int = 1) -> float:
+    """Median microseconds of one replay of `graph` over `replays` timed replays."""
+    for _ in range(warm_ups):
+        graph.replay()
     torch.cuda.synchronize()
     times = []
     for _ in range(replays):
@@ -82,8 +88,8 @@ def graph_time(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torc
         graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(order))
-    return statistics.median(times), graph, outs[-1]
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
 
 
 def graph_matches_eager(graph: torch.cuda.CUDAGraph, last_out: torch.Tensor, x: torch.Tensor,
