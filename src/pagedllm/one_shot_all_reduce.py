@@ -35,8 +35,6 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.layers.triton_pdl import pdl_enabled, trigger_dependents
-
 MAX_PROGRAMS = 32
 _BLOCK = 1024  # words per chunk: 2048 elements
 EPOCH_PERIOD: tl.constexpr = tl.constexpr(1 << 30)  # epochs run 1 .. 2^30 and start over (an even period)
@@ -54,12 +52,9 @@ def _halves_to_float(words, elem: tl.constexpr):
 def _one_shot_all_reduce_kernel(
     x_ptr, buffer_ptrs, epoch_ptr, n_words, slot_words,
     RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, ELEM: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
     """Program pid: push its chunks of x (int32 words of two elements) to every peer, tagged with
-    the epoch; wait for every peer's; write the rank-ordered sums over x. With PDL the GEMM after
-    it may start now (layers/triton_pdl.py): it reads x only after this kernel completes."""
-    trigger_dependents(PDL)
+    the epoch; wait for every peer's; write the rank-ordered sums over x."""
     pid = tl.program_id(0)
     step = tl.num_programs(0) * BLOCK
     epoch = tl.load(epoch_ptr + pid) % EPOCH_PERIOD + 1  # 1 .. EPOCH_PERIOD: never 0, never overflows
@@ -123,6 +118,6 @@ def one_shot_all_reduce_(x: torch.Tensor, buffer_ptrs: torch.Tensor, epochs: tor
     elem = tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16
     _one_shot_all_reduce_kernel[(num_programs(x.numel()),)](
         x.view(torch.int32), buffer_ptrs, epochs, x.numel() // 2, slot_words,
-        RANK=rank, WORLD=world_size, BLOCK=_BLOCK, ELEM=elem, PDL=pdl_enabled(x.device), num_warps=4,
+        RANK=rank, WORLD=world_size, BLOCK=_BLOCK, ELEM=elem, num_warps=4,
     )
     return x

@@ -19,7 +19,6 @@ import triton
 
 from pagedllm.attention import triton_kernels as kernels
 from pagedllm.attention.metadata import AttentionMetadata
-from pagedllm.layers.triton_pdl import pdl_enabled
 
 LOG2_E = 1.4426950408889634
 # Split-KV heuristic, fitted on an H200 (benchmarks/bench_attention_gpu.py --sweep full): the
@@ -218,7 +217,6 @@ def decode_attention(
         part_out = part_lse = out  # unused by the kernel when SPLIT is off
     precision, upcast = _dot_args(query.dtype)
     block_d = triton.next_power_of_2(head_dim)
-    pdl = pdl_enabled(query.device)  # the kernel that writes the output lets the O projection start
     kernels._decode_attention_kernel[(num_decodes, num_kv_heads, num_kv_splits)](
         query, key_cache, value_cache, out, part_out, part_lse,
         query_start_loc, seq_lens, block_tables,
@@ -230,7 +228,7 @@ def decode_attention(
         # tl.dot needs M >= 16: small groups leave rows idle, which costs no extra KV reads.
         BLOCK_M=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=page,
-        SPLIT=split, DOT_PREC=precision, DOT_UPCAST=upcast, PDL=pdl and not split,
+        SPLIT=split, DOT_PREC=precision, DOT_UPCAST=upcast,
         num_warps=num_warps, num_stages=num_stages,
         **_window_args(sliding_window, logits_soft_cap), **new_kv_args,
     )
@@ -239,7 +237,7 @@ def decode_attention(
             part_out, part_lse, out, query_start_loc,
             num_kv_splits, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
-            BLOCK_S=triton.next_power_of_2(num_kv_splits), PDL=pdl,
+            BLOCK_S=triton.next_power_of_2(num_kv_splits),
             num_warps=4,
         )
     return out

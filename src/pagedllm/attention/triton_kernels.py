@@ -26,8 +26,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from pagedllm.layers.triton_pdl import trigger_dependents
-
 
 @triton.jit(do_not_specialize=["first_token"])
 def _reshape_and_cache_kernel(
@@ -269,7 +267,7 @@ def _decode_attention_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     SPLIT: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr,
     DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
-    WRITE_KV: tl.constexpr = False, ROPE: tl.constexpr = False, PDL: tl.constexpr = False,
+    WRITE_KV: tl.constexpr = False, ROPE: tl.constexpr = False,
 ):
     """One query token's GROUP heads over one partition of its request's KV (flash-decoding).
 
@@ -289,9 +287,7 @@ def _decode_attention_kernel(
     (Folding the split reduce in too, the last program of each KV head combining the partials
     after an arrival counter, was measured slower than the reduce kernel: 3-4 us per layer on
     an H200, the gpu-scope atomics and the serial combine on the critical path.)
-    With PDL, a PDL-launched successor (the O projection) may start at once (triton_pdl.py).
     """
-    trigger_dependents(PDL)
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -391,12 +387,8 @@ def _reduce_splits_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, query_start_loc_ptr,
     num_splits, stride_ot, stride_oh,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
-    """Combine the partial outputs of one (request, head) weighted by exp2(lse - max lse).
-
-    With PDL, a PDL-launched successor (the O projection) may start at once (triton_pdl.py)."""
-    trigger_dependents(PDL)
+    """Combine the partial outputs of one (request, head) weighted by exp2(lse - max lse)."""
     req = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)

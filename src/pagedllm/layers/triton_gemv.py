@@ -39,7 +39,6 @@ import triton.language as tl
 
 from pagedllm.attention import triton_backend
 from pagedllm.layers.triton_fused import gated_act_tile
-from pagedllm.layers.triton_pdl import pdl_enabled, prefetch_then_wait
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +107,7 @@ def _skinny_gemm_kernel(
     X_ALIGN: tl.constexpr, M_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, NUM_STAGES: tl.constexpr,
-    ACT: tl.constexpr = 0, PDL: tl.constexpr = False,
+    ACT: tl.constexpr = 0,
 ):
     """Program (n-block, k-split): out[:M, n-block] (+ bias), or its fp32 partial when split.
 
@@ -128,7 +127,6 @@ def _skinny_gemm_kernel(
     # partial; a split past K runs no tiles and writes a zero partial.
     k_per_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
     k_lo = pid_k * k_per_split
-    prefetch_then_wait(w_ptr, offs_n, N, K, k_lo, PDL)  # (layers/triton_pdl.py)
     num_tiles = tl.cdiv(tl.minimum(K - k_lo, k_per_split), BLOCK_K)
     offs_k = k_lo + tl.arange(0, BLOCK_K)
     # 64-bit row offsets: an LM head [vocab, hidden] can pass 2^31 elements.
@@ -311,8 +309,6 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
     elem = x.element_size()
     x_align = 16 // elem if x.stride(0) % (16 // elem) == 0 else 1
     split = config.split_k
-    # The gated (down) projection follows the gate_up GEMM, which never lets it start early.
-    pdl = act is None and pdl_enabled(x.device)
     target = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     bias_arg = bias if bias is not None else weight
     _skinny_gemm_kernel[(triton.cdiv(n, config.block_n), split)](
@@ -323,7 +319,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
         EVEN_K=k % config.block_k == 0,
         HAS_BIAS=bias is not None and split == 1, DOT_PREC=precision, DOT_UPCAST=upcast,
         NUM_STAGES=config.num_stages, ACT=GATED_ACTS[act] if act is not None else 0,
-        PDL=pdl, launch_pdl=pdl, num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split > 1:
         total = m * n
