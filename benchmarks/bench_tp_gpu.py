@@ -21,8 +21,11 @@ import time
 
 import torch
 
+# This tree's src comes first, whatever PYTHONPATH says: to time another commit, run that
+# tree's copy of this script (the result records which package it imported).
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
+import pagedllm  # noqa: E402
 from pagedllm.benchmarks.throughput import t1_requests  # noqa: E402
 from pagedllm.config import EngineArgs  # noqa: E402
 
@@ -31,7 +34,8 @@ from gpu_check import record  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
 RESULTS: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                 "num_gpus": torch.cuda.device_count()}
+                 "num_gpus": torch.cuda.device_count(),
+                 "pagedllm_path": os.path.dirname(os.path.abspath(pagedllm.__file__))}
 
 
 def copy_bandwidth_gbs() -> float:
