@@ -295,17 +295,19 @@ def _new_token_slots(md: AttentionMetadata, block_size: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("group", "num_kv_splits", "window"), [(1, 1, None), (4, 4, None), (2, 3, 20)])
+@pytest.mark.parametrize(("group", "num_kv_splits", "window", "head_dim", "soft_cap"),
+                         [(1, 1, None, 64, None), (4, 4, None, 64, None), (2, 3, 20, 64, None),
+                          (2, 2, 9, 256, 30.0)])  # the last: Gemma 2's head dim, window and soft cap
 def test_decode_kernel_rotating_and_writing_new_tokens_equals_the_separate_kernels(
-    dtype: torch.dtype, group: int, num_kv_splits: int, window: int | None,
+    dtype: torch.dtype, group: int, num_kv_splits: int, window: int | None, head_dim: int, soft_cap: float | None,
 ) -> None:
     from pagedllm.layers import triton_fused
     from pagedllm.layers.rotary import RotaryEmbedding
 
     # A graph-padding row last: seq_len 1 and slot -1 (writes nothing, attends over block 0).
-    batch = make_batch([1, 1, 1, 1], [17, 1, 70, 1], group=group, dtype=dtype, seed=140 + group)
+    batch = make_batch([1, 1, 1, 1], [17, 1, 70, 1], group=group, head_dim=head_dim, dtype=dtype, seed=140 + group)
     md = batch.metadata
-    num_kv_heads, head_dim = batch.kv_cache.shape[3], batch.kv_cache.shape[4]
+    num_kv_heads = batch.kv_cache.shape[3]
     slots = _new_token_slots(md, batch.kv_cache.shape[2])
     slots[3] = -1
     md.slot_mapping = slots
@@ -325,12 +327,13 @@ def test_decode_kernel_rotating_and_writing_new_tokens_equals_the_separate_kerne
     q, k, v = views(qkv.clone())
     triton_fused.rotary_embedding_(positions, q, k, rotary.cos_cache, rotary.sin_cache, head_dim)
     tb.reshape_and_cache(k, v, expected_cache, slots)
-    expected = tb.paged_attention(q, expected_cache, md, SCALE, num_kv_splits=num_kv_splits, sliding_window=window)
+    expected = tb.paged_attention(q, expected_cache, md, SCALE, num_kv_splits=num_kv_splits, sliding_window=window,
+                                  logits_soft_cap=soft_cap)
 
     q, k, v = views(qkv)
     new_tokens = tb.NewTokens(k, v, slots, positions, rotary.cos_cache, rotary.sin_cache)
     out = tb.paged_attention(q, batch.kv_cache, md, SCALE, num_kv_splits=num_kv_splits, sliding_window=window,
-                             new_tokens=new_tokens)
+                             logits_soft_cap=soft_cap, new_tokens=new_tokens)
     assert_same(batch.kv_cache, expected_cache)
     assert_same(out, expected)
     assert torch.equal(qkv, qkv_before)  # the query is rotated in registers, its buffer untouched
