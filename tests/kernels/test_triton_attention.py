@@ -89,6 +89,17 @@ def max_error(out: torch.Tensor, batch: Batch, **window_args: Any) -> float:
     return (out[:n].float() - reference(batch, **window_args)).abs().max().item()
 
 
+def new_token_positions_and_slots(md: AttentionMetadata, block_size: int) -> tuple[list[int], list[int]]:
+    """Each new token's position and cache slot: the last query_len positions of every request."""
+    positions, slots = [], []
+    for i in range(md.num_reqs):
+        q_len = md.query_start_loc_cpu[i + 1] - md.query_start_loc_cpu[i]
+        for pos in range(md.seq_lens_cpu[i] - q_len, md.seq_lens_cpu[i]):
+            positions.append(pos)
+            slots.append(int(md.block_tables[i, pos // block_size]) * block_size + pos % block_size)
+    return positions, slots
+
+
 # ---------------------------------------------------------------- reshape_and_cache
 
 
@@ -255,12 +266,7 @@ def test_write_then_attend_equals_the_torch_backend_doing_both() -> None:
     num_kv_heads, head_dim = batch.kv_cache.shape[3], batch.kv_cache.shape[4]
     block_size = batch.kv_cache.shape[2]
     # New tokens are the last query_len positions of each request; one padding row is appended.
-    slots = []
-    for i in range(md.num_reqs):
-        q_len = md.query_start_loc_cpu[i + 1] - md.query_start_loc_cpu[i]
-        for pos in range(md.seq_lens_cpu[i] - q_len, md.seq_lens_cpu[i]):
-            block = int(md.block_tables[i, pos // block_size])
-            slots.append(block * block_size + pos % block_size)
+    _, slots = new_token_positions_and_slots(md, block_size)
     slot_mapping = torch.tensor(slots + [-1], device=DEVICE)
     key = torch.randn(len(slots) + 1, num_kv_heads, head_dim, device=DEVICE)
     value = torch.randn(len(slots) + 1, num_kv_heads, head_dim, device=DEVICE)
@@ -289,9 +295,7 @@ def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 def _new_token_slots(md: AttentionMetadata, block_size: int) -> torch.Tensor:
     """Each decode's slot for its newest position (seq_len - 1)."""
-    slots = [int(md.block_tables[i, (n - 1) // block_size]) * block_size + (n - 1) % block_size
-             for i, n in enumerate(md.seq_lens_cpu)]
-    return torch.tensor(slots, device=DEVICE)
+    return torch.tensor(new_token_positions_and_slots(md, block_size)[1], device=DEVICE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -362,12 +366,7 @@ def test_mixed_batch_with_decodes_folded_and_prefills_written_from_an_offset_equ
     batch = make_batch([1, 1, 6, 9], [17, 30, 22, 9], group=2, seed=160)
     md = batch.metadata
     block_size, num_kv_heads, head_dim = batch.kv_cache.shape[2], batch.kv_cache.shape[3], batch.kv_cache.shape[4]
-    slots, positions = [], []
-    for i in range(md.num_reqs):
-        q_len = md.query_start_loc_cpu[i + 1] - md.query_start_loc_cpu[i]
-        for pos in range(md.seq_lens_cpu[i] - q_len, md.seq_lens_cpu[i]):
-            slots.append(int(md.block_tables[i, pos // block_size]) * block_size + pos % block_size)
-            positions.append(pos)
+    positions, slots = new_token_positions_and_slots(md, block_size)
     md.slot_mapping = torch.tensor(slots, device=DEVICE)
     positions_t = torch.tensor(positions, device=DEVICE)
     rotary = RotaryEmbedding(head_dim, head_dim, 64, {"rope_theta": 10000.0, "rope_type": "default"}).to(DEVICE)

@@ -61,32 +61,28 @@ class Attention(nn.Module):
         v = value.view(num_tokens, self.num_kv_heads, self.head_dim)
         if rotary is not None and positions is None:
             raise ValueError("Attention with a rotary embedding needs the token positions")
-        if q.is_cuda:
-            backend = _triton_backend()
-            num_decodes = metadata.num_decodes
-            if rotary is not None and num_decodes and rotary.foldable_into_attention(positions):
-                if num_tokens > num_decodes:  # the prefill tokens: separate kernels, from the first on
-                    rotary.rotate_from(positions, q, k, first_token=num_decodes)
-                    backend.reshape_and_cache(k, v, self.kv_cache, metadata.slot_mapping, first_token=num_decodes)
-                new_tokens = backend.NewTokens(k, v, metadata.slot_mapping, positions,
-                                               rotary.cos_cache, rotary.sin_cache)
-                out = backend.paged_attention(q, self.kv_cache, metadata, self.scale,
-                                              num_kv_splits=metadata.num_kv_splits,
-                                              sliding_window=self.sliding_window,
-                                              logits_soft_cap=self.logits_soft_cap, new_tokens=new_tokens)
-                return out.view(num_tokens, self.num_heads * self.head_dim)
-            if rotary is not None:
-                q, k = rotary(positions, q, k)
-            backend.reshape_and_cache(k, v, self.kv_cache, metadata.slot_mapping)
-            out = backend.paged_attention(q, self.kv_cache, metadata, self.scale,
-                                          num_kv_splits=metadata.num_kv_splits,
-                                          sliding_window=self.sliding_window,
-                                          logits_soft_cap=self.logits_soft_cap)
-        else:
-            if rotary is not None:
-                q, k = rotary(positions, q, k)
+        num_decodes = metadata.num_decodes
+        fold = (q.is_cuda and rotary is not None and num_decodes > 0
+                and rotary.foldable_into_attention(positions))
+        if rotary is not None and not fold:
+            q, k = rotary(positions, q, k)
+        if not q.is_cuda:
             torch_backend.write_to_kv_cache(k, v, self.kv_cache, metadata.slot_mapping)
             out = torch_backend.paged_attention(q, self.kv_cache, metadata, self.scale,
                                                 sliding_window=self.sliding_window,
                                                 logits_soft_cap=self.logits_soft_cap)
+            return out.view(num_tokens, self.num_heads * self.head_dim)
+        backend = _triton_backend()
+        new_tokens, first_written = None, 0
+        if fold:  # the decodes are rotated and written by the decode kernel; the prefill tokens here
+            first_written = num_decodes
+            if num_tokens > num_decodes:
+                rotary.rotate_from(positions, q, k, first_token=num_decodes)
+            new_tokens = backend.NewTokens(k, v, metadata.slot_mapping, positions, rotary.cos_cache,
+                                           rotary.sin_cache)
+        backend.reshape_and_cache(k, v, self.kv_cache, metadata.slot_mapping, first_token=first_written)
+        out = backend.paged_attention(q, self.kv_cache, metadata, self.scale,
+                                      num_kv_splits=metadata.num_kv_splits,
+                                      sliding_window=self.sliding_window,
+                                      logits_soft_cap=self.logits_soft_cap, new_tokens=new_tokens)
         return out.view(num_tokens, self.num_heads * self.head_dim)
