@@ -9,12 +9,14 @@ phases of a persistent kernel, one program per SM:
 
     O [H, H/tp] -> gate_up [2I/tp, H] -> down [H, I/tp] (reads the first I/tp outputs) -> QKV
 
-Each phase hands its output to the next as "LL words" (int64: fp32 value in the low half, the
-launch's epoch in the high half; an aligned 8-byte store lands whole, so a word is its own flag):
-a program polls the words of the whole input vector until they carry the epoch -- a grid
-barrier that needs no atomics, and at TP > 1 the same words could come from the peer (the
-one-shot all-reduce's protocol). Variant PRELOAD loads the first weight tiles of the program's
-next phase (plain loads into L2/L1) before it polls, so DRAM keeps streaming across the barrier.
+Each phase writes its output (fp32) to a scratch vector; a program then sets its flag to the
+launch's epoch (release, after a CTA barrier) and waits until every program's flag carries it
+(one vector load of the flags per poll, then an acquire fence): a grid barrier. BARRIER=0 skips
+the waits -- wrong results, but the streaming bound of the persistent GEMMs themselves. PRELOAD
+loads the first weight tile of the program's next phase into registers before it waits (consumed
+after the wait), so DRAM keeps streaming across the barrier. A first version handed the vectors
+over as LL words (value and epoch in one int64, the one-shot all-reduce's protocol) and had every
+program poll the whole input vector: far slower (docs/benchmarks.md, seventh session).
 
 Baseline in the same call: the same four GEMMs as four `skinny_linear` launches (tuned configs),
 32 layers in a CUDA graph either way, distinct weights per layer (so every byte comes from DRAM).
@@ -176,7 +178,7 @@ def reference(x: torch.Tensor, layer: Layer) -> torch.Tensor:
 
 
 class Chain:
-    """The persistent launch for one layer, with its LL-word buffers and per-program epochs."""
+    """The persistent launch for one layer, with its scratch vectors, flags and per-program epochs."""
 
     def __init__(self, tp: int, sms: int, block_k: int, stages: int, preload: int, bn: tuple[int, int, int, int],
                  warps: int = 4, barrier: int = 1):

@@ -18,6 +18,9 @@ logger = logging.getLogger(__name__)
 
 # Where start_profile / stop_profile write their traces (vLLM: VLLM_TORCH_PROFILER_DIR).
 PROFILER_DIR_ENV = "PAGEDLLM_TORCH_PROFILER_DIR"
+# "1": trace the device only (kernels, copies, CUDA runtime calls), not the host's torch ops, whose
+# recording slows the host enough to turn a device-bound decode step host-bound.
+PROFILER_DEVICE_ONLY_ENV = "PAGEDLLM_TORCH_PROFILER_DEVICE_ONLY"
 
 
 class Worker:
@@ -106,6 +109,9 @@ class Worker:
     def start_profile(self) -> None:
         """Start the torch profiler (CPU, and CUDA kernels on a GPU) in this rank's process.
 
+        With PAGEDLLM_TORCH_PROFILER_DEVICE_ONLY=1 on a GPU only the device side is traced (the
+        host's torch ops are not recorded, so the host keeps its real speed).
+
         The trace goes to the directory named by PAGEDLLM_TORCH_PROFILER_DIR (vLLM's
         VLLM_TORCH_PROFILER_DIR); without it there is nowhere to write, so this refuses.
         """
@@ -116,6 +122,8 @@ class Worker:
             raise RuntimeError("The profiler is already running; call stop_profile first.")
         activities = [torch.profiler.ProfilerActivity.CPU]
         if self.device.type == "cuda":
+            if os.environ.get(PROFILER_DEVICE_ONLY_ENV, "0") == "1":
+                activities = []
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         os.makedirs(directory, exist_ok=True)
         self._profile_dir = directory
