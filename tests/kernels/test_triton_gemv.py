@@ -77,48 +77,6 @@ def test_every_candidate_config_matches(m: int) -> None:
         assert rel_error(tg.skinny_linear(x, weight, bias, config=config), expected) < FP32_RTOL, config
 
 
-# Row-balanced grids: N = 300 rows over 132 programs (programs_per_sm=1 on the CPU's notional
-# 132 SMs) gives 2 or 3 rows per program; 2/SM gives 1 or 2, and N < G leaves one row each.
-BALANCED_CONFIGS = [
-    tg.GemvConfig(16, 64, programs_per_sm=1),
-    tg.GemvConfig(16, 64, split_k=2, programs_per_sm=2),
-    tg.GemvConfig(16, 128, use_dot=False, programs_per_sm=1),
-]
-
-
-@pytest.mark.parametrize("config", BALANCED_CONFIGS, ids=str)
-@pytest.mark.parametrize("m, n", [(1, 300), (2, 300), (3, 300), (1, 70)])
-def test_row_balanced_grid_matches_f_linear(config: tg.GemvConfig, m: int, n: int) -> None:
-    if not config.use_dot and m > 2:
-        pytest.skip("the elementwise path serves at most 2 rows")
-    k = 200
-    x, weight, bias = randn(m, k, seed=60), randn(n, k, seed=61), randn(n, seed=62)
-    assert config.grid_n(n, 132) == min(config.programs_per_sm * 132, n)
-    assert rel_error(tg.skinny_linear(x, weight, bias, config=config), F.linear(x, weight, bias)) < FP32_RTOL
-    gated_x = randn(m, 2 * k, seed=63)
-    expected = F.linear(F.silu(gated_x[:, :k]) * gated_x[:, k:], weight, bias)
-    assert rel_error(tg.skinny_linear(gated_x, weight, bias, config=config, act="silu"), expected) < FP32_RTOL
-
-
-@pytest.mark.parametrize("config", [c for c in BALANCED_CONFIGS if c.split_k == 1], ids=str)
-@pytest.mark.parametrize("m", [1, 2])
-def test_row_balanced_grid_in_the_add_rmsnorm_kernel(config: tg.GemvConfig, m: int) -> None:
-    n, k = 300, 136
-    hidden, residual = randn(m, k, seed=64), randn(m, k, seed=65)
-    norm_weight, weight = randn(k, seed=66), randn(n, k, seed=67)
-    expected, expected_residual = _norm_reference(hidden, residual, norm_weight, weight, None)
-    out, residual_out = tn.skinny_add_rmsnorm_linear(hidden, residual, norm_weight, 1e-6, weight, config=config)
-    assert torch.equal(residual_out, expected_residual)
-    assert rel_error(out, expected) < FP32_RTOL
-
-
-def test_a_balanced_grid_whose_rows_overflow_block_n_is_refused() -> None:
-    config = tg.GemvConfig(16, 64, programs_per_sm=1)  # 132 programs: 3000 rows need 23 each
-    assert not config.fits(3000, 132) and config.fits(2112, 132)
-    with pytest.raises(ValueError, match="rows per program"):
-        tg.skinny_linear(randn(1, 64), randn(3000, 64), config=config)
-
-
 @pytest.mark.parametrize("config", [
     tg.GemvConfig(block_n=32, block_k=16, split_k=8),  # K=72: splits of 16, the 5th partial, the rest empty
     tg.GemvConfig(block_n=16, block_k=32, split_k=3),

@@ -60,28 +60,13 @@ class GemvConfig:
     num_stages: int = 4
     # Not a Triton launch: cuBLAS (torch.addmm / mm), chosen where the tuner finds it faster.
     use_cublas: bool = False
-    # > 0: a row-balanced grid of programs_per_sm x SMs programs along N, program p owning rows
-    # [p * N // G, (p + 1) * N // G) (at most block_n of them), so every SM streams the same
-    # bytes; 0: one program per block_n rows (the last wave may leave SMs idle or doubly loaded).
-    programs_per_sm: int = 0
 
     def __str__(self) -> str:
         if self.use_cublas:
             return "cuBLAS"
         kind = "dot" if self.use_dot else "fma"
-        grid = f" balanced {self.programs_per_sm}/SM" if self.programs_per_sm else ""
         return (f"{kind} BLOCK_N={self.block_n} BLOCK_K={self.block_k} SPLIT_K={self.split_k} "
-                f"warps={self.num_warps} stages={self.num_stages}{grid}")
-
-    def grid_n(self, n: int, sms: int) -> int:
-        """Programs along N for n output rows."""
-        if self.programs_per_sm:
-            return min(self.programs_per_sm * sms, n)
-        return triton.cdiv(n, self.block_n)
-
-    def fits(self, n: int, sms: int) -> bool:
-        """Whether every program's rows fit its block_n (always, for the classic grid)."""
-        return triton.cdiv(n, self.grid_n(n, sms)) <= self.block_n
+                f"warps={self.num_warps} stages={self.num_stages}")
 
 
 @triton.jit
@@ -104,19 +89,6 @@ def _load_x(ptrs, mask, K, MASKED: tl.constexpr, ACT: tl.constexpr):
 
 
 @triton.jit
-def output_rows(pid_n, N, BLOCK_N: tl.constexpr, BALANCED: tl.constexpr):
-    """This program's output rows and their mask: block pid_n of BLOCK_N rows, or with BALANCED
-    the rows [pid_n * N // G, (pid_n + 1) * N // G) of G programs (at most BLOCK_N, masked)."""
-    if BALANCED:
-        num = tl.num_programs(0)
-        row_lo = pid_n * N // num
-        offs_n = row_lo + tl.arange(0, BLOCK_N)
-        return offs_n, offs_n < (pid_n + 1) * N // num
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    return offs_n, offs_n < N
-
-
-@triton.jit
 def load_weight_tile(w_ptrs, n_ok, k_ok, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
     """A [BLOCK_N, BLOCK_K] weight tile, masked only where the shape needs it."""
     if EVEN_N and EVEN_K:
@@ -135,7 +107,7 @@ def _skinny_gemm_kernel(
     X_ALIGN: tl.constexpr, M_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, NUM_STAGES: tl.constexpr,
-    ACT: tl.constexpr = 0, BALANCED: tl.constexpr = False,
+    ACT: tl.constexpr = 0,
 ):
     """Program (n-block, k-split): out[:M, n-block] (+ bias), or its fp32 partial when split.
 
@@ -144,7 +116,8 @@ def _skinny_gemm_kernel(
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_n, n_ok = output_rows(pid_n, N, BLOCK_N, BALANCED)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
     offs_m = tl.arange(0, M_BLOCK)
     m_ok = offs_m < M
     # The wrapper guarantees the hint (X_ALIGN is 1 otherwise): 16-byte vector loads of x rows.
@@ -338,18 +311,14 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
     split = config.split_k
     target = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     bias_arg = bias if bias is not None else weight
-    sms = num_sms(x.device)
-    if not config.fits(n, sms):
-        raise ValueError(f"{config} leaves more than BLOCK_N rows per program for N={n}")
-    _skinny_gemm_kernel[(config.grid_n(n, sms), split)](
+    _skinny_gemm_kernel[(triton.cdiv(n, config.block_n), split)](
         x, weight, bias_arg, target,
         m, x.stride(0), n, k,
         X_ALIGN=x_align, M_BLOCK=m_block, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        SPLIT_K=split, USE_DOT=use_dot, EVEN_N=n % config.block_n == 0 and not config.programs_per_sm,
+        SPLIT_K=split, USE_DOT=use_dot, EVEN_N=n % config.block_n == 0,
         EVEN_K=k % config.block_k == 0,
         HAS_BIAS=bias is not None and split == 1, DOT_PREC=precision, DOT_UPCAST=upcast,
         NUM_STAGES=config.num_stages, ACT=GATED_ACTS[act] if act is not None else 0,
-        BALANCED=config.programs_per_sm > 0,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split > 1:

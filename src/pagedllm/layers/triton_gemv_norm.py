@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from pagedllm.layers import triton_gemv as tg
-from pagedllm.layers.triton_gemv import load_weight_tile, output_rows
+from pagedllm.layers.triton_gemv import load_weight_tile
 
 VARIANT = "add_rmsnorm"
 
@@ -54,11 +54,12 @@ def _norm_gemm_kernel(
     M, stride_hm, stride_rm, N, K, eps,
     M_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, NUM_STAGES: tl.constexpr, BALANCED: tl.constexpr = False,
+    DOT_UPCAST: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Program n-block: out[:M, n-block] = rmsnorm(h + r) @ W[n-block]^T (+ bias)."""
     pid_n = tl.program_id(0)
-    offs_n, n_ok = output_rows(pid_n, N, BLOCK_N, BALANCED)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     write_residual = pid_n == 0  # one writer per row
     w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
@@ -152,18 +153,14 @@ def _launch(hidden: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Ten
     use_dot = config.use_dot
     if not use_dot and m > 2:
         raise ValueError(f"the elementwise GEMV path serves at most 2 rows, got {m}")
-    sms = tg.num_sms(hidden.device)
-    if not config.fits(n, sms):
-        raise ValueError(f"{config} leaves more than BLOCK_N rows per program for N={n}")
-    _norm_gemm_kernel[(config.grid_n(n, sms),)](
+    _norm_gemm_kernel[(triton.cdiv(n, config.block_n),)](
         hidden, residual, norm_weight, weight, bias if bias is not None else weight, out, residual_out,
         m, hidden.stride(0), residual.stride(0), n, k, eps,
         M_BLOCK=tg._DOT_M if use_dot else m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, USE_DOT=use_dot,
-        EVEN_N=n % config.block_n == 0 and not config.programs_per_sm, EVEN_K=k % config.block_k == 0,
-        HAS_BIAS=bias is not None, DOT_PREC="ieee" if hidden.dtype == torch.float32 else "tf32",
+        EVEN_N=n % config.block_n == 0, EVEN_K=k % config.block_k == 0, HAS_BIAS=bias is not None,
+        DOT_PREC="ieee" if hidden.dtype == torch.float32 else "tf32",
         DOT_UPCAST=tg._interpreting() and hidden.dtype != torch.float32,
-        NUM_STAGES=config.num_stages, BALANCED=config.programs_per_sm > 0, num_warps=config.num_warps,
-        num_stages=config.num_stages,
+        NUM_STAGES=config.num_stages, num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
 
