@@ -104,6 +104,19 @@ def test_profiling_needs_a_trace_directory(model_path, monkeypatch):
         llm.stop_profile()
 
 
+def test_profiler_records_the_device_only_when_asked(monkeypatch):
+    from torch.profiler import ProfilerActivity
+
+    from pagedllm.worker.worker import profiler_activities
+
+    monkeypatch.delenv("PAGEDLLM_TORCH_PROFILER_DEVICE_ONLY", raising=False)
+    assert profiler_activities("cuda") == [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    assert profiler_activities("cpu") == [ProfilerActivity.CPU]
+    monkeypatch.setenv("PAGEDLLM_TORCH_PROFILER_DEVICE_ONLY", "1")
+    assert profiler_activities("cuda") == [ProfilerActivity.CUDA]
+    assert profiler_activities("cpu") == [ProfilerActivity.CPU]  # a CPU run has no device side to keep
+
+
 def test_greedy_outputs_equal_under_eviction_pressure(model_path, reference):
     # 13 blocks hold one 192-token request; the workload's prefixes need far more.
     llm = make_llm(model_path, num_blocks=13, max_num_seqs=2)

@@ -23,6 +23,16 @@ PROFILER_DIR_ENV = "PAGEDLLM_TORCH_PROFILER_DIR"
 PROFILER_DEVICE_ONLY_ENV = "PAGEDLLM_TORCH_PROFILER_DEVICE_ONLY"
 
 
+def profiler_activities(device_type: str) -> list[torch.profiler.ProfilerActivity]:
+    """What the profiler records on a device of `device_type`: the host's torch ops, plus the
+    CUDA kernels on a GPU -- or the CUDA side alone when PAGEDLLM_TORCH_PROFILER_DEVICE_ONLY=1."""
+    if device_type != "cuda":
+        return [torch.profiler.ProfilerActivity.CPU]
+    if os.environ.get(PROFILER_DEVICE_ONLY_ENV, "0") == "1":
+        return [torch.profiler.ProfilerActivity.CUDA]
+    return [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+
+
 class Worker:
     """Owns a device and its ModelRunner; the executor drives it.
 
@@ -120,14 +130,9 @@ class Worker:
             raise RuntimeError(f"Set {PROFILER_DIR_ENV} to a directory for the traces before profiling.")
         if self._profiler is not None:
             raise RuntimeError("The profiler is already running; call stop_profile first.")
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if self.device.type == "cuda":
-            if os.environ.get(PROFILER_DEVICE_ONLY_ENV, "0") == "1":
-                activities = []
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
         os.makedirs(directory, exist_ok=True)
         self._profile_dir = directory
-        self._profiler = torch.profiler.profile(activities=activities)
+        self._profiler = torch.profiler.profile(activities=profiler_activities(self.device.type))
         self._profiler.start()
 
     def stop_profile(self) -> str:
