@@ -36,7 +36,8 @@ import triton
 import triton.language as tl
 
 MAX_PROGRAMS = 32
-_BLOCK = 1024  # words per chunk: 2048 elements
+_BLOCK = 1024  # words per chunk: 2048 elements (every rank must use the same)
+_NUM_WARPS = 4
 EPOCH_PERIOD: tl.constexpr = tl.constexpr(1 << 30)  # epochs run 1 .. 2^30 and start over (an even period)
 
 
@@ -118,6 +119,6 @@ def one_shot_all_reduce_(x: torch.Tensor, buffer_ptrs: torch.Tensor, epochs: tor
     elem = tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16
     _one_shot_all_reduce_kernel[(num_programs(x.numel()),)](
         x.view(torch.int32), buffer_ptrs, epochs, x.numel() // 2, slot_words,
-        RANK=rank, WORLD=world_size, BLOCK=_BLOCK, ELEM=elem, num_warps=4,
+        RANK=rank, WORLD=world_size, BLOCK=_BLOCK, ELEM=elem, num_warps=_NUM_WARPS,
     )
     return x
