@@ -3,7 +3,7 @@
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONPATH=src:benchmarks \
         python benchmarks/bench_allreduce_sweep_gpu.py [--world 2] [--batches 1,16]
 
-Per (chunk words, warps) of `one_shot_all_reduce.py`: 64 all-reduces of bf16 [batch, 4096] in a
+Per (chunk words, warps, most programs) of `one_shot_all_reduce.py`: 64 all-reduces of bf16 [batch, 4096] in a
 CUDA graph (one decode step of Llama-3.1-8B at TP=2), the result checked against NCCL's (bit for
 bit), microseconds per all-reduce (median of 20 replays). Prints a table; JSON to
 $OUT/allreduce_sweep.json.
@@ -22,7 +22,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 HIDDEN, CALLS = 4096, 64
-SWEEP = [(1024, 4), (1024, 8), (512, 4), (512, 8), (256, 4), (256, 8), (128, 4), (2048, 8)]
+# (chunk words, warps, most programs)
+SWEEP = [(1024, 4, 32), (512, 8, 32), (512, 8, 64), (256, 8, 32), (256, 8, 64), (256, 4, 64), (256, 8, 128),
+         (128, 8, 64), (128, 4, 128)]
 
 
 def _worker(rank: int, world: int, port: int, batches: list[int], q) -> None:
@@ -32,14 +34,15 @@ def _worker(rank: int, world: int, port: int, batches: list[int], q) -> None:
     from pagedllm import one_shot_all_reduce as osar
 
     torch.cuda.set_device(rank)
+    osar.MAX_PROGRAMS = max(programs for _, _, programs in SWEEP)  # sizes the epoch counters
     pd.init_distributed_environment(rank, world, f"tcp://127.0.0.1:{port}", torch.device("cuda", rank))
     rows = []
-    for block, warps in SWEEP:
+    for block, warps, programs in SWEEP:
         # Both ranks switch together: a chunk size change between calls in flight could let one
         # rank overwrite words the other has not read yet.
         torch.cuda.synchronize()
         dist.barrier()
-        osar._BLOCK, osar._NUM_WARPS = block, warps
+        osar._BLOCK, osar._NUM_WARPS, osar.MAX_PROGRAMS = block, warps, programs
         for batch in batches:
             x = torch.randn(batch, HIDDEN, dtype=torch.bfloat16, device="cuda",
                             generator=torch.Generator(device="cuda").manual_seed(rank))
@@ -65,7 +68,7 @@ def _worker(rank: int, world: int, port: int, batches: list[int], q) -> None:
                 end.record()
                 end.synchronize()
                 times.append(start.elapsed_time(end) * 1e3 / CALLS)
-            rows.append({"block_words": block, "warps": warps, "batch": batch, "programs": osar.num_programs(batch * HIDDEN),
+            rows.append({"block_words": block, "warps": warps, "max_programs": programs, "batch": batch, "programs": osar.num_programs(batch * HIDDEN),
                          "us_per_all_reduce": statistics.median(times), "equals_nccl": equal})
             del graph
     if rank == 0:
@@ -93,9 +96,11 @@ def main() -> None:
     for p in procs:
         p.join(timeout=60)
     print(f"\n{torch.cuda.get_device_name(0)} x {args.world}: us per all-reduce, {CALLS} in a graph")
-    print("| chunk words | warps | batch | programs | us | equals NCCL |\n| --- | --- | --- | --- | --- | --- |")
+    print("| chunk words | warps | most programs | batch | programs | us | equals NCCL |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['block_words']} | {r['warps']} | {r['batch']} | {r['programs']} | {r['us_per_all_reduce']:.2f} | "
+        print(f"| {r['block_words']} | {r['warps']} | {r['max_programs']} | {r['batch']} | {r['programs']} | "
+              f"{r['us_per_all_reduce']:.2f} | "
               f"{r['equals_nccl']} |")
     out = os.environ.get("OUT")
     if out:
