@@ -23,9 +23,8 @@ ever being mistaken. Chunk c is always handled by program c % MAX_PROGRAMS, on e
 at every size, and each program keeps its own epoch counter in device memory, so the kernel
 needs no host state and replays from a CUDA graph.
 
-Every program waits only for the same program on the peers; the grid stays far below the SM
-count so that all programs are resident at once on every rank and none waits on one that
-cannot run. (An earlier version sent a release flag per program after the data: 4.5 us per call
+Every program waits only for the same program on the peers; the grid stays below the SM count
+so that all programs are resident at once on every rank and none waits on one that cannot run. (An earlier version sent a release flag per program after the data: 4.5 us per call
 against 3.1 for this one on H200s, docs/benchmarks.md.)
 """
 
@@ -35,9 +34,13 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_PROGRAMS = 32
-_BLOCK = 1024  # words per chunk: 2048 elements (every rank must use the same)
-_NUM_WARPS = 4
+# Swept on 2 x H200 (docs/benchmarks.md, seventh session): 256-word chunks, 8 warps and up to 128
+# programs took a batch-1 all-reduce (4096 elements) from 3.19 to 2.57 us and a 16-token one from
+# 3.99 to 3.34 against 1024-word chunks, 4 warps and 32 programs. The grid stays below the SM
+# count (all programs resident at once). Every rank must use the same values.
+MAX_PROGRAMS = 128
+_BLOCK = 256  # words per chunk: 512 elements
+_NUM_WARPS = 8
 EPOCH_PERIOD: tl.constexpr = tl.constexpr(1 << 30)  # epochs run 1 .. 2^30 and start over (an even period)
 
 

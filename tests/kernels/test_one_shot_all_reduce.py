@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedllm.one_shot_all_reduce import MAX_PROGRAMS, num_programs, one_shot_all_reduce_
+from pagedllm.one_shot_all_reduce import _BLOCK, MAX_PROGRAMS, num_programs, one_shot_all_reduce_
 
 SLOT = 70_000  # words
 
@@ -33,16 +33,16 @@ class SimulatedRanks:
         words = xs[0].numel() // 2
         programs = num_programs(xs[0].numel())
         # Each program counts its own calls (a call with fewer programs leaves the others behind);
-        # chunk c of 1024 words belongs to program c % programs.
+        # chunk c of _BLOCK words belongs to program c % programs.
         epochs = [int(e) % (1 << 30) + 1 for e in self.epochs[0][:programs]]
         results = []
         for rank in range(self.world):
             for later in range(rank + 1, self.world):
                 data = xs[later].view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-                for chunk, begin in enumerate(range(0, words, 1024)):
+                for chunk, begin in enumerate(range(0, words, _BLOCK)):
                     epoch = epochs[chunk % programs]
                     start = ((epoch % 2) * self.world + later) * SLOT + begin
-                    end = min(begin + 1024, words)
+                    end = min(begin + _BLOCK, words)
                     self.buffers[rank][start : start + end - begin] = data[begin:end] | (epoch << 32)
             x = xs[rank].clone()
             one_shot_all_reduce_(x, self.buffer_ptrs, self.epochs[rank], SLOT, rank, self.world)
@@ -61,7 +61,7 @@ class SimulatedRanks:
 def test_every_rank_gets_the_rank_ordered_sum_over_repeated_calls_and_sizes(world: int, dtype: torch.dtype) -> None:
     ranks = SimulatedRanks(world)
     gen = torch.Generator().manual_seed(world)
-    for n in (8, 2048, 4096 + 8, 2 * 1024 * MAX_PROGRAMS + 2048, 8):  # one chunk .. more chunks than programs
+    for n in (8, 2048, 4096 + 8, 2 * _BLOCK * MAX_PROGRAMS + 2048, 8):  # one chunk .. more chunks than programs
         xs = [torch.randn(n, generator=gen).to(dtype) for _ in range(world)]
         expected = xs[0].float()
         for x in xs[1:]:
