@@ -20,6 +20,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_tp_gpu import all_reduce_graph  # noqa: E402
 
 HIDDEN, CALLS = 4096, 64
 # (chunk words, warps, most programs)
@@ -46,20 +48,7 @@ def _worker(rank: int, world: int, port: int, batches: list[int], q) -> None:
         for batch in batches:
             x = torch.randn(batch, HIDDEN, dtype=torch.bfloat16, device="cuda",
                             generator=torch.Generator(device="cuda").manual_seed(rank))
-            y = x.clone()
-            for _ in range(4):
-                pd.tensor_model_parallel_all_reduce(y.copy_(x))
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(CALLS):
-                    pd.tensor_model_parallel_all_reduce(y)
-            y.copy_(x)
-            graph.replay()
-            ref = x.clone()
-            for _ in range(CALLS):
-                dist.all_reduce(ref)
-            equal = bool(torch.equal(y, ref))
+            graph, equal = all_reduce_graph(x, CALLS, warm_ups=4)
             times = []
             for _ in range(20):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -68,7 +57,8 @@ def _worker(rank: int, world: int, port: int, batches: list[int], q) -> None:
                 end.record()
                 end.synchronize()
                 times.append(start.elapsed_time(end) * 1e3 / CALLS)
-            rows.append({"block_words": block, "warps": warps, "max_programs": programs, "batch": batch, "programs": osar.num_programs(batch * HIDDEN),
+            rows.append({"block_words": block, "warps": warps, "max_programs": programs, "batch": batch,
+                         "programs": osar.num_programs(batch * HIDDEN),
                          "us_per_all_reduce": statistics.median(times), "equals_nccl": equal})
             del graph
     if rank == 0:

@@ -206,6 +206,29 @@ def t1(config: str, tp: int, greedy_prompts: list[list[int]], greedy_tokens: int
     return res, tokens
 
 
+def all_reduce_graph(x: torch.Tensor, calls: int, warm_ups: int = 10) -> tuple[torch.cuda.CUDAGraph, bool]:
+    """A CUDA graph of `calls` in-place all-reduces (the engine's routing) of a copy of x, and
+    whether one replay gives what `calls` NCCL all-reduces of x give, bit for bit."""
+    import torch.distributed as dist
+
+    import pagedllm.distributed as pd
+
+    y = x.clone()
+    for _ in range(warm_ups):
+        pd.tensor_model_parallel_all_reduce(y.copy_(x))
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            pd.tensor_model_parallel_all_reduce(y)
+    y.copy_(x)
+    graph.replay()
+    ref = x.clone()
+    for _ in range(calls):
+        dist.all_reduce(ref)
+    return graph, bool(torch.equal(y, ref))
+
+
 def _allreduce_worker(rank: int, world: int, port: int, hidden: int, batches: list[int], per_step: int, q) -> None:
     """Per batch size: a decode step's all-reduces in a CUDA graph, NCCL vs the custom one
     (symmetric memory), after checking the custom result equals NCCL's (eager and replayed)."""
@@ -234,21 +257,9 @@ def _allreduce_worker(rank: int, world: int, port: int, hidden: int, batches: li
                 got = x.clone()
                 pd.tensor_model_parallel_all_reduce(got)
                 out[f"batch_{batch}_{name}_equals_nccl_eager"] = bool(torch.equal(got, ref))
-            y = x.clone()
-            for _ in range(10):
-                pd.tensor_model_parallel_all_reduce(y.copy_(x))
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(per_step):
-                    pd.tensor_model_parallel_all_reduce(y)
+            graph, equal = all_reduce_graph(x, per_step)
             if comm is not None:
-                y.copy_(x)
-                graph.replay()  # per_step reduces of y in place
-                ref = x.clone()
-                for _ in range(per_step):
-                    dist.all_reduce(ref)
-                out[f"batch_{batch}_{name}_equals_nccl_graph"] = bool(torch.equal(y, ref))
+                out[f"batch_{batch}_{name}_equals_nccl_graph"] = equal
             graph.replay()
             torch.cuda.synchronize()
             t0 = time.perf_counter()
