@@ -23,8 +23,8 @@ ever being mistaken. Chunk c is always handled by program c % MAX_PROGRAMS, on e
 at every size, and each program keeps its own epoch counter in device memory, so the kernel
 needs no host state and replays from a CUDA graph.
 
-Every program waits only for the same program on the peers; the grid stays below the SM count
-so that all programs are resident at once on every rank and none waits on one that cannot run. (An earlier version sent a release flag per program after the data: 4.5 us per call
+Every program waits only for the same program on the peers; the grid is small enough that all
+programs are resident at once on every rank, so none waits on one that cannot run. (An earlier version sent a release flag per program after the data: 4.5 us per call
 against 3.1 for this one on H200s, docs/benchmarks.md.)
 """
 
@@ -36,8 +36,9 @@ import triton.language as tl
 
 # Swept on 2 x H200 (docs/benchmarks.md, seventh session): 256-word chunks, 8 warps and up to 128
 # programs took a batch-1 all-reduce (4096 elements) from 3.19 to 2.57 us and a 16-token one from
-# 3.99 to 3.34 against 1024-word chunks, 4 warps and 32 programs. The grid stays below the SM
-# count (all programs resident at once). Every rank must use the same values.
+# 3.99 to 3.34 against 1024-word chunks, 4 warps and 32 programs. 128 programs of 8 warps and
+# a few KB of shared memory are resident at once on any GPU with NVLink peers (several fit on one SM), so
+# none waits on a peer program that cannot run. Every rank must use the same values.
 MAX_PROGRAMS = 128
 _BLOCK = 256  # words per chunk: 512 elements
 _NUM_WARPS = 8
