@@ -36,9 +36,9 @@ import triton.language as tl
 
 # Swept on 2 x H200 (docs/benchmarks.md, seventh session): 256-word chunks, 8 warps and up to 128
 # programs took a batch-1 all-reduce (4096 elements) from 3.19 to 2.57 us and a 16-token one from
-# 3.99 to 3.34 against 1024-word chunks, 4 warps and 32 programs. 128 programs of 8 warps and
-# a few KB of shared memory are resident at once on any GPU with NVLink peers (several fit on one SM), so
-# none waits on a peer program that cannot run. Every rank must use the same values.
+# 3.99 to 3.34 against 1024-word chunks, 4 warps and 32 programs. 128 programs of 8 warps and a
+# few KB of shared memory are resident at once on any GPU with NVLink peers (several fit on one
+# SM), so none waits on a peer program that cannot run. Every rank must use the same values.
 MAX_PROGRAMS = 128
 _BLOCK = 256  # words per chunk: 512 elements
 _NUM_WARPS = 8
