@@ -68,7 +68,9 @@ class Layer:
         self.out = torch.empty_like(self.q)
 
 
-def run_variant(name: str, layer: Layer, rotary: RotaryEmbedding, splits: int) -> None:
+def run_variant(name: str, layer: Layer, rotary: RotaryEmbedding, splits: int, **launch: int) -> None:
+    """One variant's kernels on `layer`; `launch` overrides the decode kernel's tile (block_n,
+    num_warps, num_stages)."""
     md = layer.metadata
     args = (md.query_start_loc, md.seq_lens, md.block_tables, md.num_decodes, SCALE, layer.out)
     new_tokens = tb.NewTokens(layer.k, layer.v, md.slot_mapping, layer.positions, rotary.cos_cache,
@@ -79,9 +81,9 @@ def run_variant(name: str, layer: Layer, rotary: RotaryEmbedding, splits: int) -
     if name in ("separate", "reshape_and_cache"):
         tb.reshape_and_cache(layer.k, layer.v, layer.kv_cache, md.slot_mapping)
     if name in ("separate", "decode + reduce"):
-        tb.decode_attention(layer.q, layer.kv_cache, *args, num_kv_splits=splits)
+        tb.decode_attention(layer.q, layer.kv_cache, *args, num_kv_splits=splits, **launch)
     elif name == "folded":
-        tb.decode_attention(layer.q, layer.kv_cache, *args, num_kv_splits=splits, new_tokens=new_tokens)
+        tb.decode_attention(layer.q, layer.kv_cache, *args, num_kv_splits=splits, new_tokens=new_tokens, **launch)
 
 VARIANTS = ["separate", "folded", "rotary", "reshape_and_cache", "decode + reduce"]
 
@@ -102,15 +104,16 @@ def check(batch: int, seq_len: int, heads: int, kv_heads: int, rotary: RotaryEmb
     return results
 
 
-def time_variant(name: str, layers: list[Layer], rotary: RotaryEmbedding, splits: int, replays: int) -> float:
+def time_variant(name: str, layers: list[Layer], rotary: RotaryEmbedding, splits: int, replays: int,
+                 **launch: int) -> float:
     """us per layer: a CUDA graph of the variant over every layer, median over replays."""
     for layer in layers:  # compile and allocate outside the capture
-        run_variant(name, layer, rotary, splits)
+        run_variant(name, layer, rotary, splits, **launch)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for layer in layers:
-            run_variant(name, layer, rotary, splits)
+            run_variant(name, layer, rotary, splits, **launch)
     return median_replay_us(graph, replays, warm_ups=3) / len(layers)
 
 

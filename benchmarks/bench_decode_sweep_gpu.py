@@ -21,28 +21,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_decode_fold_gpu import DEVICE, HEAD_DIM, LAYERS, MAX_MODEL_LEN, SCALE, Layer  # noqa: E402
-from bench_gemv_gpu import median_replay_us  # noqa: E402
+from bench_decode_fold_gpu import (  # noqa: E402
+    DEVICE, HEAD_DIM, LAYERS, MAX_MODEL_LEN, Layer, run_variant, time_variant,
+)
 from pagedllm.attention import triton_backend as tb  # noqa: E402
 from pagedllm.layers.rotary import RotaryEmbedding  # noqa: E402
-
-
-def run(layer: Layer, rotary: RotaryEmbedding, config: dict) -> None:
-    md = layer.metadata
-    new_tokens = tb.NewTokens(layer.k, layer.v, md.slot_mapping, layer.positions, rotary.cos_cache, rotary.sin_cache)
-    tb.decode_attention(layer.q, layer.kv_cache, md.query_start_loc, md.seq_lens, md.block_tables, md.num_decodes,
-                        SCALE, layer.out, new_tokens=new_tokens, **config)
-
-
-def time_config(layers: list[Layer], rotary: RotaryEmbedding, config: dict, replays: int) -> float:
-    for layer in layers:
-        run(layer, rotary, config)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for layer in layers:
-            run(layer, rotary, config)
-    return median_replay_us(graph, replays, warm_ups=3) / len(layers)
 
 
 def main() -> None:
@@ -51,26 +34,27 @@ def main() -> None:
     ap.add_argument("--replays", type=int, default=20)
     args = ap.parse_args()
     seq_lens = [int(s) for s in args.seq_lens.split(",")]
-    rotary = RotaryEmbedding(HEAD_DIM, HEAD_DIM, MAX_MODEL_LEN, {"rope_theta": 500000.0, "rope_type": "default"}).to(DEVICE)
+    rotary = RotaryEmbedding(HEAD_DIM, HEAD_DIM, MAX_MODEL_LEN,
+                             {"rope_theta": 500000.0, "rope_type": "default"}).to(DEVICE)
     sms = tb.num_sms(DEVICE)
     results = []
     for tp, (heads, kv_heads) in ((1, (32, 8)), (2, (16, 4))):
         default_splits = tb.choose_num_kv_splits(1, kv_heads, MAX_MODEL_LEN, sms)
-        configs = [{"num_kv_splits": default_splits}]  # the engine's launch
+        configs = [{"splits": default_splits}]  # the engine's launch
         for splits, block_n, warps in itertools.product((8, 16, 32, 64), (16, 32, 64, 128), (2, 4)):
-            configs.append({"num_kv_splits": splits, "block_n": block_n, "num_warps": warps})
+            configs.append({"splits": splits, "block_n": block_n, "num_warps": warps})
         table = {}
         for seq_len in seq_lens:
             reference = Layer(1, seq_len, heads, kv_heads, seed=1)
-            run(reference, rotary, configs[0])
+            run_variant("folded", reference, rotary, **configs[0])
             layers = [Layer(1, seq_len, heads, kv_heads, seed=i) for i in range(LAYERS)]
             for config in configs:
                 key = json.dumps(config)
                 check = Layer(1, seq_len, heads, kv_heads, seed=1)
                 try:
-                    run(check, rotary, config)
+                    run_variant("folded", check, rotary, **config)
                     diff = (check.out.float() - reference.out.float()).abs().max().item()
-                    us = time_config(layers, rotary, config, args.replays)
+                    us = time_variant("folded", layers, rotary, replays=args.replays, **config)
                 except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
                     print(f"TP={tp} {key} seq {seq_len}: failed ({type(exc).__name__}: {exc})", flush=True)
                     continue

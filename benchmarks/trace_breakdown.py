@@ -16,7 +16,7 @@ import argparse
 import collections
 import statistics
 
-from trace_summary import load_trace
+from trace_summary import GPU_CATEGORIES, load_trace
 
 # (category, substrings of the kernel name), first match wins
 CATEGORIES = [
@@ -39,7 +39,7 @@ def category(name: str) -> str:
 def breakdown(path: str, skip: int = 5) -> dict:
     """Per-step figures of one trace (see the module docstring)."""
     events = load_trace(path)["traceEvents"]
-    kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+    kernels = sorted((e for e in events if e.get("cat") in GPU_CATEGORIES),
                      key=lambda e: e["ts"])
     launches = sorted(e["ts"] for e in events if e.get("name") == "cudaGraphLaunch")
     bounds = list(zip(launches[skip:-2], launches[skip + 1:-1]))

@@ -24,8 +24,9 @@ at every size, and each program keeps its own epoch counter in device memory, so
 needs no host state and replays from a CUDA graph.
 
 Every program waits only for the same program on the peers; the grid is small enough that all
-programs are resident at once on every rank, so none waits on one that cannot run. (An earlier version sent a release flag per program after the data: 4.5 us per call
-against 3.1 for this one on H200s, docs/benchmarks.md.)
+programs are resident at once on every rank, so none waits on one that cannot run. (An earlier
+version sent a release flag per program after the data: 4.5 us per call against 3.1 for this
+one, at its first chunk size, on H200s; docs/benchmarks.md.)
 """
 
 from __future__ import annotations
