@@ -115,6 +115,38 @@ def tiny_vs_hf():
     return res
 
 
+@section("prefill_graphs_vs_hf")
+def prefill_graphs_vs_hf():
+    """Chunked prefills mixed with decodes (steps of <= 48 tokens), every step a CUDA graph:
+    fp32 greedy == HF for a dense, a tied-embedding, an MoE and two sliding-window families,
+    and == the same engine with prefill steps run eagerly."""
+    from tests.models.test_phi3_mixtral import CONFIGS as MOE_CONFIGS
+    from tests.models.tiny_models import SLIDING_WINDOW_CONFIGS, TINY_CONFIGS, build_tiny_model, random_prompts
+
+    res = {}
+    cases = [("LlamaForCausalLM", TINY_CONFIGS), ("Qwen3ForCausalLM", TINY_CONFIGS),
+             ("MixtralForCausalLM", MOE_CONFIGS), ("Phi3ForCausalLM", MOE_CONFIGS), ("Gemma2ForCausalLM", SLIDING_WINDOW_CONFIGS),
+             ("MistralForCausalLM", SLIDING_WINDOW_CONFIGS)]
+    prompts = random_prompts([5, 17, 30, 64, 100, 3, 45, 81])
+    for arch, configs in cases:
+        with tempfile.TemporaryDirectory() as d:
+            hf = build_tiny_model(arch, d, configs=configs).to("cuda")
+            expected = hf_greedy(hf, prompts, 24)
+            del hf
+            tokens = {}
+            for name, max_prefill in (("graphs", 512), ("prefill_eager", 0)):
+                llm = LLM(d, skip_tokenizer_init=True, dtype="float32", max_num_seqs=8, max_num_batched_tokens=48,
+                          max_model_len=256, gpu_memory_utilization=0.3, cuda_graph_max_prefill_tokens=max_prefill)
+                outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                    SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+                tokens[name] = [o.outputs[0].token_ids for o in outs]
+                del llm
+            res[f"{arch}_graphs_equal_hf"] = tokens["graphs"] == expected
+            res[f"{arch}_prefill_eager_equal_hf"] = tokens["prefill_eager"] == expected
+            res[f"{arch}_graphs_equal_prefill_eager"] = tokens["graphs"] == tokens["prefill_eager"]
+    return res
+
+
 @section("smollm2_shape")
 def smollm2_shape():
     res = {}
@@ -196,8 +228,15 @@ def main():
     ap.add_argument("--skip-l1", action="store_true")
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--hf-requests", type=int, default=0)
+    ap.add_argument("--only-prefill-graphs", action="store_true", help="only the prefill-graph correctness check")
     args = ap.parse_args()
+    if args.only_prefill_graphs:
+        prefill_graphs_vs_hf()
+        print(json.dumps(RESULTS, indent=1))
+        write_results(RESULTS, "gpu_check_prefill_graphs.json")
+        return
     if not args.skip_correctness:
+        prefill_graphs_vs_hf()
         tiny_vs_hf()
         smollm2_shape()
     if not args.skip_l1:

@@ -94,6 +94,7 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
+    cuda_graph_max_prefill_tokens: int = 512  # steps with prefills of up to this many tokens replay a graph
     fused_kernels: bool = True  # --no-fused-kernels: PyTorch layers on CUDA too
     async_scheduling: bool | None = None  # None: on for CUDA, off on the CPU
     quantization: str | None = None
@@ -133,6 +134,10 @@ class EngineArgs:
                            default=defaults.enable_prefix_caching,
                            help="reuse the KV cache of shared prompt prefixes and parallel samples")
         group.add_argument("--enforce-eager", action="store_true")
+        group.add_argument("--cuda-graph-max-prefill-tokens", type=int,
+                           default=defaults.cuda_graph_max_prefill_tokens,
+                           help="steps with a prefill and at most this many tokens replay a CUDA graph "
+                                "(0: such steps run eagerly; decode-only steps always replay one)")
         group.add_argument("--fused-kernels", action=argparse.BooleanOptionalAction, default=True,
                            help="fused Triton RMSNorm / rotary / SiLU-mul / sampling kernels on CUDA")
         group.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
@@ -268,6 +273,8 @@ class EngineConfig:
     seed: int
     enforce_eager: bool
     parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
+    # Largest step with a prefill that replays a CUDA graph (0: none); <= max_num_batched_tokens.
+    cuda_graph_max_prefill_tokens: int = 0
 
 
 def resolve_device(requested: str) -> str:
@@ -341,6 +348,8 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         enable_chunked_prefill=args.enable_chunked_prefill,
         async_scheduling=device == "cuda" if args.async_scheduling is None else args.async_scheduling,
     )
+    if args.cuda_graph_max_prefill_tokens < 0:
+        raise ValueError(f"cuda_graph_max_prefill_tokens must be >= 0, got {args.cuda_graph_max_prefill_tokens}.")
     parallel_config = create_parallel_config(args, hf_config, device)
     return EngineConfig(
         model_config=model_config,
@@ -350,6 +359,8 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         seed=args.seed,
         enforce_eager=args.enforce_eager,
         parallel_config=parallel_config,
+        cuda_graph_max_prefill_tokens=min(args.cuda_graph_max_prefill_tokens,
+                                          scheduler_config.max_num_batched_tokens),
     )
 
 

@@ -1,9 +1,21 @@
-"""CUDA graphs for decode-only steps: captured once per batch size, replayed with padded inputs.
+"""CUDA graphs for decode steps and for small steps with prefills, replayed with padded inputs.
 
-A decode step launches hundreds of small kernels; replaying a captured graph removes the CPU
-launch cost. Inputs are copied into static buffers, the batch is padded up to the next captured
-size (padding rows write to no slot and attend over one token of block 0), and only the real
-rows of the output are used. `--enforce-eager` turns this off.
+A step launches hundreds of small kernels; replaying a captured graph removes the CPU launch
+cost. Two kinds of graph share one memory pool:
+
+- decode graphs, one per batch size of a ladder: decode-only steps, attention through the
+  split-KV decode kernel. The batch is padded up to the next captured size (padding rows write
+  to no slot and attend over one token of block 0).
+- prefill graphs, one per token count (16, 32, ... up to `max_prefill_tokens`): any step with a
+  prefill chunk and at most that many tokens, every request's attention through the varlen
+  kernel (decodes included). Padding tokens write to no slot; padding requests have no query
+  tokens (their `query_start_loc` entries repeat the total), so the kernel's spare tiles exit.
+  Unfused, such a step is bound by the host: ~0.7 ms of Python and launches per Llama layer,
+  which made a 128-token prompt's first token take 3-5x its GPU time (and under tensor
+  parallelism every all-reduce waits for the slowest rank's host).
+
+Inputs are copied into static buffers and only the real rows of the output are used.
+`--enforce-eager` turns both off; `--cuda-graph-max-prefill-tokens 0` only the prefill graphs.
 """
 
 from __future__ import annotations
@@ -28,27 +40,54 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     return sizes
 
 
+def prefill_capture_sizes(max_tokens: int) -> list[int]:
+    """Token counts of the prefill graphs: powers of two from 16 to max_tokens (and max_tokens)."""
+    sizes = []
+    size = 16
+    while size < max_tokens:
+        sizes.append(size)
+        size *= 2
+    if max_tokens > 0:
+        sizes.append(max_tokens)
+    return sizes
+
+
+def pad_query_start_loc(query_start_loc: torch.Tensor, out: torch.Tensor) -> None:
+    """Write `query_start_loc` [n + 1] into `out` [r + 1] (r >= n), the r - n padding requests
+    owning no tokens: their entries repeat the total."""
+    n = query_start_loc.shape[0]
+    out[:n].copy_(query_start_loc, non_blocking=True)
+    out[n:].copy_(query_start_loc[-1:].expand(out.shape[0] - n), non_blocking=True)
+
+
 class CUDAGraphRunner:
-    """Holds the static buffers and one captured graph per decode batch size."""
+    """Holds the static buffers and the captured graphs (decode: per batch size; prefill: per
+    token count)."""
 
     def __init__(self, model: nn.Module, max_num_seqs: int, max_model_len: int, block_size: int,
-                 device: torch.device, choose_splits) -> None:
+                 device: torch.device, choose_splits, max_prefill_tokens: int = 0) -> None:
         self.model = model
         self.device = device
         self.sizes = capture_sizes(max_num_seqs)
         self.max_batch = self.sizes[-1]
+        self.prefill_sizes = prefill_capture_sizes(max_prefill_tokens)
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // block_size)
         self.choose_splits = choose_splits
         b = self.max_batch
-        self.input_ids = torch.zeros(b, dtype=torch.long, device=device)
-        self.positions = torch.zeros(b, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((b,), -1, dtype=torch.long, device=device)
+        t = max([b, *self.prefill_sizes])
+        self.input_ids = torch.zeros(t, dtype=torch.long, device=device)
+        self.positions = torch.zeros(t, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((t,), -1, dtype=torch.long, device=device)
         self.seq_lens = torch.ones(b, dtype=torch.long, device=device)
         self.block_tables = torch.zeros(b, self.max_blocks, dtype=torch.long, device=device)
         self.query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=device)
+        # The prefill graphs' query_start_loc changes every replay (the decode graphs' never does).
+        self.prefill_query_start_loc = torch.zeros(b + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.prefill_outputs: dict[int, torch.Tensor] = {}
         self.pool = None
 
     def _metadata(self, batch: int) -> AttentionMetadata:
@@ -61,34 +100,65 @@ class CUDAGraphRunner:
             num_kv_splits=self.choose_splits(batch, self.max_model_len),
         )
 
+    def prefill_metadata(self, tokens: int) -> AttentionMetadata:
+        """The metadata the prefill graph of `tokens` tokens was captured with (static buffers)."""
+        reqs = min(tokens, self.max_batch)
+        return AttentionMetadata(
+            num_actual_tokens=tokens, num_decodes=0,
+            query_start_loc=self.prefill_query_start_loc[: reqs + 1], seq_lens=self.seq_lens[:reqs],
+            slot_mapping=self.slot_mapping[:tokens], block_tables=self.block_tables[:reqs],
+            max_query_len=tokens, max_seq_len=self.max_model_len,
+            query_start_loc_cpu=[0] + [tokens] * reqs, seq_lens_cpu=[self.max_model_len] * reqs,
+        )
+
+    def _capture_one(self, tokens: int, metadata: AttentionMetadata) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        args = (self.input_ids[:tokens], self.positions[:tokens], metadata)
+        for _ in range(2):  # warm up: Triton compiles, allocator settles
+            self.model(*args)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            output = self.model(*args)
+        if self.pool is None:
+            self.pool = graph.pool()
+        return graph, output
+
     @torch.inference_mode()
     def capture(self) -> None:
-        """Capture every batch size, largest first so smaller graphs reuse its memory pool."""
+        """Capture every size, largest first so smaller graphs reuse its memory pool."""
         start = time.perf_counter()
+        # Warm-up and capture of the prefill graphs: one request holding every token, reading
+        # block 0 and writing nowhere.
+        self.slot_mapping.fill_(-1)
+        self.seq_lens.fill_(1)
+        for tokens in reversed(self.prefill_sizes):
+            self.prefill_query_start_loc.fill_(tokens)
+            self.prefill_query_start_loc[0] = 0
+            self.seq_lens[0] = tokens
+            self.prefill_graphs[tokens], self.prefill_outputs[tokens] = self._capture_one(
+                tokens, self.prefill_metadata(tokens))
+        self.seq_lens.fill_(1)
         for batch in reversed(self.sizes):
-            metadata = self._metadata(batch)
-            args = (self.input_ids[:batch], self.positions[:batch], metadata)
-            for _ in range(2):  # warm up: Triton compiles, allocator settles
-                self.model(*args)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self.outputs[batch] = self.model(*args)
-            if self.pool is None:
-                self.pool = graph.pool()
-            self.graphs[batch] = graph
+            self.graphs[batch], self.outputs[batch] = self._capture_one(batch, self._metadata(batch))
         torch.cuda.synchronize(self.device)
-        logger.info("Captured CUDA graphs for %d batch sizes (up to %d) in %.1f s",
-                    len(self.sizes), self.max_batch, time.perf_counter() - start)
+        logger.info("Captured CUDA graphs for %d decode batch sizes (up to %d) and %d prefill token counts "
+                    "(up to %d) in %.1f s", len(self.sizes), self.max_batch, len(self.prefill_sizes),
+                    self.prefill_sizes[-1] if self.prefill_sizes else 0, time.perf_counter() - start)
 
     def can_run(self, metadata: AttentionMetadata) -> bool:
-        """True for a decode-only batch no larger than the largest captured size."""
-        return (metadata.num_decodes == metadata.num_reqs == metadata.num_actual_tokens
-                and 0 < metadata.num_reqs <= self.max_batch
-                and metadata.block_tables.shape[1] <= self.max_blocks)
+        """True for a decode-only batch no larger than the largest decode graph, or a step with
+        prefills of at most the largest prefill graph's tokens."""
+        if metadata.block_tables.shape[1] > self.max_blocks or metadata.num_reqs == 0:
+            return False
+        if metadata.num_decodes == metadata.num_reqs == metadata.num_actual_tokens:
+            return metadata.num_reqs <= self.max_batch
+        return (bool(self.prefill_sizes) and metadata.num_actual_tokens <= self.prefill_sizes[-1]
+                and metadata.num_reqs <= self.max_batch)
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
-        """Replay the graph of the smallest captured size >= the batch; returns its hidden states."""
+        """Replay the graph of the smallest captured size that holds the step; returns its hidden states."""
+        if metadata.num_decodes < metadata.num_reqs:
+            return self._run_prefill(input_ids, positions, metadata)
         n = metadata.num_reqs
         batch = next(size for size in self.sizes if size >= n)
         self.input_ids[:n].copy_(input_ids, non_blocking=True)
@@ -101,3 +171,25 @@ class CUDAGraphRunner:
         self.block_tables[:n, :width].copy_(metadata.block_tables, non_blocking=True)
         self.graphs[batch].replay()
         return self.outputs[batch][:n]
+
+    def _run_prefill(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        tokens = self.stage_prefill(input_ids, positions, metadata)
+        self.prefill_graphs[tokens].replay()
+        return self.prefill_outputs[tokens][: metadata.num_actual_tokens]
+
+    def stage_prefill(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> int:
+        """Copy a step with prefills into the static buffers, padded; returns the token count of
+        the graph that serves it (whose inputs are then `prefill_metadata(tokens)` and the first
+        `tokens` input ids and positions)."""
+        n = metadata.num_actual_tokens
+        tokens = next(size for size in self.prefill_sizes if size >= n)
+        num_reqs = metadata.num_reqs
+        self.input_ids[:n].copy_(input_ids, non_blocking=True)
+        self.positions[:n].copy_(positions, non_blocking=True)
+        self.slot_mapping[:n].copy_(metadata.slot_mapping, non_blocking=True)
+        self.slot_mapping[n:tokens].fill_(-1)
+        pad_query_start_loc(metadata.query_start_loc, self.prefill_query_start_loc[: min(tokens, self.max_batch) + 1])
+        self.seq_lens[:num_reqs].copy_(metadata.seq_lens, non_blocking=True)
+        width = metadata.block_tables.shape[1]
+        self.block_tables[:num_reqs, :width].copy_(metadata.block_tables, non_blocking=True)
+        return tokens

@@ -127,8 +127,9 @@ class ModelRunner:
         self.execute_model(output)
         self.requests.clear()
 
-    def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
-        """Capture decode-step CUDA graphs for a ladder of batch sizes (after the KV cache exists)."""
+    def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int, max_prefill_tokens: int = 0) -> None:
+        """Capture decode-step CUDA graphs for a ladder of batch sizes, and graphs for steps with
+        prefills of up to `max_prefill_tokens` tokens (after the KV cache exists)."""
         from pagedllm.attention import triton_backend
 
         num_kv_heads = self.model.attention_layers()[0].num_kv_heads  # type: ignore[union-attr]
@@ -144,7 +145,7 @@ class ModelRunner:
                 self.model.compute_logits(  # type: ignore[union-attr]
                     torch.zeros(num_rows, hidden_size, dtype=self.dtype, device=self.device))
         self.cuda_graphs = CUDAGraphRunner(self.model, max_num_seqs, max_model_len, self.block_size,  # type: ignore[arg-type]
-                                           self.device, choose_splits)
+                                           self.device, choose_splits, max_prefill_tokens)
         self.cuda_graphs.capture()
 
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:

@@ -105,7 +105,8 @@ class Worker:
         if self.device.type == "cuda":
             sched = self.config.scheduler_config
             if not self.config.enforce_eager:
-                self.model_runner.capture_cuda_graphs(sched.max_num_seqs, sched.max_model_len)
+                self.model_runner.capture_cuda_graphs(sched.max_num_seqs, sched.max_model_len,
+                                                      self.config.cuda_graph_max_prefill_tokens)
             self.model_runner.warm_up(sched.max_num_batched_tokens, sched.max_num_seqs)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:

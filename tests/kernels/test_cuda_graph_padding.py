@@ -1,0 +1,105 @@
+"""The prefill CUDA graphs' padded inputs: what a graph of T tokens and R requests sees.
+
+A step with prefills is copied into static buffers sized for the graph (worker/cuda_graph.py):
+padding tokens write to no slot, padding requests own no tokens. These tests stage real steps
+through the runner's own code (on CPU, over buffers left dirty by earlier steps) and run the
+attention kernels on the staged view under the Triton interpreter: every real token must get
+exactly what the unpadded step gives it, padding must write nothing.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+from pagedllm.attention import triton_backend as tb  # noqa: E402
+from pagedllm.worker.cuda_graph import CUDAGraphRunner, prefill_capture_sizes  # noqa: E402
+from tests.kernels.test_triton_attention import DEVICE, SCALE, make_batch, max_error, new_token_positions_and_slots  # noqa: E402
+
+MAX_MODEL_LEN = 160
+BLOCK_SIZE = 16
+
+
+def make_runner(max_num_seqs: int = 8, max_prefill_tokens: int = 128) -> CUDAGraphRunner:
+    """A runner whose static buffers hold stale values from 'earlier steps' (no graphs captured)."""
+    runner = CUDAGraphRunner(torch.nn.Identity(), max_num_seqs, MAX_MODEL_LEN, BLOCK_SIZE, DEVICE,
+                             choose_splits=lambda batch, max_len: 1, max_prefill_tokens=max_prefill_tokens)
+    gen = torch.Generator().manual_seed(123)
+    runner.seq_lens.copy_(torch.randint(1, MAX_MODEL_LEN, runner.seq_lens.shape, generator=gen))
+    runner.block_tables.copy_(torch.randint(0, 4, runner.block_tables.shape, generator=gen))
+    runner.slot_mapping.copy_(torch.randint(0, 4 * BLOCK_SIZE, runner.slot_mapping.shape, generator=gen))
+    runner.positions.copy_(torch.randint(0, MAX_MODEL_LEN, runner.positions.shape, generator=gen))
+    runner.prefill_query_start_loc.copy_(torch.arange(runner.prefill_query_start_loc.shape[0], dtype=torch.int32))
+    return runner
+
+
+def test_prefill_capture_sizes_are_powers_of_two_up_to_the_limit() -> None:
+    assert prefill_capture_sizes(0) == []
+    assert prefill_capture_sizes(16) == [16]
+    assert prefill_capture_sizes(512) == [16, 32, 64, 128, 256, 512]
+    assert prefill_capture_sizes(100) == [16, 32, 64, 100]
+
+
+@pytest.mark.parametrize(("query_lens", "seq_lens", "group"), [
+    ([1, 1, 9, 21], [40, 2, 29, 21], 2),  # decodes, a chunk with context, a whole prompt: 32 tokens
+    ([13], [13], 2),  # one fresh prompt, padded from 13 to 16 tokens
+    ([5, 30], [70, 30], 2),  # 35 tokens: the 64-token graph
+    ([1, 100], [30, 130], 2),  # 101 tokens: the 128-token graph
+    ([120], [120], 4),  # 4 query tiles of 32 tokens: padding requests must come after them all
+])
+def test_staged_step_gives_every_real_token_its_unpadded_attention(query_lens: list[int], seq_lens: list[int],
+                                                                   group: int) -> None:
+    batch = make_batch(query_lens, seq_lens, group=group, seed=sum(query_lens))
+    md = batch.metadata
+    runner = make_runner()
+    n = md.num_actual_tokens
+    tokens = runner.stage_prefill(torch.zeros(n, dtype=torch.long, device=DEVICE),
+                                  torch.zeros(n, dtype=torch.long, device=DEVICE), md)
+    assert tokens == next(size for size in runner.prefill_sizes if size >= n)
+    staged = runner.prefill_metadata(tokens)
+    assert staged.num_decodes == 0 and staged.num_reqs == min(tokens, runner.max_batch)
+    assert torch.equal(runner.slot_mapping[n:tokens], torch.full((tokens - n,), -1, device=DEVICE))
+
+    query = torch.cat([batch.query, torch.randn(tokens - n, *batch.query.shape[1:], device=DEVICE)])
+    out = torch.full_like(query, 7.0)
+    tb.paged_attention(query, batch.kv_cache, staged, SCALE, out=out)
+    # The graph serves decodes through the varlen kernel too: equal to that kernel unpadded.
+    unpadded = torch.empty_like(batch.query)
+    tb.varlen_attention(batch.query, batch.kv_cache, md.query_start_loc, md.seq_lens, md.block_tables,
+                        0, md.num_reqs, n, SCALE, unpadded)
+    assert torch.equal(out[:n], unpadded)
+    assert max_error(out, batch) < 1e-5
+    assert torch.equal(out[n:], torch.full_like(out[n:], 7.0))  # padding rows: no request owns them
+
+
+def test_staged_padding_tokens_write_nothing_into_the_cache() -> None:
+    batch = make_batch([1, 6], [17, 22], seed=5)
+    md = batch.metadata
+    num_kv_heads, head_dim = batch.kv_cache.shape[3], batch.kv_cache.shape[4]
+    _, slots = new_token_positions_and_slots(md, BLOCK_SIZE)
+    md.slot_mapping = torch.tensor(slots, device=DEVICE)
+    runner = make_runner()
+    n = md.num_actual_tokens
+    tokens = runner.stage_prefill(torch.zeros(n, dtype=torch.long, device=DEVICE),
+                                  torch.zeros(n, dtype=torch.long, device=DEVICE), md)
+    key = torch.randn(tokens, num_kv_heads, head_dim, device=DEVICE)
+    value = torch.randn(tokens, num_kv_heads, head_dim, device=DEVICE)
+    expected = batch.kv_cache.clone()
+    tb.reshape_and_cache(key[:n], value[:n], expected, md.slot_mapping)
+    tb.reshape_and_cache(key, value, batch.kv_cache, runner.prefill_metadata(tokens).slot_mapping)
+    assert torch.equal(batch.kv_cache, expected)
+
+
+def test_can_run_routes_steps_by_kind_and_size() -> None:
+    runner = make_runner(max_num_seqs=8, max_prefill_tokens=64)
+    decodes = make_batch([1, 1, 1], [5, 9, 3]).metadata
+    small_prefill = make_batch([1, 40], [5, 40]).metadata
+    large_prefill = make_batch([70], [70]).metadata  # past the largest prefill graph
+    assert runner.can_run(decodes)
+    assert runner.can_run(small_prefill)
+    assert not runner.can_run(large_prefill)
+    too_many_decodes = make_batch([1] * 9, [4] * 9).metadata
+    assert not runner.can_run(too_many_decodes)
+    assert not make_runner(max_prefill_tokens=0).can_run(small_prefill)
