@@ -28,6 +28,8 @@ def main() -> None:
             for tp, nccl_only in ((1, False), (2, False), (2, True)):
                 with LLM(path, skip_tokenizer_init=True, dtype=dtype, tensor_parallel_size=tp,
                          kv_cache_memory_bytes=1 << 30, max_model_len=512,
+                         # Chunks of <= 64 tokens mixed with decodes: those steps replay prefill graphs.
+                         max_num_batched_tokens=64,
                          disable_custom_all_reduce=nccl_only) as llm:
                     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
                     tokens[tp, nccl_only] = [o.outputs[0].token_ids for o in outs]
