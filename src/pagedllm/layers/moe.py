@@ -54,6 +54,14 @@ def fused_experts(
     return out
 
 
+# Largest step a CUDA graph runs through `dense_experts`. Dense does T * E expert-token products
+# against the routed T * top_k, but it reads each expert's weights once either way: at T tokens
+# that is ~T FLOPs per weight byte, under the ~200 FLOP/byte where an H100/H200 stops being
+# bound by memory, so up to here dense costs about what reading the experts costs (which the
+# routed path pays too once T * top_k >= E). Longer prefill steps stay eager and routed.
+MAX_DENSE_GRAPH_TOKENS = 128
+
+
 def dense_experts(
     x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
 ) -> torch.Tensor:

@@ -11,6 +11,7 @@ from pagedllm.config import CacheConfig, ModelConfig
 from pagedllm.core.scheduler_output import SchedulerOutput
 from pagedllm.distributed import tensor_model_parallel_broadcast
 from pagedllm.layers.custom_op import set_fused_kernels
+from pagedllm.layers.moe import MAX_DENSE_GRAPH_TOKENS, FusedMoE
 from pagedllm.loader import get_model
 from pagedllm.worker.cuda_graph import CUDAGraphRunner
 from pagedllm.worker.input_batch import (
@@ -144,6 +145,8 @@ class ModelRunner:
             for num_rows in (1, 2, 16):
                 self.model.compute_logits(  # type: ignore[union-attr]
                     torch.zeros(num_rows, hidden_size, dtype=self.dtype, device=self.device))
+        if any(isinstance(module, FusedMoE) for module in self.model.modules()):  # type: ignore[union-attr]
+            max_prefill_tokens = min(max_prefill_tokens, MAX_DENSE_GRAPH_TOKENS)  # captured MoE runs dense
         self.cuda_graphs = CUDAGraphRunner(self.model, max_num_seqs, max_model_len, self.block_size,  # type: ignore[arg-type]
                                            self.device, choose_splits, max_prefill_tokens)
         self.cuda_graphs.capture()
