@@ -89,6 +89,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--variant", name, *sys.argv[1:]]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        print("\n".join(line for line in proc.stdout.splitlines() if not line.startswith("RESULT ")), flush=True)
         results[name] = json.loads(lines[-1][7:]) if lines else {"error": proc.stderr[-2000:]}
         print(name, {k: v for k, v in results[name].items() if k != "profile"}, flush=True)
     if os.environ.get("OUT"):
