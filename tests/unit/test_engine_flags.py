@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
+
 from pagedllm.config import EngineArgs, create_engine_config
 from tests.models.tiny_models import build_tiny_model
 
@@ -27,3 +29,14 @@ def test_cli_flags_reach_the_engine_config(tmp_path):
     assert not chosen.model_config.use_fused_kernels
     off = create_engine_config(_parse("--model", str(tmp_path), "--device", "cpu", "--no-async-scheduling"))
     assert not off.scheduler_config.async_scheduling
+
+
+def test_prefill_graph_token_limit_is_capped_by_the_step_budget_and_checked(tmp_path):
+    build_tiny_model("LlamaForCausalLM", str(tmp_path))
+    base = ("--model", str(tmp_path), "--device", "cpu")
+    assert create_engine_config(_parse(*base)).cuda_graph_max_prefill_tokens == 512
+    small_steps = create_engine_config(_parse(*base, "--max-num-batched-tokens", "96"))
+    assert small_steps.cuda_graph_max_prefill_tokens == 96  # no graph larger than any step
+    assert create_engine_config(_parse(*base, "--cuda-graph-max-prefill-tokens", "0")).cuda_graph_max_prefill_tokens == 0
+    with pytest.raises(ValueError, match="cuda_graph_max_prefill_tokens must be >= 0"):
+        create_engine_config(_parse(*base, "--cuda-graph-max-prefill-tokens", "-1"))
