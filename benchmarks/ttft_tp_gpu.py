@@ -2,12 +2,14 @@
 run eagerly (`cuda_graph_max_prefill_tokens=0`), plus optionally a profile of one prefill.
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONPATH=src:benchmarks \
-        python benchmarks/ttft_tp_gpu.py [--config llama-3.1-8b] [--tp 2] [--prompt-len 128] [--profile]
+        python benchmarks/ttft_tp_gpu.py [--config llama-3.1-8b] [--tp 2] [--prompt-len 128]
+                                         [--profile graph|eager] [--only graph|eager]
 
-L1's prompt (128 random tokens, batch 1), dummy weights. For each variant: TTFT over 7 requests
-(2 output tokens each, after a warm-up request), min and median, and L1's TPOT (one request of
-256 tokens; the decode graphs are the same in both variants, so TPOT is the control). With
---profile, one request on the eager-prefill TP=N engine under the torch profiler (host ops and
+L1's prompt shape (128 random tokens, batch 1), dummy weights. For each variant: TTFT over 7
+requests of distinct prompts (2 output tokens each, after a warm-up request), min and median,
+and L1's TPOT (one request of 256 tokens; the decode graphs are the same in both variants, so
+TPOT is the control). With
+--profile graph|eager, one request on that TP=N engine under the torch profiler (host ops and
 kernels), summarised per rank (trace_summary). Writes $OUT/ttft_tp.json.
 """
 
@@ -27,13 +29,16 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_tp_gpu import _engine  # noqa: E402
 
 
-def ttft(engine, prompt: list[int], runs: int = 7) -> dict[str, float]:
-    """Min and median TTFT (ms) over `runs` requests, after one warm-up; then L1's TPOT."""
+def ttft(engine, prompts: list[list[int]]) -> dict[str, float]:
+    """Min and median TTFT (ms) over prompts[1:], after a warm-up on prompts[0]; then L1's TPOT.
+
+    Distinct prompts: with one prompt repeated, the prefix cache would serve all but its last
+    block and the runs would time a 16-token prefill."""
     from pagedllm.benchmarks.latency import measure_latency
 
-    measure_latency(engine, [prompt], 8)
-    values = [measure_latency(engine, [prompt], 2)["ttft_s"] * 1e3 for _ in range(runs)]
-    tpot = measure_latency(engine, [prompt], 256)["tpot_median_s"] * 1e3
+    measure_latency(engine, [prompts[0]], 8)
+    values = [measure_latency(engine, [prompt], 2)["ttft_s"] * 1e3 for prompt in prompts[1:]]
+    tpot = measure_latency(engine, [prompts[0]], 256)["tpot_median_s"] * 1e3
     return {"min_ms": min(values), "median_ms": statistics.median(values), "all_ms": values, "tpot_ms": tpot}
 
 
@@ -63,25 +68,29 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--no-tp1", action="store_true")
-    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile", choices=["graph", "eager"], default=None,
+                    help="profile one request on the TP=N engine with prefill graphs / eager prefill")
+    ap.add_argument("--only", choices=["graph", "eager"], default=None, help="run only that variant")
     ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     rng = random.Random(0)
-    prompt = [rng.randrange(100, 10000) for _ in range(args.prompt_len)]
+    prompts = [[rng.randrange(100, 10000) for _ in range(args.prompt_len)] for _ in range(8)]
     eager_prefill = {"cuda_graph_max_prefill_tokens": 0}
     sizes = [args.tp] if args.no_tp1 else [1, args.tp]
-    variants = [(f"tp{tp}{suffix}", tp, kw) for tp in sizes
-                for suffix, kw in (("", {}), ("_prefill_eager", eager_prefill))]
+    kinds = [("graph", "", {}), ("eager", "_prefill_eager", eager_prefill)]
+    variants = [(f"tp{tp}{suffix}", tp, kw) for tp in sizes for kind, suffix, kw in kinds
+                if args.only in (None, kind)]
     results: dict = {}
     if args.variant:  # one variant in this process (each runs in its own: memory is freed with it)
         name, tp, kw = next(v for v in variants if v[0] == args.variant)
-        profiled = name == f"tp{args.tp}_prefill_eager" and args.profile
+        profiled = (args.profile is not None
+                    and name == f"tp{args.tp}" + ("" if args.profile == "graph" else "_prefill_eager"))
         if profiled:  # read when the workers start
             os.environ["PAGEDLLM_TORCH_PROFILER_DIR"] = os.path.join(os.environ.get("OUT", "."), "traces")
         engine, startup = _engine(args.config, tp, max_model_len=4096, max_num_seqs=8, **kw)
-        result = {"startup_s": startup, **ttft(engine, prompt)}
+        result = {"startup_s": startup, **ttft(engine, prompts)}
         if profiled:
-            result["profile"] = profile_prefill(engine, prompt)
+            result["profile"] = profile_prefill(engine, [rng.randrange(100, 10000) for _ in range(args.prompt_len)])
         engine.shutdown()
         print("RESULT " + json.dumps(result, default=str), flush=True)
         return
