@@ -10,9 +10,9 @@ cost. Two kinds of graph share one memory pool:
   prefill chunk and at most that many tokens, every request's attention through the varlen
   kernel (decodes included). Padding tokens write to no slot; padding requests have no query
   tokens (their `query_start_loc` entries repeat the total), so the kernel's spare tiles exit.
-  Run eagerly, such a step is bound by the host (~0.5 ms of Python and launches per Llama-8B
-  layer): a 128-token prompt's first token took 22.8 ms instead of 6.2 on an H200, and under
-  tensor parallelism every all-reduce waits for the slowest rank's host (39.8 ms at TP=2).
+  Run eagerly, such a step is bound by the host (Python and launches per layer): a fresh
+  128-token prompt's first token took 31.8 ms instead of 6.5 on an H200 (Llama-3.1-8B), and
+  under tensor parallelism every all-reduce waits for the slowest rank's host (42.5 ms at TP=2).
 
 Inputs are copied into static buffers and only the real rows of the output are used.
 `--enforce-eager` turns both off; `--cuda-graph-max-prefill-tokens 0` only the prefill graphs.
