@@ -74,6 +74,24 @@ def test_staged_step_gives_every_real_token_its_unpadded_attention(query_lens: l
     assert torch.equal(out[n:], torch.full_like(out[n:], 7.0))  # padding rows: no request owns them
 
 
+def test_staged_decode_step_gives_every_real_row_its_unpadded_attention() -> None:
+    batch = make_batch([1, 1, 1], [40, 2, 29], group=2, seed=3)
+    md = batch.metadata
+    runner = make_runner()
+    n = md.num_reqs
+    size = runner.stage_decode(torch.zeros(n, dtype=torch.long, device=DEVICE),
+                               torch.zeros(n, dtype=torch.long, device=DEVICE), md)
+    assert size == 4  # the ladder 1, 2, 4, 8
+    staged = runner.decode_metadata(size)
+    assert torch.equal(runner.slot_mapping[n:size], torch.full((size - n,), -1, device=DEVICE))
+    assert torch.equal(runner.seq_lens[n:size], torch.ones(size - n, dtype=torch.long, device=DEVICE))
+    query = torch.cat([batch.query, torch.randn(size - n, *batch.query.shape[1:], device=DEVICE)])
+    out = torch.empty_like(query)
+    tb.paged_attention(query, batch.kv_cache, staged, SCALE, out=out, num_kv_splits=2)
+    unpadded = tb.paged_attention(batch.query, batch.kv_cache, md, SCALE, num_kv_splits=2)
+    assert torch.equal(out[:n], unpadded)
+
+
 def test_staged_padding_tokens_write_nothing_into_the_cache() -> None:
     batch = make_batch([1, 6], [17, 22], seed=5)
     md = batch.metadata

@@ -90,7 +90,8 @@ class CUDAGraphRunner:
         self.prefill_outputs: dict[int, torch.Tensor] = {}
         self.pool = None
 
-    def _metadata(self, batch: int) -> AttentionMetadata:
+    def decode_metadata(self, batch: int) -> AttentionMetadata:
+        """The metadata the decode graph of `batch` rows was captured with (static buffers)."""
         return AttentionMetadata(
             num_actual_tokens=batch, num_decodes=batch,
             query_start_loc=self.query_start_loc[: batch + 1], seq_lens=self.seq_lens[:batch],
@@ -139,7 +140,7 @@ class CUDAGraphRunner:
                 tokens, self.prefill_metadata(tokens))
         self.seq_lens.fill_(1)
         for batch in reversed(self.sizes):
-            self.graphs[batch], self.outputs[batch] = self._capture_one(batch, self._metadata(batch))
+            self.graphs[batch], self.outputs[batch] = self._capture_one(batch, self.decode_metadata(batch))
         torch.cuda.synchronize(self.device)
         logger.info("Captured CUDA graphs for %d decode batch sizes (up to %d) and %d prefill token counts "
                     "(up to %d) in %.1f s", len(self.sizes), self.max_batch, len(self.prefill_sizes),
@@ -148,48 +149,50 @@ class CUDAGraphRunner:
     def can_run(self, metadata: AttentionMetadata) -> bool:
         """True for a decode-only batch no larger than the largest decode graph, or a step with
         prefills of at most the largest prefill graph's tokens."""
-        if metadata.block_tables.shape[1] > self.max_blocks or metadata.num_reqs == 0:
+        if (metadata.block_tables.shape[1] > self.max_blocks or metadata.num_reqs == 0
+                or metadata.num_reqs > self.max_batch):
             return False
         if metadata.num_decodes == metadata.num_reqs == metadata.num_actual_tokens:
-            return metadata.num_reqs <= self.max_batch
-        return (bool(self.prefill_sizes) and metadata.num_actual_tokens <= self.prefill_sizes[-1]
-                and metadata.num_reqs <= self.max_batch)
+            return True
+        return bool(self.prefill_sizes) and metadata.num_actual_tokens <= self.prefill_sizes[-1]
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         """Replay the graph of the smallest captured size that holds the step; returns its hidden states."""
         if metadata.num_decodes < metadata.num_reqs:
-            return self._run_prefill(input_ids, positions, metadata)
-        n = metadata.num_reqs
-        batch = next(size for size in self.sizes if size >= n)
+            tokens = self.stage_prefill(input_ids, positions, metadata)
+            self.prefill_graphs[tokens].replay()
+            return self.prefill_outputs[tokens][: metadata.num_actual_tokens]
+        batch = self.stage_decode(input_ids, positions, metadata)
+        self.graphs[batch].replay()
+        return self.outputs[batch][: metadata.num_reqs]
+
+    def _stage(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata,
+               tokens: int) -> None:
+        """Copy the step's tokens and requests into the static buffers; tokens past the step's, up
+        to `tokens`, write to no slot."""
+        n, num_reqs = metadata.num_actual_tokens, metadata.num_reqs
         self.input_ids[:n].copy_(input_ids, non_blocking=True)
         self.positions[:n].copy_(positions, non_blocking=True)
         self.slot_mapping[:n].copy_(metadata.slot_mapping, non_blocking=True)
-        self.slot_mapping[n:batch].fill_(-1)
-        self.seq_lens[:n].copy_(metadata.seq_lens, non_blocking=True)
-        self.seq_lens[n:batch].fill_(1)
+        self.slot_mapping[n:tokens].fill_(-1)
+        self.seq_lens[:num_reqs].copy_(metadata.seq_lens, non_blocking=True)
         width = metadata.block_tables.shape[1]
-        self.block_tables[:n, :width].copy_(metadata.block_tables, non_blocking=True)
-        self.graphs[batch].replay()
-        return self.outputs[batch][:n]
+        self.block_tables[:num_reqs, :width].copy_(metadata.block_tables, non_blocking=True)
 
-    def _run_prefill(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
-        tokens = self.stage_prefill(input_ids, positions, metadata)
-        self.prefill_graphs[tokens].replay()
-        return self.prefill_outputs[tokens][: metadata.num_actual_tokens]
+    def stage_decode(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> int:
+        """Copy a decode-only step into the static buffers, padded; returns the batch size of the
+        graph that serves it (whose inputs are then `decode_metadata(batch)` and the first `batch` input
+        ids and positions). Padding rows attend over one cached token."""
+        batch = next(size for size in self.sizes if size >= metadata.num_reqs)
+        self._stage(input_ids, positions, metadata, batch)
+        self.seq_lens[metadata.num_reqs : batch].fill_(1)
+        return batch
 
     def stage_prefill(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> int:
         """Copy a step with prefills into the static buffers, padded; returns the token count of
         the graph that serves it (whose inputs are then `prefill_metadata(tokens)` and the first
         `tokens` input ids and positions)."""
-        n = metadata.num_actual_tokens
-        tokens = next(size for size in self.prefill_sizes if size >= n)
-        num_reqs = metadata.num_reqs
-        self.input_ids[:n].copy_(input_ids, non_blocking=True)
-        self.positions[:n].copy_(positions, non_blocking=True)
-        self.slot_mapping[:n].copy_(metadata.slot_mapping, non_blocking=True)
-        self.slot_mapping[n:tokens].fill_(-1)
+        tokens = next(size for size in self.prefill_sizes if size >= metadata.num_actual_tokens)
+        self._stage(input_ids, positions, metadata, tokens)
         pad_query_start_loc(metadata.query_start_loc, self.prefill_query_start_loc[: min(tokens, self.max_batch) + 1])
-        self.seq_lens[:num_reqs].copy_(metadata.seq_lens, non_blocking=True)
-        width = metadata.block_tables.shape[1]
-        self.block_tables[:num_reqs, :width].copy_(metadata.block_tables, non_blocking=True)
         return tokens
