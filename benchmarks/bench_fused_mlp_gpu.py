@@ -32,6 +32,8 @@ import triton.language as tl
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 sys.path.insert(0, os.path.dirname(__file__))
 
+from bench_gemv_gpu import median_replay_us, rel_error  # noqa: E402
+
 from pagedllm.layers import triton_gemv as tg  # noqa: E402
 from pagedllm.layers.triton_fused import gated_act_tile  # noqa: E402
 from pagedllm.layers.triton_gemv_norm import skinny_add_rmsnorm_linear  # noqa: E402
@@ -123,11 +125,6 @@ def reference_mlp(h: torch.Tensor, r: torch.Tensor, nw: torch.Tensor, wgu: torch
     return a @ wd.float().t()
 
 
-def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |out - ref| / max |ref|."""
-    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-
-
 def make_layers(hidden: int, inter: int, layers: int, dtype: torch.dtype, device: torch.device,
                 gen: torch.Generator) -> list[dict[str, torch.Tensor]]:
     """Random weights per layer (scaled so activations stay O(1))."""
@@ -142,8 +139,6 @@ def make_layers(hidden: int, inter: int, layers: int, dtype: torch.dtype, device
 
 def graph_us(step: Any, replays: int) -> float:
     """Median microseconds of one replay of the captured `step`."""
-    from bench_gemv_gpu import median_replay_us
-
     step()
     step()
     torch.cuda.synchronize()
@@ -180,13 +175,13 @@ def run_shape(name: str, hidden: int, inter: int, layers: int, replays: int, dev
 
     base_us = graph_us(chain(lambda x, res, w: today_mlp(x, res, w["nw"], w["wgu"], w["wd"])), replays) / layers
     rows.append(dict(shape=name, variant="today (2 kernels)", us=base_us, tbs=mb / base_us,
-                     err=rel(today, ref)))
+                     err=rel_error(today, ref)))
     for cfg in configs:
         label = "fused p{per_sm} w{warps} r{block_r} s{stages}".format(**cfg)
         try:
             out, _ = fused_mlp(h, r, w0["nw"], w0["wgu"], w0["wdt"], cfg)
-            err = rel(out, ref)
-            agree = rel(out, today)
+            err = rel_error(out, ref)
+            agree = rel_error(out, today)
             us = graph_us(chain(lambda x, res, w: fused_mlp(x, res, w["nw"], w["wgu"], w["wdt"], cfg)), replays) / layers
             us_nored = graph_us(chain(lambda x, res, w: (h, fused_mlp(x, res, w["nw"], w["wgu"], w["wdt"], cfg,
                                                                       reduce=False)[1])), replays) / layers

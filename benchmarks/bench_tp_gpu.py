@@ -127,10 +127,11 @@ def host_breakdown(engine, prompt: list[int], output_len: int) -> dict[str, floa
             **{f"{k}_us_per_step": v / output_len * 1e6 for k, v in totals.items()}}
 
 
-def profile_l1(engine, prompt: list[int], output_len: int) -> dict:
-    """Torch-profiler traces of every rank over `output_len` L1 steps, summarised (trace_summary)."""
+def profile_l1(engine, prompt: list[int], output_len: int, host_ops_top: int = 0) -> dict:
+    """Torch-profiler traces of every rank over `output_len` L1 steps, summarised (trace_summary),
+    with each rank's `host_ops_top` longest host ops when > 0."""
     from pagedllm.benchmarks.latency import measure_latency
-    from trace_summary import format_summary, summarize_trace
+    from trace_summary import format_summary, host_ops, summarize_trace
 
     engine.start_profile()
     measure_latency(engine, [prompt], output_len)
@@ -142,6 +143,9 @@ def profile_l1(engine, prompt: list[int], output_len: int) -> dict:
     for rank, path in enumerate(paths):
         summary = summarize_trace(path)
         print(format_summary(summary), flush=True)
+        if host_ops_top:
+            summary["host_ops"] = host_ops(path, top=host_ops_top)
+            print("\n".join(f"  host {op}" for op in summary["host_ops"]), flush=True)
         summaries[f"rank{rank}"] = summary
         subprocess.run(["gzip", "-f", path], check=False)
     return summaries

@@ -86,19 +86,22 @@ def _prompts(vocab, n=8, seed=0):
     return [[rng.randrange(3, min(vocab, 5000)) for _ in range(L)] for L in (1, 7, 16, 33, 64, 100, 129, 200)[:n]]
 
 
+def greedy_fp32(model_dir: str, prompts: list[list[int]], max_tokens: int, **llm_kwargs) -> list[list[int]]:
+    """fp32 greedy completions of `prompts` by a pagedllm engine built with `llm_kwargs`."""
+    llm = LLM(model_dir, skip_tokenizer_init=True, dtype="float32", **llm_kwargs)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
+    del llm
+    return [o.outputs[0].token_ids for o in outs]
+
+
 def greedy_eager_and_graph(model_dir: str, prompts: list[list[int]], max_tokens: int,
                            **llm_kwargs) -> dict[str, list[list[int]]]:
     """fp32 greedy completions of `prompts` by pagedllm with --enforce-eager and with CUDA graphs:
     {"eager": tokens, "graph": tokens}."""
-    tokens = {}
-    for eager in (True, False):
-        llm = LLM(model_dir, skip_tokenizer_init=True, dtype="float32", enforce_eager=eager, max_num_seqs=16,
-                  **llm_kwargs)
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                            SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
-        tokens["eager" if eager else "graph"] = [o.outputs[0].token_ids for o in outs]
-        del llm
-    return tokens
+    return {"eager" if eager else "graph": greedy_fp32(model_dir, prompts, max_tokens, enforce_eager=eager,
+                                                       max_num_seqs=16, **llm_kwargs)
+            for eager in (True, False)}
 
 
 @section("tiny_fp32_vs_hf")
@@ -133,14 +136,9 @@ def prefill_graphs_vs_hf():
             hf = build_tiny_model(arch, d, configs=configs).to("cuda")
             expected = hf_greedy(hf, prompts, 24)
             del hf
-            tokens = {}
-            for name, max_prefill in (("graphs", 512), ("prefill_eager", 0)):
-                llm = LLM(d, skip_tokenizer_init=True, dtype="float32", max_num_seqs=8, max_num_batched_tokens=48,
-                          max_model_len=256, gpu_memory_utilization=0.3, cuda_graph_max_prefill_tokens=max_prefill)
-                outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                                    SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
-                tokens[name] = [o.outputs[0].token_ids for o in outs]
-                del llm
+            tokens = {name: greedy_fp32(d, prompts, 24, max_num_seqs=8, max_num_batched_tokens=48, max_model_len=256,
+                                        gpu_memory_utilization=0.3, cuda_graph_max_prefill_tokens=max_prefill)
+                      for name, max_prefill in (("graphs", 512), ("prefill_eager", 0))}
             res[f"{arch}_graphs_equal_hf"] = tokens["graphs"] == expected
             res[f"{arch}_prefill_eager_equal_hf"] = tokens["prefill_eager"] == expected
             res[f"{arch}_graphs_equal_prefill_eager"] = tokens["graphs"] == tokens["prefill_eager"]

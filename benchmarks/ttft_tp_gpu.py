@@ -10,7 +10,7 @@ requests of distinct prompts (2 output tokens each, after a warm-up request), mi
 and L1's TPOT (one request of 256 tokens; the decode graphs are the same in both variants, so
 TPOT is the control). With
 --profile graph|eager, one request on that TP=N engine under the torch profiler (host ops and
-kernels), summarised per rank (trace_summary). Writes $OUT/ttft_tp.json.
+kernels), summarised per rank (bench_tp_gpu.profile_l1). Writes $OUT/ttft_tp.json.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from bench_tp_gpu import _engine  # noqa: E402
+from bench_tp_gpu import _engine, profile_l1  # noqa: E402
 
 
 def ttft(engine, prompts: list[list[int]]) -> dict[str, float]:
@@ -41,24 +41,6 @@ def ttft(engine, prompts: list[list[int]]) -> dict[str, float]:
     tpot = measure_latency(engine, [prompts[0]], 256)["tpot_median_s"] * 1e3
     return {"min_ms": min(values), "median_ms": statistics.median(values), "all_ms": values, "tpot_ms": tpot}
 
-
-def profile_prefill(engine, prompt: list[int]) -> dict:
-    """One request under the torch profiler: each rank's longest host ops and kernels."""
-    from pagedllm.benchmarks.latency import measure_latency
-    from trace_summary import format_summary, host_ops, summarize_trace
-
-    engine.start_profile()
-    measure_latency(engine, [prompt], 2)
-    paths = engine.stop_profile()
-    out = {}
-    for rank, path in enumerate(paths):
-        summary = summarize_trace(path, top=20)
-        ops = host_ops(path, top=25)
-        print(f"--- rank {rank}\n{format_summary(summary)}", flush=True)
-        for op in ops:
-            print(f"  host {op}", flush=True)
-        out[f"rank{rank}"] = {"summary": summary, "host_ops": ops}
-    return out
 
 
 def main() -> None:
@@ -90,7 +72,9 @@ def main() -> None:
         engine, startup = _engine(args.config, tp, max_model_len=4096, max_num_seqs=8, **kw)
         result = {"startup_s": startup, **ttft(engine, prompts)}
         if profiled:
-            result["profile"] = profile_prefill(engine, [rng.randrange(100, 10000) for _ in range(args.prompt_len)])
+            # One request of a fresh prompt, 2 tokens: its prefill step and one decode step.
+            result["profile"] = profile_l1(engine, [rng.randrange(100, 10000) for _ in range(args.prompt_len)], 2,
+                                           host_ops_top=25)
         engine.shutdown()
         print("RESULT " + json.dumps(result, default=str), flush=True)
         return
