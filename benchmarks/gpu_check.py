@@ -120,9 +120,11 @@ def tiny_vs_hf():
 
 @section("prefill_graphs_vs_hf")
 def prefill_graphs_vs_hf():
-    """Chunked prefills mixed with decodes (steps of <= 48 tokens), every step a CUDA graph:
-    fp32 greedy == HF for a dense, a tied-embedding, an MoE and two sliding-window families,
-    and == the same engine with prefill steps run eagerly."""
+    """Chunked prefills mixed with decodes, every step a CUDA graph: small steps (<= 48 tokens,
+    the graphs of 16-48 tokens) and large ones (long prompts in steps of up to 2048 tokens, the
+    graphs of 384-2048 tokens; MoE models run those eagerly). fp32 greedy == HF for a dense, a
+    tied-embedding, an MoE and two sliding-window families, and == the same engine with prefill
+    steps run eagerly."""
     from tests.models.test_phi3_mixtral import CONFIGS as MOE_CONFIGS
     from tests.models.tiny_models import SLIDING_WINDOW_CONFIGS, TINY_CONFIGS, build_tiny_model, random_prompts
 
@@ -130,18 +132,25 @@ def prefill_graphs_vs_hf():
     cases = [("LlamaForCausalLM", TINY_CONFIGS), ("Qwen3ForCausalLM", TINY_CONFIGS),
              ("MixtralForCausalLM", MOE_CONFIGS), ("Phi3ForCausalLM", MOE_CONFIGS), ("Gemma2ForCausalLM", SLIDING_WINDOW_CONFIGS),
              ("MistralForCausalLM", SLIDING_WINDOW_CONFIGS)]
-    prompts = random_prompts([5, 17, 30, 64, 100, 3, 45, 81])
+    steps = {  # name: (prompt lengths, step token budget, max_model_len)
+        "small": ([5, 17, 30, 64, 100, 3, 45, 81], 48, 256),
+        "large": ([300, 700, 1100, 1500, 90, 900, 1999, 450], 2048, 2048),
+    }
     for arch, configs in cases:
+        # Positions up to 2048 for the large steps (the tiny shape stops at 512).
+        configs = {arch: {**configs[arch], "max_position_embeddings": 2048}}
         with tempfile.TemporaryDirectory() as d:
             hf = build_tiny_model(arch, d, configs=configs).to("cuda")
-            expected = hf_greedy(hf, prompts, 24)
+            expected = {name: hf_greedy(hf, random_prompts(lengths), 24) for name, (lengths, _, _) in steps.items()}
             del hf
-            tokens = {name: greedy_fp32(d, prompts, 24, max_num_seqs=8, max_num_batched_tokens=48, max_model_len=256,
-                                        gpu_memory_utilization=0.3, cuda_graph_max_prefill_tokens=max_prefill)
-                      for name, max_prefill in (("graphs", 512), ("prefill_eager", 0))}
-            res[f"{arch}_graphs_equal_hf"] = tokens["graphs"] == expected
-            res[f"{arch}_prefill_eager_equal_hf"] = tokens["prefill_eager"] == expected
-            res[f"{arch}_graphs_equal_prefill_eager"] = tokens["graphs"] == tokens["prefill_eager"]
+            for name, (lengths, budget, max_len) in steps.items():
+                tokens = {kind: greedy_fp32(d, random_prompts(lengths), 24, max_num_seqs=8,
+                                            max_num_batched_tokens=budget, max_model_len=max_len,
+                                            gpu_memory_utilization=0.3, cuda_graph_max_prefill_tokens=max_prefill)
+                          for kind, max_prefill in (("graphs", budget), ("prefill_eager", 0))}
+                res[f"{arch}_{name}_graphs_equal_hf"] = tokens["graphs"] == expected[name]
+                res[f"{arch}_{name}_prefill_eager_equal_hf"] = tokens["prefill_eager"] == expected[name]
+                res[f"{arch}_{name}_graphs_equal_prefill_eager"] = tokens["graphs"] == tokens["prefill_eager"]
     return res
 
 

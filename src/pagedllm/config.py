@@ -94,7 +94,7 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
-    cuda_graph_max_prefill_tokens: int = 512  # steps with prefills of up to this many tokens replay a graph
+    cuda_graph_max_prefill_tokens: int = 2048  # steps with prefills of up to this many tokens replay a graph
     fused_kernels: bool = True  # --no-fused-kernels: PyTorch layers on CUDA too
     async_scheduling: bool | None = None  # None: on for CUDA, off on the CPU
     quantization: str | None = None

@@ -35,11 +35,17 @@ def make_runner(max_num_seqs: int = 8, max_prefill_tokens: int = 128) -> CUDAGra
     return runner
 
 
-def test_prefill_capture_sizes_are_powers_of_two_up_to_the_limit() -> None:
+def test_prefill_capture_sizes_double_up_to_256_then_step_by_128_up_to_the_limit() -> None:
     assert prefill_capture_sizes(0) == []
     assert prefill_capture_sizes(16) == [16]
-    assert prefill_capture_sizes(512) == [16, 32, 64, 128, 256, 512]
     assert prefill_capture_sizes(100) == [16, 32, 64, 100]
+    assert prefill_capture_sizes(512) == [16, 32, 64, 128, 256, 384, 512]
+    assert prefill_capture_sizes(1000) == [16, 32, 64, 128, 256, 384, 512, 640, 768, 896, 1000]
+    sizes = prefill_capture_sizes(2048)
+    assert sizes[-1] == 2048 and len(sizes) == 19
+    # Every step of up to 2048 tokens gets a graph with fewer than 128 padding tokens past 256.
+    for tokens in range(257, 2049):
+        assert 0 <= next(size for size in sizes if size >= tokens) - tokens < 128
 
 
 @pytest.mark.parametrize(("query_lens", "seq_lens", "group"), [

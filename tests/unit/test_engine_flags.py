@@ -34,7 +34,7 @@ def test_cli_flags_reach_the_engine_config(tmp_path):
 def test_prefill_graph_token_limit_is_capped_by_the_step_budget_and_checked(tmp_path):
     build_tiny_model("LlamaForCausalLM", str(tmp_path))
     base = ("--model", str(tmp_path), "--device", "cpu")
-    assert create_engine_config(_parse(*base)).cuda_graph_max_prefill_tokens == 512
+    assert create_engine_config(_parse(*base)).cuda_graph_max_prefill_tokens == 2048
     small_steps = create_engine_config(_parse(*base, "--max-num-batched-tokens", "96"))
     assert small_steps.cuda_graph_max_prefill_tokens == 96  # no graph larger than any step
     assert create_engine_config(_parse(*base, "--cuda-graph-max-prefill-tokens", "0")).cuda_graph_max_prefill_tokens == 0
