@@ -68,6 +68,11 @@ def build_tiny_model(architecture: str, path: str, seed: int = 0,
 
     config_name = _CONFIG_CLASSES.get(architecture, architecture.replace("ForCausalLM", "Config"))
     config = getattr(transformers, config_name)(**{**_COMMON, **configs[architecture]})
+    if architecture == "Gemma2ForCausalLM":
+        # The oracle is HF's eager attention: transformers 5.17 defaults Gemma 2 to SDPA, whose
+        # result differs from eager's once the soft cap and the sliding window both act (a
+        # 450-token prompt's greedy tokens changed); 5.24 defaults to eager.
+        config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = getattr(transformers, architecture)(config).eval()
     # Larger-than-default weights give well-separated logits, so argmax is numerically stable.
