@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlparse
+
 import torch
 import torch.distributed as dist
 
@@ -9,6 +11,10 @@ _TP_RANK = 0
 _TP_SIZE = 1
 # Small GPU all-reduces over symmetric memory (custom_all_reduce.py), when set up.
 _CUSTOM_ALL_REDUCE = None
+# The group's key-value store (rank 0 hosts its server). Held here, not only by the group, so
+# that it outlives destroy_process_group: rank 0 keeps serving it until the other ranks are
+# gone, since NCCL's watchdog in each rank polls it until that rank exits.
+_STORE: dist.Store | None = None
 
 
 def set_tensor_parallel_state(rank: int, world_size: int) -> None:
@@ -34,11 +40,12 @@ def init_distributed_environment(rank: int, world_size: int, init_method: str, d
     On GPUs, small all-reduces go through symmetric memory over NVLink when it works here
     (`custom_all_reduce.py`; `custom_all_reduce=False` keeps NCCL for all of them).
     """
-    global _CUSTOM_ALL_REDUCE
+    global _CUSTOM_ALL_REDUCE, _STORE
     if world_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, **kwargs)
+        _STORE = _create_store(init_method, rank, world_size)
+        dist.init_process_group(backend, store=_STORE, rank=rank, world_size=world_size, **kwargs)
         if device.type == "cuda" and custom_all_reduce:
             from pagedllm.custom_all_reduce import create_custom_all_reduce
 
@@ -46,13 +53,31 @@ def init_distributed_environment(rank: int, world_size: int, init_method: str, d
     set_tensor_parallel_state(rank, world_size)
 
 
+def _create_store(init_method: str, rank: int, world_size: int) -> dist.TCPStore:
+    """The group's TCP store at `tcp://host:port`: rank 0 serves it, the others connect."""
+    url = urlparse(init_method)
+    if url.scheme != "tcp" or not url.hostname or not url.port:
+        raise ValueError(f"The distributed init method must be tcp://host:port, got {init_method!r}.")
+    return dist.TCPStore(url.hostname, url.port, world_size, is_master=rank == 0,
+                         timeout=dist.constants.default_pg_timeout)
+
+
 def destroy_distributed_environment() -> None:
-    """Leave the process group (if any) and return to single-rank state."""
+    """Leave the process group (if any) and return to single-rank state.
+
+    The store stays (see _STORE): on rank 0 its server keeps answering the other ranks until
+    this process exits or `release_distributed_store` is called."""
     global _CUSTOM_ALL_REDUCE
     _CUSTOM_ALL_REDUCE = None
     if dist.is_initialized():
         dist.destroy_process_group()
     set_tensor_parallel_state(0, 1)
+
+
+def release_distributed_store() -> None:
+    """Drop this process's handle on the group's store (rank 0: stop serving it)."""
+    global _STORE
+    _STORE = None
 
 
 def tensor_model_parallel_broadcast(x: torch.Tensor) -> torch.Tensor:

@@ -85,6 +85,14 @@ def run_worker_process(config: EngineConfig, rank: int, init_method: str, conn: 
         replies.send(("ok", result))
     replies.close()
     worker.shutdown()
+    if rank == 0 and world_size > 1:
+        # Keep serving the group's store until the engine closes this pipe: it does so once
+        # every other rank has exited (MultiprocExecutor.shutdown).
+        try:
+            while True:
+                conn.recv_bytes()
+        except (EOFError, OSError):
+            pass
 
 
 class _StepReplies:
@@ -197,7 +205,14 @@ class MultiprocExecutor(Executor):
                 conn.send_bytes(message)
             except OSError:
                 pass
-        for process in self.processes:
+        # Rank 0 serves the group's store: it leaves after its pipe closes, once the other ranks
+        # are gone (a rank whose store vanished first polls it from NCCL's watchdog until it
+        # exits, logging a warning and a stack trace every second).
+        ranks_in_exit_order = [*range(1, len(self.processes)), 0] if self.processes else []
+        for rank in ranks_in_exit_order:
+            if rank == 0:
+                self.conns[0].close()
+            process = self.processes[rank]
             process.join(timeout=10)
             if process.is_alive():
                 process.kill()

@@ -124,7 +124,7 @@ class RayExecutor(Executor):
         if self._closed:
             return
         self._closed = True
-        for worker in self.workers:
+        for worker in reversed(self.workers):  # rank 0, which hosts the group's store, last
             try:
                 self.ray.kill(worker)
             except Exception:  # noqa: BLE001 - already gone
