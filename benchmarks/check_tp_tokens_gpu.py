@@ -59,5 +59,6 @@ def main() -> None:
     print("of 16 prompts:", json.dumps(result), flush=True)
     sys.exit(0)
 
+
 if __name__ == "__main__":
     main()

@@ -66,18 +66,12 @@ def destroy_distributed_environment() -> None:
     """Leave the process group (if any) and return to single-rank state.
 
     The store stays (see _STORE): on rank 0 its server keeps answering the other ranks until
-    this process exits or `release_distributed_store` is called."""
+    this process exits."""
     global _CUSTOM_ALL_REDUCE
     _CUSTOM_ALL_REDUCE = None
     if dist.is_initialized():
         dist.destroy_process_group()
     set_tensor_parallel_state(0, 1)
-
-
-def release_distributed_store() -> None:
-    """Drop this process's handle on the group's store (rank 0: stop serving it)."""
-    global _STORE
-    _STORE = None
 
 
 def tensor_model_parallel_broadcast(x: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,9 @@ cost. Two kinds of graph share one memory pool:
   to no slot and attend over one token of block 0).
 - prefill graphs, one per token count (16, 32, ..., 256, then every 128 up to
   `max_prefill_tokens`, 2048 by default): any step with a prefill chunk and at most that many
-  tokens, every request's attention through the varlen kernel (decodes included). Padding tokens write to no slot; padding requests have no query
-  tokens (their `query_start_loc` entries repeat the total), so the kernel's spare tiles exit.
+  tokens, every request's attention through the varlen kernel (decodes included). Padding
+  tokens write to no slot; padding requests have no query tokens (their `query_start_loc`
+  entries repeat the total), so the kernel's spare tiles exit.
   Run eagerly, such a step is bound by the host (Python and launches per layer): a fresh
   128-token prompt's first token took 31.8 ms instead of 6.5 on an H200 (Llama-3.1-8B), and
   under tensor parallelism every all-reduce waits for the slowest rank's host (42.5 ms at TP=2).
