@@ -152,3 +152,14 @@ def test_tensor_parallel_size_is_checked_against_the_model(model_dirs):
     with pytest.raises(ValueError, match="uni"):
         LLM(model_dirs["LlamaForCausalLM"], skip_tokenizer_init=True, tensor_parallel_size=2,
             distributed_executor_backend="uni")
+
+
+@pytest.mark.parametrize("init_method", ["env://", "tcp://127.0.0.1", "file:///tmp/store"])
+def test_distributed_init_method_must_be_tcp_host_port(init_method):
+    import torch
+
+    from pagedllm.distributed import get_tp_size, init_distributed_environment
+
+    with pytest.raises(ValueError, match="tcp://host:port"):
+        init_distributed_environment(1, 2, init_method, torch.device("cpu"))
+    assert get_tp_size() == 1  # nothing was set up
