@@ -59,9 +59,10 @@ def _dense_reference(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     return (torch.softmax(scores, dim=-1) @ v).transpose(0, 1)
 
 
-@pytest.mark.parametrize(("window", "soft_cap"), [(None, None), (1, None), (6, None), (13, 3.0), (None, 3.0)])
-def test_torch_backend_matches_dense_attention(window: int | None, soft_cap: float | None) -> None:
-    gen = torch.Generator().manual_seed(7)
+def _random_step(seed: int = 7) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """A step of two decodes and three prefill chunks over a shuffled paged cache:
+    (query, kv_cache, metadata); block size 4, 2 KV heads of 2 query heads, head dim 8."""
+    gen = torch.Generator().manual_seed(seed)
     block_size, num_kv_heads, group, head_dim = 4, 2, 2, 8
     query_lens, seq_lens = [1, 1, 9, 5, 14], [23, 3, 30, 5, 14]  # decodes first, then prefill chunks
     num_blocks = sum(-(-n // block_size) for n in seq_lens) + 3
@@ -80,13 +81,32 @@ def test_torch_backend_matches_dense_attention(window: int | None, soft_cap: flo
         seq_lens=torch.tensor(seq_lens), slot_mapping=torch.full((qsl[-1],), -1), block_tables=block_tables,
         max_query_len=max(query_lens), max_seq_len=max(seq_lens), query_start_loc_cpu=qsl,
         seq_lens_cpu=seq_lens)
+    return query, kv_cache, metadata
+
+
+@pytest.mark.parametrize(("window", "soft_cap"), [(None, None), (1, None), (6, None), (13, 3.0), (None, 3.0)])
+def test_torch_backend_matches_dense_attention(window: int | None, soft_cap: float | None) -> None:
+    query, kv_cache, metadata = _random_step()
+    qsl, seq_lens = metadata.query_start_loc_cpu, metadata.seq_lens_cpu
     out = torch_backend.paged_attention(query, kv_cache, metadata, 0.3, sliding_window=window,
                                         logits_soft_cap=soft_cap)
     for i, seq_len in enumerate(seq_lens):
-        keys, values = torch_backend.gather_kv(kv_cache, block_tables[i], seq_len)
-        expected = _dense_reference(query[qsl[i]:qsl[i + 1]], keys, values, seq_len - query_lens[i], 0.3,
+        keys, values = torch_backend.gather_kv(kv_cache, metadata.block_tables[i], seq_len)
+        expected = _dense_reference(query[qsl[i]:qsl[i + 1]], keys, values, seq_len - (qsl[i + 1] - qsl[i]), 0.3,
                                     window, soft_cap)
         assert torch.allclose(out[qsl[i]:qsl[i + 1]], expected, atol=1e-5), i
+
+
+def test_layers_of_one_step_share_one_decode_plan_per_window() -> None:
+    # Gemma-style layers alternate a window and full attention over one step's metadata: each
+    # window's gather plan is built once, and every layer's answer equals a fresh computation.
+    query, kv_cache, metadata = _random_step()
+    for layer, window in enumerate([6, None, 6, None]):
+        _, _, fresh = _random_step()
+        expected = torch_backend.paged_attention(query, kv_cache, fresh, 0.3, sliding_window=window)
+        out = torch_backend.paged_attention(query, kv_cache, metadata, 0.3, sliding_window=window)
+        assert torch.equal(out, expected), layer
+    assert len(metadata.backend_cache) == 2  # one plan per window, built by its first layer
 
 
 # ---------------------------------------------------------------- freeing blocks behind the window

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -32,6 +33,10 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     # Fixed split-KV partition count for decodes (set for CUDA graphs; None: chosen per step).
     num_kv_splits: int | None = None
+    # What a backend derives from this step's metadata once and every layer then reuses (the
+    # torch backend's decode gather plan). Filled lazily; only for metadata built for one step
+    # (a CUDA graph's static metadata changes in place between replays).
+    backend_cache: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def num_reqs(self) -> int:

@@ -126,6 +126,36 @@ def paged_attention(
     return out
 
 
+def _decode_plan(
+    metadata: AttentionMetadata, batch: int, block_size: int, sliding_window: int | None, device: torch.device,
+) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """Which cache blocks the first `batch` (decode) requests gather, flattened [B * nb], the
+    blocks per request nb, and which gathered keys each request sees [B, 1, 1, nb * block_size].
+
+    The same for every layer of a step with this window: computed once per step (each layer
+    would otherwise spend as long on it as on its attention at batch 1 on a CPU).
+    """
+    key = ("torch_decode_plan", batch, block_size, sliding_window)
+    plan = metadata.backend_cache.get(key)
+    if plan is not None:
+        return plan
+    seq_lens = metadata.seq_lens[:batch]
+    # Each request gathers its blocks from the first one holding a key it sees (with a window,
+    # that of position seq_len - W); shorter requests pad by repeating their own last block,
+    # masked below, so no other request's (or freed) block is ever read.
+    window = sliding_window if sliding_window is not None else max(metadata.seq_lens_cpu[:batch])
+    num_blocks = max(-(-n // block_size) - max(0, n - window) // block_size for n in metadata.seq_lens_cpu[:batch])
+    first_block = (seq_lens - window).clamp(min=0) // block_size
+    last_block = ((seq_lens - 1) // block_size).clamp(min=0)
+    columns = first_block[:, None] + torch.arange(num_blocks, device=device)[None, :]
+    blocks = metadata.block_tables[:batch].gather(1, torch.minimum(columns, last_block[:, None]))
+    positions = first_block[:, None] * block_size + torch.arange(num_blocks * block_size, device=device)[None, :]
+    mask = (positions < seq_lens[:, None]) & (positions >= (seq_lens - window)[:, None])
+    plan = (blocks.flatten(), num_blocks, mask.view(batch, 1, 1, -1))
+    metadata.backend_cache[key] = plan
+    return plan
+
+
 def _decode_attention(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -137,26 +167,13 @@ def _decode_attention(
     """Single-token queries [B, H, D] of the first B requests, batched over padded contexts."""
     batch, num_heads, head_dim = query.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
-    seq_lens = metadata.seq_lens[:batch]
-    # Each request gathers its blocks from the first one holding a key it sees (with a window,
-    # that of position seq_len - W); shorter requests pad by repeating their own last block,
-    # masked below, so no other request's (or freed) block is ever read.
-    window = sliding_window if sliding_window is not None else max(metadata.seq_lens_cpu[:batch])
-    num_blocks = max(-(-n // block_size) - max(0, n - window) // block_size for n in metadata.seq_lens_cpu[:batch])
-    first_block = (seq_lens - window).clamp(min=0) // block_size
-    last_block = ((seq_lens - 1) // block_size).clamp(min=0)
-    columns = first_block[:, None] + torch.arange(num_blocks, device=query.device)[None, :]
-    blocks = metadata.block_tables[:batch].gather(1, torch.minimum(columns, last_block[:, None]))
-    first_pos = first_block * block_size
+    blocks, num_blocks, mask = _decode_plan(metadata, batch, block_size, sliding_window, query.device)
     # index_select on a flat block list is several times faster on CPU than 2-D advanced indexing.
     # [B * nb, bs, Hkv, D] -> [B, Hkv, L, D]
     shape = (batch, num_blocks * block_size, num_kv_heads, head_dim)
-    keys = kv_cache[0].index_select(0, blocks.flatten()).view(shape).transpose(1, 2).to(query.dtype)
-    values = kv_cache[1].index_select(0, blocks.flatten()).view(shape).transpose(1, 2).to(query.dtype)
+    keys = kv_cache[0].index_select(0, blocks).view(shape).transpose(1, 2).to(query.dtype)
+    values = kv_cache[1].index_select(0, blocks).view(shape).transpose(1, 2).to(query.dtype)
     # The query heads of one KV head act as that head's "query sequence": GQA without copies.
-    group = num_heads // num_kv_heads
-    q = query.view(batch, num_kv_heads, group, head_dim)
-    positions = first_pos[:, None] + torch.arange(keys.shape[2], device=query.device)[None, :]
-    mask = (positions < seq_lens[:, None]) & (positions >= (seq_lens - window)[:, None])
-    o = _attend(q, keys, values, mask.view(batch, 1, 1, -1), scale, logits_soft_cap)
+    q = query.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    o = _attend(q, keys, values, mask, scale, logits_soft_cap)
     return o.reshape(batch, num_heads, head_dim)
