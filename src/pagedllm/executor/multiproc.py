@@ -147,6 +147,14 @@ class _StepReplies:
         self._thread.join(timeout=10)
 
 
+def _join_or_kill(process: multiprocessing.process.BaseProcess) -> None:
+    """Wait up to 10 s for a worker process to exit, then kill it."""
+    process.join(timeout=10)
+    if process.is_alive():
+        process.kill()
+        process.join(timeout=5)
+
+
 class MultiprocExecutor(Executor):
     """Tensor parallelism on one machine: N spawned worker processes, one per rank (device)."""
 
@@ -208,17 +216,12 @@ class MultiprocExecutor(Executor):
         # Rank 0 serves the group's store: it leaves after its pipe closes, once the other ranks
         # are gone (a rank whose store vanished first polls it from NCCL's watchdog until it
         # exits, logging a warning and a stack trace every second).
-        ranks_in_exit_order = [*range(1, len(self.processes)), 0] if self.processes else []
-        for rank in ranks_in_exit_order:
-            if rank == 0:
-                self.conns[0].close()
-            process = self.processes[rank]
-            process.join(timeout=10)
-            if process.is_alive():
-                process.kill()
-                process.join(timeout=5)
+        for process in self.processes[1:]:
+            _join_or_kill(process)
         for conn in self.conns:
-            conn.close()
+            conn.close()  # rank 0's EOF: it may go now
+        if self.processes:
+            _join_or_kill(self.processes[0])
 
     # ---- the pipe protocol -----------------------------------------------------------------------
 
