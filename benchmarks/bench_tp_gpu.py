@@ -55,11 +55,11 @@ def copy_bandwidth_gbs() -> float:
     return gbs
 
 
-def _engine(config: str, tp: int, **kw):
+def _engine(config: str, tp: int, pp: int = 1, **kw):
     from pagedllm.engine.llm_engine import LLMEngine
 
     args = EngineArgs(model=os.path.join(CONFIGS, config), load_format="dummy", skip_tokenizer_init=True,
-                      tensor_parallel_size=tp, **kw)
+                      tensor_parallel_size=tp, pipeline_parallel_size=pp, **kw)
     t0 = time.perf_counter()
     engine = LLMEngine.from_engine_args(args)
     return engine, time.perf_counter() - t0
@@ -183,13 +183,13 @@ def l1(config: str, tp: int, floor_gb: float, bandwidth: float, engine=None, pro
 
 
 def t1(config: str, tp: int, greedy_prompts: list[list[int]], greedy_tokens: int,
-       l1_args: tuple | None = None, greedy_t1: bool = True) -> tuple[dict, list]:
+       l1_args: tuple | None = None, greedy_t1: bool = True, pp: int = 1) -> tuple[dict, list]:
     from pagedllm import LLM, SamplingParams
     from pagedllm.benchmarks.throughput import bench_pagedllm
 
     t0 = time.perf_counter()
     llm = LLM(os.path.join(CONFIGS, config), load_format="dummy", skip_tokenizer_init=True, tensor_parallel_size=tp,
-              max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=16384)
+              pipeline_parallel_size=pp, max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=16384)
     res = {"startup_s": time.perf_counter() - t0, "num_blocks": llm.llm_engine.config.cache_config.num_blocks}
     if l1_args is not None:  # L1 on this same engine (saves a second start of a large model)
         res["l1"] = l1(config, tp, *l1_args, engine=llm.llm_engine)

@@ -149,7 +149,8 @@ class EngineArgs:
         group.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                            help="shard the model over this many devices (CPU: processes over gloo)")
         group.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
-                           help="only 1 is supported (see docs/parallelism.md)")
+                           help="split the decoder layers into this many stages, each on its own "
+                                "tensor-parallel group of devices (ranks = TP x PP; see docs/parallelism.md)")
         group.add_argument("--distributed-executor-backend", choices=["uni", "mp", "ray"], default=None,
                            help="how ranks run: uni (in process, one rank), mp (one process per rank on this "
                                 "machine; the default for several ranks), ray (Ray actors, possibly on several "
@@ -255,11 +256,17 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     distributed_executor_backend: str = "uni"  # uni | mp | ray
     disable_custom_all_reduce: bool = False  # NCCL for every all-reduce (custom_all_reduce.py)
+    pipeline_parallel_size: int = 1
 
     @property
     def world_size(self) -> int:
-        """Number of worker ranks (one device each)."""
-        return self.tensor_parallel_size
+        """Number of worker ranks (one device each): every stage's tensor-parallel ranks."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def output_rank(self) -> int:
+        """The rank whose step output the engine reads: the first rank of the last stage."""
+        return (self.pipeline_parallel_size - 1) * self.tensor_parallel_size
 
 
 @dataclass
@@ -366,18 +373,22 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
 
 def create_parallel_config(args: EngineArgs, hf_config: dict[str, Any], device: str) -> ParallelConfig:
     """Check the parallel layout against the model and the machine; pick the executor backend."""
-    tp = args.tensor_parallel_size
+    tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
     if tp < 1:
         raise ValueError(f"tensor_parallel_size must be >= 1, got {tp}.")
-    if args.pipeline_parallel_size != 1:
-        raise ValueError("pipeline_parallel_size > 1 is not supported: pagedllm splits models with tensor "
-                         "parallelism only (see docs/parallelism.md); use --tensor-parallel-size.")
-    backend = args.distributed_executor_backend or ("uni" if tp == 1 else "mp")
+    if pp < 1:
+        raise ValueError(f"pipeline_parallel_size must be >= 1, got {pp}.")
+    num_layers = hf_config.get("num_hidden_layers") or hf_config.get("n_layer") or 0
+    if pp > num_layers:
+        raise ValueError(f"pipeline_parallel_size={pp} exceeds the model's {num_layers} decoder layers "
+                         "(every stage needs at least one).")
+    world_size = tp * pp
+    backend = args.distributed_executor_backend or ("uni" if world_size == 1 else "mp")
     if backend not in ("uni", "mp", "ray"):
         raise ValueError(f"distributed_executor_backend must be uni, mp or ray; got {backend!r}.")
-    if backend == "uni" and tp > 1:
-        raise ValueError(f"distributed_executor_backend 'uni' runs one rank; tensor_parallel_size={tp} needs "
-                         "'mp' (this machine) or 'ray'.")
+    if backend == "uni" and world_size > 1:
+        raise ValueError(f"distributed_executor_backend 'uni' runs one rank; tensor_parallel_size={tp} x "
+                         f"pipeline_parallel_size={pp} needs 'mp' (this machine) or 'ray'.")
     heads = hf_config.get("num_attention_heads") or 1
     kv_heads = hf_config.get("num_key_value_heads") or heads
     if heads % tp:
@@ -389,7 +400,8 @@ def create_parallel_config(args: EngineArgs, hf_config: dict[str, Any], device: 
     if device == "cuda" and backend == "mp":
         import torch
 
-        if tp > torch.cuda.device_count():
-            raise ValueError(f"tensor_parallel_size={tp} needs {tp} GPUs; {torch.cuda.device_count()} visible.")
+        if world_size > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size={tp} x pipeline_parallel_size={pp} needs {world_size} GPUs; "
+                             f"{torch.cuda.device_count()} visible.")
     return ParallelConfig(tensor_parallel_size=tp, distributed_executor_backend=backend,
-                          disable_custom_all_reduce=args.disable_custom_all_reduce)
+                          disable_custom_all_reduce=args.disable_custom_all_reduce, pipeline_parallel_size=pp)

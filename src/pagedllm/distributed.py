@@ -1,4 +1,12 @@
-"""Tensor-parallel process-group state and collectives (a single rank unless initialised)."""
+"""Process-group state and collectives of tensor and pipeline parallelism (a single rank unless
+initialised).
+
+Ranks are laid out stage-major: global rank = pp_rank * tp_size + tp_rank. Each pipeline stage's
+tp_size ranks form its tensor-parallel group (all-reduces, all-gathers); a stage hands its
+activations to the same tensor-parallel rank of the next stage (point-to-point). The first rank
+of the last stage is the output rank: its ranks sample, and it broadcasts the sampled tokens to
+every rank.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +17,10 @@ import torch.distributed as dist
 
 _TP_RANK = 0
 _TP_SIZE = 1
+_PP_RANK = 0
+_PP_SIZE = 1
+# This stage's tensor-parallel group; None means the whole world (no pipeline parallelism).
+_TP_GROUP: dist.ProcessGroup | None = None
 # Small GPU all-reduces over symmetric memory (custom_all_reduce.py), when set up.
 _CUSTOM_ALL_REDUCE = None
 # The group's key-value store (rank 0 hosts its server). Held here, not only by the group, so
@@ -23,6 +35,32 @@ def set_tensor_parallel_state(rank: int, world_size: int) -> None:
     _TP_RANK, _TP_SIZE = rank, world_size
 
 
+def set_pipeline_parallel_state(rank: int, size: int) -> None:
+    """Record this process's pipeline stage and the number of stages."""
+    global _PP_RANK, _PP_SIZE
+    _PP_RANK, _PP_SIZE = rank, size
+
+
+def get_pp_rank() -> int:
+    """This process's pipeline stage (0 without pipeline parallelism)."""
+    return _PP_RANK
+
+
+def get_pp_size() -> int:
+    """Number of pipeline stages (1 without pipeline parallelism)."""
+    return _PP_SIZE
+
+
+def is_first_pp_rank() -> bool:
+    """Whether this stage embeds the tokens (the first stage)."""
+    return _PP_RANK == 0
+
+
+def is_last_pp_rank() -> bool:
+    """Whether this stage holds the final norm and LM head, and samples (the last stage)."""
+    return _PP_RANK == _PP_SIZE - 1
+
+
 def get_tp_rank() -> int:
     """This process's rank in the tensor-parallel group (0 without parallelism)."""
     return _TP_RANK
@@ -34,23 +72,35 @@ def get_tp_size() -> int:
 
 
 def init_distributed_environment(rank: int, world_size: int, init_method: str, device: torch.device,
-                                 custom_all_reduce: bool = True) -> None:
-    """Join the tensor-parallel process group: NCCL between GPUs, gloo between CPU processes.
+                                 custom_all_reduce: bool = True, pipeline_parallel_size: int = 1) -> None:
+    """Join the process group of all `world_size` ranks (NCCL between GPUs, gloo between CPU
+    processes) and, with several pipeline stages, one tensor-parallel group per stage.
 
-    On GPUs, small all-reduces go through symmetric memory over NVLink when it works here
-    (`custom_all_reduce.py`; `custom_all_reduce=False` keeps NCCL for all of them).
+    On GPUs without pipeline stages, small all-reduces go through symmetric memory over NVLink
+    when it works here (`custom_all_reduce.py`; `custom_all_reduce=False` keeps NCCL for all of
+    them). With pipeline stages every collective goes through NCCL.
     """
-    global _CUSTOM_ALL_REDUCE, _STORE
+    global _CUSTOM_ALL_REDUCE, _STORE, _TP_GROUP
+    if world_size % pipeline_parallel_size:
+        raise ValueError(f"world_size={world_size} is not a multiple of pipeline_parallel_size={pipeline_parallel_size}.")
+    tp_size = world_size // pipeline_parallel_size
     if world_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         _STORE = _create_store(init_method, rank, world_size)
         dist.init_process_group(backend, store=_STORE, rank=rank, world_size=world_size, **kwargs)
-        if device.type == "cuda" and custom_all_reduce:
+        if pipeline_parallel_size > 1:
+            # Every rank creates every stage's group, in the same order (new_group is collective).
+            for stage in range(pipeline_parallel_size):
+                group = dist.new_group(list(range(stage * tp_size, (stage + 1) * tp_size)))
+                if stage == rank // tp_size:
+                    _TP_GROUP = group
+        elif device.type == "cuda" and custom_all_reduce:
             from pagedllm.custom_all_reduce import create_custom_all_reduce
 
             _CUSTOM_ALL_REDUCE = create_custom_all_reduce(device, rank, world_size)
-    set_tensor_parallel_state(rank, world_size)
+    set_tensor_parallel_state(rank % tp_size, tp_size)
+    set_pipeline_parallel_state(rank // tp_size, pipeline_parallel_size)
 
 
 def _create_store(init_method: str, rank: int, world_size: int) -> dist.TCPStore:
@@ -67,18 +117,35 @@ def destroy_distributed_environment() -> None:
 
     The store stays (see _STORE): on rank 0 its server keeps answering the other ranks until
     this process exits."""
-    global _CUSTOM_ALL_REDUCE
+    global _CUSTOM_ALL_REDUCE, _TP_GROUP
     _CUSTOM_ALL_REDUCE = None
+    _TP_GROUP = None
     if dist.is_initialized():
         dist.destroy_process_group()
     set_tensor_parallel_state(0, 1)
+    set_pipeline_parallel_state(0, 1)
 
 
-def tensor_model_parallel_broadcast(x: torch.Tensor) -> torch.Tensor:
-    """Give every rank rank 0's copy of `x`, in place; a no-op on one rank."""
-    if _TP_SIZE > 1:
-        dist.broadcast(x, src=0)
+def broadcast_from_output_rank(x: torch.Tensor) -> torch.Tensor:
+    """Give every rank of every stage the output rank's copy of `x` (the first rank of the last
+    stage: ParallelConfig.output_rank), in place; a no-op on one rank."""
+    if _TP_SIZE * _PP_SIZE > 1:
+        dist.broadcast(x, src=(_PP_SIZE - 1) * _TP_SIZE)
     return x
+
+
+def send_to_next_stage(tensors: list[torch.Tensor]) -> None:
+    """Send this stage's activations to the same tensor-parallel rank of the next stage."""
+    dst = dist.get_rank() + _TP_SIZE
+    for tensor in tensors:
+        dist.send(tensor.contiguous(), dst=dst)
+
+
+def recv_from_prev_stage(tensors: list[torch.Tensor]) -> None:
+    """Fill `tensors` (preallocated, in the sender's order) from the previous stage, in place."""
+    src = dist.get_rank() - _TP_SIZE
+    for tensor in tensors:
+        dist.recv(tensor, src=src)
 
 
 def tensor_model_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -86,7 +153,7 @@ def tensor_model_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:
     if _TP_SIZE > 1:
         if _CUSTOM_ALL_REDUCE is not None and _CUSTOM_ALL_REDUCE.applies(x):
             return _CUSTOM_ALL_REDUCE.all_reduce_(x)
-        dist.all_reduce(x)
+        dist.all_reduce(x, group=_TP_GROUP)
     return x
 
 
@@ -95,5 +162,5 @@ def tensor_model_parallel_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Te
     if _TP_SIZE == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(_TP_SIZE)]
-    dist.all_gather(parts, x.contiguous())
+    dist.all_gather(parts, x.contiguous(), group=_TP_GROUP)
     return torch.cat(parts, dim=dim)

@@ -1,6 +1,6 @@
-"""Tensor parallelism through a Ray cluster started by the test, and through the OpenAI server
-(mp executor): TP=2 answers equal TP=1's; a killed worker is reported with its rank and turns
-the server's /health to 503 within seconds."""
+"""Tensor and pipeline parallelism through a Ray cluster started by the test, and through the
+OpenAI server (mp executor): TP=2 and PP=2 answers equal one rank's; a killed worker is reported
+with its rank and turns the server's /health to 503 within seconds."""
 
 from __future__ import annotations
 
@@ -71,6 +71,12 @@ def test_ray_tp2_gives_tp1_tokens(ray_cluster, llama_dir):
     assert _greedy_ids(llama_dir, tensor_parallel_size=2, distributed_executor_backend="ray") == _greedy_ids(llama_dir)
 
 
+def test_ray_pp2_gives_pp1_tokens(ray_cluster, llama_dir):
+    # Ray actors as pipeline stages: the engine reads the last stage's answer.
+    assert (_greedy_ids(llama_dir, pipeline_parallel_size=2, distributed_executor_backend="ray")
+            == _greedy_ids(llama_dir))
+
+
 def test_killed_ray_worker_is_reported_with_its_rank(ray_cluster, llama_dir):
     llm = LLM(llama_dir, **ENGINE_ARGS, tensor_parallel_size=2, distributed_executor_backend="ray")
     try:
@@ -83,13 +89,14 @@ def test_killed_ray_worker_is_reported_with_its_rank(ray_cluster, llama_dir):
         llm.shutdown()
 
 
-def test_server_tp2_answers_like_tp1_and_reports_a_dead_worker(llama_dir):
+@pytest.mark.parametrize("parallel_flag", ["--tensor-parallel-size", "--pipeline-parallel-size"])
+def test_server_tp2_answers_like_tp1_and_reports_a_dead_worker(llama_dir, parallel_flag):
     prompts = ["The quick brown fox", "Paged attention stores", "Tensor"]
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     with LLM(llama_dir, enforce_eager=True, num_gpu_blocks_override=64, max_model_len=128) as llm:
         expected = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
     server = start_server(["--model", llama_dir, "--max-model-len", "128", "--num-gpu-blocks-override", "64",
-                           "--enforce-eager", "--tensor-parallel-size", "2"])
+                           "--enforce-eager", parallel_flag, "2"])
     try:
         with httpx.Client(base_url=server.url, timeout=60) as client:
             for prompt, text in zip(prompts, expected):

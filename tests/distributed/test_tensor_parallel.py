@@ -147,8 +147,8 @@ def test_shutdown_lets_every_rank_exit_cleanly_rank_0_last(model_dirs):
 def test_tensor_parallel_size_is_checked_against_the_model(model_dirs):
     with pytest.raises(ValueError, match="attention heads"):
         LLM(model_dirs["LlamaForCausalLM"], skip_tokenizer_init=True, tensor_parallel_size=3)
-    with pytest.raises(ValueError, match="pipeline"):
-        LLM(model_dirs["LlamaForCausalLM"], skip_tokenizer_init=True, pipeline_parallel_size=2)
+    with pytest.raises(ValueError, match="exceeds the model's 2 decoder layers"):
+        LLM(model_dirs["LlamaForCausalLM"], skip_tokenizer_init=True, pipeline_parallel_size=3)
     with pytest.raises(ValueError, match="uni"):
         LLM(model_dirs["LlamaForCausalLM"], skip_tokenizer_init=True, tensor_parallel_size=2,
             distributed_executor_backend="uni")

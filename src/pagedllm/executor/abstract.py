@@ -15,12 +15,12 @@ class WorkerDiedError(RuntimeError):
     """A worker rank is gone or failed; the engine cannot step any more."""
 
     def __init__(self, rank: int, detail: str) -> None:
-        super().__init__(f"Tensor-parallel worker rank {rank} failed: {detail}")
+        super().__init__(f"Worker rank {rank} failed: {detail}")
         self.rank = rank
 
 
 class StepFuture(Protocol):
-    """A launched step: `result()` waits for it and returns rank 0's output (once)."""
+    """A launched step: `result()` waits for it and returns the output rank's output (once)."""
 
     def result(self) -> ModelRunnerOutput:
         """Wait for the step; its output."""
@@ -39,7 +39,8 @@ class DoneStep:
 
 
 class Executor(ABC):
-    """Runs every rank's Worker: one step on all ranks, rank 0's sampled tokens back.
+    """Runs every rank's Worker: one step on all ranks, the output rank's sampled tokens back
+    (rank 0 with tensor parallelism alone; the first rank of the last pipeline stage).
 
     `create()` picks the implementation named by --distributed-executor-backend.
     """
@@ -71,7 +72,7 @@ class Executor(ABC):
 
     @abstractmethod
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        """Run one step on every rank and return rank 0's output (all ranks sample the same)."""
+        """Run one step on every rank and return the output rank's (`ParallelConfig.output_rank`)."""
 
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepFuture:
         """Launch one step and return at once where the backend allows it (async scheduling);

@@ -1,10 +1,11 @@
-"""The multiprocess executor: one worker process per tensor-parallel rank on this machine.
+"""The multiprocess executor: one worker process per rank (tensor x pipeline) on this machine.
 
 Every rank runs in its own spawned process (none in the engine's process: a rank blocked in a
 collective whose peer died must never block the engine). Each step the scheduler output is
 pickled once and the same bytes go down every rank's pipe; the scheduler output is already a
 delta (new requests in full, running ones as new block ids and a token count), so the message
-stays small. Only rank 0 answers a step; any other rank speaks only to report an error.
+stays small. Only the output rank (rank 0, or the first rank of the last pipeline stage) answers
+a step; any other rank speaks only to report an error.
 
 A dead rank is seen through its process sentinel while the engine waits for a reply, so a crash
 turns into a WorkerDiedError naming the rank instead of a hang.
@@ -62,7 +63,7 @@ def run_worker_process(config: EngineConfig, rank: int, init_method: str, conn: 
         conn.send(("error", traceback.format_exc()))
         return
     conn.send(("ok", None))
-    replies = _StepReplies(conn, rank, worker.device)
+    replies = _StepReplies(conn, rank == config.parallel_config.output_rank, worker.device)
     while True:
         try:
             with torch.profiler.record_function("wait_for_message"):
@@ -96,14 +97,14 @@ def run_worker_process(config: EngineConfig, rank: int, init_method: str, conn: 
 
 
 class _StepReplies:
-    """A worker's thread that waits for each launched step's tokens, in order, and (rank 0) sends
-    them to the engine; every rank resolves its own placeholders this way."""
+    """A worker's thread that waits for each launched step's tokens, in order, and (the output
+    rank) sends them to the engine; every rank resolves its own placeholders this way."""
 
-    def __init__(self, conn: Connection, rank: int, device: object) -> None:
+    def __init__(self, conn: Connection, answers_steps: bool, device: object) -> None:
         import queue
         import threading
 
-        self.conn, self.rank, self.device = conn, rank, device
+        self.conn, self.answers_steps, self.device = conn, answers_steps, device
         self._lock = threading.Lock()
         self._pending: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="step-replies", daemon=True)
@@ -127,7 +128,7 @@ class _StepReplies:
             try:
                 with torch.profiler.record_function("step_reply"):
                     output = future.result()  # type: ignore[attr-defined]
-                    if self.rank == 0:
+                    if self.answers_steps:
                         self.send(("ok", output))
             except OSError:
                 return  # the engine is gone
@@ -156,7 +157,7 @@ def _join_or_kill(process: multiprocessing.process.BaseProcess) -> None:
 
 
 class MultiprocExecutor(Executor):
-    """Tensor parallelism on one machine: N spawned worker processes, one per rank (device)."""
+    """Tensor / pipeline parallelism on one machine: spawned worker processes, one per rank (device)."""
 
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
@@ -187,14 +188,14 @@ class MultiprocExecutor(Executor):
         return self._receive(range(self.world_size))
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        """Broadcast the step to every rank; rank 0's output comes back."""
+        """Broadcast the step to every rank; the output rank's output comes back."""
         return self.execute_model_async(scheduler_output).result()
 
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepFuture:
-        """Send the step to every rank and return at once: rank 0 answers steps in order, and
-        the future reads its answer. The next step's message waits in the ranks' pipes."""
+        """Send the step to every rank and return at once: the output rank answers steps in
+        order, and the future reads its answer. The next step's message waits in the ranks' pipes."""
         self._send("execute_model", (scheduler_output,))
-        return _RankZeroReply(self)
+        return _OutputRankReply(self, self.config.parallel_config.output_rank)
 
     def check_health(self) -> None:
         """Raise WorkerDiedError for the first rank whose process is gone."""
@@ -300,15 +301,16 @@ class MultiprocExecutor(Executor):
             process.join(timeout=5)
 
 
-class _RankZeroReply:
-    """Rank 0's answer to one step, read when asked for (answers arrive in step order)."""
+class _OutputRankReply:
+    """The output rank's answer to one step, read when asked for (answers arrive in step order)."""
 
-    def __init__(self, executor: MultiprocExecutor) -> None:
+    def __init__(self, executor: MultiprocExecutor, rank: int) -> None:
         self.executor = executor
+        self.rank = rank
         self._output: ModelRunnerOutput | None = None
 
     def result(self) -> ModelRunnerOutput:
-        """Wait for rank 0's answer (a dead rank raises WorkerDiedError)."""
+        """Wait for the output rank's answer (a dead rank raises WorkerDiedError)."""
         if self._output is None:
-            self._output = self.executor._receive([0])[0]  # type: ignore[assignment]
+            self._output = self.executor._receive([self.rank])[0]  # type: ignore[assignment]
         return self._output  # type: ignore[return-value]

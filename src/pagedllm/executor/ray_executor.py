@@ -1,10 +1,11 @@
-"""The Ray executor: one Ray actor per tensor-parallel rank, placed by a placement group.
+"""The Ray executor: one Ray actor per rank (tensor x pipeline), placed by a placement group.
 
 Joins the Ray cluster named by RAY_ADDRESS (a cluster started with `ray start`, possibly many
 machines) or starts a local one. A placement group reserves one bundle per rank (a GPU, or a CPU
 on CPU-only clusters) before any actor starts, so ranks are placed all-or-nothing. Rank 0's node
 hosts the process group's rendezvous. Each step the scheduler output is put in the object store
-once and every actor reads the same object; only rank 0's answer is used.
+once and every actor reads the same object; only the output rank's answer is used (rank 0, or
+the first rank of the last pipeline stage).
 
 A dead actor (process killed, node lost) surfaces as a Ray error on its result, which becomes a
 WorkerDiedError naming the rank; results are awaited one at a time as they complete, so a rank
@@ -60,7 +61,7 @@ class RayWorkerWrapper:
 
 
 class RayExecutor(Executor):
-    """Tensor parallelism over Ray actors, one per rank, possibly on different machines."""
+    """Tensor / pipeline parallelism over Ray actors, one per rank, possibly on different machines."""
 
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
@@ -102,7 +103,7 @@ class RayExecutor(Executor):
         return self._gather([w.execute_method.remote(method, *refs) for w in self.workers])
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        """Run the step on every rank; rank 0's output."""
+        """Run the step on every rank; the output rank's output."""
         return self.execute_model_async(scheduler_output).result()
 
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepFuture:
@@ -168,7 +169,7 @@ class RayExecutor(Executor):
 
 
 class _RayStep:
-    """One submitted step: every rank's result is awaited (a failed actor raises), rank 0's kept."""
+    """One submitted step: every rank's result is awaited (a failed actor raises), the output rank's kept."""
 
     def __init__(self, executor: RayExecutor, refs: list[Any]) -> None:
         self.executor = executor
@@ -176,7 +177,8 @@ class _RayStep:
         self._output: ModelRunnerOutput | None = None
 
     def result(self) -> ModelRunnerOutput:
-        """Wait for every rank; rank 0's output."""
+        """Wait for every rank; the output rank's output."""
         if self._output is None:
-            self._output = self.executor._gather(self.refs)[0]  # type: ignore[assignment]
+            outputs = self.executor._gather(self.refs)
+            self._output = outputs[self.executor.config.parallel_config.output_rank]  # type: ignore[assignment]
         return self._output  # type: ignore[return-value]

@@ -30,7 +30,8 @@ from pagedllm.layers.activation import GeluAndMul
 from pagedllm.layers.layernorm import GemmaRMSNorm
 from pagedllm.layers.rotary import RotaryEmbedding, rope_parameters
 from pagedllm.layers.vocab import VocabParallelEmbedding
-from pagedllm.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
+from pagedllm.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, LlamaModel
+from pagedllm.models.pipeline import first_stage_module, last_stage_module, make_layers
 from pagedllm.models.sliding_window import layer_sliding_windows
 
 # hidden_activation -> GeluAndMul's approximation
@@ -106,13 +107,14 @@ class GemmaDecoderLayer(nn.Module):
         return self.post_feedforward_layernorm(self.mlp(hidden)), residual
 
 
-class GemmaModel(nn.Module):
-    """Scaled embedding, decoder layers (each given its layer type's RoPE) and final norm."""
+class GemmaModel(LlamaModel):
+    """Scaled embedding, decoder layers (each given its layer type's RoPE) and final norm; Llama's
+    forward (and pipeline stages), Gemma's modules."""
 
     def __init__(self, config: dict[str, Any], layer_cls: type[nn.Module] = GemmaDecoderLayer) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # Llama's modules are not built: Gemma's replace every one of them
         hidden = config["hidden_size"]
-        self.embed_tokens = VocabParallelEmbedding(config["vocab_size"], hidden)
+        self.embed_tokens = first_stage_module(lambda: VocabParallelEmbedding(config["vocab_size"], hidden))
         # Rounded to the model dtype in forward, as Hugging Face does (sqrt(3072) -> 55.5 in bf16).
         self.register_buffer("normalizer", torch.tensor(hidden**0.5, dtype=torch.float32), persistent=False)
         head_dim = config["head_dim"]
@@ -125,18 +127,14 @@ class GemmaModel(nn.Module):
             rotaries = [full if window is None else local for window in windows]
         else:
             rotaries = [RotaryEmbedding(head_dim, head_dim, max_position, rope_parameters(config))] * len(windows)
-        self.layers = nn.ModuleList(layer_cls(config, rotary, i) for i, rotary in enumerate(rotaries))
-        self.norm = GemmaRMSNorm(hidden, config["rms_norm_eps"])
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            len(rotaries), lambda i: layer_cls(config, rotaries[i], i))
+        self.norm = last_stage_module(lambda: GemmaRMSNorm(hidden, config["rms_norm_eps"]))
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
-        """Token ids [T] at positions [T] -> final hidden states [T, hidden]."""
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [T] -> embeddings scaled by sqrt(hidden_size) [T, hidden]."""
         hidden = self.embed_tokens(input_ids)
-        hidden = hidden * self.normalizer.to(hidden.dtype)
-        residual = None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, metadata)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+        return hidden * self.normalizer.to(hidden.dtype)
 
 
 class Gemma2ForCausalLM(LlamaForCausalLM):

@@ -6,6 +6,7 @@ Hugging Face stores GPT-2's linear layers as Conv1D weights [in, out]; they are 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from itertools import islice
 from typing import Any
 
 import torch
@@ -14,10 +15,20 @@ from torch import nn
 
 from pagedllm.attention.layer import Attention
 from pagedllm.attention.metadata import AttentionMetadata
+from pagedllm.distributed import is_first_pp_rank, is_last_pp_rank
 from pagedllm.layers.layernorm import LayerNorm
 from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear
 from pagedllm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from pagedllm.models.mha import MultiHeadSelfAttention
+from pagedllm.models.pipeline import (
+    IntermediateTensors,
+    PPMissingLayer,
+    first_stage_module,
+    is_missing_parameter,
+    last_stage_module,
+    make_layers,
+    tied_embedding_target,
+)
 from pagedllm.models.weight_utils import load_tensor
 
 # HF activation name -> torch gelu "approximate" argument
@@ -78,41 +89,53 @@ class GPT2Model(nn.Module):
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
         hidden = config["n_embd"]
-        self.wte = VocabParallelEmbedding(config["vocab_size"], hidden)
-        self.wpe = nn.Embedding(config["n_positions"], hidden)
-        self.wpe.weight.requires_grad_(False)
-        self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config["n_layer"]))
-        self.ln_f = LayerNorm(hidden, config.get("layer_norm_epsilon", 1e-5))
+        # The first pipeline stage embeds, the last one norms (pipeline.py).
+        self.wte = first_stage_module(lambda: VocabParallelEmbedding(config["vocab_size"], hidden))
+        self.wpe = first_stage_module(lambda: nn.Embedding(config["n_positions"], hidden).requires_grad_(False))
+        self.start_layer, self.end_layer, self.h = make_layers(config["n_layer"], lambda i: GPT2Block(config, i))
+        self.ln_f = last_stage_module(lambda: LayerNorm(hidden, config.get("layer_norm_epsilon", 1e-5)))
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
-        """Token ids [T] at absolute positions [T] -> final hidden states [T, hidden]."""
-        hidden = self.wte(input_ids) + self.wpe(positions)
-        for block in self.h:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata,
+                intermediate_tensors: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
+        """Token ids [T] at absolute positions [T] -> final hidden states [T, hidden] (pipeline
+        stages: from / to the activations of the stage before / after)."""
+        if intermediate_tensors is None:
+            hidden = self.wte(input_ids) + self.wpe(positions)
+        else:
+            hidden = intermediate_tensors["hidden"]
+        for block in islice(self.h, self.start_layer, self.end_layer):
             hidden = block(hidden, metadata)
+        if not is_last_pp_rank():
+            return {"hidden": hidden}
         return self.ln_f(hidden)
 
 
 class GPT2LMHeadModel(nn.Module):
     """GPT-2 causal LM with the LM head tied to the token embedding."""
 
+    intermediate_keys: tuple[str, ...] = ("hidden",)  # what a pipeline stage hands the next one
+
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
         self.config = config
         self.transformer = GPT2Model(config)
-        self.lm_head = ParallelLMHead(config["vocab_size"], config["n_embd"])
-        self.lm_head.weight = self.transformer.wte.weight
+        self.lm_head = last_stage_module(lambda: ParallelLMHead(config["vocab_size"], config["n_embd"]))
+        if is_first_pp_rank() and is_last_pp_rank():
+            self.lm_head.weight = self.transformer.wte.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
-        """Final hidden states for every token of the flat batch."""
-        return self.transformer(input_ids, positions, metadata)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata,
+                intermediate_tensors: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
+        """Final hidden states for every token of the flat batch (a pipeline stage other than
+        the last: its activations for the next stage)."""
+        return self.transformer(input_ids, positions, metadata, intermediate_tensors)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits [N, vocab] for hidden states [N, hidden]."""
         return self.lm_head.compute_logits(hidden)
 
     def attention_layers(self) -> list[Attention]:
-        """The Attention modules in layer order (the runner binds one KV cache to each)."""
-        return [block.attn.attn for block in self.transformer.h]
+        """This stage's Attention modules in layer order (the runner binds one KV cache to each)."""
+        return [block.attn.attn for block in self.transformer.h if not isinstance(block, PPMissingLayer)]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load HF GPT-2 tensors (Conv1D weights transposed, c_attn split into q/k/v); returns names loaded."""
@@ -127,6 +150,9 @@ class GPT2LMHeadModel(nn.Module):
             is_fused_qkv = ".c_attn." in name
             # The shared attention module names its projections qkv_proj / out_proj.
             name = name.replace(".attn.c_attn.", ".attn.qkv_proj.").replace(".attn.c_proj.", ".attn.out_proj.")
+            name = tied_embedding_target(name, "transformer.wte.weight", tied=True)
+            if is_missing_parameter(name, self):
+                continue  # another pipeline stage's
             if name not in params:
                 raise ValueError(f"Checkpoint tensor {name!r} has no matching parameter in {type(self).__name__}.")
             param = params[name]

@@ -8,6 +8,7 @@ layer; Qwen2/Qwen3: the layers `models/sliding_window.py` names).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from itertools import islice
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 
 from pagedllm.attention.layer import Attention
 from pagedllm.attention.metadata import AttentionMetadata
+from pagedllm.distributed import is_first_pp_rank, is_last_pp_rank
 from pagedllm.layers.activation import SiluAndMul, gated_act_name
 from pagedllm.layers.layernorm import RMSNorm
 from pagedllm.layers.linear import (
@@ -25,6 +27,15 @@ from pagedllm.layers.linear import (
 )
 from pagedllm.layers.rotary import RotaryEmbedding, rope_parameters
 from pagedllm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
+from pagedllm.models.pipeline import (
+    IntermediateTensors,
+    PPMissingLayer,
+    first_stage_module,
+    is_missing_parameter,
+    last_stage_module,
+    make_layers,
+    tied_embedding_target,
+)
 from pagedllm.models.sliding_window import layer_sliding_windows
 from pagedllm.models.weight_utils import load_tensor
 
@@ -160,26 +171,38 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """Embedding, decoder layers and final norm."""
+    """Embedding, decoder layers and final norm (this pipeline stage's share of them)."""
 
     def __init__(self, config: dict[str, Any], layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config["vocab_size"], config["hidden_size"])
+        self.embed_tokens = first_stage_module(lambda: VocabParallelEmbedding(config["vocab_size"], config["hidden_size"]))
         heads = config["num_attention_heads"]
         head_dim = config.get("head_dim") or config["hidden_size"] // heads
         rope = rope_parameters(config)
         rotary_dim = int(head_dim * config.get("partial_rotary_factor", 1.0))
         max_position = max(config.get("max_position_embeddings", 2048), config.get("_max_model_len", 0))
         rotary = RotaryEmbedding(head_dim, rotary_dim, max_position, rope)
-        self.layers = nn.ModuleList(layer_cls(config, rotary, i) for i in range(config["num_hidden_layers"]))
-        self.norm = RMSNorm(config["hidden_size"], config["rms_norm_eps"])
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            config["num_hidden_layers"], lambda i: layer_cls(config, rotary, i))
+        self.norm = last_stage_module(lambda: RMSNorm(config["hidden_size"], config["rms_norm_eps"]))
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
-        """Token ids [T] at positions [T] -> final hidden states [T, hidden]."""
-        hidden = self.embed_tokens(input_ids)
-        residual = None
-        for layer in self.layers:
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [T] -> the first layer's input [T, hidden]."""
+        return self.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata,
+                intermediate_tensors: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
+        """Token ids [T] at positions [T] -> final hidden states [T, hidden]; on a pipeline stage
+        other than the first, start from the previous stage's `intermediate_tensors`, and on one
+        other than the last, return this stage's."""
+        if intermediate_tensors is None:
+            hidden, residual = self.embed(input_ids), None
+        else:
+            hidden, residual = intermediate_tensors["hidden"], intermediate_tensors["residual"]
+        for layer in islice(self.layers, self.start_layer, self.end_layer):
             hidden, residual = layer(positions, hidden, residual, metadata)
+        if not is_last_pp_rank():
+            return {"hidden": hidden, "residual": residual}
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -189,27 +212,31 @@ class LlamaForCausalLM(nn.Module):
 
     decoder_layer_cls: type[nn.Module] = LlamaDecoderLayer
     model_cls: type[nn.Module] = LlamaModel
+    # What a pipeline stage hands the next one (models/pipeline.py).
+    intermediate_keys: tuple[str, ...] = ("hidden", "residual")
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
         self.config = config
         self.model = self.model_cls(config, self.decoder_layer_cls)
         self.tie_word_embeddings = bool(config.get("tie_word_embeddings", False))
-        self.lm_head = ParallelLMHead(config["vocab_size"], config["hidden_size"])
-        if self.tie_word_embeddings:
+        self.lm_head = last_stage_module(lambda: ParallelLMHead(config["vocab_size"], config["hidden_size"]))
+        if self.tie_word_embeddings and is_first_pp_rank() and is_last_pp_rank():
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
-        """Final hidden states for every token of the flat batch."""
-        return self.model(input_ids, positions, metadata)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata,
+                intermediate_tensors: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
+        """Final hidden states for every token of the flat batch (a pipeline stage other than
+        the last: its activations for the next stage)."""
+        return self.model(input_ids, positions, metadata, intermediate_tensors)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits for the selected hidden states [N, hidden] -> [N, vocab]."""
         return self.lm_head.compute_logits(hidden)
 
     def attention_layers(self) -> list[Attention]:
-        """The Attention modules in layer order (the runner binds one KV cache to each)."""
-        return [layer.self_attn.attn for layer in self.model.layers]
+        """This stage's Attention modules in layer order (the runner binds one KV cache to each)."""
+        return [layer.self_attn.attn for layer in self.model.layers if not isinstance(layer, PPMissingLayer)]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load checkpoint tensors named as in Hugging Face; returns the parameter names loaded."""
@@ -220,6 +247,9 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.tie_word_embeddings:
                 continue
+            name = tied_embedding_target(name, "model.embed_tokens.weight", self.tie_word_embeddings)
+            if is_missing_parameter(name, self):
+                continue  # another pipeline stage's
             for ckpt_part, param_part, shard_id in _STACKED_PARAMS:
                 if ckpt_part in name:
                     target = name.replace(ckpt_part, param_part)

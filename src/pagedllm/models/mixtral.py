@@ -17,6 +17,7 @@ from torch import nn
 
 from pagedllm.layers.moe import FusedMoE
 from pagedllm.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
+from pagedllm.models.pipeline import is_missing_parameter
 
 _PER_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
 _STACKED = re.compile(r"^(.*\.experts)\.(gate_up_proj|down_proj)$")
@@ -64,6 +65,8 @@ class MixtralForCausalLM(LlamaForCausalLM):
         modules = dict(self.named_modules())
         for name, tensor in weights:
             name = name.replace(".block_sparse_moe.", ".mlp.")
+            if is_missing_parameter(name, self):
+                continue  # another pipeline stage's
             if match := _PER_EXPERT.match(name):
                 prefix, expert, kind = match.group(1), int(match.group(2)), match.group(3)
                 moe = modules[prefix.removesuffix(".experts")]

@@ -66,12 +66,24 @@ def pad_query_start_loc(query_start_loc: torch.Tensor, out: torch.Tensor) -> Non
     out[n:].copy_(query_start_loc[-1:].expand(out.shape[0] - n), non_blocking=True)
 
 
+# What a graph leaves behind: hidden states, or a pipeline stage's activations by name.
+GraphOutput = torch.Tensor | dict[str, torch.Tensor]
+
+
+def _rows(output: GraphOutput, rows: int) -> GraphOutput:
+    """The first `rows` rows of a graph's output (each tensor's, for a stage's activations)."""
+    if isinstance(output, dict):
+        return {key: tensor[:rows] for key, tensor in output.items()}
+    return output[:rows]
+
+
 class CUDAGraphRunner:
     """Holds the static buffers and the captured graphs (decode: per batch size; prefill: per
     token count)."""
 
     def __init__(self, model: nn.Module, max_num_seqs: int, max_model_len: int, block_size: int,
-                 device: torch.device, choose_splits, max_prefill_tokens: int = 0) -> None:
+                 device: torch.device, choose_splits, max_prefill_tokens: int = 0,
+                 intermediate_width: int = 0) -> None:
         self.model = model
         self.device = device
         self.sizes = capture_sizes(max_num_seqs)
@@ -90,10 +102,17 @@ class CUDAGraphRunner:
         self.query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=device)
         # The prefill graphs' query_start_loc changes every replay (the decode graphs' never does).
         self.prefill_query_start_loc = torch.zeros(b + 1, dtype=torch.int32, device=device)
+        # A pipeline stage after the first starts from the previous stage's activations
+        # (`intermediate_width` wide: the hidden size), staged into these buffers.
+        self.intermediate: dict[str, torch.Tensor] | None = None
+        if intermediate_width:
+            dtype = next(model.parameters()).dtype
+            self.intermediate = {key: torch.zeros(t, intermediate_width, dtype=dtype, device=device)
+                                 for key in model.intermediate_keys}  # type: ignore[union-attr]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, GraphOutput] = {}
         self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.prefill_outputs: dict[int, torch.Tensor] = {}
+        self.prefill_outputs: dict[int, GraphOutput] = {}
         self.pool = None
 
     def decode_metadata(self, batch: int) -> AttentionMetadata:
@@ -118,8 +137,10 @@ class CUDAGraphRunner:
             query_start_loc_cpu=[0] + [tokens] * reqs, seq_lens_cpu=[self.max_model_len] * reqs,
         )
 
-    def _capture_one(self, tokens: int, metadata: AttentionMetadata) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        args = (self.input_ids[:tokens], self.positions[:tokens], metadata)
+    def _capture_one(self, tokens: int, metadata: AttentionMetadata) -> tuple[torch.cuda.CUDAGraph, GraphOutput]:
+        args: tuple = (self.input_ids[:tokens], self.positions[:tokens], metadata)
+        if self.intermediate is not None:
+            args = (*args, {key: buffer[:tokens] for key, buffer in self.intermediate.items()})
         for _ in range(2):  # warm up: Triton compiles, allocator settles
             self.model(*args)
         torch.cuda.synchronize(self.device)
@@ -162,15 +183,21 @@ class CUDAGraphRunner:
             return True
         return bool(self.prefill_sizes) and metadata.num_actual_tokens <= self.prefill_sizes[-1]
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
-        """Replay the graph of the smallest captured size that holds the step; returns its hidden states."""
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata,
+            intermediate: dict[str, torch.Tensor] | None = None) -> GraphOutput:
+        """Replay the graph of the smallest captured size that holds the step; returns its hidden
+        states (a pipeline stage other than the last: its activations for the next stage).
+        `intermediate`: the previous stage's activations (stages after the first)."""
+        if intermediate is not None:
+            for key, buffer in self.intermediate.items():  # type: ignore[union-attr]
+                buffer[: metadata.num_actual_tokens].copy_(intermediate[key], non_blocking=True)
         if metadata.num_decodes < metadata.num_reqs:
             tokens = self.stage_prefill(input_ids, positions, metadata)
             self.prefill_graphs[tokens].replay()
-            return self.prefill_outputs[tokens][: metadata.num_actual_tokens]
+            return _rows(self.prefill_outputs[tokens], metadata.num_actual_tokens)
         batch = self.stage_decode(input_ids, positions, metadata)
         self.graphs[batch].replay()
-        return self.outputs[batch][: metadata.num_reqs]
+        return _rows(self.outputs[batch], metadata.num_reqs)
 
     def _stage(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata,
                tokens: int) -> None:

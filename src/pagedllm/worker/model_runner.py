@@ -9,10 +9,17 @@ from torch.profiler import record_function
 
 from pagedllm.config import CacheConfig, ModelConfig
 from pagedllm.core.scheduler_output import SchedulerOutput
-from pagedllm.distributed import tensor_model_parallel_broadcast
+from pagedllm.distributed import (
+    broadcast_from_output_rank,
+    is_first_pp_rank,
+    is_last_pp_rank,
+    recv_from_prev_stage,
+    send_to_next_stage,
+)
 from pagedllm.layers.custom_op import set_fused_kernels
 from pagedllm.layers.moe import MAX_DENSE_GRAPH_TOKENS, FusedMoE
 from pagedllm.loader import get_model
+from pagedllm.models.pipeline import IntermediateTensors, empty_intermediate_tensors
 from pagedllm.worker.cuda_graph import CUDAGraphRunner
 from pagedllm.worker.input_batch import (
     PLACEHOLDER_TOKEN_ID,
@@ -40,6 +47,8 @@ class ModelRunner:
         self.seed = seed
         self.block_size = cache_config.block_size
         self.dtype = getattr(torch, model_config.dtype)
+        # The width of the activations between layers (and between pipeline stages).
+        self.hidden_size = int(model_config.hf_config.get("hidden_size") or model_config.hf_config["n_embd"])
         self.requests: dict[str, CachedRequestState] = {}
         # Requests with user logits processors: without any, the per-row processor loop is skipped.
         self.logits_processor_req_ids: set[str] = set()
@@ -103,8 +112,9 @@ class ModelRunner:
         while tokens >= 64:
             self._dummy_prefill(tokens, num_seqs, num_blocks)
             tokens //= 2
-        hidden_size = int(self.model_config.hf_config["hidden_size"])
-        hidden = torch.zeros(num_seqs, hidden_size, dtype=self.dtype, device=self.device)
+        if not is_last_pp_rank():
+            return
+        hidden = torch.zeros(num_seqs, self.hidden_size, dtype=self.dtype, device=self.device)
         for rows in range(1, num_seqs + 1):
             self.model.compute_logits(hidden[:rows])  # type: ignore[union-attr]
 
@@ -140,15 +150,15 @@ class ModelRunner:
             return triton_backend.choose_num_kv_splits(batch, num_kv_heads, max_len, sms)
 
         # The LM head runs outside the graphs: tune its skinny GEMM now, not at the first request.
-        hidden_size = int(self.model_config.hf_config["hidden_size"])
         with torch.inference_mode():
-            for num_rows in (1, 2, 16):
+            for num_rows in (1, 2, 16) if is_last_pp_rank() else ():
                 self.model.compute_logits(  # type: ignore[union-attr]
-                    torch.zeros(num_rows, hidden_size, dtype=self.dtype, device=self.device))
+                    torch.zeros(num_rows, self.hidden_size, dtype=self.dtype, device=self.device))
         if any(isinstance(module, FusedMoE) for module in self.model.modules()):  # type: ignore[union-attr]
             max_prefill_tokens = min(max_prefill_tokens, MAX_DENSE_GRAPH_TOKENS)  # captured MoE runs dense
         self.cuda_graphs = CUDAGraphRunner(self.model, max_num_seqs, max_model_len, self.block_size,  # type: ignore[arg-type]
-                                           self.device, choose_splits, max_prefill_tokens)
+                                           self.device, choose_splits, max_prefill_tokens,
+                                           intermediate_width=0 if is_first_pp_rank() else self.hidden_size)
         self.cuda_graphs.capture()
 
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
@@ -200,27 +210,29 @@ class ModelRunner:
         with record_function("prepare_inputs"):
             batch = prepare_inputs(scheduler_output, self.requests, self.block_size, self.device, self.input_buffers)
         with record_function("forward"):
-            if self.cuda_graphs is not None and self.cuda_graphs.can_run(batch.attn_metadata):
-                hidden = self.cuda_graphs.run(batch.input_ids, batch.positions, batch.attn_metadata)
-            else:
-                hidden = self.model(batch.input_ids, batch.positions, batch.attn_metadata)  # type: ignore[misc]
+            hidden = self._forward(batch)
         logprobs: dict[str, LogprobsLists] = {}
         request_errors: dict[str, str] = {}
         sampled_ids: torch.Tensor | None = None
         sampling_states: list[CachedRequestState] = []
         if batch.sampling_req_ids:
-            with record_function("compute_logits"):
-                # In the model's dtype: the sampler widens to fp32 only for the features that need it.
-                logits = self.model.compute_logits(  # type: ignore[union-attr]
-                    hidden.index_select(0, batch.logits_indices))
             sampling_states = [self.requests[r] for r in batch.sampling_req_ids]
-            if self.logits_processor_req_ids:
-                logits = logits.float()
-                # A request whose processor fails is finished by the scheduler; the batch goes on.
-                request_errors = apply_logits_processors(logits, sampling_states)
-            with record_function("sample"):
-                sampled_ids, logprobs = self._sample(batch, sampling_states, logits)
-        prompt_logprobs = self._prompt_logprobs(batch, hidden) if batch.prompt_logprob_spans else {}
+            if is_last_pp_rank():
+                with record_function("compute_logits"):
+                    # In the model's dtype: the sampler widens to fp32 only for the features that need it.
+                    logits = self.model.compute_logits(  # type: ignore[union-attr]
+                        hidden.index_select(0, batch.logits_indices))  # type: ignore[union-attr]
+                if self.logits_processor_req_ids:
+                    logits = logits.float()
+                    # A request whose processor fails is finished by the scheduler; the batch goes on.
+                    request_errors = apply_logits_processors(logits, sampling_states)
+                with record_function("sample"):
+                    sampled_ids, logprobs = self._sample(sampling_states, logits)
+            else:  # the last pipeline stage samples; its tokens arrive below
+                sampled_ids = torch.empty(len(sampling_states), dtype=torch.long, device=self.device)
+            sampled_ids = self._record_sampled(batch, sampling_states, sampled_ids)
+        prompt_logprobs = ({} if not batch.prompt_logprob_spans or not is_last_pp_rank()
+                           else self._prompt_logprobs(batch, hidden))  # type: ignore[arg-type]
         output = ModelRunnerOutput(
             req_ids=batch.req_ids,
             sampled_token_ids=[[] for _ in batch.req_ids],  # filled by result()
@@ -241,9 +253,28 @@ class ModelRunner:
         for cache in self.kv_caches:
             cache[:, dst] = cache[:, src]
 
-    def _sample(self, batch: BatchInputs, states: list[CachedRequestState],
+    def _forward(self, batch: BatchInputs) -> torch.Tensor | IntermediateTensors:
+        """This stage's share of the forward pass: the final hidden states on the last pipeline
+        stage; elsewhere the activations, which are sent on to the next stage (and returned)."""
+        intermediate = None
+        if not is_first_pp_rank():
+            intermediate = empty_intermediate_tensors(
+                self.model.intermediate_keys, batch.input_ids.shape[0], self.hidden_size,  # type: ignore[union-attr]
+                self.dtype, self.device)
+            recv_from_prev_stage(list(intermediate.values()))
+        if self.cuda_graphs is not None and self.cuda_graphs.can_run(batch.attn_metadata):
+            hidden = self.cuda_graphs.run(batch.input_ids, batch.positions, batch.attn_metadata, intermediate)
+        elif intermediate is None:
+            hidden = self.model(batch.input_ids, batch.positions, batch.attn_metadata)  # type: ignore[misc]
+        else:
+            hidden = self.model(batch.input_ids, batch.positions, batch.attn_metadata, intermediate)  # type: ignore[misc]
+        if not is_last_pp_rank():
+            send_to_next_stage([hidden[key] for key in self.model.intermediate_keys])  # type: ignore[index, union-attr]
+        return hidden
+
+    def _sample(self, states: list[CachedRequestState],
                 logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, LogprobsLists]]:
-        """Sample one token per state (left on the device; placeholders in the states)."""
+        """Sample one token per state (left on the device) and the requested logprobs."""
         if self.seeded_req_ids:
             # A seeded draw depends on the seed and the output position only: not on the batch,
             # nor on whether the request was preempted and recomputed before this position.
@@ -252,13 +283,8 @@ class ModelRunner:
                     state.generator.manual_seed(position_seed(state.sampling_params.seed, len(state.output_token_ids)))
         metadata = self.sampling_metadata_cache.get(states, vocab_size=logits.shape[-1], device=self.device)
         out = self.sampler.forward(logits, metadata)
-        # Every tensor-parallel rank samples from the same gathered logits; rank 0's tokens are
-        # broadcast anyway so that the ranks' request states can never drift apart.
-        token_ids = tensor_model_parallel_broadcast(out.sampled_token_ids)
-        self.input_buffers.record_sampled(batch.sampling_table_rows, token_ids)
         logprobs: dict[str, LogprobsLists] = {}
         for row, state in enumerate(states):
-            state.append_output_token(PLACEHOLDER_TOKEN_ID)
             if out.logprobs is not None and state.sampling_params.logprobs is not None:
                 k = state.sampling_params.logprobs + 1
                 logprobs[state.req_id] = LogprobsLists(
@@ -266,7 +292,20 @@ class ModelRunner:
                     logprobs=[out.logprobs.logprobs[row][:k]],
                     ranks=[out.logprobs.ranks[row]],
                 )
-        return token_ids, logprobs
+        return out.sampled_token_ids, logprobs
+
+    def _record_sampled(self, batch: BatchInputs, states: list[CachedRequestState],
+                        token_ids: torch.Tensor) -> torch.Tensor:
+        """Make every rank hold the output rank's sampled tokens (the next step's decode inputs,
+        on the device) and give each state a placeholder for its token until it reaches the host."""
+        # Every tensor-parallel rank of the last stage samples from the same gathered logits; the
+        # output rank's tokens are broadcast anyway so that no two ranks' request states can drift
+        # apart, and so that the other pipeline stages learn them.
+        token_ids = broadcast_from_output_rank(token_ids)
+        self.input_buffers.record_sampled(batch.sampling_table_rows, token_ids)
+        for state in states:
+            state.append_output_token(PLACEHOLDER_TOKEN_ID)
+        return token_ids
 
     def _prompt_logprobs(self, batch: BatchInputs, hidden: torch.Tensor) -> dict[str, LogprobsLists]:
         result: dict[str, LogprobsLists] = {}

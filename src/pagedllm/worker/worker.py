@@ -36,9 +36,9 @@ def profiler_activities(device_type: str) -> list[torch.profiler.ProfilerActivit
 class Worker:
     """Owns a device and its ModelRunner; the executor drives it.
 
-    With tensor parallelism there is one Worker per rank, each in its own process: it joins the
-    process group before the model is built (layers read their rank and the group size then),
-    and holds its rank's shard of the weights and of every layer's KV heads.
+    With tensor or pipeline parallelism there is one Worker per rank, each in its own process: it
+    joins the process group before the model is built (layers read their rank and the group size
+    then), and holds its rank's shard of the weights and of the KV heads of its stage's layers.
     """
 
     def __init__(self, config: EngineConfig, rank: int = 0, local_rank: int = 0,
@@ -56,9 +56,10 @@ class Worker:
             self.device = torch.device("cpu")
         if world_size > 1:
             if distributed_init_method is None:
-                raise ValueError("A tensor-parallel worker needs a distributed_init_method (tcp://host:port).")
+                raise ValueError("A parallel worker needs a distributed_init_method (tcp://host:port).")
             init_distributed_environment(rank, world_size, distributed_init_method, self.device,
-                                         custom_all_reduce=not config.parallel_config.disable_custom_all_reduce)
+                                         custom_all_reduce=not config.parallel_config.disable_custom_all_reduce,
+                                         pipeline_parallel_size=config.parallel_config.pipeline_parallel_size)
         torch.manual_seed(config.seed)
         self.model_runner = ModelRunner(config.model_config, config.cache_config, self.device, seed=config.seed)
 

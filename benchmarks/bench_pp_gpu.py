@@ -1,0 +1,126 @@
+"""Pipeline parallelism on GPUs: greedy tokens of PP=2 (and TP=2 x PP=2 on 4 GPUs) against one
+GPU, then L1 / T1 for several (TP, PP) layouts in one run.
+
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONPATH=src:. \
+        python benchmarks/bench_pp_gpu.py [--skip-check] [--l1 1x1,2x1,1x2] [--t1 1x1,1x2]
+                                          [--l1-config llama-3.1-8b] [--t1-config qwen3-0.6b]
+
+A layout is TPxPP. The check runs a tiny random Llama and Mixtral (fp32 and bf16) with CUDA
+graphs for decode and for prefill steps of up to 64 (small) or 2048 (large) tokens, 16 prompts x
+32 greedy tokens: a pipeline stage computes exactly what the same layers compute on one GPU, so
+PP=2 must equal PP=1 in bf16 too. Prints a table last and writes $OUT/bench_pp.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from bench_tp_gpu import RESULTS, _engine, copy_bandwidth_gbs, l1, t1  # noqa: E402
+from gpu_check import record  # noqa: E402
+
+STEPS = {  # name: (prompt lengths, step token budget, max_model_len)
+    "small": ([1, 5, 16, 17, 33, 60, 100, 150] * 2, 64, 512),
+    "large": ([300, 700, 1100, 1500, 90, 900, 1999, 450] * 2, 2048, 2048),
+}
+
+
+def check_tokens() -> dict:
+    """Per model, step size and dtype: how many of 16 prompts' greedy tokens each layout shares
+    with one GPU."""
+    from pagedllm import LLM, SamplingParams
+    from tests.models.test_phi3_mixtral import CONFIGS as MOE_CONFIGS
+    from tests.models.tiny_models import TINY_CONFIGS, build_tiny_model, random_prompts
+
+    layouts = [(1, 2)] + ([(2, 2)] if torch.cuda.device_count() >= 4 else [])
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    result = {}
+    for arch, configs in (("LlamaForCausalLM", TINY_CONFIGS), ("MixtralForCausalLM", MOE_CONFIGS)):
+        with tempfile.TemporaryDirectory() as path:
+            build_tiny_model(arch, path, configs={arch: {**configs[arch], "max_position_embeddings": 2048}})
+            for steps, (lengths, budget, max_len) in STEPS.items():
+                if arch == "MixtralForCausalLM" and steps == "large":
+                    continue  # MoE prefill graphs stop at 128 tokens: the small steps cover them
+                prompts = random_prompts(lengths, seed=3)
+                for dtype in ("float32", "bfloat16"):
+                    tokens = {}
+                    for tp, pp in [(1, 1), *layouts]:
+                        with LLM(path, skip_tokenizer_init=True, dtype=dtype, tensor_parallel_size=tp,
+                                 pipeline_parallel_size=pp, kv_cache_memory_bytes=1 << 30, max_model_len=max_len,
+                                 max_num_batched_tokens=budget, cuda_graph_max_prefill_tokens=budget) as llm:
+                            outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+                            tokens[tp, pp] = [o.outputs[0].token_ids for o in outs]
+                    key = f"{arch}_{steps}_{dtype}"
+                    result[key] = {f"tp{tp}pp{pp}_equals_tp1pp1": sum(a == b for a, b in zip(tokens[1, 1], tokens[tp, pp]))
+                                   for tp, pp in layouts}
+                    print(key, result[key], "of 16", flush=True)
+    return result
+
+
+def parse_layouts(text: str) -> list[tuple[int, int]]:
+    """'1x1,2x1,1x2' -> [(1, 1), (2, 1), (1, 2)] (TP x PP)."""
+    return [tuple(int(x) for x in item.split("x")) for item in text.split(",") if item]  # type: ignore[misc]
+
+
+def main() -> None:
+    """Correctness first, then each layout's L1 and T1; a table last."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--l1", default="1x1,2x1,1x2", help="TPxPP layouts to time L1 on")
+    ap.add_argument("--t1", default="", help="TPxPP layouts to time T1 on")
+    ap.add_argument("--l1-config", default="llama-3.1-8b")
+    ap.add_argument("--t1-config", default="qwen3-0.6b")
+    ap.add_argument("--floor-gb", type=float, default=16.06, help="weight bytes read per token (GB)")
+    args = ap.parse_args()
+    if not args.skip_check:
+        record(RESULTS, "pp_tokens", check_tokens)
+    bandwidth = record(RESULTS, "copy_bandwidth_gbs", copy_bandwidth_gbs)
+    for tp, pp in parse_layouts(args.l1):
+        def run_l1(tp: int = tp, pp: int = pp) -> dict:
+            engine, startup = _engine(args.l1_config, tp, pp, max_model_len=4096, max_num_seqs=8)
+            try:
+                # Every layout reads all the weights once per token; only TP splits that read.
+                return {"startup_s": startup, **l1(args.l1_config, tp, args.floor_gb, bandwidth, engine=engine)}
+            finally:
+                engine.shutdown()
+                torch.cuda.empty_cache()
+        record(RESULTS, f"l1_tp{tp}pp{pp}", run_l1)
+    rng = random.Random(1)
+    greedy_prompts = [[rng.randrange(100, 10000) for _ in range(rng.randint(16, 512))] for _ in range(32)]
+    tokens = {}
+    for tp, pp in parse_layouts(args.t1):
+        res = record(RESULTS, f"t1_tp{tp}pp{pp}", lambda: t1(args.t1_config, tp, greedy_prompts, 128, pp=pp))
+        if isinstance(res, tuple):
+            RESULTS[f"t1_tp{tp}pp{pp}"], tokens[tp, pp] = res
+    if len(tokens) > 1:
+        first, *others = tokens
+        for layout in others:
+            RESULTS[f"t1_greedy_identical_{first}_vs_{layout}"] = sum(
+                a == b for a, b in zip(tokens[first], tokens[layout]))
+    print(json.dumps(RESULTS, indent=1))
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "bench_pp.json"), "w") as f:
+            json.dump(RESULTS, f, indent=1)
+    print("\n| run | value |\n| --- | --- |")
+    for key, value in RESULTS.items():
+        if isinstance(value, dict):
+            brief = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in value.items()
+                     if not isinstance(v, (list, dict))}
+            print(f"| {key} | {brief} |")
+        else:
+            print(f"| {key} | {value} |")
+
+
+if __name__ == "__main__":
+    main()

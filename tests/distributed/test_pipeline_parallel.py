@@ -1,0 +1,99 @@
+"""Pipeline parallelism on CPU over gloo: PP=2 (also with TP=2, and PP=3 over an uneven split)
+gives PP=1's greedy tokens for every family, logprobs included; a dead stage fails loudly,
+naming its rank."""
+
+from __future__ import annotations
+
+import pytest
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.executor.abstract import WorkerDiedError
+from pagedllm.models.pipeline import stage_layer_range
+from tests.distributed.test_tensor_parallel import (  # noqa: F401 - model_dirs is a fixture
+    ENGINE_ARGS,
+    PROMPTS,
+    _greedy,
+    kill_once_running,
+    model_dirs,
+)
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MixtralForCausalLM"])
+def test_pp2_mp_gives_pp1_tokens(model_dirs, arch):
+    path = model_dirs[arch]
+    assert _greedy(path, pipeline_parallel_size=2) == _greedy(path)
+
+
+@pytest.mark.parametrize("arch", ["Qwen2ForCausalLM", "Phi3ForCausalLM", "Qwen3MoeForCausalLM", "gpt2",
+                                  "opt-pre-ln-proj", "SlidingMistral"])
+def test_pp2_covers_every_family(model_dirs, arch):
+    # Tied embeddings (Qwen2, GPT-2, OPT: the last stage loads the embedding into its own LM
+    # head), MoE with dense layers, learned positions and OPT's projections on the first / last
+    # stage, every layer sliding with blocks freed behind the window.
+    path = model_dirs[arch]
+    assert _greedy(path, pipeline_parallel_size=2) == _greedy(path)
+
+
+def test_pp3_splits_unevenly(model_dirs):
+    # Gemma 2's four layers over three stages: 2, 1, 1 (and its scaled embedding, tied LM head,
+    # alternating windows).
+    path = model_dirs["Gemma2ForCausalLM"]
+    assert _greedy(path, pipeline_parallel_size=3) == _greedy(path)
+
+
+def test_tp2_pp2_with_async_scheduling(model_dirs):
+    # Four ranks: each stage all-reduces within its own tensor-parallel group, the activations go
+    # rank to rank between the stages, and step N+1 is sent while step N runs.
+    path = model_dirs["Qwen3ForCausalLM"]
+    assert _greedy(path, tensor_parallel_size=2, pipeline_parallel_size=2, async_scheduling=True) == _greedy(path)
+
+
+def test_pp2_logprobs_and_seeded_sampling_match_pp1(model_dirs):
+    # The engine reads the last stage's output: logprobs, prompt logprobs and the seeded draws
+    # are all made there.
+    path = model_dirs["LlamaForCausalLM"]
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, logprobs=3, prompt_logprobs=2)
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=8, seed=7)
+    results = []
+    for pp in (1, 2):
+        with LLM(path, **{**ENGINE_ARGS, "num_gpu_blocks_override": 64}, pipeline_parallel_size=pp) as llm:
+            prompts = [{"prompt_token_ids": p} for p in PROMPTS[1:4]]
+            a = llm.generate(prompts, greedy, use_tqdm=False)
+            b = llm.generate(prompts, seeded, use_tqdm=False)
+        results.append((
+            [(o.outputs[0].token_ids, [{t: round(lp.logprob, 4) for t, lp in step.items()} for step in o.outputs[0].logprobs],
+              [None if step is None else {t: round(lp.logprob, 4) for t, lp in step.items()} for step in o.prompt_logprobs])
+             for o in a],
+            [o.outputs[0].token_ids for o in b]))
+    assert results[0] == results[1]
+    assert len(results[1][0][0][1]) == 6 and len(results[1][0][0][2]) == len(PROMPTS[1])
+
+
+def test_killed_stage_fails_the_engine_naming_its_rank(model_dirs):
+    llm = LLM(model_dirs["LlamaForCausalLM"], skip_tokenizer_init=True, enforce_eager=True, pipeline_parallel_size=2,
+              num_gpu_blocks_override=64)
+    try:
+        executor = llm.llm_engine.engine_core.executor
+        killer = kill_once_running(executor.processes[0].pid, llm)  # the first stage
+        params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+        with pytest.raises(WorkerDiedError, match="rank 0"):
+            llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+        killer.join(timeout=10)
+        assert not any(p.is_alive() for p in executor.processes)
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.parametrize(("layers", "stages", "ranges"), [
+    (4, 2, [(0, 2), (2, 4)]),
+    (4, 3, [(0, 2), (2, 3), (3, 4)]),
+    (80, 3, [(0, 27), (27, 54), (54, 80)]),
+    (2, 2, [(0, 1), (1, 2)]),
+])
+def test_stage_layer_ranges_cover_every_layer_once(layers, stages, ranges):
+    assert [stage_layer_range(layers, rank, stages) for rank in range(stages)] == ranges
+
+
+def test_pipeline_parallel_size_is_checked():
+    with pytest.raises(ValueError, match="cannot be split"):
+        stage_layer_range(2, 0, 3)
