@@ -69,7 +69,7 @@ def _worker(rank: int, world: int, port: int, batches: list[int], q) -> None:
 def main() -> None:
     import torch.multiprocessing as mp
 
-    from pagedllm.executor.multiproc import get_open_port
+    from pagedllm.distributed import host_store
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--world", type=int, default=2)
@@ -78,7 +78,8 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    port = get_open_port()
+    store = host_store()  # the ranks' rendezvous, served from here
+    port = store.port
     procs = [ctx.Process(target=_worker, args=(r, args.world, port, batches, q)) for r in range(args.world)]
     for p in procs:
         p.start()

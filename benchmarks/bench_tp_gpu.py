@@ -286,11 +286,12 @@ def allreduce_ms_per_step(world: int, hidden: int, layers: int, batches: list[in
     """Time of one decode step's all-reduces alone (2 per layer, bf16 [batch, hidden], in a CUDA graph)."""
     import torch.multiprocessing as mp
 
-    from pagedllm.executor.multiproc import get_open_port
+    from pagedllm.distributed import host_store
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    port = get_open_port()
+    store = host_store()  # the ranks' rendezvous, served from here
+    port = store.port
     procs = [ctx.Process(target=_allreduce_worker, args=(r, world, port, hidden, batches, 2 * layers, q))
              for r in range(world)]
     for p in procs:

@@ -23,10 +23,6 @@ _PP_SIZE = 1
 _TP_GROUP: dist.ProcessGroup | None = None
 # Small GPU all-reduces over symmetric memory (custom_all_reduce.py), when set up.
 _CUSTOM_ALL_REDUCE = None
-# The group's key-value store (rank 0 hosts its server). Held here, not only by the group, so
-# that it outlives destroy_process_group: rank 0 keeps serving it until the other ranks are
-# gone, since NCCL's watchdog in each rank polls it until that rank exits.
-_STORE: dist.Store | None = None
 
 
 def set_tensor_parallel_state(rank: int, world_size: int) -> None:
@@ -80,15 +76,15 @@ def init_distributed_environment(rank: int, world_size: int, init_method: str, d
     when it works here (`custom_all_reduce.py`; `custom_all_reduce=False` keeps NCCL for all of
     them). With pipeline stages every collective goes through NCCL.
     """
-    global _CUSTOM_ALL_REDUCE, _STORE, _TP_GROUP
+    global _CUSTOM_ALL_REDUCE, _TP_GROUP
     if world_size % pipeline_parallel_size:
         raise ValueError(f"world_size={world_size} is not a multiple of pipeline_parallel_size={pipeline_parallel_size}.")
     tp_size = world_size // pipeline_parallel_size
     if world_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
-        _STORE = _create_store(init_method, rank, world_size)
-        dist.init_process_group(backend, store=_STORE, rank=rank, world_size=world_size, **kwargs)
+        store = _connect_store(init_method)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, **kwargs)
         if pipeline_parallel_size > 1:
             # Every rank creates every stage's group, in the same order (new_group is collective).
             for stage in range(pipeline_parallel_size):
@@ -103,20 +99,29 @@ def init_distributed_environment(rank: int, world_size: int, init_method: str, d
     set_pipeline_parallel_state(rank // tp_size, pipeline_parallel_size)
 
 
-def _create_store(init_method: str, rank: int, world_size: int) -> dist.TCPStore:
-    """The group's TCP store at `tcp://host:port`: rank 0 serves it, the others connect."""
+def host_store(host: str = "127.0.0.1") -> dist.TCPStore:
+    """Serve a process group's key-value store on a port the OS picks (`.port`), for ranks that
+    connect to `tcp://host:port`.
+
+    The launcher of the ranks hosts it (the mp executor in the engine's process, the Ray executor
+    in rank 0's actor before that rank joins), not a rank: a port picked free earlier and bound
+    later may be taken in between (seen once on a 4-GPU machine: EADDRINUSE), and a store served
+    by the launcher outlives every rank, so no rank's NCCL watchdog polls a vanished store while
+    the group shuts down.
+    """
+    return dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=dist.constants.default_pg_timeout)
+
+
+def _connect_store(init_method: str) -> dist.TCPStore:
+    """A client of the group's store at `tcp://host:port` (served by host_store)."""
     url = urlparse(init_method)
     if url.scheme != "tcp" or not url.hostname or not url.port:
         raise ValueError(f"The distributed init method must be tcp://host:port, got {init_method!r}.")
-    return dist.TCPStore(url.hostname, url.port, world_size, is_master=rank == 0,
-                         timeout=dist.constants.default_pg_timeout)
+    return dist.TCPStore(url.hostname, url.port, is_master=False, timeout=dist.constants.default_pg_timeout)
 
 
 def destroy_distributed_environment() -> None:
-    """Leave the process group (if any) and return to single-rank state.
-
-    The store stays (see _STORE): on rank 0 its server keeps answering the other ranks until
-    this process exits."""
+    """Leave the process group (if any) and return to single-rank state."""
     global _CUSTOM_ALL_REDUCE, _TP_GROUP
     _CUSTOM_ALL_REDUCE = None
     _TP_GROUP = None

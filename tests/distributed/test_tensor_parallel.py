@@ -133,12 +133,15 @@ def test_killed_mp_worker_fails_the_engine_naming_its_rank(model_dirs):
         llm.shutdown()
 
 
-def test_shutdown_lets_every_rank_exit_cleanly_rank_0_last(model_dirs):
-    # Rank 0 serves the group's store and waits for its pipe to close, which the executor does
-    # only after the other ranks exited; none may need the kill that follows a 10 s join timeout.
-    llm = LLM(model_dirs["LlamaForCausalLM"], skip_tokenizer_init=True, enforce_eager=True, tensor_parallel_size=2,
+@pytest.mark.parametrize("layout", [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)])
+def test_shutdown_lets_every_rank_exit_cleanly(model_dirs, layout):
+    # The engine serves the group's store (on a port the OS picked) until every rank is gone; no
+    # rank may need the kill that follows a 10 s join timeout.
+    llm = LLM(model_dirs["LlamaForCausalLM"], skip_tokenizer_init=True, enforce_eager=True, **layout,
               num_gpu_blocks_override=64)
-    processes = list(llm.llm_engine.engine_core.executor.processes)
+    executor = llm.llm_engine.engine_core.executor
+    processes = list(executor.processes)
+    assert executor._store.port > 0
     llm.generate([{"prompt_token_ids": PROMPTS[0]}], SamplingParams(max_tokens=4), use_tqdm=False)
     llm.shutdown()
     assert [p.exitcode for p in processes] == [0, 0]

@@ -23,6 +23,7 @@ import traceback
 from multiprocessing.connection import Connection, wait
 
 from pagedllm.config import EngineConfig
+from pagedllm.distributed import host_store
 from pagedllm.core.scheduler_output import SchedulerOutput
 from pagedllm.executor.abstract import Executor, StepFuture, WorkerDiedError
 from pagedllm.worker.runner_output import ModelRunnerOutput
@@ -46,7 +47,7 @@ def run_worker_process(config: EngineConfig, rank: int, init_method: str, conn: 
     # first); a worker stops when told to, or when its pipe to the engine closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # NCCL's heartbeat monitor polls rank 0's store and floods the log once rank 0 has exited;
+    # NCCL's heartbeat monitor polls the group's store and floods the log once it is gone;
     # dead peers are the executor's to detect.
     os.environ.setdefault("TORCH_NCCL_ENABLE_MONITORING", "0")
     import torch
@@ -86,14 +87,6 @@ def run_worker_process(config: EngineConfig, rank: int, init_method: str, conn: 
         replies.send(("ok", result))
     replies.close()
     worker.shutdown()
-    if rank == 0 and world_size > 1:
-        # Keep serving the group's store until the engine closes this pipe: it does so once
-        # every other rank has exited (MultiprocExecutor.shutdown).
-        try:
-            while True:
-                conn.recv_bytes()
-        except (EOFError, OSError):
-            pass
 
 
 class _StepReplies:
@@ -163,7 +156,9 @@ class MultiprocExecutor(Executor):
         super().__init__(config)
         self.world_size = config.parallel_config.world_size
         ctx = multiprocessing.get_context("spawn")
-        init_method = f"tcp://127.0.0.1:{get_open_port()}"
+        # The group's store lives here, on a port the OS picked, for as long as any rank does.
+        self._store = host_store()
+        init_method = f"tcp://127.0.0.1:{self._store.port}"
         self.processes: list[multiprocessing.process.BaseProcess] = []
         self.conns: list[Connection] = []
         self._closed = False
@@ -214,15 +209,11 @@ class MultiprocExecutor(Executor):
                 conn.send_bytes(message)
             except OSError:
                 pass
-        # Rank 0 serves the group's store: it leaves after its pipe closes, once the other ranks
-        # are gone (a rank whose store vanished first polls it from NCCL's watchdog until it
-        # exits, logging a warning and a stack trace every second).
-        for process in self.processes[1:]:
+        for process in self.processes:
             _join_or_kill(process)
         for conn in self.conns:
-            conn.close()  # rank 0's EOF: it may go now
-        if self.processes:
-            _join_or_kill(self.processes[0])
+            conn.close()
+        self._store = None  # every rank is gone: nobody polls the store any more
 
     # ---- the pipe protocol -----------------------------------------------------------------------
 

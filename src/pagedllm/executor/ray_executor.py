@@ -3,7 +3,7 @@
 Joins the Ray cluster named by RAY_ADDRESS (a cluster started with `ray start`, possibly many
 machines) or starts a local one. A placement group reserves one bundle per rank (a GPU, or a CPU
 on CPU-only clusters) before any actor starts, so ranks are placed all-or-nothing. Rank 0's node
-hosts the process group's rendezvous. Each step the scheduler output is put in the object store
+hosts the process group's store. Each step the scheduler output is put in the object store
 once and every actor reads the same object; only the output rank's answer is used (rank 0, or
 the first rank of the last pipeline stage).
 
@@ -31,14 +31,17 @@ class RayWorkerWrapper:
 
     def __init__(self) -> None:
         self.worker: Any = None
+        self.store: Any = None  # rank 0's actor: the group's store (host_store)
 
-    def node_ip_and_free_port(self) -> tuple[str, int]:
-        """Where rank 0 can host the rendezvous."""
+    def host_store(self) -> tuple[str, int]:
+        """Serve the group's store from this actor (rank 0's) for its whole life; its address."""
         import ray
 
-        from pagedllm.executor.multiproc import get_open_port
+        from pagedllm.distributed import host_store
 
-        return ray.util.get_node_ip_address(), get_open_port()
+        ip = ray.util.get_node_ip_address()
+        self.store = host_store(ip)
+        return ip, self.store.port
 
     def init_worker(self, config: EngineConfig, rank: int, init_method: str) -> None:
         """Join the process group and load this rank's weights (Ray set CUDA_VISIBLE_DEVICES to one GPU)."""
@@ -93,7 +96,7 @@ class RayExecutor(Executor):
             for rank in range(self.world_size)
         ]
         self._closed = False
-        ip, port = self._gather([self.workers[0].node_ip_and_free_port.remote()])[0]
+        ip, port = self._gather([self.workers[0].host_store.remote()])[0]
         init_method = f"tcp://{ip}:{port}"
         self._gather([w.init_worker.remote(config, rank, init_method) for rank, w in enumerate(self.workers)])
 
