@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from bench_tp_gpu import RESULTS, _engine, copy_bandwidth_gbs, l1, t1  # noqa: E402
+from bench_tp_gpu import RESULTS, copy_bandwidth_gbs, l1, print_table, t1  # noqa: E402
 from gpu_check import record  # noqa: E402
 
 STEPS = {  # name: (prompt lengths, step token budget, max_model_len)
@@ -35,7 +35,7 @@ STEPS = {  # name: (prompt lengths, step token budget, max_model_len)
 }
 
 
-def check_tokens() -> dict:
+def check_tokens(archs: list[str], step_names: list[str]) -> dict:
     """Per model, step size and dtype: how many of 16 prompts' greedy tokens each layout shares
     with one GPU."""
     from pagedllm import LLM, SamplingParams
@@ -45,12 +45,12 @@ def check_tokens() -> dict:
     layouts = [(1, 2)] + ([(2, 2)] if torch.cuda.device_count() >= 4 else [])
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     result = {}
-    for arch, configs in (("LlamaForCausalLM", TINY_CONFIGS), ("MixtralForCausalLM", MOE_CONFIGS)):
+    for arch in archs:
+        configs = MOE_CONFIGS if arch in MOE_CONFIGS else TINY_CONFIGS
         with tempfile.TemporaryDirectory() as path:
             build_tiny_model(arch, path, configs={arch: {**configs[arch], "max_position_embeddings": 2048}})
-            for steps, (lengths, budget, max_len) in STEPS.items():
-                if arch == "MixtralForCausalLM" and steps == "large":
-                    continue  # MoE prefill graphs stop at 128 tokens: the small steps cover them
+            for steps in step_names:
+                lengths, budget, max_len = STEPS[steps]
                 prompts = random_prompts(lengths, seed=3)
                 # fp32 once (small steps), bf16 everywhere: the stages must give one GPU's bits.
                 for dtype in ("float32", "bfloat16") if (arch, steps) == ("LlamaForCausalLM", "small") else ("bfloat16",):
@@ -78,6 +78,8 @@ def main() -> None:
     """Correctness first, then each layout's L1 and T1; a table last."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--check-archs", default="LlamaForCausalLM,MixtralForCausalLM")
+    ap.add_argument("--check-steps", default="small,large", help="MoE prefill graphs stop at 128 tokens")
     ap.add_argument("--l1", default="1x1,2x1,1x2", help="TPxPP layouts to time L1 on")
     ap.add_argument("--t1", default="", help="TPxPP layouts to time T1 on")
     ap.add_argument("--l1-config", default="llama-3.1-8b")
@@ -86,18 +88,11 @@ def main() -> None:
     ap.add_argument("--json", default="bench_pp.json", help="file name of the results under $OUT")
     args = ap.parse_args()
     if not args.skip_check:
-        record(RESULTS, "pp_tokens", check_tokens)
+        record(RESULTS, "pp_tokens", check_tokens, args.check_archs.split(","), args.check_steps.split(","))
     bandwidth = record(RESULTS, "copy_bandwidth_gbs", copy_bandwidth_gbs) if args.l1 else 0.0
     for tp, pp in parse_layouts(args.l1):
-        def run_l1(tp: int = tp, pp: int = pp) -> dict:
-            engine, startup = _engine(args.l1_config, tp, pp, max_model_len=4096, max_num_seqs=8)
-            try:
-                # Every layout reads all the weights once per token; only TP splits that read.
-                return {"startup_s": startup, **l1(args.l1_config, tp, args.floor_gb, bandwidth, engine=engine)}
-            finally:
-                engine.shutdown()
-                torch.cuda.empty_cache()
-        record(RESULTS, f"l1_tp{tp}pp{pp}", run_l1)
+        # Every layout reads all the weights once per token; only TP splits that read (the floor).
+        record(RESULTS, f"l1_tp{tp}pp{pp}", l1, args.l1_config, tp, args.floor_gb, bandwidth, pp=pp)
     rng = random.Random(1)
     greedy_prompts = [[rng.randrange(100, 10000) for _ in range(rng.randint(16, 512))] for _ in range(32)]
     tokens = {}
@@ -115,14 +110,7 @@ def main() -> None:
     if out:
         with open(os.path.join(out, args.json), "w") as f:
             json.dump(RESULTS, f, indent=1)
-    print("\n| run | value |\n| --- | --- |")
-    for key, value in RESULTS.items():
-        if isinstance(value, dict):
-            brief = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in value.items()
-                     if not isinstance(v, (list, dict))}
-            print(f"| {key} | {brief} |")
-        else:
-            print(f"| {key} | {value} |")
+    print_table(RESULTS)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Prints a table last and writes JSON to $OUT. Needs only torch, triton and transf
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -151,13 +152,14 @@ def profile_l1(engine, prompt: list[int], output_len: int, host_ops_top: int = 0
     return summaries
 
 
-def l1(config: str, tp: int, floor_gb: float, bandwidth: float, engine=None, profile: bool = False) -> dict:
+def l1(config: str, tp: int, floor_gb: float, bandwidth: float, engine=None, profile: bool = False,
+       pp: int = 1) -> dict:
     from pagedllm.benchmarks.latency import measure_latency
 
     shared = engine is not None
     startup = 0.0
     if not shared:
-        engine, startup = _engine(config, tp, max_model_len=4096, max_num_seqs=8)
+        engine, startup = _engine(config, tp, pp, max_model_len=4096, max_num_seqs=8)
     rng = random.Random(0)
     # A fresh prompt per run: a repeated one would hit the prefix cache, and TTFT would time a
     # 16-token prefill (the figures recorded before the eighth session did).
@@ -177,6 +179,7 @@ def l1(config: str, tp: int, floor_gb: float, bandwidth: float, engine=None, pro
     if not shared:
         engine.shutdown()
         del engine
+        gc.collect()  # an in-process engine's cycles hold its weights and KV pool until collected
         torch.cuda.empty_cache()
     return res
 
@@ -208,7 +211,8 @@ def t1(config: str, tp: int, greedy_prompts: list[list[int]], greedy_tokens: int
     outs = llm.generate([{"prompt_token_ids": p} for p in greedy_prompts], params, use_tqdm=False)
     tokens = [o.outputs[0].token_ids for o in outs]
     llm.shutdown()
-    del llm
+    del llm, executor
+    gc.collect()
     torch.cuda.empty_cache()
     return res, tokens
 
@@ -302,6 +306,18 @@ def allreduce_ms_per_step(world: int, hidden: int, layers: int, batches: list[in
     return result
 
 
+def print_table(results: dict) -> None:
+    """One row per result: a dict's scalar fields (floats to 3 places), or the value itself."""
+    print("\n| run | value |\n| --- | --- |")
+    for key, value in results.items():
+        if isinstance(value, dict):
+            brief = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in value.items()
+                     if not isinstance(v, (list, dict))}
+            print(f"| {key} | {brief} |")
+        else:
+            print(f"| {key} | {value} |")
+
+
 def _compare_tokens(base: list[list[int]], other: list[list[int]]) -> dict:
     """How many greedy completions are identical, and where the others first differ."""
     same = [a == b for a, b in zip(base, other)]
@@ -367,12 +383,7 @@ def main() -> None:
     if out:
         with open(os.path.join(out, f"bench_tp_{'_'.join(map(str, sizes))}.json"), "w") as f:
             json.dump(RESULTS, f, indent=1)
-    print("\n| run | value |\n| --- | --- |")
-    for key, value in RESULTS.items():
-        if isinstance(value, dict):
-            brief = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in value.items()
-                     if not isinstance(v, (list, dict))}
-            print(f"| {key} | {brief} |")
+    print_table(RESULTS)
 
 
 if __name__ == "__main__":
