@@ -68,3 +68,13 @@ def test_int8_weight_only_quantization_gives_the_same_answer():
     outputs = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                        SamplingParams(temperature=0.0, max_tokens=32), use_tqdm=False)
     assert "Paris" in outputs[0].outputs[0].text
+
+
+def test_two_pipeline_stages_give_one_process_tokens(llm):
+    # The GGUF checkpoint through two stages of 15 layers each: the first embeds, the last loads
+    # the tied embedding into its own LM head.
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:2], params, use_tqdm=False)]
+    with LLM(pipeline_parallel_size=2, max_model_len=256) as staged:
+        got = [o.outputs[0].token_ids for o in staged.generate(PROMPTS[:2], params, use_tqdm=False)]
+    assert got == expected
