@@ -97,3 +97,35 @@ def test_stage_layer_ranges_cover_every_layer_once(layers, stages, ranges):
 def test_pipeline_parallel_size_is_checked():
     with pytest.raises(ValueError, match="cannot be split"):
         stage_layer_range(2, 0, 3)
+
+
+def test_dummy_weights_stage_draws_only_its_layers(model_dirs):
+    # Each stage draws only its own layers' random tensors (plus the embedding / LM head), each
+    # from its name alone: PP=2 gives PP=1's tokens on dummy weights.
+    path = model_dirs["Qwen2ForCausalLM"]  # tied embeddings: the last stage still draws the embedding
+    assert _greedy(path, pipeline_parallel_size=2, load_format="dummy") == _greedy(path, load_format="dummy")
+
+
+def test_only_decoder_layers_of_other_stages_are_skipped_by_the_dummy_draw(model_dirs):
+    import json
+    import os
+
+    import torch
+
+    from pagedllm.distributed import set_pipeline_parallel_state
+    from pagedllm.loader.model_loader import build_model
+    from pagedllm.models.pipeline import is_missing_parameter, is_other_stages_layer
+
+    with open(os.path.join(model_dirs["Qwen2ForCausalLM"], "config.json")) as f:
+        config = json.load(f)
+    set_pipeline_parallel_state(1, 2)  # the last of two stages
+    try:
+        model = build_model(config, torch.float32, "meta")
+    finally:
+        set_pipeline_parallel_state(0, 1)
+    assert is_other_stages_layer("model.layers.0.mlp.down_proj.weight", model)
+    assert not is_other_stages_layer("model.layers.1.mlp.down_proj.weight", model)
+    # The embedding is another stage's module, but the tied LM head here loads it.
+    assert is_missing_parameter("model.embed_tokens.weight", model)
+    assert not is_other_stages_layer("model.embed_tokens.weight", model)
+    assert [layer.num_kv_heads for layer in model.attention_layers()] == [config["num_key_value_heads"]]

@@ -6,13 +6,14 @@ import glob
 import json
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 from pagedllm.config import ModelConfig
+from pagedllm.models.pipeline import is_other_stages_layer
 from pagedllm.models.registry import resolve_model_class
 
 
@@ -82,11 +83,12 @@ def _dummy_value(name: str, shape: torch.Size, dtype: torch.dtype, device: torch
     return torch.empty(shape, dtype=dtype, device=device).uniform_(-0.02, 0.02, generator=generator)
 
 
-def iter_dummy_checkpoint(hf_config: dict[str, Any], seed: int, dtype: torch.dtype,
-                          device: torch.device) -> Iterator[tuple[str, torch.Tensor]] | None:
+def iter_dummy_checkpoint(hf_config: dict[str, Any], seed: int, dtype: torch.dtype, device: torch.device,
+                          skip: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]] | None:
     """Random weights shaped and named like the model's Hugging Face checkpoint, or None if
     transformers cannot describe the model. Each tensor depends only on its name, so every
-    tensor-parallel rank slices the same full weights: TP=N gives TP=1's tokens."""
+    tensor-parallel rank slices the same full weights: TP=N gives TP=1's tokens. Tensors whose
+    name `skip` accepts are not drawn (a pipeline stage's other stages' layers)."""
     try:
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -96,14 +98,15 @@ def iter_dummy_checkpoint(hf_config: dict[str, Any], seed: int, dtype: torch.dty
             skeleton = AutoModelForCausalLM.from_config(hf)
     except Exception:  # noqa: BLE001 - unknown to this transformers: fall back to per-parameter init
         return None
-    shapes = [(name, p.shape) for name, p in skeleton.named_parameters()]
+    shapes = [(name, p.shape) for name, p in skeleton.named_parameters() if skip is None or not skip(name)]
     return ((name, _dummy_value(name, shape, dtype, device, seed)) for name, shape in shapes)
 
 
 def _initialize_dummy_weights(model: nn.Module, hf_config: dict[str, Any], seed: int, dtype: torch.dtype,
                               device: torch.device) -> None:
     """Small random weights: enough to benchmark, and to run without a checkpoint."""
-    checkpoint = iter_dummy_checkpoint(hf_config, seed, dtype, device)
+    checkpoint = iter_dummy_checkpoint(hf_config, seed, dtype, device,
+                                       skip=lambda name: is_other_stages_layer(name, model))
     if checkpoint is not None:
         model.load_weights(checkpoint)  # type: ignore[operator]
         return

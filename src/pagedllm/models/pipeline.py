@@ -61,17 +61,32 @@ def last_stage_module(build: Callable[[], nn.Module]) -> nn.Module:
     return build() if is_last_pp_rank() else PPMissingLayer()
 
 
-def is_missing_parameter(name: str, model: nn.Module) -> bool:
-    """Whether parameter `name` (dotted, as in the checkpoint) belongs to a module of another stage."""
+def _placeholder_parent(name: str, model: nn.Module) -> nn.Module | None:
+    """The module holding the first placeholder on parameter `name`'s path, or None if the path
+    (dotted, as in the checkpoint) meets no placeholder."""
     module: nn.Module | None = model
     for part in name.split(".")[:-1]:
-        module = getattr(module, part, None) if not isinstance(module, nn.ModuleList) else (
-            module[int(part)] if part.isdigit() and int(part) < len(module) else None)
+        parent = module
+        if isinstance(module, nn.ModuleList):
+            module = module[int(part)] if part.isdigit() and int(part) < len(module) else None
+        else:
+            module = getattr(module, part, None)
         if module is None:
-            return False
+            return None
         if isinstance(module, PPMissingLayer):
-            return True
-    return False
+            return parent
+    return None
+
+
+def is_missing_parameter(name: str, model: nn.Module) -> bool:
+    """Whether parameter `name` (dotted, as in the checkpoint) belongs to a module of another stage."""
+    return _placeholder_parent(name, model) is not None
+
+
+def is_other_stages_layer(name: str, model: nn.Module) -> bool:
+    """Whether parameter `name` belongs to a decoder layer of another stage (not to the embedding
+    or LM head, which a tied model's last stage still loads)."""
+    return isinstance(_placeholder_parent(name, model), nn.ModuleList)
 
 
 def empty_intermediate_tensors(keys: tuple[str, ...], num_tokens: int, hidden_size: int, dtype: torch.dtype,

@@ -264,8 +264,6 @@ class ModelRunner:
             recv_from_prev_stage(list(intermediate.values()))
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(batch.attn_metadata):
             hidden = self.cuda_graphs.run(batch.input_ids, batch.positions, batch.attn_metadata, intermediate)
-        elif intermediate is None:
-            hidden = self.model(batch.input_ids, batch.positions, batch.attn_metadata)  # type: ignore[misc]
         else:
             hidden = self.model(batch.input_ids, batch.positions, batch.attn_metadata, intermediate)  # type: ignore[misc]
         if not is_last_pp_rank():
