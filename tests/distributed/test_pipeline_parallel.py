@@ -129,3 +129,16 @@ def test_only_decoder_layers_of_other_stages_are_skipped_by_the_dummy_draw(model
     assert is_missing_parameter("model.embed_tokens.weight", model)
     assert not is_other_stages_layer("model.embed_tokens.weight", model)
     assert [layer.num_kv_heads for layer in model.attention_layers()] == [config["num_key_value_heads"]]
+
+
+def test_ray_ranks_are_numbered_node_by_node():
+    from pagedllm.executor.ray_executor import ranks_by_node, tensor_parallel_groups_span_nodes
+
+    # Bundles placed alternately on two 2-GPU machines: ranks 0-1 on B, 2-3 on A.
+    nodes = ["B", "A", "B", "A"]
+    order = ranks_by_node(nodes)
+    assert order == [0, 2, 1, 3]
+    node_of_rank = [nodes[i] for i in order]
+    assert not tensor_parallel_groups_span_nodes(node_of_rank, 2)  # -tp 2 -pp 2: one stage per machine
+    assert tensor_parallel_groups_span_nodes(node_of_rank, 4)
+    assert tensor_parallel_groups_span_nodes(["A", "A", "A", "B", "B", "B"], 2)  # 3 GPUs a node, TP=2

@@ -2,8 +2,10 @@
 
 Joins the Ray cluster named by RAY_ADDRESS (a cluster started with `ray start`, possibly many
 machines) or starts a local one. A placement group reserves one bundle per rank (a GPU, or a CPU
-on CPU-only clusters) before any actor starts, so ranks are placed all-or-nothing. Rank 0's node
-hosts the process group's store. Each step the scheduler output is put in the object store
+on CPU-only clusters) before any actor starts, so ranks are placed all-or-nothing. Ranks are
+then numbered node by node (`ranks_by_node`), so a tensor-parallel group stays on one machine
+where it fits and only pipeline stages cross machines. Rank 0's actor hosts the process group's
+store. Each step the scheduler output is put in the object store
 once and every actor reads the same object; only the output rank's answer is used (rank 0, or
 the first rank of the last pipeline stage).
 
@@ -62,6 +64,28 @@ class RayWorkerWrapper:
         """The actor's process id (tests kill it to check failure handling)."""
         return os.getpid()
 
+    def node_id(self) -> str:
+        """The Ray node this actor runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+
+def ranks_by_node(node_ids: list[str]) -> list[int]:
+    """The order in which actors (on `node_ids[i]`) become ranks 0, 1, ...: each node's actors
+    consecutive, nodes in the order of their first actor. A tensor-parallel group (consecutive
+    ranks) then stays on one node wherever the node holds that many ranks, and only pipeline
+    stages, which exchange one activation per step, cross between machines."""
+    first_seen = {node: i for i, node in reversed(list(enumerate(node_ids)))}
+    return sorted(range(len(node_ids)), key=lambda i: (first_seen[node_ids[i]], i))
+
+
+def tensor_parallel_groups_span_nodes(node_of_rank: list[str], tensor_parallel_size: int) -> bool:
+    """Whether any tensor-parallel group (consecutive ranks) has ranks on two nodes."""
+    groups = [node_of_rank[start:start + tensor_parallel_size]
+              for start in range(0, len(node_of_rank), tensor_parallel_size)]
+    return any(len(set(group)) > 1 for group in groups)
+
 
 class RayExecutor(Executor):
     """Tensor / pipeline parallelism over Ray actors, one per rank, possibly on different machines."""
@@ -87,15 +111,25 @@ class RayExecutor(Executor):
             raise RuntimeError(f"The Ray cluster cannot place {self.world_size} bundles of {resource} "
                                f"(cluster resources: {ray.cluster_resources()}).")
         actor_cls = ray.remote(RayWorkerWrapper)
-        self.workers = [
+        actors = [
             actor_cls.options(
                 num_cpus=resource["CPU"], num_gpus=resource.get("GPU", 0),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.placement_group, placement_group_bundle_index=rank),
+                    placement_group=self.placement_group, placement_group_bundle_index=bundle),
             ).remote()
-            for rank in range(self.world_size)
+            for bundle in range(self.world_size)
         ]
         self._closed = False
+        self.workers = actors  # in bundle order until each actor's node is known
+        node_ids = self._gather([actor.node_id.remote() for actor in actors])
+        order = ranks_by_node(node_ids)
+        self.workers = [actors[i] for i in order]
+        self.node_of_rank = [node_ids[i] for i in order]
+        tp = config.parallel_config.tensor_parallel_size
+        if tensor_parallel_groups_span_nodes(self.node_of_rank, tp):
+            logger.warning("A tensor-parallel group of %d ranks spans Ray nodes (ranks per node: %s): its "
+                           "all-reduces cross machines; prefer a tensor-parallel size that each node holds "
+                           "and pipeline stages across nodes.", tp, self.node_of_rank)
         ip, port = self._gather([self.workers[0].host_store.remote()])[0]
         init_method = f"tcp://{ip}:{port}"
         self._gather([w.init_worker.remote(config, rank, init_method) for rank, w in enumerate(self.workers)])
