@@ -61,6 +61,12 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     # Schedule step N+1 while step N runs on the device (engine/engine_core.py).
     async_scheduling: bool = False
+    # Steps of disjoint requests that may be in flight at once: one per pipeline stage with
+    # pipeline micro-batching (engine/engine_core.py), else 1.
+    max_concurrent_batches: int = 1
+    # Send each scheduled running request's last token to the runners (pipeline stages that do
+    # not sample learn the sampled tokens this way).
+    include_last_token_ids: bool = False
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -101,6 +107,7 @@ class EngineArgs:
     device: str = "auto"
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    pipeline_micro_batching: bool = True  # one step of disjoint requests in flight per pipeline stage
     distributed_executor_backend: str | None = None  # uni | mp | ray (default: uni for one rank, else mp)
     disable_custom_all_reduce: bool = False
     trust_remote_code: bool = False
@@ -151,6 +158,9 @@ class EngineArgs:
         group.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
                            help="split the decoder layers into this many stages, each on its own "
                                 "tensor-parallel group of devices (ranks = TP x PP; see docs/parallelism.md)")
+        group.add_argument("--pipeline-micro-batching", action=argparse.BooleanOptionalAction, default=True,
+                           help="with pipeline stages, keep one step of disjoint requests in flight per stage "
+                                "(--no-pipeline-micro-batching: one step at a time)")
         group.add_argument("--distributed-executor-backend", choices=["uni", "mp", "ray"], default=None,
                            help="how ranks run: uni (in process, one rank), mp (one process per rank on this "
                                 "machine; the default for several ranks), ray (Ray actors, possibly on several "
@@ -348,12 +358,18 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         max_num_batched_tokens = 8192 if device == "cuda" else 2048
         if not args.enable_chunked_prefill:
             max_num_batched_tokens = max(max_num_batched_tokens, max_model_len)
+    pp = args.pipeline_parallel_size
+    if pp > 1 and args.async_scheduling:
+        raise ValueError("--async-scheduling does not combine with pipeline_parallel_size > 1: the stages are "
+                         "kept busy by pipeline micro-batches instead (--pipeline-micro-batching).")
     scheduler_config = SchedulerConfig(
         max_num_batched_tokens=max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,
         max_model_len=max_model_len,
         enable_chunked_prefill=args.enable_chunked_prefill,
-        async_scheduling=device == "cuda" if args.async_scheduling is None else args.async_scheduling,
+        async_scheduling=pp == 1 and (device == "cuda" if args.async_scheduling is None else args.async_scheduling),
+        max_concurrent_batches=pp if pp > 1 and args.pipeline_micro_batching else 1,
+        include_last_token_ids=pp > 1,
     )
     if args.cuda_graph_max_prefill_tokens < 0:
         raise ValueError(f"cuda_graph_max_prefill_tokens must be >= 0, got {args.cuda_graph_max_prefill_tokens}.")

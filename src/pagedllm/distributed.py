@@ -4,8 +4,8 @@ initialised).
 Ranks are laid out stage-major: global rank = pp_rank * tp_size + tp_rank. Each pipeline stage's
 tp_size ranks form its tensor-parallel group (all-reduces, all-gathers); a stage hands its
 activations to the same tensor-parallel rank of the next stage (point-to-point). The first rank
-of the last stage is the output rank: its ranks sample, and it broadcasts the sampled tokens to
-every rank.
+of the last stage is the output rank: the last stage's ranks sample, and the output rank
+broadcasts its tokens to them (the other stages get them from the scheduler).
 """
 
 from __future__ import annotations
@@ -132,10 +132,11 @@ def destroy_distributed_environment() -> None:
 
 
 def broadcast_from_output_rank(x: torch.Tensor) -> torch.Tensor:
-    """Give every rank of every stage the output rank's copy of `x` (the first rank of the last
-    stage: ParallelConfig.output_rank), in place; a no-op on one rank."""
-    if _TP_SIZE * _PP_SIZE > 1:
-        dist.broadcast(x, src=(_PP_SIZE - 1) * _TP_SIZE)
+    """Give every tensor-parallel rank of the last stage the output rank's copy of `x` (the
+    stage's first rank: ParallelConfig.output_rank), in place; a no-op without TP. Called on the
+    last stage only: the other stages learn the sampled tokens from the scheduler."""
+    if _TP_SIZE > 1:
+        dist.broadcast(x, src=(_PP_SIZE - 1) * _TP_SIZE, group=_TP_GROUP)
     return x
 
 

@@ -41,11 +41,22 @@ def test_pp3_splits_unevenly(model_dirs):
     assert _greedy(path, pipeline_parallel_size=3) == _greedy(path)
 
 
-def test_tp2_pp2_with_async_scheduling(model_dirs):
+def test_tp2_pp2(model_dirs):
     # Four ranks: each stage all-reduces within its own tensor-parallel group, the activations go
-    # rank to rank between the stages, and step N+1 is sent while step N runs.
+    # rank to rank between the stages, two micro-batches are in flight.
     path = model_dirs["Qwen3ForCausalLM"]
-    assert _greedy(path, tensor_parallel_size=2, pipeline_parallel_size=2, async_scheduling=True) == _greedy(path)
+    assert _greedy(path, tensor_parallel_size=2, pipeline_parallel_size=2) == _greedy(path)
+
+
+def test_pp2_one_step_at_a_time_gives_pp1_tokens(model_dirs):
+    # --no-pipeline-micro-batching: the plain path, the oracle of the micro-batched one.
+    path = model_dirs["LlamaForCausalLM"]
+    assert _greedy(path, pipeline_parallel_size=2, pipeline_micro_batching=False) == _greedy(path)
+
+
+def test_async_scheduling_is_refused_with_pipeline_stages(model_dirs):
+    with pytest.raises(ValueError, match="micro-batch"):
+        LLM(model_dirs["LlamaForCausalLM"], skip_tokenizer_init=True, pipeline_parallel_size=2, async_scheduling=True)
 
 
 def test_pp2_logprobs_and_seeded_sampling_match_pp1(model_dirs):

@@ -36,7 +36,10 @@ def _greedy(path: str, **engine_args: Any) -> list[list[int]]:
         core = llm.llm_engine.engine_core
         assert core.kv_cache_manager.num_free_blocks == llm.llm_engine.config.cache_config.num_blocks
         assert core.scheduler.num_preemptions > 0  # the small pool forced preemption
-        assert (core.num_pipelined_steps > 0) == bool(engine_args.get("async_scheduling"))
+        # Steps overlap with async scheduling, and with pipeline stages (micro-batches in flight).
+        micro_batching = (engine_args.get("pipeline_parallel_size", 1) > 1
+                          and engine_args.get("pipeline_micro_batching", True))
+        assert (core.num_pipelined_steps > 0) == bool(engine_args.get("async_scheduling") or micro_batching)
     return [o.outputs[0].token_ids for o in outputs]
 
 

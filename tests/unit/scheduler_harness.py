@@ -61,10 +61,13 @@ class FakeModelRunner:
 
 def make_scheduler(num_blocks: int = 64, block_size: int = 4, max_model_len: int = 64,
                    max_num_batched_tokens: int = 64, max_num_seqs: int = 16,
-                   enable_chunked_prefill: bool = True, enable_caching: bool = False) -> Scheduler:
-    """A scheduler over its own pool; prefix caching off unless asked (tests/unit/test_prefix_caching.py)."""
+                   enable_chunked_prefill: bool = True, enable_caching: bool = False,
+                   **config_fields: object) -> Scheduler:
+    """A scheduler over its own pool; prefix caching off unless asked (tests/unit/test_prefix_caching.py).
+    `config_fields`: further SchedulerConfig fields (e.g. max_concurrent_batches)."""
     config = SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                             max_model_len=max_model_len, enable_chunked_prefill=enable_chunked_prefill)
+                             max_model_len=max_model_len, enable_chunked_prefill=enable_chunked_prefill,
+                             **config_fields)  # type: ignore[arg-type]
     return Scheduler(config, KVCacheManager(num_blocks, block_size, max_model_len, enable_caching=enable_caching))
 
 

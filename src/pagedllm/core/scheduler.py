@@ -68,6 +68,14 @@ class Scheduler:
     step N (EOS, stop token) has computed one wasted token in step N+1, which is dropped; one
     preempted by step N+1's schedule() still receives its step-N token.
 
+    With pipeline micro-batching (`max_concurrent_batches` > 1) up to that many steps are in
+    flight, each of requests no other in-flight step holds a sampled token of: a request whose
+    token is still a placeholder waits for it (no decode ahead), and each step takes at most
+    1 / max_concurrent_batches of the running requests, so the steps in flight stay balanced.
+    With pipeline stages (`include_last_token_ids`) every scheduled running request carries its
+    last token (`CachedRequestData.last_token_id`): the first stage needs it as the decode input
+    and never sees the sampled ids.
+
     The runner must drop `finished_req_ids` before adding `scheduled_new_reqs` (an id can be
     reused by a new request once the old one finished), and must ignore ids it does not hold.
     """
@@ -78,6 +86,7 @@ class Scheduler:
         self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
         self.max_num_seqs = scheduler_config.max_num_seqs
         self.max_model_len = scheduler_config.max_model_len
+        self.max_concurrent_batches = scheduler_config.max_concurrent_batches
         # Every unfinished request, by id.
         self.requests: dict[str, Request] = {}
         # FCFS queue; preempted requests go back to its front.
@@ -185,11 +194,15 @@ class Scheduler:
         preempted_any = False
 
         # Running requests first, oldest first.
+        micro_batching = self.max_concurrent_batches > 1
+        # Micro-batches: this step's share of the running requests (the others fill the next steps).
+        max_running = -(-len(self.running) // self.max_concurrent_batches)
         req_index = 0
-        while req_index < len(self.running) and token_budget > 0:
+        while req_index < len(self.running) and token_budget > 0 and len(num_scheduled_tokens) < max_running:
             request = self.running[req_index]
-            num_new_tokens = min(request.num_tokens + request.num_output_placeholders - request.num_computed_tokens,
-                                 token_budget)
+            # Decode ahead of a pending token (async scheduling), not with micro-batches.
+            pending = 0 if micro_batching else request.num_output_placeholders
+            num_new_tokens = min(request.num_tokens + pending - request.num_computed_tokens, token_budget)
             if num_new_tokens == 0 or self._reaches_length_limit(request):
                 # Nothing to compute before a pending output arrives, or the tokens already being
                 # sampled end the request (max_tokens / max_model_len): another step would be waste.
@@ -218,6 +231,11 @@ class Scheduler:
         while (self.waiting and not preempted_any and token_budget > 0
                and len(self.running) < self.max_num_seqs):
             request = self.waiting[0]
+            if request.num_output_placeholders > 0:
+                # Preempted while a step that samples its next token is still in flight (possible
+                # with several micro-batches in flight): it resumes once that token is in.
+                passed_over.append(self.waiting.popleft())
+                continue
             must_wait, fork_source = self._get_fork_source(request, new_req_ids)
             if must_wait:
                 passed_over.append(self.waiting.popleft())
@@ -267,9 +285,10 @@ class Scheduler:
         """Whether step N+1 may be scheduled before step N's sampled tokens are known.
 
         Not while an unfinished request's sampling reads its previous tokens' values on the host
-        (penalties, logits processors): the runner would see placeholders.
+        (penalties, logits processors): the runner would see placeholders. Always with
+        micro-batches, which never schedule a request before its token is in.
         """
-        return self._num_requests_reading_outputs == 0
+        return self.max_concurrent_batches > 1 or self._num_requests_reading_outputs == 0
 
     def _get_fork_source(self, request: Request, new_req_ids: set[str]) -> tuple[bool, Request | None]:
         """For a parallel sample: (must it wait, the running sibling whose prompt blocks it forks).
@@ -318,11 +337,13 @@ class Scheduler:
             )
             for request in new_reqs
         ]
+        last_tokens = self.scheduler_config.include_last_token_ids
         scheduled_cached_reqs = [
             CachedRequestData(
                 req_id=req_id,
                 new_block_ids=new_blocks_of[req_id],
                 num_computed_tokens=self.requests[req_id].num_computed_tokens,
+                last_token_id=self.requests[req_id].all_token_ids[-1] if last_tokens else None,
             )
             for req_id in num_scheduled_tokens
             if req_id not in new_req_ids

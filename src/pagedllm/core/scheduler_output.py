@@ -28,6 +28,9 @@ class CachedRequestData:
     req_id: str
     new_block_ids: list[int]
     num_computed_tokens: int
+    # With pipeline stages: the request's last token (the sampled token the stages that do not
+    # sample have only as a placeholder), None otherwise.
+    last_token_id: int | None = None
 
 
 @dataclass

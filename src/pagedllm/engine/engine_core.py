@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import weakref
+from collections import deque
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
@@ -36,6 +37,11 @@ class EngineCore:
     computes. The scheduler hands step N+1 the tokens of step N as placeholders and the runner
     feeds them on the device. When an unfinished request needs its previous tokens' values on
     the host (penalties, logits processors), steps run one at a time until it is gone.
+
+    With pipeline micro-batching (`max_concurrent_batches` = the number of pipeline stages) up to
+    that many steps are in flight, each of requests whose tokens are all known (the scheduler
+    splits the running requests between them): while the last stage runs step N, the first runs
+    step N+1 of other requests. The engine applies the oldest step's tokens once the pipe is full.
     """
 
     def __init__(self, config: EngineConfig) -> None:
@@ -60,9 +66,11 @@ class EngineCore:
                                                enable_caching=cache.enable_prefix_caching,
                                                sliding_window=kv_cache_sliding_window(config.model_config.hf_config))
         self.scheduler = Scheduler(sched, self.kv_cache_manager)
-        self.async_scheduling = sched.async_scheduling
-        # The launched step whose results are not applied yet (async scheduling only).
-        self._in_flight: tuple[SchedulerOutput, StepFuture] | None = None
+        # Steps launched and not yet applied, oldest first: at most one while the next is
+        # scheduled (async scheduling), or one per pipeline stage (micro-batches); none otherwise.
+        self.max_in_flight = sched.max_concurrent_batches if sched.max_concurrent_batches > 1 else (
+            2 if sched.async_scheduling else 1)
+        self._in_flight: deque[tuple[SchedulerOutput, StepFuture]] = deque()
         # Steps launched while the previous one was still in flight (what async scheduling overlaps).
         self.num_pipelined_steps = 0
         num_tokens = num_blocks * cache.block_size
@@ -84,7 +92,7 @@ class EngineCore:
 
     def has_unfinished_requests(self) -> bool:
         """True while any request is waiting or running, or a launched step is not applied yet."""
-        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
+        return self.scheduler.has_unfinished_requests() or bool(self._in_flight)
 
     def step(self) -> list[EngineCoreOutput]:
         """Schedule, run the model once, and return what each request produced.
@@ -92,7 +100,7 @@ class EngineCore:
         With async scheduling the outputs returned are those of the step launched by the
         previous call (none on the first call), while the step launched now runs.
         """
-        if self.async_scheduling:
+        if self.max_in_flight > 1:
             return self._step_pipelined()
         if not self.scheduler.has_unfinished_requests():
             return []
@@ -101,17 +109,21 @@ class EngineCore:
         return self.scheduler.update_from_output(scheduler_output, runner_output)
 
     def _step_pipelined(self) -> list[EngineCoreOutput]:
-        """Launch step N+1 (if there is work and it may run ahead), then apply step N."""
-        launched = None
-        if self.scheduler.has_unfinished_requests() and (
-                self._in_flight is None or self.scheduler.can_schedule_ahead()):
+        """Launch the next step (if there is work and it may run ahead), then apply the oldest
+        launched step once `max_in_flight` are launched or nothing new could be."""
+        launched = False
+        if (self.scheduler.has_unfinished_requests() and len(self._in_flight) < self.max_in_flight
+                and (not self._in_flight or self.scheduler.can_schedule_ahead())):
             scheduler_output = self.scheduler.schedule()
-            launched = (scheduler_output, self.executor.execute_model_async(scheduler_output))
-            self.num_pipelined_steps += self._in_flight is not None
-        in_flight, self._in_flight = self._in_flight, launched
-        if in_flight is None:
+            # An empty step is sent only if the runners must hear of finished requests, or if
+            # nothing else is in flight (as a synchronous step would be).
+            if not scheduler_output.is_empty or scheduler_output.finished_req_ids or not self._in_flight:
+                self.num_pipelined_steps += bool(self._in_flight)
+                self._in_flight.append((scheduler_output, self.executor.execute_model_async(scheduler_output)))
+                launched = not scheduler_output.is_empty
+        if not self._in_flight or (launched and len(self._in_flight) < self.max_in_flight):
             return []
-        scheduler_output, future = in_flight
+        scheduler_output, future = self._in_flight.popleft()
         return self.scheduler.update_from_output(scheduler_output, future.result())
 
     def start_profile(self) -> None:

@@ -187,6 +187,10 @@ class ModelRunner:
             state = self.requests[cached.req_id]
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
+            if (cached.last_token_id is not None and state.output_token_ids
+                    and state.output_token_ids[-1] == PLACEHOLDER_TOKEN_ID):
+                # Pipeline parallelism: a stage that does not sample learns the token here.
+                state.resolve_output_token(len(state.output_token_ids) - 1, cached.last_token_id)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Run the scheduled tokens through the model and sample where a request reached its end."""
@@ -228,9 +232,12 @@ class ModelRunner:
                     request_errors = apply_logits_processors(logits, sampling_states)
                 with record_function("sample"):
                     sampled_ids, logprobs = self._sample(sampling_states, logits)
-            else:  # the last pipeline stage samples; its tokens arrive below
-                sampled_ids = torch.empty(len(sampling_states), dtype=torch.long, device=self.device)
-            sampled_ids = self._record_sampled(batch, sampling_states, sampled_ids)
+                sampled_ids = self._record_sampled(batch, sampling_states, sampled_ids)
+            else:
+                # The last pipeline stage samples; this one learns the tokens from the scheduler's
+                # next step (CachedRequestData.last_token_id), before any step that feeds them.
+                for state in sampling_states:
+                    state.append_output_token(PLACEHOLDER_TOKEN_ID)
         prompt_logprobs = ({} if not batch.prompt_logprob_spans or not is_last_pp_rank()
                            else self._prompt_logprobs(batch, hidden))  # type: ignore[arg-type]
         output = ModelRunnerOutput(
@@ -294,11 +301,11 @@ class ModelRunner:
 
     def _record_sampled(self, batch: BatchInputs, states: list[CachedRequestState],
                         token_ids: torch.Tensor) -> torch.Tensor:
-        """Make every rank hold the output rank's sampled tokens (the next step's decode inputs,
-        on the device) and give each state a placeholder for its token until it reaches the host."""
-        # Every tensor-parallel rank of the last stage samples from the same gathered logits; the
-        # output rank's tokens are broadcast anyway so that no two ranks' request states can drift
-        # apart, and so that the other pipeline stages learn them.
+        """Make every rank of the sampling stage hold the output rank's tokens (the next step's
+        decode inputs, on the device) and give each state a placeholder for its token until it
+        reaches the host."""
+        # Every tensor-parallel rank samples from the same gathered logits; the output rank's
+        # tokens are broadcast anyway so that no two ranks' request states can drift apart.
         token_ids = broadcast_from_output_rank(token_ids)
         self.input_buffers.record_sampled(batch.sampling_table_rows, token_ids)
         for state in states:

@@ -1,0 +1,60 @@
+"""The scheduler with pipeline micro-batches (max_concurrent_batches > 1): steps in flight hold
+disjoint sampling requests, split evenly, and carry each request's last token to the runners."""
+
+from __future__ import annotations
+
+from tests.unit.scheduler_harness import make_request, make_scheduler
+from tests.unit.test_async_scheduler import _sampled
+
+
+def _micro_batch_scheduler(max_concurrent_batches: int = 2):
+    return make_scheduler(max_concurrent_batches=max_concurrent_batches, include_last_token_ids=True)
+
+
+def test_running_requests_are_split_between_the_steps_in_flight():
+    scheduler = _micro_batch_scheduler()
+    for name in "abcd":
+        scheduler.add_request(make_request(name, 4, max_tokens=3))
+    s1 = scheduler.schedule()  # four prefills (waiting requests are admitted whole)
+    assert s1.num_scheduled_tokens == {"a": 4, "b": 4, "c": 4, "d": 4}
+    assert scheduler.schedule().is_empty  # every token is still in flight: no decode ahead
+    scheduler.update_from_output(s1, _sampled(s1, {"a": 10, "b": 11, "c": 12, "d": 13}))
+    s3, s4 = scheduler.schedule(), scheduler.schedule()  # half the running requests each
+    assert s3.num_scheduled_tokens == {"a": 1, "b": 1} and s4.num_scheduled_tokens == {"c": 1, "d": 1}
+    # The stages that do not sample learn each request's token with its next step.
+    assert {c.req_id: c.last_token_id for c in s3.scheduled_cached_reqs} == {"a": 10, "b": 11}
+    assert {c.req_id: c.last_token_id for c in s4.scheduled_cached_reqs} == {"c": 12, "d": 13}
+    assert scheduler.schedule().is_empty
+    scheduler.update_from_output(s3, _sampled(s3, {"a": 20, "b": 21}))
+    s5 = scheduler.schedule()
+    assert s5.num_scheduled_tokens == {"a": 1, "b": 1}
+    assert [c.last_token_id for c in s5.scheduled_cached_reqs] == [20, 21]
+
+
+def test_without_pipeline_stages_no_last_token_is_sent():
+    scheduler = make_scheduler()
+    scheduler.add_request(make_request("a", 4, max_tokens=3))
+    s1 = scheduler.schedule()
+    scheduler.update_from_output(s1, _sampled(s1, {"a": 10}))
+    assert [c.last_token_id for c in scheduler.schedule().scheduled_cached_reqs] == [None]
+
+
+def test_a_request_preempted_with_its_token_in_flight_resumes_only_once_the_token_is_in():
+    # With several steps in flight, a request can be preempted by a later step's schedule()
+    # while an earlier step still samples its next token; resumed before that token is in, it
+    # would be recomputed without it.
+    scheduler = _micro_batch_scheduler(max_concurrent_batches=3)
+    x = make_request("x", 4, max_tokens=5)
+    scheduler.add_request(x)
+    s1 = scheduler.schedule()
+    assert x.num_output_placeholders == 1
+    scheduler.running.remove(x)
+    scheduler._preempt(x)  # as a full pool would, in the schedule() of a later step
+    s2 = scheduler.schedule()
+    assert "x" not in s2.num_scheduled_tokens and "x" in s2.finished_req_ids
+    scheduler.update_from_output(s1, _sampled(s1, {"x": 42}))
+    assert x.output_token_ids == [42] and x.num_output_placeholders == 0
+    s3 = scheduler.schedule()
+    (resumed,) = s3.scheduled_new_reqs
+    assert resumed.req_id == "x" and resumed.output_token_ids == [42]
+    assert s3.num_scheduled_tokens == {"x": 5}  # prompt and the token, recomputed
