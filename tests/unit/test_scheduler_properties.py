@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import deque
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
                                  rule)
 
+from pagedllm.core.scheduler import Scheduler
 from pagedllm.request import Request, RequestStatus
 from tests.unit.scheduler_harness import FakeModelRunner, make_request, make_scheduler, step
 
@@ -26,8 +28,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             budget = max(budget, max_model_len)
         # The smallest pool that holds one max_model_len request, plus a little.
         self.num_blocks = -(-max_model_len // block_size) + extra_blocks
-        self.scheduler = make_scheduler(self.num_blocks, block_size, max_model_len, budget,
-                                        max_num_seqs, chunked)
+        self.scheduler = self.build_scheduler(block_size, max_model_len, budget, max_num_seqs, chunked, seed)
         rng = random.Random(seed)
         self.runner = FakeModelRunner(block_size, sample=lambda _: rng.randrange(16))
         self.emitted: dict[str, list[int]] = {}
@@ -51,9 +52,16 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.run_one_step()
             self.assert_invariants()
 
+    def build_scheduler(self, block_size: int, max_model_len: int, budget: int, max_num_seqs: int,
+                        chunked: bool, seed: int) -> Scheduler:
+        return make_scheduler(self.num_blocks, block_size, max_model_len, budget, max_num_seqs, chunked)
+
     def run_one_step(self) -> None:
         for output in step(self.scheduler, self.runner)[1]:
             self.emitted.setdefault(output.req_id, []).extend(output.new_token_ids)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
 
     def assert_invariants(self) -> None:
         self.block_accounting_holds()
@@ -92,6 +100,9 @@ class SchedulerMachine(RuleBasedStateMachine):
             state = self.runner.states.get(request.request_id)
             if state is not None:
                 assert state.block_ids == manager.get_block_ids(request.request_id)
+                # The runner computes the scheduler's tokens (as far as both know them).
+                known = min(len(state.token_ids), len(request.all_token_ids))
+                assert state.token_ids[:known] == request.all_token_ids[:known]
         for request in self.scheduler.waiting:
             assert request.num_computed_tokens == 0 and request.request_id not in manager.req_to_blocks
 
@@ -100,11 +111,11 @@ class SchedulerMachine(RuleBasedStateMachine):
             return
         # Every request still unfinished must complete: no deadlock, whatever the pool size.
         for _ in range(50 * self.scheduler.max_model_len * (len(self.added) + 1)):
-            if not self.scheduler.has_unfinished_requests():
+            if not self.has_work():
                 break
             self.run_one_step()
             self.assert_invariants()
-        assert not self.scheduler.has_unfinished_requests(), "scheduler deadlocked"
+        assert not self.has_work(), "scheduler deadlocked"
         assert self.scheduler.kv_cache_manager.num_free_blocks == self.num_blocks
         self.runner.execute(self.scheduler.schedule())  # delivers the last finished ids
         assert self.runner.states == {}, "the runner was never told that some request finished"
@@ -117,3 +128,39 @@ class SchedulerMachine(RuleBasedStateMachine):
 TestSchedulerProperties = SchedulerMachine.TestCase
 TestSchedulerProperties.settings = settings(max_examples=150, stateful_step_count=40, deadline=None,
                                             suppress_health_check=[HealthCheck.too_slow])
+
+
+class MicroBatchSchedulerMachine(SchedulerMachine):
+    """The same streams with pipeline micro-batches: up to `depth` steps in flight, each applied
+    later, oldest first, as EngineCore does (the fake runner executes a step when it is launched)."""
+
+    def build_scheduler(self, block_size: int, max_model_len: int, budget: int, max_num_seqs: int,
+                        chunked: bool, seed: int) -> Scheduler:
+        self.depth = 2 + seed % 2
+        self.in_flight: deque = deque()
+        return make_scheduler(self.num_blocks, block_size, max_model_len, budget, max_num_seqs, chunked,
+                              max_concurrent_batches=self.depth, include_last_token_ids=True)
+
+    def run_one_step(self) -> None:
+        launched = False
+        if self.scheduler.has_unfinished_requests() and len(self.in_flight) < self.depth:
+            out = self.scheduler.schedule()
+            if not out.is_empty or out.finished_req_ids or not self.in_flight:
+                self.in_flight.append((out, self.runner.execute(out)))
+                launched = not out.is_empty
+            # No two steps in flight sample the same request.
+            sampling = [set(o.num_scheduled_tokens) & {r for r, n in zip(res.req_ids, res.sampled_token_ids) if n}
+                        for o, res in self.in_flight]
+            assert sum(map(len, sampling)) == len(set().union(*sampling))
+        if not self.in_flight or (launched and len(self.in_flight) < self.depth):
+            return
+        out, result = self.in_flight.popleft()
+        for output in self.scheduler.update_from_output(out, result):
+            self.emitted.setdefault(output.req_id, []).extend(output.new_token_ids)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_unfinished_requests() or bool(self.in_flight)
+
+
+TestMicroBatchSchedulerProperties = MicroBatchSchedulerMachine.TestCase
+TestMicroBatchSchedulerProperties.settings = TestSchedulerProperties.settings
