@@ -23,8 +23,8 @@ import traceback
 from multiprocessing.connection import Connection, wait
 
 from pagedllm.config import EngineConfig
-from pagedllm.distributed import host_store
 from pagedllm.core.scheduler_output import SchedulerOutput
+from pagedllm.distributed import host_store
 from pagedllm.executor.abstract import Executor, StepFuture, WorkerDiedError
 from pagedllm.worker.runner_output import ModelRunnerOutput
 
