@@ -2,7 +2,7 @@
 GPU, then L1 / T1 for several (TP, PP) layouts in one run.
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONPATH=src:. \
-        python benchmarks/bench_pp_gpu.py [--skip-check] [--l1 1x1,2x1,1x2] [--t1 1x1,1x2]
+        python benchmarks/bench_pp_gpu.py [--skip-check] [--l1 1x1,2x1,1x2] [--t1 1x1,1x2] [--no-micro-batching]
                                           [--l1-config llama-3.1-8b] [--t1-config qwen3-0.6b]
 
 A layout is TPxPP. The check runs a tiny random Llama and Mixtral (fp32 and bf16) with CUDA
@@ -86,18 +86,21 @@ def main() -> None:
     ap.add_argument("--t1-config", default="qwen3-0.6b")
     ap.add_argument("--floor-gb", type=float, default=16.06, help="weight bytes read per token (GB)")
     ap.add_argument("--json", default="bench_pp.json", help="file name of the results under $OUT")
+    ap.add_argument("--no-micro-batching", action="store_true",
+                    help="L1 / T1 engines with --no-pipeline-micro-batching (one step at a time)")
     args = ap.parse_args()
     if not args.skip_check:
         record(RESULTS, "pp_tokens", check_tokens, args.check_archs.split(","), args.check_steps.split(","))
     bandwidth = record(RESULTS, "copy_bandwidth_gbs", copy_bandwidth_gbs) if args.l1 else 0.0
+    engine_kw = {"pipeline_micro_batching": False} if args.no_micro_batching else {}
     for tp, pp in parse_layouts(args.l1):
         # Every layout reads all the weights once per token; only TP splits that read (the floor).
-        record(RESULTS, f"l1_tp{tp}pp{pp}", l1, args.l1_config, tp, args.floor_gb, bandwidth, pp=pp)
+        record(RESULTS, f"l1_tp{tp}pp{pp}", l1, args.l1_config, tp, args.floor_gb, bandwidth, pp=pp, **engine_kw)
     rng = random.Random(1)
     greedy_prompts = [[rng.randrange(100, 10000) for _ in range(rng.randint(16, 512))] for _ in range(32)]
     tokens = {}
     for tp, pp in parse_layouts(args.t1):
-        res = record(RESULTS, f"t1_tp{tp}pp{pp}", lambda: t1(args.t1_config, tp, greedy_prompts, 128, pp=pp))
+        res = record(RESULTS, f"t1_tp{tp}pp{pp}", lambda: t1(args.t1_config, tp, greedy_prompts, 128, pp=pp, **engine_kw))
         if isinstance(res, tuple):
             RESULTS[f"t1_tp{tp}pp{pp}"], tokens[tp, pp] = res
     if len(tokens) > 1:

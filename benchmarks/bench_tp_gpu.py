@@ -153,13 +153,13 @@ def profile_l1(engine, prompt: list[int], output_len: int, host_ops_top: int = 0
 
 
 def l1(config: str, tp: int, floor_gb: float, bandwidth: float, engine=None, profile: bool = False,
-       pp: int = 1) -> dict:
+       pp: int = 1, **engine_kw) -> dict:
     from pagedllm.benchmarks.latency import measure_latency
 
     shared = engine is not None
     startup = 0.0
     if not shared:
-        engine, startup = _engine(config, tp, pp, max_model_len=4096, max_num_seqs=8)
+        engine, startup = _engine(config, tp, pp, max_model_len=4096, max_num_seqs=8, **engine_kw)
     rng = random.Random(0)
     # A fresh prompt per run: a repeated one would hit the prefix cache, and TTFT would time a
     # 16-token prefill (the figures recorded before the eighth session did).
@@ -186,13 +186,14 @@ def l1(config: str, tp: int, floor_gb: float, bandwidth: float, engine=None, pro
 
 
 def t1(config: str, tp: int, greedy_prompts: list[list[int]], greedy_tokens: int,
-       l1_args: tuple | None = None, greedy_t1: bool = True, pp: int = 1) -> tuple[dict, list]:
+       l1_args: tuple | None = None, greedy_t1: bool = True, pp: int = 1, **engine_kw) -> tuple[dict, list]:
     from pagedllm import LLM, SamplingParams
     from pagedllm.benchmarks.throughput import bench_pagedllm
 
     t0 = time.perf_counter()
     llm = LLM(os.path.join(CONFIGS, config), load_format="dummy", skip_tokenizer_init=True, tensor_parallel_size=tp,
-              pipeline_parallel_size=pp, max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=16384)
+              pipeline_parallel_size=pp, max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=16384,
+              **engine_kw)
     res = {"startup_s": time.perf_counter() - t0, "num_blocks": llm.llm_engine.config.cache_config.num_blocks}
     if l1_args is not None:  # L1 on this same engine (saves a second start of a large model)
         res["l1"] = l1(config, tp, *l1_args, engine=llm.llm_engine)
