@@ -136,7 +136,9 @@ def broadcast_from_output_rank(x: torch.Tensor) -> torch.Tensor:
     stage's first rank: ParallelConfig.output_rank), in place; a no-op without TP. Called on the
     last stage only: the other stages learn the sampled tokens from the scheduler."""
     if _TP_SIZE > 1:
-        dist.broadcast(x, src=(_PP_SIZE - 1) * _TP_SIZE, group=_TP_GROUP)
+        # The group's first rank; without stages the group is the world.
+        src = 0 if _TP_GROUP is None else dist.get_global_rank(_TP_GROUP, 0)
+        dist.broadcast(x, src=src, group=_TP_GROUP)
     return x
 
 

@@ -183,14 +183,15 @@ class CUDAGraphRunner:
             return True
         return bool(self.prefill_sizes) and metadata.num_actual_tokens <= self.prefill_sizes[-1]
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata,
-            intermediate: dict[str, torch.Tensor] | None = None) -> GraphOutput:
+    def intermediate_inputs(self, num_tokens: int) -> dict[str, torch.Tensor]:
+        """The static buffers (first `num_tokens` rows) that a stage after the first receives the
+        previous stage's activations into before `run`."""
+        return {key: buffer[:num_tokens] for key, buffer in self.intermediate.items()}  # type: ignore[union-attr]
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> GraphOutput:
         """Replay the graph of the smallest captured size that holds the step; returns its hidden
-        states (a pipeline stage other than the last: its activations for the next stage).
-        `intermediate`: the previous stage's activations (stages after the first)."""
-        if intermediate is not None:
-            for key, buffer in self.intermediate.items():  # type: ignore[union-attr]
-                buffer[: metadata.num_actual_tokens].copy_(intermediate[key], non_blocking=True)
+        states (a pipeline stage other than the last: its activations for the next stage, having
+        started from those received into `intermediate_inputs`)."""
         if metadata.num_decodes < metadata.num_reqs:
             tokens = self.stage_prefill(input_ids, positions, metadata)
             self.prefill_graphs[tokens].replay()

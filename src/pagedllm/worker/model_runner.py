@@ -232,12 +232,12 @@ class ModelRunner:
                     request_errors = apply_logits_processors(logits, sampling_states)
                 with record_function("sample"):
                     sampled_ids, logprobs = self._sample(sampling_states, logits)
-                sampled_ids = self._record_sampled(batch, sampling_states, sampled_ids)
-            else:
-                # The last pipeline stage samples; this one learns the tokens from the scheduler's
-                # next step (CachedRequestData.last_token_id), before any step that feeds them.
-                for state in sampling_states:
-                    state.append_output_token(PLACEHOLDER_TOKEN_ID)
+                sampled_ids = self._record_sampled(batch, sampled_ids)
+            # Each sampled token is a placeholder until it reaches the host (result()), or, on a
+            # stage that does not sample, until the scheduler's next step for the request brings
+            # it (CachedRequestData.last_token_id), before any step that feeds it.
+            for state in sampling_states:
+                state.append_output_token(PLACEHOLDER_TOKEN_ID)
         prompt_logprobs = ({} if not batch.prompt_logprob_spans or not is_last_pp_rank()
                            else self._prompt_logprobs(batch, hidden))  # type: ignore[arg-type]
         output = ModelRunnerOutput(
@@ -263,14 +263,17 @@ class ModelRunner:
     def _forward(self, batch: BatchInputs) -> torch.Tensor | IntermediateTensors:
         """This stage's share of the forward pass: the final hidden states on the last pipeline
         stage; elsewhere the activations, which are sent on to the next stage (and returned)."""
+        use_graph = self.cuda_graphs is not None and self.cuda_graphs.can_run(batch.attn_metadata)
         intermediate = None
         if not is_first_pp_rank():
-            intermediate = empty_intermediate_tensors(
-                self.model.intermediate_keys, batch.input_ids.shape[0], self.hidden_size,  # type: ignore[union-attr]
-                self.dtype, self.device)
+            # Straight into the graph's static inputs when a graph runs the step.
+            num_tokens = batch.input_ids.shape[0]
+            intermediate = (self.cuda_graphs.intermediate_inputs(num_tokens) if use_graph  # type: ignore[union-attr]
+                            else empty_intermediate_tensors(self.model.intermediate_keys, num_tokens,  # type: ignore[union-attr]
+                                                            self.hidden_size, self.dtype, self.device))
             recv_from_prev_stage(list(intermediate.values()))
-        if self.cuda_graphs is not None and self.cuda_graphs.can_run(batch.attn_metadata):
-            hidden = self.cuda_graphs.run(batch.input_ids, batch.positions, batch.attn_metadata, intermediate)
+        if use_graph:
+            hidden = self.cuda_graphs.run(batch.input_ids, batch.positions, batch.attn_metadata)  # type: ignore[union-attr]
         else:
             hidden = self.model(batch.input_ids, batch.positions, batch.attn_metadata, intermediate)  # type: ignore[misc]
         if not is_last_pp_rank():
@@ -299,17 +302,13 @@ class ModelRunner:
                 )
         return out.sampled_token_ids, logprobs
 
-    def _record_sampled(self, batch: BatchInputs, states: list[CachedRequestState],
-                        token_ids: torch.Tensor) -> torch.Tensor:
+    def _record_sampled(self, batch: BatchInputs, token_ids: torch.Tensor) -> torch.Tensor:
         """Make every rank of the sampling stage hold the output rank's tokens (the next step's
-        decode inputs, on the device) and give each state a placeholder for its token until it
-        reaches the host."""
+        decode inputs, on the device)."""
         # Every tensor-parallel rank samples from the same gathered logits; the output rank's
         # tokens are broadcast anyway so that no two ranks' request states can drift apart.
         token_ids = broadcast_from_output_rank(token_ids)
         self.input_buffers.record_sampled(batch.sampling_table_rows, token_ids)
-        for state in states:
-            state.append_output_token(PLACEHOLDER_TOKEN_ID)
         return token_ids
 
     def _prompt_logprobs(self, batch: BatchInputs, hidden: torch.Tensor) -> dict[str, LogprobsLists]:
