@@ -3,6 +3,7 @@ GPU, then L1 / T1 for several (TP, PP) layouts in one run.
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONPATH=src:. \
         python benchmarks/bench_pp_gpu.py [--skip-check] [--l1 1x1,2x1,1x2] [--t1 1x1,1x2] [--no-micro-batching]
+                                          [--disable-custom-all-reduce] [--check-tp-groups small,large]
                                           [--l1-config llama-3.1-8b] [--t1-config qwen3-0.6b]
 
 A layout is TPxPP. The check runs a tiny random Llama and Mixtral (fp32 and bf16) with CUDA
@@ -69,6 +70,36 @@ def check_tokens(archs: list[str], step_names: list[str]) -> dict:
     return result
 
 
+def check_tp_groups(steps_names: list[str]) -> dict:
+    """TP=2 x PP=2 on 4 GPUs, one step at a time (so every step's batch is TP=2's): its stages'
+    all-reduces (symmetric memory per TP group, or NCCL) must give TP=2's bits in bf16."""
+    from pagedllm import LLM, SamplingParams
+    from tests.models.tiny_models import TINY_CONFIGS, build_tiny_model, random_prompts
+
+    arch = "LlamaForCausalLM"
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    variants = {"tp2pp1": dict(pipeline_parallel_size=1), "tp2pp2": dict(pipeline_parallel_size=2),
+                "tp2pp2_nccl": dict(pipeline_parallel_size=2, disable_custom_all_reduce=True)}
+    result = {}
+    with tempfile.TemporaryDirectory() as path:
+        build_tiny_model(arch, path, configs={arch: {**TINY_CONFIGS[arch], "max_position_embeddings": 2048}})
+        for steps in steps_names:
+            lengths, budget, max_len = STEPS[steps]
+            prompts = random_prompts(lengths, seed=3)
+            tokens = {}
+            for name, kw in variants.items():
+                with LLM(path, skip_tokenizer_init=True, dtype="bfloat16", tensor_parallel_size=2,
+                         pipeline_micro_batching=False, kv_cache_memory_bytes=1 << 30, max_model_len=max_len,
+                         max_num_seqs=16, max_num_batched_tokens=budget, cuda_graph_max_prefill_tokens=budget,
+                         **kw) as llm:
+                    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+                    tokens[name] = [o.outputs[0].token_ids for o in outs]
+            result[steps] = {f"{name}_equals_tp2pp1": sum(a == b for a, b in zip(tokens["tp2pp1"], tokens[name]))
+                             for name in variants if name != "tp2pp1"}
+            print("tp_groups", steps, result[steps], "of 16", flush=True)
+    return result
+
+
 def parse_layouts(text: str) -> list[tuple[int, int]]:
     """'1x1,2x1,1x2' -> [(1, 1), (2, 1), (1, 2)] (TP x PP)."""
     return [tuple(int(x) for x in item.split("x")) for item in text.split(",") if item]  # type: ignore[misc]
@@ -88,11 +119,18 @@ def main() -> None:
     ap.add_argument("--json", default="bench_pp.json", help="file name of the results under $OUT")
     ap.add_argument("--no-micro-batching", action="store_true",
                     help="L1 / T1 engines with --no-pipeline-micro-batching (one step at a time)")
+    ap.add_argument("--disable-custom-all-reduce", action="store_true", help="L1 / T1 engines: NCCL all-reduces")
+    ap.add_argument("--check-tp-groups", default="",
+                    help="4 GPUs: step sizes (small,large) at which TP=2 x PP=2 must give TP=2's bf16 tokens")
     args = ap.parse_args()
     if not args.skip_check:
         record(RESULTS, "pp_tokens", check_tokens, args.check_archs.split(","), args.check_steps.split(","))
+    if args.check_tp_groups:
+        record(RESULTS, "tp_groups_tokens", check_tp_groups, args.check_tp_groups.split(","))
     bandwidth = record(RESULTS, "copy_bandwidth_gbs", copy_bandwidth_gbs) if args.l1 else 0.0
     engine_kw = {"pipeline_micro_batching": False} if args.no_micro_batching else {}
+    if args.disable_custom_all_reduce:
+        engine_kw["disable_custom_all_reduce"] = True
     for tp, pp in parse_layouts(args.l1):
         # Every layout reads all the weights once per token; only TP splits that read (the floor).
         record(RESULTS, f"l1_tp{tp}pp{pp}", l1, args.l1_config, tp, args.floor_gb, bandwidth, pp=pp, **engine_kw)

@@ -29,20 +29,23 @@ _ONE_SHOT_MAX_BYTES = 128 << 10  # H200 x 2: one-shot wins at 128 KiB (0.38 vs 0
 
 
 class SymmMemAllReduce:
-    """In-place sum of a CUDA tensor over the default process group through a symmetric buffer."""
+    """In-place sum of a CUDA tensor over a process group (the whole world, or one pipeline
+    stage's tensor-parallel group) through a symmetric buffer."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype = torch.bfloat16,
-                 one_shot_max_bytes: int = _ONE_SHOT_MAX_BYTES) -> None:
+    def __init__(self, device: torch.device, group: dist.ProcessGroup | None = None,
+                 dtype: torch.dtype = torch.bfloat16, one_shot_max_bytes: int = _ONE_SHOT_MAX_BYTES) -> None:
         os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
         import torch.distributed._symmetric_memory as symm_mem
 
         from pagedllm import one_shot_all_reduce
 
-        self.group_name = dist.group.WORLD.group_name  # type: ignore[union-attr]
+        self.group = group
+        self.group_name = (group if group is not None else dist.group.WORLD).group_name  # type: ignore[union-attr]
         if hasattr(symm_mem, "enable_symm_mem_for_group"):
             symm_mem.enable_symm_mem_for_group(self.group_name)
         self.dtype = dtype
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        # Ranks within the group: the peers' buffers are listed in group order.
+        self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         element_size = torch.tensor([], dtype=dtype).element_size()
         self.buffer = symm_mem.empty(_MAX_BYTES // element_size, dtype=dtype, device=device)
         symm_mem.rendezvous(self.buffer, self.group_name)
@@ -56,7 +59,7 @@ class SymmMemAllReduce:
         self.buffer_ptrs = self._peer_addresses(symm_mem.rendezvous(words, self.group_name), words, device)
         self._one_shot_buffer = words  # keep the mapping alive
         torch.cuda.synchronize(device)
-        dist.barrier()  # every rank's words are zero before any peer can write one
+        dist.barrier(group=group)  # every rank's words are zero before any peer can write one
 
     def _peer_addresses(self, handle: object, local: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Each rank's address of the symmetric tensor `local`, as mapped on this device."""
@@ -83,15 +86,17 @@ class SymmMemAllReduce:
         return x
 
 
-def create_custom_all_reduce(device: torch.device, rank: int, world_size: int) -> SymmMemAllReduce | None:
-    """A checked SymmMemAllReduce, or None (NCCL) when it cannot run here; every rank decides alike."""
+def create_custom_all_reduce(device: torch.device, group: dist.ProcessGroup | None = None) -> SymmMemAllReduce | None:
+    """A checked SymmMemAllReduce over `group` (None: the whole world), or None (NCCL) when it
+    cannot run here; every rank of the group decides alike."""
+    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     comm: SymmMemAllReduce | None = None
     try:
-        comm = SymmMemAllReduce(device)
+        comm = SymmMemAllReduce(device, group)
     except Exception as e:  # noqa: BLE001 - any failure means NCCL, on every rank
         logger.warning("Custom all-reduce unavailable (%s); using NCCL.", e)
     # The self-check's kernels wait for their peers: run them only where every rank got this far.
-    if not _all_ranks_agree(comm is not None, device):
+    if not _all_ranks_agree(comm is not None, device, group):
         return None
     assert comm is not None
     expected = world_size * (world_size + 1) / 2
@@ -108,15 +113,15 @@ def create_custom_all_reduce(device: torch.device, rank: int, world_size: int) -
             failure = f"self-check of {numel} elements summed to {probe[0].item()} instead of {expected}"
     if failure is not None:
         logger.warning("Custom all-reduce failed its %s; using NCCL.", failure)
-    if not _all_ranks_agree(failure is None, device):
+    if not _all_ranks_agree(failure is None, device, group):
         return None
     logger.info("Custom all-reduce: symmetric memory over NVLink for bf16 tensors up to %d MiB "
                 "(one-shot kernel up to %d KiB).", _MAX_BYTES >> 20, comm.one_shot_max_bytes >> 10)
     return comm
 
 
-def _all_ranks_agree(ok: bool, device: torch.device) -> bool:
-    """True when `ok` holds on every rank (an NCCL all-reduce of the flags)."""
+def _all_ranks_agree(ok: bool, device: torch.device, group: dist.ProcessGroup | None = None) -> bool:
+    """True when `ok` holds on every rank of `group` (an NCCL all-reduce of the flags)."""
     flag = torch.tensor([1.0 if ok else 0.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     return bool(flag.item() >= 1)

@@ -72,9 +72,9 @@ def init_distributed_environment(rank: int, world_size: int, init_method: str, d
     """Join the process group of all `world_size` ranks (NCCL between GPUs, gloo between CPU
     processes) and, with several pipeline stages, one tensor-parallel group per stage.
 
-    On GPUs without pipeline stages, small all-reduces go through symmetric memory over NVLink
+    On GPUs, a tensor-parallel group's small all-reduces go through symmetric memory over NVLink
     when it works here (`custom_all_reduce.py`; `custom_all_reduce=False` keeps NCCL for all of
-    them). With pipeline stages every collective goes through NCCL.
+    them); every other collective, and the stages' sends, go through NCCL.
     """
     global _CUSTOM_ALL_REDUCE, _TP_GROUP
     if world_size % pipeline_parallel_size:
@@ -91,10 +91,11 @@ def init_distributed_environment(rank: int, world_size: int, init_method: str, d
                 group = dist.new_group(list(range(stage * tp_size, (stage + 1) * tp_size)))
                 if stage == rank // tp_size:
                     _TP_GROUP = group
-        elif device.type == "cuda" and custom_all_reduce:
+        if device.type == "cuda" and custom_all_reduce and tp_size > 1:
             from pagedllm.custom_all_reduce import create_custom_all_reduce
 
-            _CUSTOM_ALL_REDUCE = create_custom_all_reduce(device, rank, world_size)
+            # Each stage's group sets up its own symmetric buffers, side by side.
+            _CUSTOM_ALL_REDUCE = create_custom_all_reduce(device, _TP_GROUP)
     set_tensor_parallel_state(rank % tp_size, tp_size)
     set_pipeline_parallel_state(rank // tp_size, pipeline_parallel_size)
 
@@ -154,6 +155,16 @@ def recv_from_prev_stage(tensors: list[torch.Tensor]) -> None:
     src = dist.get_rank() - _TP_SIZE
     for tensor in tensors:
         dist.recv(tensor, src=src)
+
+
+def send_to_first_stage(tensor: torch.Tensor) -> None:
+    """Last stage: send `tensor` to the same tensor-parallel rank of the first stage."""
+    dist.send(tensor.contiguous(), dst=dist.get_rank() - (_PP_SIZE - 1) * _TP_SIZE)
+
+
+def recv_from_last_stage(tensor: torch.Tensor) -> None:
+    """First stage: fill `tensor` (preallocated) from the last stage, in place."""
+    dist.recv(tensor, src=dist.get_rank() + (_PP_SIZE - 1) * _TP_SIZE)
 
 
 def tensor_model_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:
