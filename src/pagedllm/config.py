@@ -359,15 +359,12 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         if not args.enable_chunked_prefill:
             max_num_batched_tokens = max(max_num_batched_tokens, max_model_len)
     pp = args.pipeline_parallel_size
-    if pp > 1 and args.async_scheduling:
-        raise ValueError("--async-scheduling does not combine with pipeline_parallel_size > 1: the stages are "
-                         "kept busy by pipeline micro-batches instead (--pipeline-micro-batching).")
     scheduler_config = SchedulerConfig(
         max_num_batched_tokens=max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,
         max_model_len=max_model_len,
         enable_chunked_prefill=args.enable_chunked_prefill,
-        async_scheduling=pp == 1 and (device == "cuda" if args.async_scheduling is None else args.async_scheduling),
+        async_scheduling=device == "cuda" if args.async_scheduling is None else args.async_scheduling,
         max_concurrent_batches=pp if pp > 1 and args.pipeline_micro_batching else 1,
         include_last_token_ids=pp > 1,
     )

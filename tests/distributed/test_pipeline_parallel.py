@@ -11,6 +11,7 @@ from pagedllm.executor.abstract import WorkerDiedError
 from pagedllm.models.pipeline import stage_layer_range
 from tests.distributed.test_tensor_parallel import (  # noqa: F401 - model_dirs is a fixture
     ENGINE_ARGS,
+    MAX_TOKENS,
     PROMPTS,
     _greedy,
     kill_once_running,
@@ -54,9 +55,44 @@ def test_pp2_one_step_at_a_time_gives_pp1_tokens(model_dirs):
     assert _greedy(path, pipeline_parallel_size=2, pipeline_micro_batching=False) == _greedy(path)
 
 
-def test_async_scheduling_is_refused_with_pipeline_stages(model_dirs):
-    with pytest.raises(ValueError, match="micro-batch"):
-        LLM(model_dirs["LlamaForCausalLM"], skip_tokenizer_init=True, pipeline_parallel_size=2, async_scheduling=True)
+@pytest.mark.parametrize("micro_batching", [True, False])
+def test_pp2_async_scheduling_gives_pp1_tokens(model_dirs, micro_batching):
+    # Async scheduling (the default on GPUs) with and without micro-batches: decodes ahead get
+    # their input from the last stage; preemption and chunked prefill in between.
+    path = model_dirs["LlamaForCausalLM"]
+    assert _greedy(path, pipeline_parallel_size=2, async_scheduling=True,
+                   pipeline_micro_batching=micro_batching) == _greedy(path)
+
+
+def _lone_request_decodes_ahead(path: str, **engine_args) -> tuple[list[int], int]:
+    """One request's greedy tokens, and how many of its steps decoded ahead of a pending token."""
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    with LLM(path, **ENGINE_ARGS, **engine_args) as llm:
+        scheduler = llm.llm_engine.engine_core.scheduler
+        schedule, ahead = scheduler.schedule, []
+
+        def counting_schedule():
+            out = schedule()
+            ahead.extend(c.req_id for c in out.scheduled_cached_reqs if c.decode_ahead)
+            return out
+
+        scheduler.schedule = counting_schedule
+        (out,) = llm.generate([{"prompt_token_ids": PROMPTS[4]}], params, use_tqdm=False)
+    return out.outputs[0].token_ids, len(ahead)
+
+
+@pytest.mark.parametrize(("arch", "layout"), [("LlamaForCausalLM", (1, 2)), ("Gemma2ForCausalLM", (1, 3)),
+                                               ("Qwen3ForCausalLM", (2, 2))])
+def test_a_lone_request_decodes_ahead_with_async_scheduling(model_dirs, arch, layout):
+    # A single request cannot be split into micro-batches: every step after the first decodes
+    # ahead, its input sent from the last stage to the first (a middle stage needs none; with
+    # TP each rank of the first stage gets it from its peer of the last).
+    tp, pp = layout
+    path = model_dirs[arch]
+    tokens, num_ahead = _lone_request_decodes_ahead(path, tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                                                    async_scheduling=True)
+    assert num_ahead >= MAX_TOKENS // 2
+    assert tokens == _lone_request_decodes_ahead(path)[0]
 
 
 def test_pp2_logprobs_and_seeded_sampling_match_pp1(model_dirs):

@@ -43,6 +43,10 @@ class FakeModelRunner:
             state = self.states[cached.req_id]
             assert state.num_computed_tokens == cached.num_computed_tokens
             state.block_ids.extend(cached.new_block_ids)
+            if cached.last_token_id is not None:  # pipeline stages: the newest token the scheduler knows
+                assert state.token_ids[cached.last_token_index] == cached.last_token_id
+                # A decode ahead's input is a token the scheduler does not know yet.
+                assert cached.decode_ahead == (cached.num_computed_tokens > cached.last_token_index)
         req_ids, sampled = [], []
         for req_id, num_tokens in out.num_scheduled_tokens.items():
             state = self.states[req_id]

@@ -58,3 +58,34 @@ def test_a_request_preempted_with_its_token_in_flight_resumes_only_once_the_toke
     (resumed,) = s3.scheduled_new_reqs
     assert resumed.req_id == "x" and resumed.output_token_ids == [42]
     assert s3.num_scheduled_tokens == {"x": 5}  # prompt and the token, recomputed
+
+
+def test_with_async_scheduling_a_lone_request_decodes_ahead_of_its_pending_token():
+    # One request cannot be split over two steps: with async scheduling the second step decodes
+    # it ahead (its input comes from the last stage on the device), so the host's work between
+    # steps stays hidden; the first stage learns each token later, by its position.
+    scheduler = make_scheduler(max_concurrent_batches=2, include_last_token_ids=True, async_scheduling=True)
+    scheduler.add_request(make_request("a", 4, max_tokens=4))
+    s1 = scheduler.schedule()
+    s2 = scheduler.schedule()
+    assert s2.num_scheduled_tokens == {"a": 1}
+    (ahead,) = s2.scheduled_cached_reqs
+    assert ahead.decode_ahead and (ahead.last_token_index, ahead.last_token_id) == (3, 103)  # the last prompt token
+    scheduler.update_from_output(s1, _sampled(s1, {"a": 10}))
+    s3 = scheduler.schedule()
+    (cached,) = s3.scheduled_cached_reqs
+    assert cached.decode_ahead and (cached.last_token_index, cached.last_token_id) == (4, 10)
+
+
+def test_with_async_scheduling_micro_batches_still_split_the_running_requests():
+    scheduler = make_scheduler(max_concurrent_batches=2, include_last_token_ids=True, async_scheduling=True)
+    for name in "abcd":
+        scheduler.add_request(make_request(name, 4, max_tokens=8))
+    s1 = scheduler.schedule()
+    s2 = scheduler.schedule()  # room for half the running requests: two decode ahead
+    assert s2.num_scheduled_tokens == {"a": 1, "b": 1}
+    assert all(c.decode_ahead for c in s2.scheduled_cached_reqs)
+    scheduler.update_from_output(s1, _sampled(s1, {"a": 10, "b": 11, "c": 12, "d": 13}))
+    s3 = scheduler.schedule()  # the requests whose tokens are in go first, and not ahead
+    assert s3.num_scheduled_tokens == {"c": 1, "d": 1}
+    assert not any(c.decode_ahead for c in s3.scheduled_cached_reqs)

@@ -132,14 +132,17 @@ TestSchedulerProperties.settings = settings(max_examples=150, stateful_step_coun
 
 class MicroBatchSchedulerMachine(SchedulerMachine):
     """The same streams with pipeline micro-batches: up to `depth` steps in flight, each applied
-    later, oldest first, as EngineCore does (the fake runner executes a step when it is launched)."""
+    later, oldest first, as EngineCore does (the fake runner executes a step when it is launched),
+    with or without async scheduling (decodes ahead of a pending token when a step has room)."""
 
     def build_scheduler(self, block_size: int, max_model_len: int, budget: int, max_num_seqs: int,
                         chunked: bool, seed: int) -> Scheduler:
         self.depth = 2 + seed % 2
+        self.decode_ahead = (seed // 2) % 2 == 1
         self.in_flight: deque = deque()
         return make_scheduler(self.num_blocks, block_size, max_model_len, budget, max_num_seqs, chunked,
-                              max_concurrent_batches=self.depth, include_last_token_ids=True)
+                              max_concurrent_batches=self.depth, include_last_token_ids=True,
+                              async_scheduling=self.decode_ahead)
 
     def run_one_step(self) -> None:
         launched = False
@@ -148,10 +151,10 @@ class MicroBatchSchedulerMachine(SchedulerMachine):
             if not out.is_empty or out.finished_req_ids or not self.in_flight:
                 self.in_flight.append((out, self.runner.execute(out)))
                 launched = not out.is_empty
-            # No two steps in flight sample the same request.
+            # Without decodes ahead, no two steps in flight sample the same request.
             sampling = [set(o.num_scheduled_tokens) & {r for r, n in zip(res.req_ids, res.sampled_token_ids) if n}
                         for o, res in self.in_flight]
-            assert sum(map(len, sampling)) == len(set().union(*sampling))
+            assert self.decode_ahead or sum(map(len, sampling)) == len(set().union(*sampling))
         if not self.in_flight or (launched and len(self.in_flight) < self.depth):
             return
         out, result = self.in_flight.popleft()

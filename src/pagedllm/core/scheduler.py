@@ -69,12 +69,14 @@ class Scheduler:
     preempted by step N+1's schedule() still receives its step-N token.
 
     With pipeline micro-batching (`max_concurrent_batches` > 1) up to that many steps are in
-    flight, each of requests no other in-flight step holds a sampled token of: a request whose
-    token is still a placeholder waits for it (no decode ahead), and each step takes at most
-    1 / max_concurrent_batches of the running requests, so the steps in flight stay balanced.
+    flight, each taking at most 1 / max_concurrent_batches of the running requests, so the steps
+    in flight stay balanced. A request whose token is still a placeholder is passed over (another
+    step may run meanwhile); only with async scheduling, and only while the step has room left
+    (fewer running requests than steps in flight, e.g. a single one), does it decode ahead.
     With pipeline stages (`include_last_token_ids`) every scheduled running request carries its
-    last token (`CachedRequestData.last_token_id`): the first stage needs it as the decode input
-    and never sees the sampled ids.
+    newest known token (`CachedRequestData.last_token_id`): the first stage needs it as the decode
+    input and never sees the sampled ids; a decode ahead (`decode_ahead`) gets its input from the
+    last stage on the device instead.
 
     The runner must drop `finished_req_ids` before adding `scheduled_new_reqs` (an id can be
     reused by a new request once the old one finished), and must ignore ids it does not hold.
@@ -198,14 +200,20 @@ class Scheduler:
         # Micro-batches: this step's share of the running requests (the others fill the next steps).
         max_running = -(-len(self.running) // self.max_concurrent_batches)
         req_index = 0
+        # Micro-batches with async scheduling: requests passed over for a pending token, which
+        # may decode ahead of it if this step has room left (e.g. a single request).
+        pending_requests: list[Request] = []
         while req_index < len(self.running) and token_budget > 0 and len(num_scheduled_tokens) < max_running:
             request = self.running[req_index]
-            # Decode ahead of a pending token (async scheduling), not with micro-batches.
+            # Decode ahead of a pending token (async scheduling); with micro-batches only below.
             pending = 0 if micro_batching else request.num_output_placeholders
             num_new_tokens = min(request.num_tokens + pending - request.num_computed_tokens, token_budget)
-            if num_new_tokens == 0 or self._reaches_length_limit(request):
-                # Nothing to compute before a pending output arrives, or the tokens already being
-                # sampled end the request (max_tokens / max_model_len): another step would be waste.
+            if num_new_tokens <= 0 or self._reaches_length_limit(request):
+                # Nothing to compute before a pending output arrives (a micro-batch may have decoded
+                # ahead of it already), or the tokens already being sampled end the request
+                # (max_tokens / max_model_len): another step would be waste.
+                if num_new_tokens <= 0 and not self._reaches_length_limit(request):
+                    pending_requests.append(request)
                 req_index += 1
                 continue
             new_blocks = self.kv_cache_manager.allocate_slots(request, num_new_tokens)
@@ -223,6 +231,21 @@ class Scheduler:
             new_blocks_of[request.request_id] = [b.block_id for b in new_blocks]
             token_budget -= num_new_tokens
             req_index += 1
+        if micro_batching and self.scheduler_config.async_scheduling and self._num_requests_reading_outputs == 0:
+            for request in pending_requests:
+                if not (token_budget > 0 and len(num_scheduled_tokens) < max_running
+                        and request.status == RequestStatus.RUNNING):
+                    continue
+                if request.num_tokens + request.num_output_placeholders - request.num_computed_tokens != 1:
+                    continue
+                # One decode ahead of the newest pending token; never preempting for it (a request
+                # this step already holds could be the victim).
+                new_blocks = self.kv_cache_manager.allocate_slots(request, 1)
+                if new_blocks is None:
+                    break
+                num_scheduled_tokens[request.request_id] = 1
+                new_blocks_of[request.request_id] = [b.block_id for b in new_blocks]
+                token_budget -= 1
 
         # Then waiting requests, FCFS, unless this step already had to preempt (the pool is full).
         # Parallel samples waiting for their sibling's prompt are passed over, keeping their place.
@@ -337,17 +360,8 @@ class Scheduler:
             )
             for request in new_reqs
         ]
-        last_tokens = self.scheduler_config.include_last_token_ids
-        scheduled_cached_reqs = [
-            CachedRequestData(
-                req_id=req_id,
-                new_block_ids=new_blocks_of[req_id],
-                num_computed_tokens=self.requests[req_id].num_computed_tokens,
-                last_token_id=self.requests[req_id].all_token_ids[-1] if last_tokens else None,
-            )
-            for req_id in num_scheduled_tokens
-            if req_id not in new_req_ids
-        ]
+        scheduled_cached_reqs = [self._cached_request_data(self.requests[req_id], new_blocks_of[req_id])
+                                 for req_id in num_scheduled_tokens if req_id not in new_req_ids]
         output = SchedulerOutput(
             scheduled_new_reqs=scheduled_new_reqs,
             scheduled_cached_reqs=scheduled_cached_reqs,
@@ -358,6 +372,17 @@ class Scheduler:
         )
         self.finished_req_ids = set()
         return output
+
+    def _cached_request_data(self, request: Request, new_block_ids: list[int]) -> CachedRequestData:
+        """What the runner learns of a request it holds (before this step's progress is added)."""
+        if not self.scheduler_config.include_last_token_ids:
+            return CachedRequestData(request.request_id, new_block_ids, request.num_computed_tokens)
+        return CachedRequestData(
+            request.request_id, new_block_ids, request.num_computed_tokens,
+            last_token_id=request.all_token_ids[-1], last_token_index=request.num_tokens - 1,
+            # Its input is a token still being sampled (only ever one token ahead).
+            decode_ahead=request.num_computed_tokens >= request.num_tokens,
+        )
 
     def update_from_output(
         self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput

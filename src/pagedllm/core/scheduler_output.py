@@ -28,9 +28,14 @@ class CachedRequestData:
     req_id: str
     new_block_ids: list[int]
     num_computed_tokens: int
-    # With pipeline stages: the request's last token (the sampled token the stages that do not
-    # sample have only as a placeholder), None otherwise.
+    # With pipeline stages: the request's newest known token and its position in the request's
+    # tokens (prompt + output); the stages that do not sample hold sampled tokens as placeholders
+    # until they learn them here. None / -1 otherwise.
     last_token_id: int | None = None
+    last_token_index: int = -1
+    # With pipeline stages and async scheduling: this step's input is the token that an earlier
+    # step still in flight samples (decode ahead); the last stage sends it to the first stage.
+    decode_ahead: bool = False
 
 
 @dataclass

@@ -66,10 +66,9 @@ class EngineCore:
                                                enable_caching=cache.enable_prefix_caching,
                                                sliding_window=kv_cache_sliding_window(config.model_config.hf_config))
         self.scheduler = Scheduler(sched, self.kv_cache_manager)
-        # Steps launched and not yet applied, oldest first: at most one while the next is
-        # scheduled (async scheduling), or one per pipeline stage (micro-batches); none otherwise.
-        self.max_in_flight = sched.max_concurrent_batches if sched.max_concurrent_batches > 1 else (
-            2 if sched.async_scheduling else 1)
+        # Steps launched and not yet applied, oldest first: one per pipeline stage (micro-batches),
+        # at least two with async scheduling (the next is scheduled while one runs), else one.
+        self.max_in_flight = max(sched.max_concurrent_batches, 2 if sched.async_scheduling else 1)
         self._in_flight: deque[tuple[SchedulerOutput, StepFuture]] = deque()
         # Steps launched while the previous one was still in flight (what async scheduling overlaps).
         self.num_pipelined_steps = 0

@@ -11,9 +11,12 @@ from pagedllm.config import CacheConfig, ModelConfig
 from pagedllm.core.scheduler_output import SchedulerOutput
 from pagedllm.distributed import (
     broadcast_from_output_rank,
+    get_pp_size,
     is_first_pp_rank,
     is_last_pp_rank,
+    recv_from_last_stage,
     recv_from_prev_stage,
+    send_to_first_stage,
     send_to_next_stage,
 )
 from pagedllm.layers.custom_op import set_fused_kernels
@@ -187,10 +190,11 @@ class ModelRunner:
             state = self.requests[cached.req_id]
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
-            if (cached.last_token_id is not None and state.output_token_ids
-                    and state.output_token_ids[-1] == PLACEHOLDER_TOKEN_ID):
+            output_index = cached.last_token_index - state.num_prompt_tokens
+            if (cached.last_token_id is not None and 0 <= output_index < len(state.output_token_ids)
+                    and state.output_token_ids[output_index] == PLACEHOLDER_TOKEN_ID):
                 # Pipeline parallelism: a stage that does not sample learns the token here.
-                state.resolve_output_token(len(state.output_token_ids) - 1, cached.last_token_id)
+                state.resolve_output_token(output_index, cached.last_token_id)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Run the scheduled tokens through the model and sample where a request reached its end."""
@@ -213,6 +217,8 @@ class ModelRunner:
         # The record_function scopes name the stages in profiler traces (LLM.start_profile).
         with record_function("prepare_inputs"):
             batch = prepare_inputs(scheduler_output, self.requests, self.block_size, self.device, self.input_buffers)
+            if get_pp_size() > 1:
+                self._forward_decode_ahead_tokens(scheduler_output, batch)
         with record_function("forward"):
             hidden = self._forward(batch)
         logprobs: dict[str, LogprobsLists] = {}
@@ -259,6 +265,25 @@ class ModelRunner:
         dst = torch.tensor([d for _, d in blocks_to_copy], dtype=torch.long, device=self.device)
         for cache in self.kv_caches:
             cache[:, dst] = cache[:, src]
+
+    def _forward_decode_ahead_tokens(self, scheduler_output: SchedulerOutput, batch: BatchInputs) -> None:
+        """Pipeline stages with async scheduling: a decode ahead's input is a token the last stage
+        sampled in a step whose output has not reached the scheduler; the last stage (which has
+        it on the device) sends those inputs to the first stage, which embeds them.
+
+        Both ends take the requests from the scheduler's output, so they agree; the last stage
+        sends before it waits for this step's activations, so the first stage is not held up."""
+        ahead = {cached.req_id for cached in scheduler_output.scheduled_cached_reqs if cached.decode_ahead}
+        if not ahead or not (is_first_pp_rank() or is_last_pp_rank()):
+            return
+        # A decode ahead is a one-token query, and decode queries come first: token i is request i.
+        index = torch.tensor([i for i, req_id in enumerate(batch.req_ids) if req_id in ahead], device=self.device)
+        if is_last_pp_rank():
+            send_to_first_stage(batch.input_ids.index_select(0, index))
+        else:
+            tokens = torch.empty(len(ahead), dtype=batch.input_ids.dtype, device=self.device)
+            recv_from_last_stage(tokens)
+            batch.input_ids[index] = tokens
 
     def _forward(self, batch: BatchInputs) -> torch.Tensor | IntermediateTensors:
         """This stage's share of the forward pass: the final hidden states on the last pipeline
