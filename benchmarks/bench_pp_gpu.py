@@ -3,7 +3,7 @@ GPU, then L1 / T1 for several (TP, PP) layouts in one run.
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONPATH=src:. \
         python benchmarks/bench_pp_gpu.py [--skip-check] [--l1 1x1,2x1,1x2] [--t1 1x1,1x2] [--no-micro-batching]
-                                          [--disable-custom-all-reduce] [--check-tp-groups small,large]
+                                          [--no-async-scheduling] [--disable-custom-all-reduce] [--check-tp-groups small,large]
                                           [--l1-config llama-3.1-8b] [--t1-config qwen3-0.6b]
 
 A layout is TPxPP. The check runs a tiny random Llama and Mixtral (fp32 and bf16) with CUDA
@@ -119,6 +119,7 @@ def main() -> None:
     ap.add_argument("--json", default="bench_pp.json", help="file name of the results under $OUT")
     ap.add_argument("--no-micro-batching", action="store_true",
                     help="L1 / T1 engines with --no-pipeline-micro-batching (one step at a time)")
+    ap.add_argument("--no-async-scheduling", action="store_true", help="L1 / T1 engines without async scheduling")
     ap.add_argument("--disable-custom-all-reduce", action="store_true", help="L1 / T1 engines: NCCL all-reduces")
     ap.add_argument("--check-tp-groups", default="",
                     help="4 GPUs: step sizes (small,large) at which TP=2 x PP=2 must give TP=2's bf16 tokens")
@@ -129,6 +130,8 @@ def main() -> None:
         record(RESULTS, "tp_groups_tokens", check_tp_groups, args.check_tp_groups.split(","))
     bandwidth = record(RESULTS, "copy_bandwidth_gbs", copy_bandwidth_gbs) if args.l1 else 0.0
     engine_kw = {"pipeline_micro_batching": False} if args.no_micro_batching else {}
+    if args.no_async_scheduling:
+        engine_kw["async_scheduling"] = False
     if args.disable_custom_all_reduce:
         engine_kw["disable_custom_all_reduce"] = True
     for tp, pp in parse_layouts(args.l1):
