@@ -73,7 +73,7 @@ def _lone_request_decodes_ahead(path: str, **engine_args) -> tuple[list[int], in
 
         def counting_schedule():
             out = schedule()
-            ahead.extend(c.req_id for c in out.scheduled_cached_reqs if c.decode_ahead)
+            ahead.extend(out.decode_ahead_req_ids)
             return out
 
         scheduler.schedule = counting_schedule

@@ -43,10 +43,12 @@ class FakeModelRunner:
             state = self.states[cached.req_id]
             assert state.num_computed_tokens == cached.num_computed_tokens
             state.block_ids.extend(cached.new_block_ids)
-            if cached.last_token_id is not None:  # pipeline stages: the newest token the scheduler knows
-                assert state.token_ids[cached.last_token_index] == cached.last_token_id
-                # A decode ahead's input is a token the scheduler does not know yet.
-                assert cached.decode_ahead == (cached.num_computed_tokens > cached.last_token_index)
+            if cached.last_token_id is not None:  # pipeline stages: the decode's input, known
+                assert state.token_ids[cached.num_computed_tokens] == cached.last_token_id
+                assert cached.num_computed_tokens == len(state.token_ids) - 1
+        for req_id in out.decode_ahead_req_ids:  # a decode ahead: its input is being sampled
+            state = self.states[req_id]
+            assert out.num_scheduled_tokens[req_id] == 1 and state.num_computed_tokens == len(state.token_ids) - 1
         req_ids, sampled = [], []
         for req_id, num_tokens in out.num_scheduled_tokens.items():
             state = self.states[req_id]

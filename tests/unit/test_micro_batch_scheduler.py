@@ -68,13 +68,15 @@ def test_with_async_scheduling_a_lone_request_decodes_ahead_of_its_pending_token
     scheduler.add_request(make_request("a", 4, max_tokens=4))
     s1 = scheduler.schedule()
     s2 = scheduler.schedule()
-    assert s2.num_scheduled_tokens == {"a": 1}
-    (ahead,) = s2.scheduled_cached_reqs
-    assert ahead.decode_ahead and (ahead.last_token_index, ahead.last_token_id) == (3, 103)  # the last prompt token
+    assert s2.num_scheduled_tokens == {"a": 1} and s2.decode_ahead_req_ids == ["a"]
+    assert [c.last_token_id for c in s2.scheduled_cached_reqs] == [None]  # its input is being sampled
     scheduler.update_from_output(s1, _sampled(s1, {"a": 10}))
     s3 = scheduler.schedule()
-    (cached,) = s3.scheduled_cached_reqs
-    assert cached.decode_ahead and (cached.last_token_index, cached.last_token_id) == (4, 10)
+    assert s3.decode_ahead_req_ids == ["a"] and [c.last_token_id for c in s3.scheduled_cached_reqs] == [None]
+    scheduler.update_from_output(s2, _sampled(s2, {"a": 11}))
+    scheduler.update_from_output(s3, _sampled(s3, {"a": 12}))
+    s4 = scheduler.schedule()  # nothing in flight: a plain decode of the newest token
+    assert s4.decode_ahead_req_ids == [] and [c.last_token_id for c in s4.scheduled_cached_reqs] == [12]
 
 
 def test_with_async_scheduling_micro_batches_still_split_the_running_requests():
@@ -83,9 +85,8 @@ def test_with_async_scheduling_micro_batches_still_split_the_running_requests():
         scheduler.add_request(make_request(name, 4, max_tokens=8))
     s1 = scheduler.schedule()
     s2 = scheduler.schedule()  # room for half the running requests: two decode ahead
-    assert s2.num_scheduled_tokens == {"a": 1, "b": 1}
-    assert all(c.decode_ahead for c in s2.scheduled_cached_reqs)
+    assert s2.num_scheduled_tokens == {"a": 1, "b": 1} and s2.decode_ahead_req_ids == ["a", "b"]
     scheduler.update_from_output(s1, _sampled(s1, {"a": 10, "b": 11, "c": 12, "d": 13}))
     s3 = scheduler.schedule()  # the requests whose tokens are in go first, and not ahead
     assert s3.num_scheduled_tokens == {"c": 1, "d": 1}
-    assert not any(c.decode_ahead for c in s3.scheduled_cached_reqs)
+    assert s3.decode_ahead_req_ids == [] and [c.last_token_id for c in s3.scheduled_cached_reqs] == [12, 13]

@@ -73,10 +73,10 @@ class Scheduler:
     in flight stay balanced. A request whose token is still a placeholder is passed over (another
     step may run meanwhile); only with async scheduling, and only while the step has room left
     (fewer running requests than steps in flight, e.g. a single one), does it decode ahead.
-    With pipeline stages (`include_last_token_ids`) every scheduled running request carries its
-    newest known token (`CachedRequestData.last_token_id`): the first stage needs it as the decode
-    input and never sees the sampled ids; a decode ahead (`decode_ahead`) gets its input from the
-    last stage on the device instead.
+    With pipeline stages (`include_last_token_ids`) a scheduled decode of a known token carries it
+    (`CachedRequestData.last_token_id`): the first stage needs it as the decode input and never
+    sees the sampled ids; a decode ahead (`SchedulerOutput.decode_ahead_req_ids`) gets its input
+    from the last stage on the device instead.
 
     The runner must drop `finished_req_ids` before adding `scheduled_new_reqs` (an id can be
     reused by a new request once the old one finished), and must ignore ids it does not hold.
@@ -360,8 +360,22 @@ class Scheduler:
             )
             for request in new_reqs
         ]
-        scheduled_cached_reqs = [self._cached_request_data(self.requests[req_id], new_blocks_of[req_id])
-                                 for req_id in num_scheduled_tokens if req_id not in new_req_ids]
+        cached = [self.requests[req_id] for req_id in num_scheduled_tokens if req_id not in new_req_ids]
+        last_tokens = self.scheduler_config.include_last_token_ids
+        scheduled_cached_reqs = [
+            CachedRequestData(
+                req_id=request.request_id,
+                new_block_ids=new_blocks_of[request.request_id],
+                num_computed_tokens=request.num_computed_tokens,
+                # A decode of its newest known token (not of a prefill chunk, nor ahead of one).
+                last_token_id=(request.all_token_ids[-1]
+                               if last_tokens and request.num_computed_tokens == request.num_tokens - 1 else None),
+            )
+            for request in cached
+        ]
+        # Ahead: its input is a token still being sampled (one the scheduler does not know).
+        decode_ahead_req_ids = ([r.request_id for r in cached if r.num_computed_tokens >= r.num_tokens]
+                                if last_tokens else [])
         output = SchedulerOutput(
             scheduled_new_reqs=scheduled_new_reqs,
             scheduled_cached_reqs=scheduled_cached_reqs,
@@ -369,20 +383,10 @@ class Scheduler:
             total_num_scheduled_tokens=sum(num_scheduled_tokens.values()),
             finished_req_ids=self.finished_req_ids,
             blocks_to_copy=self.kv_cache_manager.take_blocks_to_copy(),
+            decode_ahead_req_ids=decode_ahead_req_ids,
         )
         self.finished_req_ids = set()
         return output
-
-    def _cached_request_data(self, request: Request, new_block_ids: list[int]) -> CachedRequestData:
-        """What the runner learns of a request it holds (before this step's progress is added)."""
-        if not self.scheduler_config.include_last_token_ids:
-            return CachedRequestData(request.request_id, new_block_ids, request.num_computed_tokens)
-        return CachedRequestData(
-            request.request_id, new_block_ids, request.num_computed_tokens,
-            last_token_id=request.all_token_ids[-1], last_token_index=request.num_tokens - 1,
-            # Its input is a token still being sampled (only ever one token ahead).
-            decode_ahead=request.num_computed_tokens >= request.num_tokens,
-        )
 
     def update_from_output(
         self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput

@@ -28,14 +28,10 @@ class CachedRequestData:
     req_id: str
     new_block_ids: list[int]
     num_computed_tokens: int
-    # With pipeline stages: the request's newest known token and its position in the request's
-    # tokens (prompt + output); the stages that do not sample hold sampled tokens as placeholders
-    # until they learn them here. None / -1 otherwise.
+    # With pipeline stages, when this step's input is the request's newest known token (at
+    # position num_computed_tokens): that token, which the stages that do not sample hold only
+    # as a placeholder. None otherwise.
     last_token_id: int | None = None
-    last_token_index: int = -1
-    # With pipeline stages and async scheduling: this step's input is the token that an earlier
-    # step still in flight samples (decode ahead); the last stage sends it to the first stage.
-    decode_ahead: bool = False
 
 
 @dataclass
@@ -51,6 +47,9 @@ class SchedulerOutput:
     finished_req_ids: set[str] = field(default_factory=set)
     # Blocks that must be copied before this step runs (copy-on-write), as (src, dst) pairs.
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
+    # With pipeline stages and async scheduling: decodes whose input is a token that a step still
+    # in flight samples (decode ahead); the last stage sends those inputs to the first stage.
+    decode_ahead_req_ids: list[str] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:

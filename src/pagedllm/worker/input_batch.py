@@ -82,6 +82,8 @@ class BatchInputs:
     # Persistent block-table row of each sampling request: where its sampled token is kept on the
     # device (InputBuffers.last_token) for the next step's input.
     sampling_table_rows: torch.Tensor
+    # Flat token index of each decode ahead (SchedulerOutput.decode_ahead_req_ids), or None.
+    decode_ahead_index: torch.Tensor | None = None
 
 
 class InputBuffers:
@@ -272,23 +274,27 @@ def prepare_inputs(
     decode_tokens = np.fromiter(
         (s.token_ids[s.num_computed_tokens] for s in states[:num_decodes]), dtype=np.int64, count=num_decodes)
     on_device = np.flatnonzero(decode_tokens == PLACEHOLDER_TOKEN_ID)
+    # Pipeline stages: the decodes ahead (one-token queries: token i is request i).
+    ahead_ids = set(scheduler_output.decode_ahead_req_ids)
+    ahead = [i for i, req_id in enumerate(req_ids[:num_decodes]) if req_id in ahead_ids] if ahead_ids else []
 
     # One int64 host buffer holds every array of the step; the int32 query_start_loc sits in
     # its last int64 elements, viewed as int32.
     sizes = [num_tokens, num_tokens, num_tokens, num_reqs, len(sampling_rows), num_reqs * max_blocks,
-             len(sampling_rows), len(on_device), len(on_device), (num_reqs + 2) // 2]
+             len(sampling_rows), len(on_device), len(on_device), len(ahead), (num_reqs + 2) // 2]
     # Every piece starts on 16 bytes: Triton specialises kernels on pointer alignment, so
     # pieces at arbitrary offsets would compile a new variant for each combination met.
     offsets = [0, *itertools.accumulate(size + (size & 1) for size in sizes)]
     staging = buffers.staging(offsets[-1])
     (input_ids, positions, slot_mapping, seq_lens_out, logits_indices, block_tables, sampling_table_rows,
-     device_token_index, device_token_rows, qsl_words) = (
+     device_token_index, device_token_rows, ahead_index, qsl_words) = (
         staging[offsets[i] : offsets[i] + sizes[i]] for i in range(len(sizes)))
     block_tables = block_tables.reshape(num_reqs, max_blocks)
 
     input_ids[:num_decodes] = decode_tokens
     device_token_index[:] = on_device
     device_token_rows[:] = rows[on_device]
+    ahead_index[:] = ahead
     sampling_table_rows[:] = rows[sampling_rows]
     for i in range(num_decodes, num_reqs):  # prefill chunks: a slice of the known tokens each
         state, start, end = states[i], int(query_start_loc[i]), int(query_start_loc[i + 1])
@@ -313,9 +319,9 @@ def prepare_inputs(
             prompt_logprob_spans[req_ids[i]] = (start, rows_needed, first)
 
     (input_ids_t, positions_t, slot_mapping_t, seq_lens_t, logits_indices_t, block_tables_t, sampling_table_rows_t,
-     device_token_index_t, device_token_rows_t, qsl_t) = buffers.to_device(
+     device_token_index_t, device_token_rows_t, ahead_index_t, qsl_t) = buffers.to_device(
         staging, [input_ids, positions, slot_mapping, seq_lens_out, logits_indices, block_tables, sampling_table_rows,
-                  device_token_index, device_token_rows, qsl32])
+                  device_token_index, device_token_rows, ahead_index, qsl32])
     if len(on_device):
         input_ids_t[device_token_index_t] = buffers.last_token[device_token_rows_t]
     seq_lens_cpu = seq_lens.tolist()
@@ -340,4 +346,5 @@ def prepare_inputs(
         sampling_req_ids=[req_ids[i] for i in sampling_rows.tolist()],
         prompt_logprob_spans=prompt_logprob_spans,
         sampling_table_rows=sampling_table_rows_t,
+        decode_ahead_index=ahead_index_t if ahead else None,
     )

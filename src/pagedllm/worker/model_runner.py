@@ -190,7 +190,8 @@ class ModelRunner:
             state = self.requests[cached.req_id]
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
-            output_index = cached.last_token_index - state.num_prompt_tokens
+            # The decode's input: the request's token at position num_computed_tokens.
+            output_index = cached.num_computed_tokens - state.num_prompt_tokens
             if (cached.last_token_id is not None and 0 <= output_index < len(state.output_token_ids)
                     and state.output_token_ids[output_index] == PLACEHOLDER_TOKEN_ID):
                 # Pipeline parallelism: a stage that does not sample learns the token here.
@@ -217,8 +218,8 @@ class ModelRunner:
         # The record_function scopes name the stages in profiler traces (LLM.start_profile).
         with record_function("prepare_inputs"):
             batch = prepare_inputs(scheduler_output, self.requests, self.block_size, self.device, self.input_buffers)
-            if get_pp_size() > 1:
-                self._forward_decode_ahead_tokens(scheduler_output, batch)
+            if batch.decode_ahead_index is not None and get_pp_size() > 1:
+                self._forward_decode_ahead_tokens(batch)
         with record_function("forward"):
             hidden = self._forward(batch)
         logprobs: dict[str, LogprobsLists] = {}
@@ -266,22 +267,18 @@ class ModelRunner:
         for cache in self.kv_caches:
             cache[:, dst] = cache[:, src]
 
-    def _forward_decode_ahead_tokens(self, scheduler_output: SchedulerOutput, batch: BatchInputs) -> None:
+    def _forward_decode_ahead_tokens(self, batch: BatchInputs) -> None:
         """Pipeline stages with async scheduling: a decode ahead's input is a token the last stage
         sampled in a step whose output has not reached the scheduler; the last stage (which has
         it on the device) sends those inputs to the first stage, which embeds them.
 
         Both ends take the requests from the scheduler's output, so they agree; the last stage
         sends before it waits for this step's activations, so the first stage is not held up."""
-        ahead = {cached.req_id for cached in scheduler_output.scheduled_cached_reqs if cached.decode_ahead}
-        if not ahead or not (is_first_pp_rank() or is_last_pp_rank()):
-            return
-        # A decode ahead is a one-token query, and decode queries come first: token i is request i.
-        index = torch.tensor([i for i, req_id in enumerate(batch.req_ids) if req_id in ahead], device=self.device)
+        index = batch.decode_ahead_index
         if is_last_pp_rank():
             send_to_first_stage(batch.input_ids.index_select(0, index))
-        else:
-            tokens = torch.empty(len(ahead), dtype=batch.input_ids.dtype, device=self.device)
+        elif is_first_pp_rank():
+            tokens = torch.empty(index.shape, dtype=batch.input_ids.dtype, device=self.device)
             recv_from_last_stage(tokens)
             batch.input_ids[index] = tokens
 
