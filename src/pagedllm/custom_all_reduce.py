@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -41,8 +42,10 @@ class SymmMemAllReduce:
 
         self.group = group
         self.group_name = (group if group is not None else dist.group.WORLD).group_name  # type: ignore[union-attr]
-        if hasattr(symm_mem, "enable_symm_mem_for_group"):
-            symm_mem.enable_symm_mem_for_group(self.group_name)
+        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # older torch needs it; newer warns it is not needed
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                symm_mem.enable_symm_mem_for_group(self.group_name)
         self.dtype = dtype
         # Ranks within the group: the peers' buffers are listed in group order.
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
