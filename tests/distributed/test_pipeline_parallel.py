@@ -95,15 +95,17 @@ def test_a_lone_request_decodes_ahead_with_async_scheduling(model_dirs, arch, la
     assert tokens == _lone_request_decodes_ahead(path)[0]
 
 
-def test_pp2_logprobs_and_seeded_sampling_match_pp1(model_dirs):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_pp2_logprobs_and_seeded_sampling_match_pp1(model_dirs, async_scheduling):
     # The engine reads the last stage's output: logprobs, prompt logprobs and the seeded draws
-    # are all made there.
+    # are all made there (with async scheduling, also while the next step decodes ahead).
     path = model_dirs["LlamaForCausalLM"]
     greedy = SamplingParams(temperature=0.0, max_tokens=6, logprobs=3, prompt_logprobs=2)
     seeded = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=8, seed=7)
     results = []
     for pp in (1, 2):
-        with LLM(path, **{**ENGINE_ARGS, "num_gpu_blocks_override": 64}, pipeline_parallel_size=pp) as llm:
+        with LLM(path, **{**ENGINE_ARGS, "num_gpu_blocks_override": 64}, pipeline_parallel_size=pp,
+                 async_scheduling=async_scheduling) as llm:
             prompts = [{"prompt_token_ids": p} for p in PROMPTS[1:4]]
             a = llm.generate(prompts, greedy, use_tqdm=False)
             b = llm.generate(prompts, seeded, use_tqdm=False)

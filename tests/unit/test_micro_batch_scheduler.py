@@ -90,3 +90,20 @@ def test_with_async_scheduling_micro_batches_still_split_the_running_requests():
     s3 = scheduler.schedule()  # the requests whose tokens are in go first, and not ahead
     assert s3.num_scheduled_tokens == {"c": 1, "d": 1}
     assert s3.decode_ahead_req_ids == [] and [c.last_token_id for c in s3.scheduled_cached_reqs] == [12, 13]
+
+
+def test_with_async_scheduling_no_decode_ahead_joins_a_step_of_requests_whose_tokens_are_in():
+    # A decode ahead makes the first stage wait for the last stage's sampling: it would stall a
+    # step that has other work, so it only runs when nothing else could.
+    scheduler = make_scheduler(max_concurrent_batches=2, include_last_token_ids=True, async_scheduling=True)
+    for name in "abc":
+        scheduler.add_request(make_request(name, 4, max_tokens=8))
+    s1 = scheduler.schedule()
+    s2 = scheduler.schedule()
+    assert s2.num_scheduled_tokens == {"a": 1, "b": 1} and s2.decode_ahead_req_ids == ["a", "b"]
+    scheduler.update_from_output(s1, _sampled(s1, {"a": 10, "b": 11, "c": 12}))
+    s3 = scheduler.schedule()
+    assert s3.num_scheduled_tokens == {"c": 1} and s3.decode_ahead_req_ids == []
+    scheduler.update_from_output(s2, _sampled(s2, {"a": 20, "b": 21}))
+    s4 = scheduler.schedule()
+    assert s4.num_scheduled_tokens == {"a": 1, "b": 1} and s4.decode_ahead_req_ids == []

@@ -71,8 +71,8 @@ class Scheduler:
     With pipeline micro-batching (`max_concurrent_batches` > 1) up to that many steps are in
     flight, each taking at most 1 / max_concurrent_batches of the running requests, so the steps
     in flight stay balanced. A request whose token is still a placeholder is passed over (another
-    step may run meanwhile); only with async scheduling, and only while the step has room left
-    (fewer running requests than steps in flight, e.g. a single one), does it decode ahead.
+    step may run meanwhile); only with async scheduling, and only when no running request's token
+    is in (e.g. a lone request), does it decode ahead: the step would otherwise run none of them.
     With pipeline stages (`include_last_token_ids`) a scheduled decode of a known token carries it
     (`CachedRequestData.last_token_id`): the first stage needs it as the decode input and never
     sees the sampled ids; a decode ahead (`SchedulerOutput.decode_ahead_req_ids`) gets its input
@@ -201,7 +201,7 @@ class Scheduler:
         max_running = -(-len(self.running) // self.max_concurrent_batches)
         req_index = 0
         # Micro-batches with async scheduling: requests passed over for a pending token, which
-        # may decode ahead of it if this step has room left (e.g. a single request).
+        # decode ahead of it if no other running request can use this step (e.g. a lone one).
         pending_requests: list[Request] = []
         while req_index < len(self.running) and token_budget > 0 and len(num_scheduled_tokens) < max_running:
             request = self.running[req_index]
@@ -231,7 +231,10 @@ class Scheduler:
             new_blocks_of[request.request_id] = [b.block_id for b in new_blocks]
             token_budget -= num_new_tokens
             req_index += 1
-        if micro_batching and self.scheduler_config.async_scheduling and self._num_requests_reading_outputs == 0:
+        # Not to fill a step that has other running requests: a decode ahead makes the first stage
+        # wait for the last to sample, which would stall the other micro-batches in flight.
+        if (micro_batching and not num_scheduled_tokens and self.scheduler_config.async_scheduling
+                and self._num_requests_reading_outputs == 0):
             for request in pending_requests:
                 if not (token_budget > 0 and len(num_scheduled_tokens) < max_running
                         and request.status == RequestStatus.RUNNING):
