@@ -72,8 +72,9 @@ def test_ray_tp2_gives_tp1_tokens(ray_cluster, llama_dir):
 
 
 def test_ray_pp2_gives_pp1_tokens(ray_cluster, llama_dir):
-    # Ray actors as pipeline stages: the engine reads the last stage's answer.
-    assert (_greedy_ids(llama_dir, pipeline_parallel_size=2, distributed_executor_backend="ray")
+    # Ray actors as pipeline stages: the engine reads the last stage's answer; with async
+    # scheduling and micro-batches, as on GPUs by default.
+    assert (_greedy_ids(llama_dir, pipeline_parallel_size=2, distributed_executor_backend="ray", async_scheduling=True)
             == _greedy_ids(llama_dir))
 
 
@@ -95,8 +96,10 @@ def test_server_tp2_answers_like_tp1_and_reports_a_dead_worker(llama_dir, parall
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     with LLM(llama_dir, enforce_eager=True, num_gpu_blocks_override=64, max_model_len=128) as llm:
         expected = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
+    # PP with async scheduling (the GPU default): each request alone decodes ahead.
+    extra = ["--async-scheduling"] if parallel_flag == "--pipeline-parallel-size" else []
     server = start_server(["--model", llama_dir, "--max-model-len", "128", "--num-gpu-blocks-override", "64",
-                           "--enforce-eager", parallel_flag, "2"])
+                           "--enforce-eager", parallel_flag, "2", *extra])
     try:
         with httpx.Client(base_url=server.url, timeout=60) as client:
             for prompt, text in zip(prompts, expected):
