@@ -160,7 +160,8 @@ class EngineArgs:
                                 "tensor-parallel group of devices (ranks = TP x PP; see docs/parallelism.md)")
         group.add_argument("--pipeline-micro-batching", action=argparse.BooleanOptionalAction, default=True,
                            help="with pipeline stages, keep one step of disjoint requests in flight per stage "
-                                "(--no-pipeline-micro-batching: one step at a time)")
+                                "(--no-pipeline-micro-batching: whole batches, one step at a time, or two with "
+                                "async scheduling; better for a small, host-bound model)")
         group.add_argument("--distributed-executor-backend", choices=["uni", "mp", "ray"], default=None,
                            help="how ranks run: uni (in process, one rank), mp (one process per rank on this "
                                 "machine; the default for several ranks), ray (Ray actors, possibly on several "
