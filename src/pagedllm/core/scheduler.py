@@ -212,7 +212,7 @@ class Scheduler:
                 # Nothing to compute before a pending output arrives (a micro-batch may have decoded
                 # ahead of it already), or the tokens already being sampled end the request
                 # (max_tokens / max_model_len): another step would be waste.
-                if num_new_tokens <= 0 and not self._reaches_length_limit(request):
+                if num_new_tokens <= 0:
                     pending_requests.append(request)
                 req_index += 1
                 continue
@@ -236,13 +236,13 @@ class Scheduler:
         if (micro_batching and not num_scheduled_tokens and self.scheduler_config.async_scheduling
                 and self._num_requests_reading_outputs == 0):
             for request in pending_requests:
-                if not (token_budget > 0 and len(num_scheduled_tokens) < max_running
-                        and request.status == RequestStatus.RUNNING):
+                if token_budget == 0 or len(num_scheduled_tokens) >= max_running:
+                    break
+                # One decode ahead of the newest pending token, unless the tokens being sampled end
+                # the request; never preempting for it (a request this step holds could be the victim).
+                if (request.status != RequestStatus.RUNNING or self._reaches_length_limit(request)
+                        or request.num_tokens + request.num_output_placeholders - request.num_computed_tokens != 1):
                     continue
-                if request.num_tokens + request.num_output_placeholders - request.num_computed_tokens != 1:
-                    continue
-                # One decode ahead of the newest pending token; never preempting for it (a request
-                # this step already holds could be the victim).
                 new_blocks = self.kv_cache_manager.allocate_slots(request, 1)
                 if new_blocks is None:
                     break
