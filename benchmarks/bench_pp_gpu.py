@@ -36,33 +36,38 @@ STEPS = {  # name: (prompt lengths, step token budget, max_model_len)
 }
 
 
+def greedy_tokens(path: str, prompts: list[list[int]], steps: str, **engine_kw) -> list[list[int]]:
+    """32 greedy tokens of each prompt from an engine sized for step size `steps` (STEPS), with
+    CUDA graphs for its prefill steps too."""
+    from pagedllm import LLM, SamplingParams
+
+    _, budget, max_len = STEPS[steps]
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    with LLM(path, skip_tokenizer_init=True, kv_cache_memory_bytes=1 << 30, max_model_len=max_len, max_num_seqs=16,
+             max_num_batched_tokens=budget, cuda_graph_max_prefill_tokens=budget, **engine_kw) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
 def check_tokens(archs: list[str], step_names: list[str]) -> dict:
     """Per model, step size and dtype: how many of 16 prompts' greedy tokens each layout shares
     with one GPU."""
-    from pagedllm import LLM, SamplingParams
     from tests.models.test_phi3_mixtral import CONFIGS as MOE_CONFIGS
     from tests.models.tiny_models import TINY_CONFIGS, build_tiny_model, random_prompts
 
     layouts = [(1, 2)] + ([(2, 2)] if torch.cuda.device_count() >= 4 else [])
-    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     result = {}
     for arch in archs:
         configs = MOE_CONFIGS if arch in MOE_CONFIGS else TINY_CONFIGS
         with tempfile.TemporaryDirectory() as path:
             build_tiny_model(arch, path, configs={arch: {**configs[arch], "max_position_embeddings": 2048}})
             for steps in step_names:
-                lengths, budget, max_len = STEPS[steps]
-                prompts = random_prompts(lengths, seed=3)
+                prompts = random_prompts(STEPS[steps][0], seed=3)
                 # fp32 once (small steps), bf16 everywhere: the stages must give one GPU's bits.
                 for dtype in ("float32", "bfloat16") if (arch, steps) == ("LlamaForCausalLM", "small") else ("bfloat16",):
-                    tokens = {}
-                    for tp, pp in [(1, 1), *layouts]:
-                        with LLM(path, skip_tokenizer_init=True, dtype=dtype, tensor_parallel_size=tp,
-                                 pipeline_parallel_size=pp, kv_cache_memory_bytes=1 << 30, max_model_len=max_len,
-                                 max_num_seqs=16,
-                                 max_num_batched_tokens=budget, cuda_graph_max_prefill_tokens=budget) as llm:
-                            outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-                            tokens[tp, pp] = [o.outputs[0].token_ids for o in outs]
+                    tokens = {(tp, pp): greedy_tokens(path, prompts, steps, dtype=dtype, tensor_parallel_size=tp,
+                                                      pipeline_parallel_size=pp)
+                              for tp, pp in [(1, 1), *layouts]}
                     key = f"{arch}_{steps}_{dtype}"
                     result[key] = {f"tp{tp}pp{pp}_equals_tp1pp1": sum(a == b for a, b in zip(tokens[1, 1], tokens[tp, pp]))
                                    for tp, pp in layouts}
@@ -73,27 +78,19 @@ def check_tokens(archs: list[str], step_names: list[str]) -> dict:
 def check_tp_groups(steps_names: list[str]) -> dict:
     """TP=2 x PP=2 on 4 GPUs, one step at a time (so every step's batch is TP=2's): its stages'
     all-reduces (symmetric memory per TP group, or NCCL) must give TP=2's bits in bf16."""
-    from pagedllm import LLM, SamplingParams
     from tests.models.tiny_models import TINY_CONFIGS, build_tiny_model, random_prompts
 
     arch = "LlamaForCausalLM"
-    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     variants = {"tp2pp1": dict(pipeline_parallel_size=1), "tp2pp2": dict(pipeline_parallel_size=2),
                 "tp2pp2_nccl": dict(pipeline_parallel_size=2, disable_custom_all_reduce=True)}
     result = {}
     with tempfile.TemporaryDirectory() as path:
         build_tiny_model(arch, path, configs={arch: {**TINY_CONFIGS[arch], "max_position_embeddings": 2048}})
         for steps in steps_names:
-            lengths, budget, max_len = STEPS[steps]
-            prompts = random_prompts(lengths, seed=3)
-            tokens = {}
-            for name, kw in variants.items():
-                with LLM(path, skip_tokenizer_init=True, dtype="bfloat16", tensor_parallel_size=2,
-                         pipeline_micro_batching=False, kv_cache_memory_bytes=1 << 30, max_model_len=max_len,
-                         max_num_seqs=16, max_num_batched_tokens=budget, cuda_graph_max_prefill_tokens=budget,
-                         **kw) as llm:
-                    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-                    tokens[name] = [o.outputs[0].token_ids for o in outs]
+            prompts = random_prompts(STEPS[steps][0], seed=3)
+            tokens = {name: greedy_tokens(path, prompts, steps, dtype="bfloat16", tensor_parallel_size=2,
+                                          pipeline_micro_batching=False, **kw)
+                      for name, kw in variants.items()}
             result[steps] = {f"{name}_equals_tp2pp1": sum(a == b for a, b in zip(tokens["tp2pp1"], tokens[name]))
                              for name in variants if name != "tp2pp1"}
             print("tp_groups", steps, result[steps], "of 16", flush=True)
