@@ -60,10 +60,14 @@ class GemvConfig:
     num_stages: int = 4
     # Not a Triton launch: cuBLAS (torch.addmm / mm), chosen where the tuner finds it faster.
     use_cublas: bool = False
+    # Not a Triton launch: the bulk-copy CUDA GEMV of layers/cuda_gemv.py (M = 1, bf16, sm_90+).
+    use_cuda: bool = False
 
     def __str__(self) -> str:
         if self.use_cublas:
             return "cuBLAS"
+        if self.use_cuda:
+            return "CUDA bulk-copy GEMV"
         kind = "dot" if self.use_dot else "fma"
         return (f"{kind} BLOCK_N={self.block_n} BLOCK_K={self.block_k} SPLIT_K={self.split_k} "
                 f"warps={self.num_warps} stages={self.num_stages}")
@@ -285,10 +289,28 @@ GATED_ACTS = {"silu": 1, "gelu_tanh": 2}
 # The tuner's baseline: a Triton config must beat it by CUBLAS_MARGIN to be used.
 CUBLAS = GemvConfig(0, 0, use_cublas=True)
 CUBLAS_MARGIN = 0.97
+# One more candidate where layers/cuda_gemv.py serves the shape (see cuda_candidates).
+CUDA_GEMV = GemvConfig(0, 0, use_cuda=True)
+
+
+def cuda_candidates(x: torch.Tensor, weight: torch.Tensor, mode: str) -> list[GemvConfig]:
+    """[CUDA_GEMV] when the CUDA GEMV serves x times weight in `mode` here (building it on the
+    first call), else []."""
+    from pagedllm.layers import cuda_gemv
+
+    if cuda_gemv.supports(x, weight, mode) and cuda_gemv.available():
+        return [CUDA_GEMV]
+    return []
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
             config: GemvConfig, act: str | None = None) -> torch.Tensor:
+    if config.use_cuda:
+        from pagedllm.layers import cuda_gemv
+
+        if cuda_gemv.aligned(x, weight):
+            return cuda_gemv.gemv("silu" if act == "silu" else "plain", x, weight, out, bias)
+        config = heuristic_config(*weight.shape, x.shape[0], x.dtype, num_sms(x.device))  # an unaligned view
     if config.use_cublas:
         if act is not None:  # unfused: the activation kernel, then the matmul
             from pagedllm.layers import triton_fused
@@ -391,9 +413,11 @@ def _tune(launch: Callable[[GemvConfig], object], weight: torch.Tensor, m: int, 
 def tuned_config(variant: str, m: int, weight: torch.Tensor, dtype: torch.dtype,
                  launch: Callable[[GemvConfig], object],
                  candidates: Callable[[int, int, int, torch.dtype, int], list[GemvConfig]] = candidate_configs,
+                 extra: Callable[[], list[GemvConfig]] = list,
                  ) -> GemvConfig:
     """The config of kernel variant `variant` ("" for the plain GEMM) for M rows times `weight`
-    [N, K]: tuned by timing `launch` on the first eager CUDA call, else the first candidate."""
+    [N, K]: tuned by timing `launch` on the first eager CUDA call (over `candidates` and
+    `extra()`, the non-Triton kernels that serve this call), else the first candidate."""
     n, k = weight.shape
     device = weight.device
     sms = num_sms(device)
@@ -406,7 +430,7 @@ def tuned_config(variant: str, m: int, weight: torch.Tensor, dtype: torch.dtype,
         # Timing is impossible here (CPU) or would break the capture: use the heuristic, and
         # do not cache it, so the next eager CUDA call still tunes.
         return candidates(n, k, m, dtype, sms)[0]
-    config = _tune(launch, weight, m, dtype, candidates(n, k, m, dtype, sms), variant)
+    config = _tune(launch, weight, m, dtype, candidates(n, k, m, dtype, sms) + extra(), variant)
     _tuned[key] = config
     return config
 
@@ -418,7 +442,8 @@ def get_config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     m = x.shape[0]
     if out is None:
         out = torch.empty((m, weight.shape[0]), dtype=x.dtype, device=x.device)
-    return tuned_config(act or "", m, weight, x.dtype, lambda config: _launch(x, weight, bias, out, config, act))
+    return tuned_config(act or "", m, weight, x.dtype, lambda config: _launch(x, weight, bias, out, config, act),
+                        extra=lambda: cuda_candidates(x, weight, act or "plain"))
 
 
 def tuned_configs() -> dict[tuple[int, int, int, torch.dtype, int], GemvConfig]:

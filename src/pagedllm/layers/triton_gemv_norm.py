@@ -136,6 +136,13 @@ def norm_candidate_configs(n: int, k: int, m: int, dtype: torch.dtype, sms: int)
 def _launch(hidden: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
             weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, residual_out: torch.Tensor,
             config: tg.GemvConfig) -> None:
+    if config.use_cuda:
+        from pagedllm.layers import cuda_gemv
+
+        if cuda_gemv.aligned(hidden, residual, norm_weight, weight):
+            cuda_gemv.gemv("add_rmsnorm", hidden, weight, out, bias, residual, norm_weight, eps, residual_out)
+            return
+        config = norm_candidate_configs(*weight.shape, hidden.shape[0], hidden.dtype, tg.num_sms(hidden.device))[0]
     if config.use_cublas:  # unfused: the add + RMSNorm kernel, then the matmul
         from pagedllm.layers import triton_fused
 
@@ -204,6 +211,6 @@ def skinny_add_rmsnorm_linear(
         config = tg.tuned_config(
             VARIANT, m, weight, dtype,
             lambda c: _launch(hidden, residual, norm_weight, eps, weight, bias, out, residual_out, c),
-            norm_candidate_configs)
+            norm_candidate_configs, extra=lambda: tg.cuda_candidates(hidden, weight, "add_rmsnorm"))
     _launch(hidden, residual, norm_weight, eps, weight, bias, out, residual_out, config)
     return out, residual_out

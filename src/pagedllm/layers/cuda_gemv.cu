@@ -1,0 +1,370 @@
+// One-token decode GEMV for bf16 weights (layers/cuda_gemv.py builds and calls it).
+//
+//   MODE 0: out = W x (+ b)                        x [K]
+//   MODE 1: out = W (silu(gate) * up) (+ b)        x [2K] = [gate | up], torch's roundings
+//   MODE 2: out = rsqrt(mean(s^2) + eps) * W round(s * nw) (+ b), s = round(h + r); res_out = s
+//
+// At one token a linear layer is a pure weight stream. One CTA per SM; a producer warp streams
+// whole weight rows into a ring of shared-memory stages with bulk copies (cp.async.bulk, the
+// copy engine of sm_90), eight consumer warps each reduce whole rows against the input operand
+// held in shared memory. Two things the measurements on an H200 asked for:
+//  - The input operand is loaded first, and the producer starts only once the consumers have
+//    issued those loads: an SM's loads queue behind its outstanding bulk copies, so an operand
+//    read after the ring was filled waited ~3 us (docs/benchmarks.md, twelfth session).
+//  - Rows go out in chunks of one stage. Most chunks are assigned statically (CTA c takes a
+//    contiguous slab), the rest are handed out through a ticket counter, so CTAs that stream
+//    faster take more of the tail (the static split left 7-12 us between the first and the last
+//    CTA to finish the largest GEMV).
+//
+// Tickets never need resetting: a launch draws exactly (dynamic chunks + CTAs) tickets, because
+// every CTA stops at its first ticket past the chunks; ticket t means chunk t mod (that sum).
+#include <torch/extension.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <cstdint>
+
+namespace {
+
+constexpr int kWarps = 8;                    // consumer warps
+constexpr int kThreads = (kWarps + 1) * 32;  // + the producer warp
+constexpr int kConsumers = kWarps * 32;
+// 16-byte operand vectors per consumer thread: K <= 16384 (add + RMSNorm input: K <= 8192)
+template <int MODE>
+constexpr int kMaxVecs = MODE == 2 ? 4 : 8;
+constexpr int kMaxSlots = 32;
+// Shared layout: [full barriers][empty barriers][chunk of each slot][misc] | operand | ring
+constexpr int kEmptyOffset = 256;
+constexpr int kChunkOffset = 512;
+constexpr int kMiscOffset = 640;
+constexpr int kOperandOffset = 1024;
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_u32(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+          smem_u32(dst)),
+      "l"(src), "r"(bytes), "r"(smem_u32(bar))
+      : "memory");
+}
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kConsumers) : "memory"); }
+__device__ __forceinline__ bool mbar_test(uint64_t* bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n .reg .pred p;\n mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(smem_u32(bar)), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+// Programmatic dependent launch: let the next kernel launch now; wait for the previous one.
+__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ unsigned long long now_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float bf(const __nv_bfloat16 v) { return __bfloat162float(v); }
+
+__device__ __forceinline__ void fma8(const uint4 w4, const uint4 x4, float& acc) {
+  const __nv_bfloat162* wp = reinterpret_cast<const __nv_bfloat162*>(&w4);
+  const __nv_bfloat162* xp = reinterpret_cast<const __nv_bfloat162*>(&x4);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 wf = __bfloat1622float2(wp[j]);
+    const float2 xf = __bfloat1622float2(xp[j]);
+    acc = fmaf(wf.x, xf.x, acc);
+    acc = fmaf(wf.y, xf.y, acc);
+  }
+}
+
+struct Params {
+  const __nv_bfloat16* w;
+  const __nv_bfloat16* x;
+  const __nv_bfloat16* r;
+  const __nv_bfloat16* nw;
+  const __nv_bfloat16* bias;
+  __nv_bfloat16* out;
+  __nv_bfloat16* res_out;
+  unsigned long long* tickets;
+  unsigned long long* stamps;  // per CTA: start, operand ready, end (ns); null: off
+  int N, K, rows_per_stage, num_slots, static_chunks, ring_offset;
+  int ahead;  // stages in flight before the operand is ready (0: no limit)
+  float eps;
+};
+
+template <int MODE>
+__global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem);
+  uint64_t* empty = reinterpret_cast<uint64_t*>(smem + kEmptyOffset);
+  int* slot_chunk = reinterpret_cast<int*>(smem + kChunkOffset);
+  float* misc = reinterpret_cast<float*>(smem + kMiscOffset);
+  __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(smem + kOperandOffset);
+  __nv_bfloat16* ring = reinterpret_cast<__nv_bfloat16*>(smem + p.ring_offset);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int K = p.K, R = p.rows_per_stage, S = p.num_slots;
+  const int total_chunks = (p.N + R - 1) / R;
+  const int static_total = p.static_chunks * gridDim.x;
+  const int dynamic_chunks = total_chunks - static_total;
+  const int64_t stage_elems = static_cast<int64_t>(R) * K;
+
+  volatile int* operand_ready = reinterpret_cast<volatile int*>(misc + 16);
+  if (tid == 0) {
+    if (p.stamps) p.stamps[blockIdx.x * 4] = now_ns();
+    *operand_ready = 0;
+    for (int s = 0; s < S; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], kWarps);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp == kWarps) {  // the producer: the weights need nothing an earlier kernel writes
+    if (lane != 0) return;
+    pdl_trigger();
+    int landed = 0;
+    const unsigned long long period = static_cast<unsigned long long>(dynamic_chunks) + gridDim.x;
+    unsigned long long ticket = 0;
+    bool have_ticket = false;
+    for (int st = 0;; ++st) {
+      const int slot = st % S;
+      // Draw the first ticket one stage before the slab ends: CTAs that streamed their slab
+      // sooner draw sooner, and the atomic's round trip overlaps the wait for a free slot.
+      if (dynamic_chunks > 0 && !have_ticket && st + 1 >= p.static_chunks) {
+        // An earlier launch of this weight may still be drawing: PDL starts this grid early.
+        pdl_wait();
+        ticket = atomicAdd(p.tickets, 1ull);
+        have_ticket = true;
+      }
+      if (st >= S) mbar_wait(&empty[slot], ((st / S) - 1) & 1);
+      // Until the operand is in, keep only `ahead` stages in flight: the operand's loads queue
+      // behind this SM's outstanding bulk copies.
+      while (p.ahead && st - landed >= p.ahead && !*operand_ready) {
+        if (mbar_test(&full[landed % S], (landed / S) & 1)) ++landed;
+      }
+      int chunk = -1;
+      if (st < p.static_chunks) {
+        chunk = blockIdx.x * p.static_chunks + st;
+      } else if (dynamic_chunks > 0) {
+        const int local = static_cast<int>(ticket % period);
+        if (local < dynamic_chunks) {
+          chunk = static_total + local;
+          ticket = atomicAdd(p.tickets, 1ull);
+        }
+      }
+      slot_chunk[slot] = chunk;
+      if (chunk < 0) {  // no more rows: release the consumers
+        mbar_arrive(&full[slot]);
+        return;
+      }
+      const int rows_in = min(R, p.N - chunk * R);
+      const uint32_t bytes = static_cast<uint32_t>(rows_in) * K * 2;
+      mbar_expect_tx(&full[slot], bytes);
+      bulk_load(ring + slot * stage_elems, p.w + static_cast<int64_t>(chunk) * R * K, bytes, &full[slot]);
+    }
+  }
+
+  // Consumers: wait for the kernel that wrote the operand (a no-op without PDL), then issue
+  // every operand load at once.
+  pdl_wait();
+  const int kv = K / 8;  // 16-byte vectors of one row
+  constexpr int kArrays = MODE == 0 ? 1 : (MODE == 1 ? 2 : 3);
+  uint4 in[kArrays][kMaxVecs<MODE>];
+#pragma unroll
+  for (int i = 0; i < kMaxVecs<MODE>; ++i) {
+    const int v = tid + i * kConsumers;
+    if (v < kv) {
+      in[0][i] = reinterpret_cast<const uint4*>(p.x)[v];
+      if constexpr (MODE == 1) in[1][i] = reinterpret_cast<const uint4*>(p.x + K)[v];
+      if constexpr (MODE == 2) {
+        in[1][i] = reinterpret_cast<const uint4*>(p.r)[v];
+        in[2][i] = reinterpret_cast<const uint4*>(p.nw)[v];
+      }
+    }
+  }
+  float ssq = 0.f;
+#pragma unroll
+  for (int i = 0; i < kMaxVecs<MODE>; ++i) {
+    const int v = tid + i * kConsumers;
+    if (v >= kv) continue;
+    uint4 packed;
+    __nv_bfloat16* o = reinterpret_cast<__nv_bfloat16*>(&packed);
+    if constexpr (MODE == 0) {
+      packed = in[0][i];
+    } else if constexpr (MODE == 1) {
+      const __nv_bfloat16* g = reinterpret_cast<const __nv_bfloat16*>(&in[0][i]);
+      const __nv_bfloat16* u = reinterpret_cast<const __nv_bfloat16*>(&in[1][i]);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const float gf = bf(g[j]);
+        // silu rounded to bf16 before the product, as torch (and layers/triton_fused.py) do
+        const float act = bf(__float2bfloat16(__fdividef(gf, 1.f + __expf(-gf))));
+        o[j] = __float2bfloat16(act * bf(u[j]));
+      }
+    } else {
+      const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&in[0][i]);
+      const __nv_bfloat16* rr = reinterpret_cast<const __nv_bfloat16*>(&in[1][i]);
+      const __nv_bfloat16* nn = reinterpret_cast<const __nv_bfloat16*>(&in[2][i]);
+      uint4 s4;
+      __nv_bfloat16* s = reinterpret_cast<__nv_bfloat16*>(&s4);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        s[j] = __float2bfloat16(bf(h[j]) + bf(rr[j]));
+        const float sf = bf(s[j]);
+        ssq += sf * sf;
+        o[j] = __float2bfloat16(sf * bf(nn[j]));
+      }
+      if (blockIdx.x == 0) reinterpret_cast<uint4*>(p.res_out)[v] = s4;
+    }
+    reinterpret_cast<uint4*>(xs)[v] = packed;
+  }
+  float scale = 1.f;
+  if constexpr (MODE == 2) {
+    ssq = warp_sum(ssq);
+    if (lane == 0) misc[warp] = ssq;
+    consumers_sync();
+    float total = 0.f;
+#pragma unroll
+    for (int i = 0; i < kWarps; ++i) total += misc[i];
+    scale = rsqrtf(total / K + p.eps);
+  }
+  consumers_sync();
+  if (tid == 0) *operand_ready = 1;
+  if (p.stamps && tid == 0) p.stamps[blockIdx.x * 4 + 1] = now_ns();
+
+  // Stage st holds chunk slot_chunk[slot]: R rows, row j going to warp (st * R + j) % kWarps.
+  // Every warp waits for every stage before releasing it, so an arrival always counts toward
+  // that stage's phase.
+  const uint4* xv = reinterpret_cast<const uint4*>(xs);
+  for (int st = 0;; ++st) {
+    const int slot = st % S;
+    mbar_wait(&full[slot], (st / S) & 1);
+    const int chunk = slot_chunk[slot];
+    if (chunk < 0) break;
+    const int rows_in = min(R, p.N - chunk * R);
+    const __nv_bfloat16* ws = ring + slot * stage_elems;
+    const int first = st * R;
+    for (int j = ((warp - first % kWarps) + kWarps) % kWarps; j < rows_in; j += kWarps) {
+      const uint4* wrow = reinterpret_cast<const uint4*>(ws + static_cast<int64_t>(j) * K);
+      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+      int v = lane;
+      for (; v + 96 < kv; v += 128) {
+        fma8(wrow[v], xv[v], a0);
+        fma8(wrow[v + 32], xv[v + 32], a1);
+        fma8(wrow[v + 64], xv[v + 64], a2);
+        fma8(wrow[v + 96], xv[v + 96], a3);
+      }
+      for (; v < kv; v += 32) fma8(wrow[v], xv[v], a0);
+      const float sum = warp_sum((a0 + a1) + (a2 + a3));
+      if (lane == 0) {
+        const int row = chunk * R + j;
+        float y = sum * scale;
+        if (p.bias != nullptr) y += bf(p.bias[row]);
+        p.out[row] = __float2bfloat16(y);
+      }
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty[slot]);
+  }
+  if (p.stamps) {
+    consumers_sync();
+    if (tid == 0) p.stamps[blockIdx.x * 4 + 2] = now_ns();
+  }
+}
+
+const __nv_bfloat16* bf16_ptr(const c10::optional<torch::Tensor>& t) {
+  return t ? reinterpret_cast<const __nv_bfloat16*>(t->data_ptr()) : nullptr;
+}
+
+}  // namespace
+
+// out[1, N] = the MODE's product; see the top of the file. Shapes and dtypes are checked by the
+// Python wrapper; rows_per_stage, num_slots, grid and static_chunks come from its plan.
+void gemv_m1(int64_t mode, torch::Tensor w, torch::Tensor x, c10::optional<torch::Tensor> r,
+             c10::optional<torch::Tensor> nw, c10::optional<torch::Tensor> bias, torch::Tensor out,
+             c10::optional<torch::Tensor> res_out, torch::Tensor tickets, double eps, int64_t rows_per_stage,
+             int64_t num_slots, int64_t grid, int64_t static_chunks, int64_t ahead, bool pdl,
+             c10::optional<torch::Tensor> stamps) {
+  const int N = w.size(0), K = w.size(1);
+  TORCH_CHECK(K % 8 == 0 && K / 8 <= (mode == 2 ? kMaxVecs<2> : kMaxVecs<0>) * kConsumers,
+              "gemv_m1: unsupported K ", K);
+  TORCH_CHECK(num_slots >= 1 && num_slots <= kMaxSlots, "gemv_m1: num_slots out of range");
+  const c10::cuda::CUDAGuard guard(w.device());
+  Params p;
+  p.w = reinterpret_cast<const __nv_bfloat16*>(w.data_ptr());
+  p.x = reinterpret_cast<const __nv_bfloat16*>(x.data_ptr());
+  p.r = bf16_ptr(r);
+  p.nw = bf16_ptr(nw);
+  p.bias = bf16_ptr(bias);
+  p.out = reinterpret_cast<__nv_bfloat16*>(out.data_ptr());
+  p.res_out = res_out ? reinterpret_cast<__nv_bfloat16*>(res_out->data_ptr()) : nullptr;
+  p.tickets = reinterpret_cast<unsigned long long*>(tickets.data_ptr());
+  p.stamps = stamps ? reinterpret_cast<unsigned long long*>(stamps->data_ptr()) : nullptr;
+  p.N = N;
+  p.K = K;
+  p.rows_per_stage = rows_per_stage;
+  p.num_slots = num_slots;
+  p.static_chunks = static_chunks;
+  p.ring_offset = (kOperandOffset + K * 2 + 127) / 128 * 128;
+  p.eps = static_cast<float>(eps);
+  p.ahead = static_cast<int>(ahead);
+  const int64_t smem = p.ring_offset + num_slots * rows_per_stage * static_cast<int64_t>(K) * 2;
+  TORCH_CHECK(smem <= 227 * 1024, "gemv_m1: shared memory plan too large: ", smem);
+  static uint64_t attr_set[3] = {0, 0, 0};  // per mode, a bit per device
+  const int device = w.get_device();
+  auto go = [&](auto kernel) {
+    if (device >= 64 || !(attr_set[mode] >> device & 1)) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
+      if (device < 64) attr_set[mode] |= uint64_t{1} << device;
+    }
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>(grid));
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = static_cast<size_t>(smem);
+    cfg.stream = at::cuda::getCurrentCUDAStream();
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = pdl ? 1 : 0;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
+  };
+  if (mode == 0) go(gemv_m1_kernel<0>);
+  else if (mode == 1) go(gemv_m1_kernel<1>);
+  else go(gemv_m1_kernel<2>);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("gemv_m1", &gemv_m1, "one-token bf16 GEMV (cuda_gemv.cu)"); }

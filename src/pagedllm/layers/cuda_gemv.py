@@ -1,0 +1,148 @@
+"""One-token decode GEMV in CUDA C++ (`cuda_gemv.cu`): bulk-copy weight streaming on sm_90+.
+
+At batch 1 a decoder layer's linears are weight streams, and on an H200 the Triton skinny GEMM
+(`triton_gemv.py`) lost most of its time at TP=2 to the fixed costs around each stream rather
+than to the stream itself. This kernel streams whole weight rows into shared memory with the
+Hopper copy engine (`cp.async.bulk`), loads its input operand before the stream starts (an SM's
+loads queue behind its outstanding bulk copies), and hands the last chunks of rows out through a
+ticket counter so that no SM finishes long after the others. It serves M = 1, bf16, in three
+forms: plain, gated input (SiLU(gate) * up, the down projection) and residual add + RMSNorm
+folded in (the QKV and gate_up projections), with the Triton kernels' roundings.
+
+It is one more candidate of the skinny-GEMM tuner (`triton_gemv.tuned_config`): used for a
+shape only where it measured faster. Built on first use with torch's C++ extension loader (needs
+nvcc; the build is cached under ~/.cache/torch_extensions); when the build fails, or
+`PAGEDLLM_DISABLE_CUDA_GEMV=1`, the tuner never offers it. CUDA-graph capturable, no host syncs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DISABLE_ENV_VAR = "PAGEDLLM_DISABLE_CUDA_GEMV"
+_SOURCE = Path(__file__).with_name("cuda_gemv.cu")
+_MAX_RING_BYTES = 192 * 1024  # the stage ring; + the operand and barriers stays under 227 KB
+_STAGE_BYTES = 32 * 1024  # one bulk copy: whole rows, about this many bytes
+_MAX_ROWS_PER_STAGE = 16
+_MAX_SLOTS = 32
+_OPERAND_OFFSET = 1024  # cuda_gemv.cu's kOperandOffset
+_SMEM_LIMIT = 227 * 1024
+# Rows handed out through tickets: the last ~20% of the chunks (the static slabs stream with
+# no coordination; the tail evens out the SMs that stream slower).
+DYNAMIC_FRACTION = 0.2
+AHEAD = 2  # stages in flight before the operand is loaded (cuda_gemv.cu)
+PDL = True
+MODES = {"plain": 0, "silu": 1, "add_rmsnorm": 2}
+
+
+def enabled_by_env() -> bool:
+    """False when PAGEDLLM_DISABLE_CUDA_GEMV is set to anything but '', '0' or 'false'."""
+    return os.environ.get(DISABLE_ENV_VAR, "0").strip().lower() in ("", "0", "false")
+
+
+@functools.cache
+def _module() -> ModuleType | None:
+    """The compiled extension, or None when it cannot be built here."""
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(name="pagedllm_cuda_gemv", sources=[str(_SOURCE)],
+                    extra_cuda_cflags=["-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a"],
+                    verbose=False)
+    except Exception as exc:  # noqa: BLE001 - no nvcc, no headers, a compiler error: fall back
+        logger.warning("CUDA GEMV kernel unavailable (build failed: %s); the Triton kernels serve", exc)
+        return None
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor, mode: str) -> bool:
+    """Whether the kernel can serve x [1, K(*2 gated)] times weight [N, K] in `mode` here
+    (without building it: see `available`)."""
+    if not (x.is_cuda and enabled_by_env() and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16):
+        return False
+    if torch.cuda.get_device_capability(x.device)[0] < 9:  # cp.async.bulk is sm_90+
+        return False
+    n, k = weight.shape
+    max_k = 8192 if mode == "add_rmsnorm" else 16384
+    return x.shape[0] == 1 and k % 8 == 0 and k <= max_k and n > 0 and plan(n, k) is not None
+
+
+def aligned(*tensors: torch.Tensor | None) -> bool:
+    """Whether every tensor given starts on a 16-byte boundary (the kernel's vector loads)."""
+    return all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def available() -> bool:
+    """Whether the extension is built (building it on the first call)."""
+    return enabled_by_env() and _module() is not None
+
+
+@dataclass(frozen=True)
+class GemvPlan:
+    """How one weight shape is streamed."""
+
+    rows_per_stage: int
+    num_slots: int
+    static_chunks: int  # per CTA, before the ticketed tail
+    n: int
+    k: int
+
+
+def plan(n: int, k: int, sms: int = 132) -> GemvPlan | None:
+    """The stage size, ring depth and static split for weight [n, k], or None if a row does not
+    fit the shared memory."""
+    row_bytes = 2 * k
+    rows = max(1, min(_MAX_ROWS_PER_STAGE, _STAGE_BYTES // row_bytes))
+    stage_bytes = rows * row_bytes
+    ring_offset = (_OPERAND_OFFSET + row_bytes + 127) // 128 * 128
+    slots = min(_MAX_SLOTS, _MAX_RING_BYTES // stage_bytes, (_SMEM_LIMIT - ring_offset) // stage_bytes)
+    if slots < 2:
+        return None
+    chunks = -(-n // rows)
+    static = int(chunks * (1 - DYNAMIC_FRACTION)) // sms
+    return GemvPlan(rows, slots, static, n, k)
+
+
+# (device index, weight data pointer, plan) -> the weight's ticket counter. A launch draws exactly
+# one period of tickets (cuda_gemv.cu), so a counter serves one plan only.
+_tickets: dict[tuple[int, int, GemvPlan], torch.Tensor] = {}
+
+
+def _ticket_counter(weight: torch.Tensor, p: GemvPlan) -> torch.Tensor:
+    key = (weight.device.index or 0, weight.data_ptr(), p)
+    counter = _tickets.get(key)
+    if counter is None:
+        counter = torch.zeros(1, dtype=torch.int64, device=weight.device)
+        _tickets[key] = counter
+    return counter
+
+
+def gemv(mode: str, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None,
+         residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+         residual_out: torch.Tensor | None = None, stamps: torch.Tensor | None = None) -> torch.Tensor:
+    """out [1, N] = the `mode` product of x and weight [N, K] (see the module docstring).
+
+    "plain": x [1, K]; "silu": x [1, 2K] = [gate | up]; "add_rmsnorm": x is the hidden state
+    [1, K], `residual`, `norm_weight` [K] and `eps` the norm's, and `residual_out` [1, K]
+    receives hidden + residual. Every tensor contiguous bf16 on one device; the caller checked
+    `supports`. `stamps` (tests and benchmarks): per-CTA global-timer readings.
+    """
+    module = _module()
+    if module is None:
+        raise RuntimeError("the CUDA GEMV kernel is not built (see the log)")
+    n, k = weight.shape
+    sms = torch.cuda.get_device_properties(weight.device).multi_processor_count
+    p = plan(n, k, sms)
+    assert p is not None
+    module.gemv_m1(MODES[mode], weight, x, residual, norm_weight, bias, out, residual_out,
+                   _ticket_counter(weight, p), eps, p.rows_per_stage, p.num_slots, sms, p.static_chunks, AHEAD, PDL,
+                   stamps)
+    return out
