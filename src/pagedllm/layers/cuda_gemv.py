@@ -29,6 +29,10 @@ import torch
 logger = logging.getLogger(__name__)
 
 DISABLE_ENV_VAR = "PAGEDLLM_DISABLE_CUDA_GEMV"
+# Skip the timing and take this kernel wherever it serves: the tuner times each kernel alone, which
+# misses what it gains from following another of its kind (its weight stream starts while the
+# previous GEMV drains: programmatic dependent launch).
+PREFER_ENV_VAR = "PAGEDLLM_PREFER_CUDA_GEMV"
 _SOURCE = Path(__file__).with_name("cuda_gemv.cu")
 _MAX_RING_BYTES = 192 * 1024  # the stage ring; + the operand and barriers stays under 227 KB
 _STAGE_BYTES = 32 * 1024  # one bulk copy: whole rows, about this many bytes
@@ -73,6 +77,11 @@ def supports(x: torch.Tensor, weight: torch.Tensor, mode: str) -> bool:
     n, k = weight.shape
     max_k = 8192 if mode == "add_rmsnorm" else 16384
     return x.shape[0] == 1 and k % 8 == 0 and k <= max_k and n > 0 and plan(n, k) is not None
+
+
+def preferred() -> bool:
+    """True when PAGEDLLM_PREFER_CUDA_GEMV is set to anything but '', '0' or 'false'."""
+    return os.environ.get(PREFER_ENV_VAR, "0").strip().lower() not in ("", "0", "false")
 
 
 def aligned(*tensors: torch.Tensor | None) -> bool:

@@ -293,6 +293,13 @@ CUBLAS_MARGIN = 0.97
 CUDA_GEMV = GemvConfig(0, 0, use_cuda=True)
 
 
+def cuda_gemv_preferred() -> bool:
+    """Whether the CUDA GEMV is taken untimed wherever it serves (layers/cuda_gemv.py)."""
+    from pagedllm.layers import cuda_gemv
+
+    return cuda_gemv.preferred()
+
+
 def cuda_candidates(x: torch.Tensor, weight: torch.Tensor, mode: str) -> list[GemvConfig]:
     """[CUDA_GEMV] when the CUDA GEMV serves x times weight in `mode` here (building it on the
     first call), else []."""
@@ -430,7 +437,11 @@ def tuned_config(variant: str, m: int, weight: torch.Tensor, dtype: torch.dtype,
         # Timing is impossible here (CPU) or would break the capture: use the heuristic, and
         # do not cache it, so the next eager CUDA call still tunes.
         return candidates(n, k, m, dtype, sms)[0]
-    config = _tune(launch, weight, m, dtype, candidates(n, k, m, dtype, sms) + extra(), variant)
+    others = extra()
+    if CUDA_GEMV in others and cuda_gemv_preferred():
+        config = CUDA_GEMV
+    else:
+        config = _tune(launch, weight, m, dtype, candidates(n, k, m, dtype, sms) + others, variant)
     _tuned[key] = config
     return config
 
