@@ -7,10 +7,15 @@
 // At one token a linear layer is a pure weight stream. One CTA per SM; a producer warp streams
 // whole weight rows into a ring of shared-memory stages with bulk copies (cp.async.bulk, the
 // copy engine of sm_90), eight consumer warps each reduce whole rows against the input operand
-// held in shared memory. Two things the measurements on an H200 asked for:
-//  - The input operand is loaded first, and the producer starts only once the consumers have
-//    issued those loads: an SM's loads queue behind its outstanding bulk copies, so an operand
-//    read after the ring was filled waited ~3 us (docs/benchmarks.md, twelfth session).
+// held in shared memory. What the measurements on an H200 asked for (docs/benchmarks.md,
+// twelfth session):
+//  - Programmatic dependent launch: the kernel is launched with PDL and lets its successor
+//    launch at once; the weights need nothing an earlier kernel writes, so the producer streams
+//    before griddepcontrol.wait, which only the consumers (reading the operand) pass. Chains of
+//    these GEMVs ran 6-8 us per layer faster with it than without.
+//  - Until the operand is in, the producer keeps only `ahead` stages in flight: an SM's loads
+//    queue behind its outstanding bulk copies, and an operand read behind a full ring waited
+//    3-6 us.
 //  - Rows go out in chunks of one stage. Most chunks are assigned statically (CTA c takes a
 //    contiguous slab), the rest are handed out through a ticket counter, so CTAs that stream
 //    faster take more of the tail (the static split left 7-12 us between the first and the last
@@ -18,6 +23,7 @@
 //
 // Tickets never need resetting: a launch draws exactly (dynamic chunks + CTAs) tickets, because
 // every CTA stops at its first ticket past the chunks; ticket t means chunk t mod (that sum).
+// A CTA draws only after griddepcontrol.wait, so launches of one weight never interleave.
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>

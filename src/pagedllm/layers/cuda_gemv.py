@@ -1,18 +1,21 @@
 """One-token decode GEMV in CUDA C++ (`cuda_gemv.cu`): bulk-copy weight streaming on sm_90+.
 
 At batch 1 a decoder layer's linears are weight streams, and on an H200 the Triton skinny GEMM
-(`triton_gemv.py`) lost most of its time at TP=2 to the fixed costs around each stream rather
+(`triton_gemv.py`) lost a good part of its time to the fixed costs around each stream rather
 than to the stream itself. This kernel streams whole weight rows into shared memory with the
-Hopper copy engine (`cp.async.bulk`), loads its input operand before the stream starts (an SM's
-loads queue behind its outstanding bulk copies), and hands the last chunks of rows out through a
-ticket counter so that no SM finishes long after the others. It serves M = 1, bf16, in three
-forms: plain, gated input (SiLU(gate) * up, the down projection) and residual add + RMSNorm
-folded in (the QKV and gate_up projections), with the Triton kernels' roundings.
+Hopper copy engine (`cp.async.bulk`), is launched with programmatic dependent launch (its weight
+stream needs nothing the previous kernel writes), keeps the stream short until its input operand
+is loaded (an SM's loads queue behind its outstanding bulk copies), and hands the last chunks of
+rows out through a ticket counter so that no SM finishes long after the others. It serves M = 1,
+bf16, in three forms: plain, gated input (SiLU(gate) * up, the down projection) and residual add
++ RMSNorm folded in (the QKV and gate_up projections), with the Triton kernels' roundings.
 
 It is one more candidate of the skinny-GEMM tuner (`triton_gemv.tuned_config`): used for a
-shape only where it measured faster. Built on first use with torch's C++ extension loader (needs
-nvcc; the build is cached under ~/.cache/torch_extensions); when the build fails, or
-`PAGEDLLM_DISABLE_CUDA_GEMV=1`, the tuner never offers it. CUDA-graph capturable, no host syncs.
+shape only where it measured faster, or wherever it serves with `PAGEDLLM_PREFER_CUDA_GEMV=1`
+(the tuner times each kernel alone and so misses what the kernel gains after another of its
+kind). Built on first use with torch's C++ extension loader (needs nvcc; cached under
+~/.cache/torch_extensions); when the build fails, or with `PAGEDLLM_DISABLE_CUDA_GEMV=1`, the
+tuner never offers it. CUDA-graph capturable, no host syncs.
 """
 
 from __future__ import annotations
