@@ -123,6 +123,11 @@ def plan(n: int, k: int, sms: int = 132) -> GemvPlan | None:
     return GemvPlan(rows, slots, static, n, k)
 
 
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 # (device index, weight data pointer, plan) -> the weight's ticket counter. A launch draws exactly
 # one period of tickets (cuda_gemv.cu), so a counter serves one plan only.
 _tickets: dict[tuple[int, int, GemvPlan], torch.Tensor] = {}
@@ -151,7 +156,7 @@ def gemv(mode: str, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, bi
     if module is None:
         raise RuntimeError("the CUDA GEMV kernel is not built (see the log)")
     n, k = weight.shape
-    sms = torch.cuda.get_device_properties(weight.device).multi_processor_count
+    sms = _num_sms(weight.device.index or 0)
     p = plan(n, k, sms)
     assert p is not None
     module.gemv_m1(MODES[mode], weight, x, residual, norm_weight, bias, out, residual_out,
