@@ -110,3 +110,14 @@ def test_skinny_gemm_hooks_route_to_the_cuda_kernel() -> None:
     assert not cuda_gemv.aligned(view)
     out = tg.skinny_linear(view, w, config=tg.CUDA_GEMV)
     assert (out.float() - ref).abs().max().item() <= 2 * 2**-8 * ref.abs().max().item()
+
+
+def test_preferred_untimed_for_large_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    small = torch.empty(1024, 1024, dtype=torch.bfloat16)  # 2 MiB
+    large = torch.empty(4096, 2048, dtype=torch.bfloat16)  # 16 MiB: the smallest 8B GEMV at TP=2
+    monkeypatch.delenv(cuda_gemv.PREFER_ENV_VAR, raising=False)
+    assert not cuda_gemv.preferred(small) and cuda_gemv.preferred(large)
+    monkeypatch.setenv(cuda_gemv.PREFER_ENV_VAR, "1")
+    assert cuda_gemv.preferred(small) and cuda_gemv.preferred(large)
+    monkeypatch.setenv(cuda_gemv.PREFER_ENV_VAR, "0")
+    assert not cuda_gemv.preferred(small) and not cuda_gemv.preferred(large)

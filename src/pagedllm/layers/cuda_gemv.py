@@ -10,10 +10,10 @@ rows out through a ticket counter so that no SM finishes long after the others. 
 bf16, in three forms: plain, gated input (SiLU(gate) * up, the down projection) and residual add
 + RMSNorm folded in (the QKV and gate_up projections), with the Triton kernels' roundings.
 
-It is one more candidate of the skinny-GEMM tuner (`triton_gemv.tuned_config`): used for a
-shape only where it measured faster, or wherever it serves with `PAGEDLLM_PREFER_CUDA_GEMV=1`
-(the tuner times each kernel alone and so misses what the kernel gains after another of its
-kind). Built on first use with torch's C++ extension loader (needs nvcc; cached under
+It is one more candidate of the skinny-GEMM tuner (`triton_gemv.tuned_config`), taken untimed
+for weights of 16 MiB and more (`preferred`: the tuner times each kernel alone and so misses what
+the kernel gains after another of its kind) and where it measures faster for smaller ones;
+`PAGEDLLM_PREFER_CUDA_GEMV=1` takes it wherever it serves, `=0` leaves every choice to the tuner. Built on first use with torch's C++ extension loader (needs nvcc; cached under
 ~/.cache/torch_extensions); when the build fails, or with `PAGEDLLM_DISABLE_CUDA_GEMV=1`, the
 tuner never offers it. CUDA-graph capturable, no host syncs.
 """
@@ -36,6 +36,7 @@ DISABLE_ENV_VAR = "PAGEDLLM_DISABLE_CUDA_GEMV"
 # misses what it gains from following another of its kind (its weight stream starts while the
 # previous GEMV drains: programmatic dependent launch).
 PREFER_ENV_VAR = "PAGEDLLM_PREFER_CUDA_GEMV"
+PREFER_MIN_BYTES = 16 << 20  # see preferred()
 _SOURCE = Path(__file__).with_name("cuda_gemv.cu")
 _MAX_RING_BYTES = 192 * 1024  # the stage ring; + the operand and barriers stays under 227 KB
 _STAGE_BYTES = 32 * 1024  # one bulk copy: whole rows, about this many bytes
@@ -82,9 +83,20 @@ def supports(x: torch.Tensor, weight: torch.Tensor, mode: str) -> bool:
     return x.shape[0] == 1 and k % 8 == 0 and k <= max_k and n > 0 and plan(n, k) is not None
 
 
-def preferred() -> bool:
-    """True when PAGEDLLM_PREFER_CUDA_GEMV is set to anything but '', '0' or 'false'."""
-    return os.environ.get(PREFER_ENV_VAR, "0").strip().lower() not in ("", "0", "false")
+def preferred(weight: torch.Tensor) -> bool:
+    """Whether to take this kernel for `weight` without timing it against the others.
+
+    PAGEDLLM_PREFER_CUDA_GEMV=1: always; =0: never (the tuner decides). Unset: for weights of at
+    least PREFER_MIN_BYTES, the sizes at which chains of this kernel were measured faster than
+    the Triton kernels for every Llama-3.1-8B shape at TP=1 and TP=2 on an H200 (the tuner,
+    timing each kernel alone, kept Triton for some of them and the step was slower).
+    """
+    value = os.environ.get(PREFER_ENV_VAR, "").strip().lower()
+    if value in ("0", "false"):
+        return False
+    if value:
+        return True
+    return weight.numel() * weight.element_size() >= PREFER_MIN_BYTES
 
 
 def aligned(*tensors: torch.Tensor | None) -> bool:

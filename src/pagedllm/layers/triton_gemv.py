@@ -293,11 +293,11 @@ CUBLAS_MARGIN = 0.97
 CUDA_GEMV = GemvConfig(0, 0, use_cuda=True)
 
 
-def cuda_gemv_preferred() -> bool:
-    """Whether the CUDA GEMV is taken untimed wherever it serves (layers/cuda_gemv.py)."""
+def cuda_gemv_preferred(weight: torch.Tensor) -> bool:
+    """Whether the CUDA GEMV is taken untimed for `weight` (layers/cuda_gemv.py:preferred)."""
     from pagedllm.layers import cuda_gemv
 
-    return cuda_gemv.preferred()
+    return cuda_gemv.preferred(weight)
 
 
 def cuda_candidates(x: torch.Tensor, weight: torch.Tensor, mode: str) -> list[GemvConfig]:
@@ -438,7 +438,7 @@ def tuned_config(variant: str, m: int, weight: torch.Tensor, dtype: torch.dtype,
         # do not cache it, so the next eager CUDA call still tunes.
         return candidates(n, k, m, dtype, sms)[0]
     others = extra()
-    if CUDA_GEMV in others and cuda_gemv_preferred():
+    if CUDA_GEMV in others and cuda_gemv_preferred(weight):
         config = CUDA_GEMV
     else:
         config = _tune(launch, weight, m, dtype, candidates(n, k, m, dtype, sms) + others, variant)
