@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from pagedllm.attention import triton_backend
+from pagedllm.layers import cuda_gemv
 from pagedllm.layers.triton_fused import gated_act_tile
 
 logger = logging.getLogger(__name__)
@@ -293,18 +294,9 @@ CUBLAS_MARGIN = 0.97
 CUDA_GEMV = GemvConfig(0, 0, use_cuda=True)
 
 
-def cuda_gemv_preferred(weight: torch.Tensor) -> bool:
-    """Whether the CUDA GEMV is taken untimed for `weight` (layers/cuda_gemv.py:preferred)."""
-    from pagedllm.layers import cuda_gemv
-
-    return cuda_gemv.preferred(weight)
-
-
 def cuda_candidates(x: torch.Tensor, weight: torch.Tensor, mode: str) -> list[GemvConfig]:
     """[CUDA_GEMV] when the CUDA GEMV serves x times weight in `mode` here (building it on the
     first call), else []."""
-    from pagedllm.layers import cuda_gemv
-
     if cuda_gemv.supports(x, weight, mode) and cuda_gemv.available():
         return [CUDA_GEMV]
     return []
@@ -313,8 +305,6 @@ def cuda_candidates(x: torch.Tensor, weight: torch.Tensor, mode: str) -> list[Ge
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
             config: GemvConfig, act: str | None = None) -> torch.Tensor:
     if config.use_cuda:
-        from pagedllm.layers import cuda_gemv
-
         if cuda_gemv.aligned(x, weight):
             return cuda_gemv.gemv("silu" if act == "silu" else "plain", x, weight, out, bias)
         config = heuristic_config(*weight.shape, x.shape[0], x.dtype, num_sms(x.device))  # an unaligned view
@@ -438,7 +428,7 @@ def tuned_config(variant: str, m: int, weight: torch.Tensor, dtype: torch.dtype,
         # do not cache it, so the next eager CUDA call still tunes.
         return candidates(n, k, m, dtype, sms)[0]
     others = extra()
-    if CUDA_GEMV in others and cuda_gemv_preferred(weight):
+    if CUDA_GEMV in others and cuda_gemv.preferred(weight):
         config = CUDA_GEMV
     else:
         config = _tune(launch, weight, m, dtype, candidates(n, k, m, dtype, sms) + others, variant)

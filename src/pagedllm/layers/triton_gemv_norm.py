@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm.layers import cuda_gemv
 from pagedllm.layers import triton_gemv as tg
 from pagedllm.layers.triton_gemv import load_weight_tile
 
@@ -137,8 +138,6 @@ def _launch(hidden: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Ten
             weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, residual_out: torch.Tensor,
             config: tg.GemvConfig) -> None:
     if config.use_cuda:
-        from pagedllm.layers import cuda_gemv
-
         if cuda_gemv.aligned(hidden, residual, norm_weight, weight):
             cuda_gemv.gemv("add_rmsnorm", hidden, weight, out, bias, residual, norm_weight, eps, residual_out)
             return
