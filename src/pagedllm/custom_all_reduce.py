@@ -59,32 +59,17 @@ class SymmMemAllReduce:
         words = symm_mem.empty(2 * self.world_size * self.slot_words, dtype=torch.int64, device=device)
         words.zero_()
         self.epochs = torch.zeros(one_shot_all_reduce.MAX_PROGRAMS, dtype=torch.int32, device=device)
-        self.buffer_ptrs = torch.tensor(self._peer_addresses(symm_mem.rendezvous(words, self.group_name), words),
-                                        dtype=torch.int64, device=device)
+        self.buffer_ptrs = self._peer_addresses(symm_mem.rendezvous(words, self.group_name), words, device)
         self._one_shot_buffer = words  # keep the mapping alive
-        self._kept: list[torch.Tensor] = []  # symmetric_tensor's, likewise
         torch.cuda.synchronize(device)
         dist.barrier(group=group)  # every rank's words are zero before any peer can write one
 
-    def _peer_addresses(self, handle: object, local: torch.Tensor) -> list[int]:
+    def _peer_addresses(self, handle: object, local: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Each rank's address of the symmetric tensor `local`, as mapped on this device."""
         addresses = [int(a) for a in handle.buffer_ptrs]  # type: ignore[attr-defined]
         if addresses[self.rank] != local.data_ptr():
             raise RuntimeError("symmetric tensor does not start at its allocation")
-        return addresses
-
-    def symmetric_tensor(self, numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, list[int]]:
-        """A zeroed tensor in symmetric memory and every rank's address of it as mapped here (in
-        group order). A collective: every rank of the group must call it alike."""
-        import torch.distributed._symmetric_memory as symm_mem
-
-        local = symm_mem.empty(numel, dtype=dtype, device=self.buffer.device)
-        local.zero_()
-        addresses = self._peer_addresses(symm_mem.rendezvous(local, self.group_name), local)
-        torch.cuda.synchronize(local.device)
-        dist.barrier(group=self.group)  # zeroed everywhere before any peer writes
-        self._kept.append(local)
-        return local, addresses
+        return torch.tensor(addresses, dtype=torch.int64, device=device)
 
     def applies(self, x: torch.Tensor) -> bool:
         """Whether `x` goes through the symmetric buffer (else NCCL)."""

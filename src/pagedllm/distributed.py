@@ -167,25 +167,6 @@ def recv_from_last_stage(tensor: torch.Tensor) -> None:
     dist.recv(tensor, src=dist.get_rank() + (_PP_SIZE - 1) * _TP_SIZE)
 
 
-def get_custom_all_reduce():  # -> SymmMemAllReduce | None (imported lazily: CUDA only)
-    """The tensor-parallel group's symmetric-memory all-reduce, or None (NCCL, or one rank)."""
-    return _CUSTOM_ALL_REDUCE
-
-
-def all_tp_ranks_agree(ok: bool, device: torch.device) -> bool:
-    """True when `ok` holds on every tensor-parallel rank (a collective: every rank must call it)."""
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=_TP_GROUP)
-    return bool(flag.item() == 1)
-
-
-def tp_min(value: int, device: torch.device) -> int:
-    """The smallest of every tensor-parallel rank's `value` (a collective)."""
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=_TP_GROUP)
-    return int(t.item())
-
-
 def tensor_model_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over the tensor-parallel ranks, in place; a no-op on one rank."""
     if _TP_SIZE > 1:

@@ -70,7 +70,7 @@ def _case(mode: str, n: int, k: int, seed: int, bias: bool):
 
 @gpu_only
 @pytest.mark.parametrize("mode", ["plain", "silu", "add_rmsnorm"])
-@pytest.mark.parametrize("n,k", [(3072, 4096), (4096, 7168), (1000, 1048), (5, 8)])
+@pytest.mark.parametrize("n,k", [(3072, 4096), (4096, 7168), (2560, 8192), (1000, 1048), (5, 8)])
 def test_matches_fp32_reference_and_repeats_bitwise(mode: str, n: int, k: int) -> None:
     if not cuda_gemv.available():
         pytest.skip("the extension did not build here (no nvcc?)")

@@ -7,7 +7,6 @@ layer; Qwen2/Qwen3: the layers `models/sliding_window.py` names).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from itertools import islice
 from typing import Any
@@ -28,8 +27,6 @@ from pagedllm.layers.linear import (
 )
 from pagedllm.layers.rotary import RotaryEmbedding, rope_parameters
 from pagedllm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
-from pagedllm.models import llama_megakernel
-from pagedllm.models.llama_megakernel import LlamaDecodeMegakernel
 from pagedllm.models.pipeline import (
     IntermediateTensors,
     PPMissingLayer,
@@ -43,8 +40,6 @@ from pagedllm.models.sliding_window import layer_sliding_windows
 from pagedllm.models.weight_utils import load_tensor
 
 # checkpoint name fragment -> (fused parameter fragment, shard id)
-logger = logging.getLogger(__name__)
-
 _STACKED_PARAMS = [
     (".q_proj.", ".qkv_proj.", "q"),
     (".k_proj.", ".qkv_proj.", "k"),
@@ -178,11 +173,6 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embedding, decoder layers and final norm (this pipeline stage's share of them)."""
 
-    # The one-kernel decode step (models/llama_megakernel.py), decided on the first CUDA step
-    # (class defaults: subclasses with their own __init__ inherit them).
-    _megakernel: LlamaDecodeMegakernel | None = None
-    _megakernel_decided = False
-
     def __init__(self, config: dict[str, Any], layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer) -> None:
         super().__init__()
         self.embed_tokens = first_stage_module(lambda: VocabParallelEmbedding(config["vocab_size"], config["hidden_size"]))
@@ -209,32 +199,12 @@ class LlamaModel(nn.Module):
             hidden, residual = self.embed(input_ids), None
         else:
             hidden, residual = intermediate_tensors["hidden"], intermediate_tensors["residual"]
-        megakernel = self._decode_megakernel(input_ids)
-        out = None
-        if megakernel is not None and megakernel.applies(input_ids, metadata):
-            out = megakernel(hidden, positions, metadata)
-        if out is not None:
-            hidden, residual = out
-        else:
-            for layer in islice(self.layers, self.start_layer, self.end_layer):
-                hidden, residual = layer(positions, hidden, residual, metadata)
+        for layer in islice(self.layers, self.start_layer, self.end_layer):
+            hidden, residual = layer(positions, hidden, residual, metadata)
         if not is_last_pp_rank():
             return {"hidden": hidden, "residual": residual}
         hidden, _ = self.norm(hidden, residual)
         return hidden
-
-
-    def _decode_megakernel(self, input_ids: torch.Tensor) -> LlamaDecodeMegakernel | None:
-        """The megakernel for one-token steps, where it serves this model (decided once, alike on
-        every rank: the decision depends on the model and the build only)."""
-        if not self._megakernel_decided and input_ids.is_cuda:
-            self._megakernel_decided = True
-            reason = llama_megakernel.unsupported_reason(self)
-            if reason is None:
-                self._megakernel = LlamaDecodeMegakernel(self)
-            else:
-                logger.debug("Llama decode megakernel off: %s", reason)
-        return self._megakernel
 
 
 class LlamaForCausalLM(nn.Module):
