@@ -4,7 +4,9 @@ Skipped on CPU (CI). On a Hopper GPU each form is checked against an fp32 refere
 roundings (within the bf16 output's rounding), repeat launches must be bitwise equal (the
 ticketed tail must not change which rows a launch computes, only who computes them), and the
 skinny-GEMM hooks must route to it when the tuner picks it. The plan and the switch are checked
-everywhere.
+everywhere. On a GPU run it with TRITON_INTERPRET=0 (tests/kernels/conftest.py defaults to the
+interpreter, for the CPU; the hooks test's Triton fallback would then run interpreted on CUDA
+tensors and fail).
 """
 
 from __future__ import annotations
