@@ -21,14 +21,6 @@
 //    faster take more of the tail (the static split left 7-12 us between the first and the last
 //    CTA to finish the largest GEMV).
 //
-// The all-reduce between a row-parallel GEMV and the add + RMSNorm GEMV after it (TP=2) can ride
-// on the two kernels instead of a kernel of its own: the first pushes each output row to every
-// rank's buffer as an 8-byte word (bf16 value | tag << 32; an aligned 8-byte store lands whole,
-// so the word is its own flag), the second polls its rank's buffer for the words of the call and
-// sums them in rank order, as the one-shot all-reduce (one_shot_all_reduce.py) would. The tag is
-// the site's call count + 1 (a counter the reader's last CTA advances); a word is rewritten with
-// a new tag every call, so none of an earlier call can pass for the current one.
-//
 // Tickets never need resetting: a launch draws exactly (dynamic chunks + CTAs) tickets, because
 // every CTA stops at its first ticket past the chunks; ticket t means chunk t mod (that sum).
 // A CTA draws only after griddepcontrol.wait, so launches of one weight never interleave.
@@ -48,8 +40,6 @@ constexpr int kConsumers = kWarps * 32;
 template <int MODE>
 constexpr int kMaxVecs = MODE == 2 ? 4 : 8;
 constexpr int kMaxSlots = 32;
-constexpr int kMaxWorld = 8;
-constexpr int kPullWords = 32;  // pulled words per consumer thread: world * K <= 8192
 // Shared layout: [full barriers][empty barriers][chunk of each slot][misc] | operand | ring
 constexpr int kEmptyOffset = 256;
 constexpr int kChunkOffset = 512;
@@ -137,20 +127,7 @@ struct Params {
   int N, K, rows_per_stage, num_slots, static_chunks, ring_offset;
   int ahead;  // stages in flight before the operand is ready (0: no limit)
   float eps;
-  unsigned long long* push[kMaxWorld];  // MODE 0/1: every rank's words of the site [world][N]; null: out
-  const unsigned long long* pull;       // MODE 2: this rank's words of the site [world][K]; null: x
-  unsigned long long* site_epoch;       // push / pull: [2] the site's completed calls, reader CTAs done
-  int rank, world;
 };
-
-__device__ __forceinline__ unsigned long long ld_volatile(const unsigned long long* p) {
-  unsigned long long v;
-  asm volatile("ld.volatile.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ void st_word(unsigned long long* p, unsigned long long v) {
-  asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
 
 template <int MODE>
 __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
@@ -229,44 +206,6 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
   // Consumers: wait for the kernel that wrote the operand (a no-op without PDL), then issue
   // every operand load at once.
   pdl_wait();
-  // The site's tag: its call count is stable from the writer's start to the reader's end.
-  unsigned long long site_calls = 0;
-  uint32_t tag = 0;
-  if (p.site_epoch != nullptr) {
-    site_calls = ld_volatile(p.site_epoch);
-    tag = static_cast<uint32_t>(site_calls % 0xFFFFFFFFull) + 1;  // never 0 (zeroed words)
-  }
-  const __nv_bfloat16* x_src = p.x;
-  if constexpr (MODE == 2) {
-    if (p.pull != nullptr) {  // h = the ranks' pushed partials summed in rank order, into xs first
-      const int per = K / kConsumers, n = p.world * per;
-      unsigned long long w[kPullWords];
-#pragma unroll
-      for (int j = 0; j < kPullWords; ++j)
-        if (j < n) w[j] = ld_volatile(p.pull + static_cast<int64_t>(j / per) * K + tid + (j % per) * kConsumers);
-#pragma unroll
-      for (int j = 0; j < kPullWords; ++j) {
-        if (j >= n) break;
-        const unsigned long long* at = p.pull + static_cast<int64_t>(j / per) * K + tid + (j % per) * kConsumers;
-        unsigned long long since = 0;
-        for (unsigned spins = 1; static_cast<uint32_t>(w[j] >> 32) != tag; ++spins) {
-          w[j] = ld_volatile(at);
-          if ((spins & 1023) == 0) {  // a dead peer: fail the launch rather than hang the GPU
-            if (since == 0) since = now_ns();
-            else if (now_ns() - since > 10000000000ull) __trap();
-          }
-        }
-      }
-      for (int e = 0; e < per; ++e) {
-        float h = 0.f;
-        for (int r = 0; r < p.world; ++r)
-          h += bf(__ushort_as_bfloat16(static_cast<unsigned short>(w[r * per + e] & 0xFFFFu)));
-        xs[tid + e * kConsumers] = __float2bfloat16(h);
-      }
-      consumers_sync();
-      x_src = xs;
-    }
-  }
   const int kv = K / 8;  // 16-byte vectors of one row
   constexpr int kArrays = MODE == 0 ? 1 : (MODE == 1 ? 2 : 3);
   uint4 in[kArrays][kMaxVecs<MODE>];
@@ -274,7 +213,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
   for (int i = 0; i < kMaxVecs<MODE>; ++i) {
     const int v = tid + i * kConsumers;
     if (v < kv) {
-      in[0][i] = reinterpret_cast<const uint4*>(x_src)[v];
+      in[0][i] = reinterpret_cast<const uint4*>(p.x)[v];
       if constexpr (MODE == 1) in[1][i] = reinterpret_cast<const uint4*>(p.x + K)[v];
       if constexpr (MODE == 2) {
         in[1][i] = reinterpret_cast<const uint4*>(p.r)[v];
@@ -360,14 +299,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
         const int row = chunk * R + j;
         float y = sum * scale;
         if (p.bias != nullptr) y += bf(p.bias[row]);
-        if (MODE != 2 && p.push[0] != nullptr) {  // this rank's partial, to every rank's buffer
-          const unsigned long long word = (static_cast<unsigned long long>(tag) << 32) |
-                                          __bfloat16_as_ushort(__float2bfloat16(y));
-          const int64_t at = static_cast<int64_t>(p.rank) * p.N + row;
-          for (int r = 0; r < p.world; ++r) st_word(p.push[r] + at, word);
-        } else {
-          p.out[row] = __float2bfloat16(y);
-        }
+        p.out[row] = __float2bfloat16(y);
       }
     }
     __syncwarp();
@@ -376,14 +308,6 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
   if (p.stamps) {
     consumers_sync();
     if (tid == 0) p.stamps[blockIdx.x * 4 + 2] = now_ns();
-  }
-  if (MODE == 2 && p.pull != nullptr) {  // the last CTA done with the site's words advances its count
-    consumers_sync();
-    if (tid == 0) {
-      __threadfence();
-      if (atomicAdd(p.site_epoch + 1, 1ull) == (site_calls + 1) * gridDim.x - 1)
-        atomicExch(p.site_epoch, site_calls + 1);
-    }
   }
 }
 
@@ -399,8 +323,7 @@ void gemv_m1(int64_t mode, torch::Tensor w, torch::Tensor x, c10::optional<torch
              c10::optional<torch::Tensor> nw, c10::optional<torch::Tensor> bias, torch::Tensor out,
              c10::optional<torch::Tensor> res_out, torch::Tensor tickets, double eps, int64_t rows_per_stage,
              int64_t num_slots, int64_t grid, int64_t static_chunks, int64_t ahead, bool pdl,
-             c10::optional<torch::Tensor> stamps, std::vector<int64_t> push, c10::optional<torch::Tensor> pull,
-             c10::optional<torch::Tensor> site_epoch, int64_t rank) {
+             c10::optional<torch::Tensor> stamps) {
   const int N = w.size(0), K = w.size(1);
   TORCH_CHECK(K % 8 == 0 && K / 8 <= (mode == 2 ? kMaxVecs<2> : kMaxVecs<0>) * kConsumers,
               "gemv_m1: unsupported K ", K);
@@ -424,19 +347,6 @@ void gemv_m1(int64_t mode, torch::Tensor w, torch::Tensor x, c10::optional<torch
   p.ring_offset = (kOperandOffset + K * 2 + 127) / 128 * 128;
   p.eps = static_cast<float>(eps);
   p.ahead = static_cast<int>(ahead);
-  // The all-reduce on the GEMVs' backs (see the top of the file): push (MODE 0/1) or pull (MODE 2).
-  const int world = push.empty() ? (pull ? static_cast<int>(pull->numel() / K) : 0) : static_cast<int>(push.size());
-  TORCH_CHECK(world <= kMaxWorld, "gemv_m1: too many ranks");
-  TORCH_CHECK(push.empty() || mode != 2, "gemv_m1: push is for the plain and gated forms");
-  TORCH_CHECK(!pull || (mode == 2 && K % kConsumers == 0 && world * (K / kConsumers) <= kPullWords),
-              "gemv_m1: pull is for the add + RMSNorm form with world * K <= ", kPullWords * kConsumers);
-  TORCH_CHECK((push.empty() && !pull) || site_epoch, "gemv_m1: push / pull need the site's epoch");
-  for (int r = 0; r < kMaxWorld; ++r)
-    p.push[r] = r < static_cast<int>(push.size()) ? reinterpret_cast<unsigned long long*>(push[r]) : nullptr;
-  p.pull = pull ? reinterpret_cast<const unsigned long long*>(pull->data_ptr()) : nullptr;
-  p.site_epoch = site_epoch ? reinterpret_cast<unsigned long long*>(site_epoch->data_ptr()) : nullptr;
-  p.rank = static_cast<int>(rank);
-  p.world = world;
   const int64_t smem = p.ring_offset + num_slots * rows_per_stage * static_cast<int64_t>(K) * 2;
   TORCH_CHECK(smem <= 227 * 1024, "gemv_m1: shared memory plan too large: ", smem);
   static uint64_t attr_set[3] = {0, 0, 0};  // per mode, a bit per device

@@ -154,34 +154,15 @@ def _ticket_counter(weight: torch.Tensor, p: GemvPlan) -> torch.Tensor:
     return counter
 
 
-@dataclass(frozen=True)
-class Exchange:
-    """One all-reduce site carried by the GEMVs on either side of it (TP=2, one token): the
-    row-parallel GEMV before it pushes each output row into every rank's `words` as a tagged
-    8-byte word, the add + RMSNorm GEMV after it pulls its rank's words and sums them in rank
-    order, as the one-shot all-reduce would (the same bits), with no kernel of its own.
-    Made by `SymmMemAllReduce.exchange` (custom_all_reduce.py)."""
-
-    words: torch.Tensor  # this rank's int64 [world, N] in symmetric memory: rank r's row i at [r, i]
-    addresses: tuple[int, ...]  # every rank's `words`, as mapped on this device (group order)
-    epoch: torch.Tensor  # int64 [2]: the site's completed calls, and the reader's CTAs done
-    rank: int
-
-
-def gemv(mode: str, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None, bias: torch.Tensor | None = None,
+def gemv(mode: str, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None,
          residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-         residual_out: torch.Tensor | None = None, stamps: torch.Tensor | None = None,
-         push: Exchange | None = None, pull: Exchange | None = None) -> torch.Tensor | None:
+         residual_out: torch.Tensor | None = None, stamps: torch.Tensor | None = None) -> torch.Tensor:
     """out [1, N] = the `mode` product of x and weight [N, K] (see the module docstring).
 
     "plain": x [1, K]; "silu": x [1, 2K] = [gate | up]; "add_rmsnorm": x is the hidden state
     [1, K], `residual`, `norm_weight` [K] and `eps` the norm's, and `residual_out` [1, K]
     receives hidden + residual. Every tensor contiguous bf16 on one device; the caller checked
     `supports`. `stamps` (tests and benchmarks): per-CTA global-timer readings.
-
-    `push` ("plain" / "silu", no bias): the rows go to every rank's words of the site instead of
-    `out` (None). `pull` ("add_rmsnorm"): the hidden state is the sum of the site's words over
-    the ranks, and `x` is ignored (see Exchange).
     """
     module = _module()
     if module is None:
@@ -190,34 +171,7 @@ def gemv(mode: str, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | N
     sms = _num_sms(weight.device.index or 0)
     p = plan(n, k, sms)
     assert p is not None
-    site = push or pull
-    module.gemv_m1(MODES[mode], weight, x, residual, norm_weight, bias, x if out is None else out, residual_out,
+    module.gemv_m1(MODES[mode], weight, x, residual, norm_weight, bias, out, residual_out,
                    _ticket_counter(weight, p), eps, p.rows_per_stage, p.num_slots, sms, p.static_chunks, AHEAD, PDL,
-                   stamps, list(push.addresses) if push else [], pull.words if pull else None,
-                   site.epoch if site else None, site.rank if site else 0)
+                   stamps)
     return out
-
-
-EXCHANGE_ENV_VAR = "PAGEDLLM_GEMV_ALL_REDUCE"
-_PULL_MAX_WORDS = 8192  # cuda_gemv.cu: world * K <= kPullWords * 256
-
-
-def exchange_enabled_by_env() -> bool:
-    """True when PAGEDLLM_GEMV_ALL_REDUCE is set to anything but '', '0' or 'false'."""
-    return os.environ.get(EXCHANGE_ENV_VAR, "0").strip().lower() not in ("", "0", "false")
-
-
-def can_exchange(sample: torch.Tensor, writer: torch.Tensor, writer_mode: str, reader: torch.Tensor,
-                 world: int, *reader_inputs: torch.Tensor) -> bool:
-    """Whether an all-reduce of `writer`'s output rows can ride on this kernel (Exchange) with
-    `writer` [N, K'] in `writer_mode` and the add + RMSNorm GEMV of `reader` [N'', N] after it,
-    for one token like `sample` (shape [1, ..], dtype and device of the activations): both must
-    take this kernel (`preferred`), and `reader_inputs` (residual, norm weight) be aligned."""
-    if not exchange_enabled_by_env() or sample.shape[0] != 1:
-        return False
-    n = writer.shape[0]
-    if reader.shape[1] != n or n % 256 or world * n > _PULL_MAX_WORDS:
-        return False
-    return (supports(sample, writer, writer_mode) and supports(sample, reader, "add_rmsnorm")
-            and preferred(writer) and preferred(reader) and aligned(writer, reader, *reader_inputs)
-            and available())

@@ -17,10 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dataclasses import dataclass
-from typing import Any
-
-from pagedllm import distributed
 from pagedllm.distributed import get_tp_rank, get_tp_size, tensor_model_parallel_all_reduce
 from pagedllm.layers.custom_op import CustomOp
 
@@ -61,17 +57,6 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         out = skinny_linear(x.reshape(-1, hidden), weight, bias)
         return out.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
-
-
-@dataclass(frozen=True)
-class PendingAllReduce:
-    """A row-parallel layer's output whose all-reduce is still in flight: each rank's partial
-    rows were pushed into every rank's buffer of `site` (a cuda_gemv.Exchange) by the GEMV, and
-    the add + RMSNorm GEMV that consumes it sums them (ColumnParallelLinear.forward_add_rmsnorm).
-    Nothing else may consume it."""
-
-    site: Any  # cuda_gemv.Exchange
-    shape: tuple[int, ...]
 
 
 def set_skinny_gemm(model: nn.Module, enabled: bool) -> None:
@@ -137,19 +122,6 @@ class ColumnParallelLinear(CustomOp):
 
         return skinny_add_rmsnorm_linear(hidden, residual, norm.weight, norm.variance_epsilon,
                                          self.weight, self.bias)
-
-    def forward_add_rmsnorm_pending(self, norm: nn.Module, hidden: PendingAllReduce, residual: torch.Tensor,
-                                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """forward_add_rmsnorm where `hidden` is a row-parallel output still to be summed over the
-        ranks: the CUDA GEMV pulls the ranks' rows and sums them as it loads its operand (the
-        writer checked this layer with RowParallelLinear.can_defer_reduce)."""
-        from pagedllm.layers import cuda_gemv
-
-        out = torch.empty((1, self.weight.shape[0]), dtype=residual.dtype, device=residual.device)
-        residual_out = torch.empty_like(residual)
-        cuda_gemv.gemv("add_rmsnorm", residual, self.weight, out, self.bias, residual, norm.weight,
-                       norm.variance_epsilon, residual_out, pull=hidden.site)
-        return out, residual_out
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -255,38 +227,6 @@ class RowParallelLinear(CustomOp):
         hidden = gate_up.shape[-1]
         partial = skinny_linear(gate_up.reshape(-1, hidden), self.weight, act=act)
         return self._reduce_and_add_bias(partial.view(*gate_up.shape[:-1], self.weight.shape[0]))
-
-    def can_defer_reduce(self, sample: torch.Tensor, reader: nn.Module, norm: nn.Module, residual: torch.Tensor,
-                         gated: bool = False) -> bool:
-        """Whether forward_deferred may leave this layer's all-reduce to `reader`, the
-        ColumnParallelLinear whose forward_add_rmsnorm(`norm`, ..., `residual`) consumes the
-        output: one token like `sample`, two ranks sharing symmetric memory, no bias, both GEMVs
-        on the CUDA kernel (cuda_gemv.can_exchange; `gated`: this layer's input is SiLU-gated)."""
-        from pagedllm.layers.layernorm import RMSNorm
-
-        comm = distributed.get_custom_all_reduce()
-        if (comm is None or self.tp_size != 2 or self.bias is not None or not self.skinny_gemm
-                or not isinstance(reader, ColumnParallelLinear) or not reader.skinny_gemm
-                or type(norm) is not RMSNorm or not norm.use_fused_path(sample)):
-            return False
-        if getattr(self, "_exchange", None) is None and torch.cuda.is_current_stream_capturing():
-            return False  # the site's buffers are made by a collective: in an eager step first
-        from pagedllm.layers import cuda_gemv
-
-        return cuda_gemv.can_exchange(sample, self.weight, "silu" if gated else "plain", reader.weight,
-                                      self.tp_size, residual, norm.weight)
-
-    def forward_deferred(self, x: torch.Tensor, act: str | None = None) -> PendingAllReduce:
-        """This layer's output with the all-reduce left to the next add + RMSNorm GEMV (only where
-        can_defer_reduce holds): the CUDA GEMV pushes each rank's rows to every rank. `act`
-        "silu": x is a gated [gate | up] input, as in forward_gated."""
-        from pagedllm.layers import cuda_gemv
-
-        site = getattr(self, "_exchange", None)
-        if site is None:  # first call (eager, every rank alike): the site's symmetric buffers
-            site = self._exchange = distributed.get_custom_all_reduce().exchange(self.weight.shape[0])
-        cuda_gemv.gemv("silu" if act == "silu" else "plain", x.reshape(1, -1), self.weight, None, push=site)
-        return PendingAllReduce(site, (*x.shape[:-1], self.weight.shape[0]))
 
     def _reduce_and_add_bias(self, partial: torch.Tensor) -> torch.Tensor:
         # The bias is added after the all-reduce (every rank holds all of it), so it counts once.
