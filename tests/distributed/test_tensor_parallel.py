@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -134,6 +136,21 @@ def test_killed_mp_worker_fails_the_engine_naming_its_rank(model_dirs):
         assert not any(p.is_alive() for p in executor.processes)  # nothing left behind, nothing hangs
     finally:
         llm.shutdown()
+
+
+def test_script_without_main_guard_gets_an_error_naming_the_guard(model_dirs, tmp_path):
+    # Spawned workers import the main module first; a script that builds its LLM at module level
+    # would build it again in every worker, which fails there before the worker's code runs.
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from pagedllm import LLM\n"
+        f"LLM({model_dirs['LlamaForCausalLM']!r}, skip_tokenizer_init=True, enforce_eager=True, "
+        "tensor_parallel_size=2, num_gpu_blocks_override=64)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240,
+                          cwd=tmp_path)
+    assert done.returncode != 0
+    assert "WorkerDiedError: Worker rank" in done.stderr
+    assert 'before the worker\'s own code ran' in done.stderr and '__name__ == "__main__"' in done.stderr
 
 
 @pytest.mark.parametrize("layout", [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)])

@@ -31,6 +31,7 @@ from pagedllm.worker.runner_output import ModelRunnerOutput
 logger = logging.getLogger(__name__)
 
 _SHUTDOWN = "shutdown"
+_STARTED = "started"  # a worker's first message: its own code runs (the main module imported)
 
 
 def get_open_port() -> int:
@@ -42,6 +43,7 @@ def get_open_port() -> int:
 
 def run_worker_process(config: EngineConfig, rank: int, init_method: str, conn: Connection, log_level: int) -> None:
     """A worker process: build this rank's Worker, then serve (method, args) calls until shutdown."""
+    conn.send((_STARTED, None))
     logging.basicConfig(level=log_level, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
     # Ctrl-C and a SIGTERM to the whole process group are the engine's to handle (the server drains
     # first); a worker stops when told to, or when its pipe to the engine closes.
@@ -162,6 +164,7 @@ class MultiprocExecutor(Executor):
         self.processes: list[multiprocessing.process.BaseProcess] = []
         self.conns: list[Connection] = []
         self._closed = False
+        self._started: set[int] = set()  # ranks whose own code ran (see _exit_detail)
         self.messages_sent = 0  # control-path counters (per message, not per rank)
         self.bytes_sent = 0
         for rank in range(self.world_size):
@@ -238,11 +241,9 @@ class MultiprocExecutor(Executor):
             for ready in wait([*self.conns, *self._rank_of_sentinel]):
                 if isinstance(ready, int):
                     rank = self._rank_of_sentinel[ready]
-                    if self.conns[rank].poll():  # it may have reported why before exiting
+                    while self.conns[rank].poll():  # it may have reported why before exiting
                         self._read(rank, expected, results)
-                    process = self.processes[rank]
-                    process.join(timeout=1)
-                    raise self._failure(rank, f"process {process.pid} exited with code {process.exitcode}")
+                    raise self._failure(rank, self._exit_detail(rank))
                 self._read(self._rank_of_conn[id(ready)], expected, results)
         return [results[rank] for rank in sorted(expected)]
 
@@ -250,9 +251,10 @@ class MultiprocExecutor(Executor):
         try:
             status, payload = self.conns[rank].recv()
         except (EOFError, OSError):
-            process = self.processes[rank]
-            process.join(timeout=1)
-            raise self._failure(rank, f"process {process.pid} exited with code {process.exitcode}") from None
+            raise self._failure(rank, self._exit_detail(rank)) from None
+        if status == _STARTED:
+            self._started.add(rank)
+            return
         if status == "error":
             # A rank whose peer died fails in its next collective; blame the dead peer if there is one.
             dead = self._first_dead_rank(grace_s=2.0, ignore=rank)
@@ -264,6 +266,19 @@ class MultiprocExecutor(Executor):
         if rank not in expected:
             raise self._failure(rank, f"unexpected message {status!r}")
         results[rank] = payload
+
+    def _exit_detail(self, rank: int) -> str:
+        """Why `rank`'s process is gone, as far as the engine can tell."""
+        process = self.processes[rank]
+        process.join(timeout=1)
+        detail = f"process {process.pid} exited with code {process.exitcode}"
+        if rank not in self._started:
+            # The usual cause: a spawned process imports the main module first, and a script that
+            # creates its LLM at module level runs that again in every worker.
+            detail += (" before the worker's own code ran, while it imported the main module (the worker's "
+                       "traceback is in the output above). A script that creates an LLM must do it under "
+                       "`if __name__ == \"__main__\":`: every worker process imports the script first.")
+        return detail
 
     def _first_dead_rank(self, grace_s: float, ignore: int) -> int | None:
         """The first rank other than `ignore` whose process has exited or exits within `grace_s`."""
