@@ -47,3 +47,29 @@ def test_block_copies_read_every_source_before_writing_any_destination():
     runner._copy_blocks([(0, 1), (1, 2)])  # block 1 is both a destination and a source
     assert torch.equal(cache[:, 1], before[:, 0]) and torch.equal(cache[:, 2], before[:, 1])
     assert torch.equal(cache[:, [0, 3]], before[:, [0, 3]])
+
+
+def test_shutdown_frees_an_in_process_model_at_once(tmp_path):
+    # One device, no worker processes: shutdown must still let the model, KV cache (and on a GPU
+    # the CUDA graphs) go, so that a second engine in the same process finds the memory free.
+    import gc
+    import weakref
+
+    import pytest
+
+    from pagedllm import LLM, SamplingParams
+
+    build_tiny_model("LlamaForCausalLM", str(tmp_path))
+    with LLM(str(tmp_path), skip_tokenizer_init=True, num_gpu_blocks_override=12, max_model_len=64) as llm:
+        llm.generate([{"prompt_token_ids": [3, 4, 5]}], SamplingParams(max_tokens=2), use_tqdm=False)
+        runner = llm.llm_engine.engine_core.executor.worker.model_runner
+        model, cache = weakref.ref(runner.model), weakref.ref(runner.kv_caches[0])
+        del runner
+    gc.disable()  # what is freed must be freed by shutdown, not by a later collection
+    try:
+        assert model() is None and cache() is None
+        with pytest.raises(RuntimeError, match="shut down"):
+            llm.generate([{"prompt_token_ids": [3, 4, 5]}], SamplingParams(max_tokens=2), use_tqdm=False)
+        llm.shutdown()  # twice is fine
+    finally:
+        gc.enable()

@@ -7,6 +7,8 @@ import logging
 import weakref
 from collections import deque
 
+import torch
+
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.scheduler import Scheduler
@@ -144,8 +146,14 @@ class EngineCore:
     def shutdown(self) -> None:
         """Release the executor (stops tensor-parallel workers); safe to call twice.
 
-        Also hands the frozen start-up objects back to the garbage collector, so that whatever of
-        this engine is left in reference cycles can be freed once it is dropped.
+        Also hands the frozen start-up objects back to the garbage collector and collects, so
+        that an in-process worker's model and KV cache are freed now, and returns the CUDA
+        caching allocator's free memory to the device: another engine started in this process
+        (or a worker process on the same GPU) sizes its KV cache from what the device has free.
         """
-        self._finalizer()
-        gc.unfreeze()
+        if self._finalizer.alive:
+            self._finalizer()
+            gc.unfreeze()
+            gc.collect()
+            if torch.cuda.is_initialized():
+                torch.cuda.empty_cache()

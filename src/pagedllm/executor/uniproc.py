@@ -14,8 +14,15 @@ class UniProcExecutor(Executor):
 
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
-        self.worker = Worker(config)
-        self.worker.load_model()
+        self._worker: Worker | None = Worker(config)
+        self._worker.load_model()
+
+    @property
+    def worker(self) -> Worker:
+        """The one worker (gone after shutdown)."""
+        if self._worker is None:
+            raise RuntimeError("The executor has been shut down.")
+        return self._worker
 
     def collective_rpc(self, method: str, *args: object) -> list[object]:
         """Call the one worker directly."""
@@ -30,4 +37,8 @@ class UniProcExecutor(Executor):
         return self.worker.execute_model_async(scheduler_output)
 
     def shutdown(self) -> None:
-        """Nothing to stop in-process."""
+        """Drop the worker: its model, KV cache and CUDA graphs go with it (EngineCore.shutdown
+        then hands the device memory back), as worker processes do when they exit."""
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.shutdown()
