@@ -59,17 +59,39 @@ class SymmMemAllReduce:
         words = symm_mem.empty(2 * self.world_size * self.slot_words, dtype=torch.int64, device=device)
         words.zero_()
         self.epochs = torch.zeros(one_shot_all_reduce.MAX_PROGRAMS, dtype=torch.int32, device=device)
-        self.buffer_ptrs = self._peer_addresses(symm_mem.rendezvous(words, self.group_name), words, device)
+        self.buffer_ptrs = torch.tensor(self._peer_addresses(symm_mem.rendezvous(words, self.group_name), words),
+                                        dtype=torch.int64, device=device)
         self._one_shot_buffer = words  # keep the mapping alive
+        self._exchanges: list[object] = []  # exchange()'s, likewise
         torch.cuda.synchronize(device)
         dist.barrier(group=group)  # every rank's words are zero before any peer can write one
 
-    def _peer_addresses(self, handle: object, local: torch.Tensor, device: torch.device) -> torch.Tensor:
+    def _peer_addresses(self, handle: object, local: torch.Tensor) -> list[int]:
         """Each rank's address of the symmetric tensor `local`, as mapped on this device."""
         addresses = [int(a) for a in handle.buffer_ptrs]  # type: ignore[attr-defined]
         if addresses[self.rank] != local.data_ptr():
             raise RuntimeError("symmetric tensor does not start at its allocation")
-        return torch.tensor(addresses, dtype=torch.int64, device=device)
+        return addresses
+
+    def exchange(self, numel: int):  # -> cuda_gemv.Exchange (imported lazily: CUDA only)
+        """Buffers for one all-reduce site of `numel` elements carried by the CUDA GEMVs on
+        either side of it (layers/cuda_gemv.py), in symmetric memory. A collective: every rank of
+        the group must call it alike (at model load, never in a capture)."""
+        import torch.distributed._symmetric_memory as symm_mem
+
+        from pagedllm.layers.cuda_gemv import Exchange, exchange_buffer_bytes
+
+        device = self.buffer.device
+        buffer = symm_mem.empty(exchange_buffer_bytes(self.world_size, numel) // 8, dtype=torch.int64, device=device)
+        buffer.zero_()
+        addresses = self._peer_addresses(symm_mem.rendezvous(buffer, self.group_name), buffer)
+        torch.cuda.synchronize(device)
+        dist.barrier(group=self.group)  # zeroed everywhere before any peer writes a row or count
+        torch.cuda.synchronize(device)  # the barrier's NCCL work done before anything else runs
+        site = Exchange(buffer, tuple(addresses), torch.zeros(2, dtype=torch.int64, device=device), self.rank,
+                        self.world_size)
+        self._exchanges.append(site)
+        return site
 
     def applies(self, x: torch.Tensor) -> bool:
         """Whether `x` goes through the symmetric buffer (else NCCL)."""

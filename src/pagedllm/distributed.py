@@ -167,6 +167,11 @@ def recv_from_last_stage(tensor: torch.Tensor) -> None:
     dist.recv(tensor, src=dist.get_rank() + (_PP_SIZE - 1) * _TP_SIZE)
 
 
+def get_custom_all_reduce():  # -> SymmMemAllReduce | None (custom_all_reduce.py, imported on CUDA only)
+    """The tensor-parallel group's symmetric-memory all-reduce, or None (NCCL, or one rank)."""
+    return _CUSTOM_ALL_REDUCE
+
+
 def tensor_model_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over the tensor-parallel ranks, in place; a no-op on one rank."""
     if _TP_SIZE > 1:

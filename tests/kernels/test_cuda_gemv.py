@@ -123,3 +123,43 @@ def test_preferred_untimed_for_large_weights(monkeypatch: pytest.MonkeyPatch) ->
     assert cuda_gemv.preferred(small) and cuda_gemv.preferred(large)
     monkeypatch.setenv(cuda_gemv.PREFER_ENV_VAR, "0")
     assert not cuda_gemv.preferred(small) and not cuda_gemv.preferred(large)
+
+
+@gpu_only
+@pytest.mark.parametrize("writer_mode", ["plain", "silu"])
+def test_all_reduce_carried_by_push_and_pull_equals_the_one_shot_sum(writer_mode: str) -> None:
+    """Two ranks simulated on one GPU: each pushes its O- (or gated down-) projection rows into the one site buffer
+    (its rows and its count), the add + RMSNorm GEMV waits for both counts and sums the rows;
+    bitwise equal to summing the ranks' bf16 partials in rank order (the one-shot all-reduce)
+    and running the GEMV on that, call after call (the site's calls advance)."""
+    if not cuda_gemv.available():
+        pytest.skip("the extension did not build here (no nvcc?)")
+    hidden, k_o, n_reader = 4096, 2048, 3072
+    g = torch.Generator(device="cuda").manual_seed(11)
+    w_o = [(torch.randn(hidden, k_o, device="cuda", generator=g) * 0.05).bfloat16() for _ in range(2)]
+    w_r = (torch.randn(n_reader, hidden, device="cuda", generator=g) * 0.05).bfloat16()
+    nw = (1 + 0.1 * torch.randn(hidden, device="cuda", generator=g)).bfloat16()
+    buffer = torch.zeros(cuda_gemv.exchange_buffer_bytes(2, hidden) // 8, dtype=torch.int64, device="cuda")
+    epoch = torch.zeros(2, dtype=torch.int64, device="cuda")
+    for call in range(3):
+        width = k_o * (2 if writer_mode == "silu" else 1)
+        x = [torch.randn(1, width, device="cuda", generator=g).bfloat16() for _ in range(2)]
+        residual = torch.randn(1, hidden, device="cuda", generator=g).bfloat16()
+        for rank in (0, 1):
+            cuda_gemv.gemv(writer_mode, x[rank], w_o[rank], None,
+                           push=cuda_gemv.Exchange(buffer, (buffer.data_ptr(),), epoch, rank, 2))
+        out = torch.empty(1, n_reader, device="cuda", dtype=torch.bfloat16)
+        res_out = torch.empty_like(residual)
+        cuda_gemv.gemv("add_rmsnorm", residual, w_r, out, None, residual, nw, 1e-6, res_out,
+                       pull=cuda_gemv.Exchange(buffer, (buffer.data_ptr(),), epoch, 0, 2))
+        partials = [cuda_gemv.gemv(writer_mode, x[r], w_o[r], torch.empty(1, hidden, device="cuda",
+                                                                      dtype=torch.bfloat16)).float() for r in (0, 1)]
+        summed = (partials[0] + partials[1]).bfloat16()
+        ref = torch.empty_like(out)
+        ref_res = torch.empty_like(residual)
+        cuda_gemv.gemv("add_rmsnorm", summed, w_r, ref, None, residual, nw, 1e-6, ref_res)
+        torch.cuda.synchronize()
+        assert torch.equal(res_out, ref_res) and torch.equal(out, ref), f"call {call}"
+        assert int(epoch[0]) == call + 1
+        counts = buffer[-2:].tolist()  # every rank's rows counted, once per call
+        assert counts == [hidden * (call + 1)] * 2

@@ -21,6 +21,18 @@
 //    faster take more of the tail (the static split left 7-12 us between the first and the last
 //    CTA to finish the largest GEMV).
 //
+// The all-reduce between a row-parallel GEMV and the add + RMSNorm GEMV after it can ride on the
+// two kernels instead of a kernel of its own. A site's buffer (symmetric memory, one per rank)
+// holds the ranks' rows as 4-byte words, bf16 | tag << 16 [world][n], then one 8-byte count per
+// writing rank; the tag is the site's call count + 1 (mod 2^16; calls: a counter the reader's
+// last CTA advances), so a word of the call before never passes for this call's. The writer
+// stores each output row into every rank's buffer, and each CTA, once its rows are issued, adds
+// their number to its rank's count there, with no fence: the count is a hint that lets one
+// thread per reader CTA wait cheaply, and the tags make it safe when a count overtakes its rows.
+// The reader's thread 0 waits until every count reaches (calls + 1) * n; then its consumers load
+// the words, reload any still stale, and sum the ranks' values in rank order, as the one-shot
+// all-reduce (one_shot_all_reduce.py) would.
+//
 // Tickets never need resetting: a launch draws exactly (dynamic chunks + CTAs) tickets, because
 // every CTA stops at its first ticket past the chunks; ticket t means chunk t mod (that sum).
 // A CTA draws only after griddepcontrol.wait, so launches of one weight never interleave.
@@ -40,6 +52,7 @@ constexpr int kConsumers = kWarps * 32;
 template <int MODE>
 constexpr int kMaxVecs = MODE == 2 ? 4 : 8;
 constexpr int kMaxSlots = 32;
+constexpr int kMaxWorld = 8;
 // Shared layout: [full barriers][empty barriers][chunk of each slot][misc] | operand | ring
 constexpr int kEmptyOffset = 256;
 constexpr int kChunkOffset = 512;
@@ -127,7 +140,35 @@ struct Params {
   int N, K, rows_per_stage, num_slots, static_chunks, ring_offset;
   int ahead;  // stages in flight before the operand is ready (0: no limit)
   float eps;
+  void* push[kMaxWorld];           // MODE 0/1: the site's buffer of each of num_push ranks; else out
+  const void* pull;                // MODE 2: this rank's buffer of the site; null: the operand is x
+  unsigned long long* site_epoch;  // pull: [2] the site's completed calls, reader CTAs done
+  int num_push, rank, world;
 };
+
+// The counts after a site buffer's words (n per rank): one per writing rank.
+__device__ __forceinline__ unsigned long long* site_counts(const void* buffer, int world, int n) {
+  return reinterpret_cast<unsigned long long*>(const_cast<char*>(static_cast<const char*>(buffer)) +
+                                               static_cast<int64_t>(world) * n * 4);
+}
+__device__ __forceinline__ void st_word(void* p, uint32_t v) {
+  asm volatile("st.relaxed.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ unsigned long long ld_volatile(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.volatile.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ uint4 ld_volatile_v4(const void* p) {
+  uint4 v;
+  asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void red_add_sys(unsigned long long* p, unsigned long long v) {
+  asm volatile("red.relaxed.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
 
 template <int MODE>
 __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
@@ -206,6 +247,31 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
   // Consumers: wait for the kernel that wrote the operand (a no-op without PDL), then issue
   // every operand load at once.
   pdl_wait();
+  // A pulled operand (see the top of the file): wait for every rank's rows of this call.
+  // The site's calls: stable from the writer's start to the reader's end (the reader's last CTA
+  // advances them, and the next writer starts after that reader).
+  const unsigned long long site_calls = p.site_epoch != nullptr ? ld_volatile(p.site_epoch) : 0;
+  const uint32_t tag = static_cast<uint32_t>((site_calls + 1) & 0xFFFFu);
+  const __nv_bfloat16* pulled = nullptr;
+  if constexpr (MODE == 2) {
+    if (p.pull != nullptr) {
+      if (tid == 0) {
+        const unsigned long long* counts = site_counts(p.pull, p.world, K);
+        const unsigned long long target = (site_calls + 1) * static_cast<unsigned long long>(K);
+        unsigned long long since = 0;
+        for (int r = 0; r < p.world; ++r) {
+          for (unsigned spins = 1; ld_volatile(counts + r) < target; ++spins) {
+            if ((spins & 1023) == 0) {  // a dead peer: fail the launch rather than hang the GPU
+              if (since == 0) since = now_ns();
+              else if (now_ns() - since > 10000000000ull) __trap();
+            }
+          }
+        }
+      }
+      consumers_sync();
+      pulled = static_cast<const __nv_bfloat16*>(p.pull);
+    }
+  }
   const int kv = K / 8;  // 16-byte vectors of one row
   constexpr int kArrays = MODE == 0 ? 1 : (MODE == 1 ? 2 : 3);
   uint4 in[kArrays][kMaxVecs<MODE>];
@@ -213,7 +279,32 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
   for (int i = 0; i < kMaxVecs<MODE>; ++i) {
     const int v = tid + i * kConsumers;
     if (v < kv) {
-      in[0][i] = reinterpret_cast<const uint4*>(p.x)[v];
+      if (MODE == 2 && pulled != nullptr) {  // the ranks' rows summed in rank order, as one-shot
+        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        const uint32_t* words = reinterpret_cast<const uint32_t*>(pulled);
+        for (int r = 0; r < p.world; ++r) {
+          const uint32_t* at = words + static_cast<int64_t>(r) * K + v * 8;
+          uint4 q[2] = {ld_volatile_v4(at), ld_volatile_v4(at + 4)};  // 4-byte words land whole
+          for (unsigned spins = 1;; ++spins) {
+            const uint32_t* e = reinterpret_cast<const uint32_t*>(q);
+            bool fresh = true;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) fresh &= (e[j] >> 16) == tag;
+            if (fresh) break;
+            q[0] = ld_volatile_v4(at);  // a count overtook its rows: rare, poll these words
+            q[1] = ld_volatile_v4(at + 4);
+            if ((spins & 1023) == 0 && spins > (1u << 24)) __trap();
+          }
+          const uint32_t* e = reinterpret_cast<const uint32_t*>(q);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) acc[j] += bf(__ushort_as_bfloat16(static_cast<unsigned short>(e[j] & 0xFFFFu)));
+        }
+        __nv_bfloat16* o = reinterpret_cast<__nv_bfloat16*>(&in[0][i]);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) o[j] = __float2bfloat16(acc[j]);
+      } else {
+        in[0][i] = reinterpret_cast<const uint4*>(p.x)[v];
+      }
       if constexpr (MODE == 1) in[1][i] = reinterpret_cast<const uint4*>(p.x + K)[v];
       if constexpr (MODE == 2) {
         in[1][i] = reinterpret_cast<const uint4*>(p.r)[v];
@@ -275,12 +366,14 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
   // Every warp waits for every stage before releasing it, so an arrival always counts toward
   // that stage's phase.
   const uint4* xv = reinterpret_cast<const uint4*>(xs);
+  unsigned long long rows_done = 0;  // by this CTA (every consumer thread sees every stage)
   for (int st = 0;; ++st) {
     const int slot = st % S;
     mbar_wait(&full[slot], (st / S) & 1);
     const int chunk = slot_chunk[slot];
     if (chunk < 0) break;
     const int rows_in = min(R, p.N - chunk * R);
+    rows_done += rows_in;
     const __nv_bfloat16* ws = ring + slot * stage_elems;
     const int first = st * R;
     for (int j = ((warp - first % kWarps) + kWarps) % kWarps; j < rows_in; j += kWarps) {
@@ -299,7 +392,13 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
         const int row = chunk * R + j;
         float y = sum * scale;
         if (p.bias != nullptr) y += bf(p.bias[row]);
-        p.out[row] = __float2bfloat16(y);
+        if (MODE != 2 && p.num_push > 0) {  // this rank's partial row, into every rank's buffer
+          const int64_t at = static_cast<int64_t>(p.rank) * p.N + row;
+          const uint32_t word = tag << 16 | __bfloat16_as_ushort(__float2bfloat16(y));
+          for (int r = 0; r < p.num_push; ++r) st_word(static_cast<uint32_t*>(p.push[r]) + at, word);
+        } else {
+          p.out[row] = __float2bfloat16(y);
+        }
       }
     }
     __syncwarp();
@@ -308,6 +407,20 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
   if (p.stamps) {
     consumers_sync();
     if (tid == 0) p.stamps[blockIdx.x * 4 + 2] = now_ns();
+  }
+  if (MODE != 2 && p.num_push > 0) {  // this CTA's rows are out: count them in every rank's buffer
+    consumers_sync();
+    if (tid == 0 && rows_done > 0) {  // no fence: the count is a hint (see the top of the file)
+      for (int r = 0; r < p.num_push; ++r) red_add_sys(site_counts(p.push[r], p.world, p.N) + p.rank, rows_done);
+    }
+  }
+  if (MODE == 2 && p.pull != nullptr) {  // the last CTA done with the site's rows advances its calls
+    consumers_sync();
+    if (tid == 0) {
+      __threadfence();
+      if (atomicAdd(p.site_epoch + 1, 1ull) == (site_calls + 1) * gridDim.x - 1)
+        atomicExch(p.site_epoch, site_calls + 1);
+    }
   }
 }
 
@@ -323,7 +436,8 @@ void gemv_m1(int64_t mode, torch::Tensor w, torch::Tensor x, c10::optional<torch
              c10::optional<torch::Tensor> nw, c10::optional<torch::Tensor> bias, torch::Tensor out,
              c10::optional<torch::Tensor> res_out, torch::Tensor tickets, double eps, int64_t rows_per_stage,
              int64_t num_slots, int64_t grid, int64_t static_chunks, int64_t ahead, bool pdl,
-             c10::optional<torch::Tensor> stamps) {
+             c10::optional<torch::Tensor> stamps, std::vector<int64_t> push, c10::optional<torch::Tensor> pull,
+             c10::optional<torch::Tensor> site_epoch, int64_t rank, int64_t world) {
   const int N = w.size(0), K = w.size(1);
   TORCH_CHECK(K % 8 == 0 && K / 8 <= (mode == 2 ? kMaxVecs<2> : kMaxVecs<0>) * kConsumers,
               "gemv_m1: unsupported K ", K);
@@ -347,6 +461,20 @@ void gemv_m1(int64_t mode, torch::Tensor w, torch::Tensor x, c10::optional<torch
   p.ring_offset = (kOperandOffset + K * 2 + 127) / 128 * 128;
   p.eps = static_cast<float>(eps);
   p.ahead = static_cast<int>(ahead);
+  // The all-reduce on the GEMVs' backs (see the top of the file): push (MODE 0/1) or pull (MODE 2).
+  TORCH_CHECK(world <= kMaxWorld && static_cast<int64_t>(push.size()) <= world && rank < world,
+              "gemv_m1: bad site (world ", world, ", rank ", rank, ", ", push.size(), " buffers)");
+  TORCH_CHECK(push.empty() || mode != 2, "gemv_m1: push is for the plain and gated forms");
+  TORCH_CHECK((push.empty() && !pull) || site_epoch, "gemv_m1: push / pull need the site's epoch");
+  TORCH_CHECK(!pull || (mode == 2 && pull->nbytes() == static_cast<size_t>(world) * (K * 4 + 8)),
+              "gemv_m1: pull is for the add + RMSNorm form, from a site buffer of ", world, " ranks of ", K);
+  for (int r = 0; r < kMaxWorld; ++r)
+    p.push[r] = r < static_cast<int>(push.size()) ? reinterpret_cast<void*>(push[r]) : nullptr;
+  p.num_push = static_cast<int>(push.size());
+  p.pull = pull ? pull->data_ptr() : nullptr;
+  p.site_epoch = site_epoch ? reinterpret_cast<unsigned long long*>(site_epoch->data_ptr()) : nullptr;
+  p.rank = static_cast<int>(rank);
+  p.world = static_cast<int>(world);
   const int64_t smem = p.ring_offset + num_slots * rows_per_stage * static_cast<int64_t>(K) * 2;
   TORCH_CHECK(smem <= 227 * 1024, "gemv_m1: shared memory plan too large: ", smem);
   static uint64_t attr_set[3] = {0, 0, 0};  // per mode, a bit per device

@@ -13,7 +13,10 @@ bf16, in three forms: plain, gated input (SiLU(gate) * up, the down projection) 
 It is one more candidate of the skinny-GEMM tuner (`triton_gemv.tuned_config`), taken untimed
 for weights of 16 MiB and more (`preferred`: the tuner times each kernel alone and so misses what
 the kernel gains after another of its kind) and where it measures faster for smaller ones;
-`PAGEDLLM_PREFER_CUDA_GEMV=1` takes it wherever it serves, `=0` leaves every choice to the tuner. Built on first use with torch's C++ extension loader (needs nvcc; cached under
+`PAGEDLLM_PREFER_CUDA_GEMV=1` takes it wherever it serves, `=0` leaves every choice to the tuner.
+At one token on two GPUs it also carries the all-reduce between a row-parallel GEMV and the add
++ RMSNorm GEMV after it (`Exchange`; `PAGEDLLM_GEMV_ALL_REDUCE=0` turns that off). Built on
+first use with torch's C++ extension loader (needs nvcc; cached under
 ~/.cache/torch_extensions); when the build fails, or with `PAGEDLLM_DISABLE_CUDA_GEMV=1`, the
 tuner never offers it. CUDA-graph capturable, no host syncs.
 """
@@ -154,15 +157,42 @@ def _ticket_counter(weight: torch.Tensor, p: GemvPlan) -> torch.Tensor:
     return counter
 
 
-def gemv(mode: str, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None,
+@dataclass(frozen=True)
+class Exchange:
+    """One all-reduce site carried by the GEMVs on either side of it (one token): the
+    row-parallel GEMV before it stores each output row into every rank's buffer as a tagged word
+    and counts them there, the add + RMSNorm GEMV after it waits for the counts, checks the tags
+    and sums the ranks' rows in rank order, as the one-shot all-reduce would (the same bits),
+    with no kernel of its own (cuda_gemv.cu explains the buffer). Made by
+    `SymmMemAllReduce.exchange`."""
+
+    buffer: torch.Tensor  # this rank's buffer, in symmetric memory (exchange_buffer_bytes, zeroed)
+    addresses: tuple[int, ...]  # the buffers the writer stores into: every rank's, as mapped here
+    epoch: torch.Tensor  # int64 [2] on this device: the site's completed calls, the reader's CTAs done
+    rank: int
+    world: int
+
+
+def exchange_buffer_bytes(world: int, n: int) -> int:
+    """Bytes of one rank's buffer of a site of `n` elements: the ranks' rows as 4-byte tagged
+    words, then a count each."""
+    return world * (4 * n + 8)
+
+
+def gemv(mode: str, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None, bias: torch.Tensor | None = None,
          residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-         residual_out: torch.Tensor | None = None, stamps: torch.Tensor | None = None) -> torch.Tensor:
+         residual_out: torch.Tensor | None = None, stamps: torch.Tensor | None = None,
+         push: Exchange | None = None, pull: Exchange | None = None) -> torch.Tensor | None:
     """out [1, N] = the `mode` product of x and weight [N, K] (see the module docstring).
 
     "plain": x [1, K]; "silu": x [1, 2K] = [gate | up]; "add_rmsnorm": x is the hidden state
     [1, K], `residual`, `norm_weight` [K] and `eps` the norm's, and `residual_out` [1, K]
     receives hidden + residual. Every tensor contiguous bf16 on one device; the caller checked
     `supports`. `stamps` (tests and benchmarks): per-CTA global-timer readings.
+
+    `push` ("plain" / "silu", no bias): the rows go to every rank's buffer of the site instead of
+    `out` (None). `pull` ("add_rmsnorm"): the hidden state is the sum of the ranks' rows in the
+    site's buffer, and `x` is ignored (see Exchange).
     """
     module = _module()
     if module is None:
@@ -171,7 +201,34 @@ def gemv(mode: str, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, bi
     sms = _num_sms(weight.device.index or 0)
     p = plan(n, k, sms)
     assert p is not None
-    module.gemv_m1(MODES[mode], weight, x, residual, norm_weight, bias, out, residual_out,
+    site = push or pull
+    module.gemv_m1(MODES[mode], weight, x, residual, norm_weight, bias, x if out is None else out, residual_out,
                    _ticket_counter(weight, p), eps, p.rows_per_stage, p.num_slots, sms, p.static_chunks, AHEAD, PDL,
-                   stamps)
+                   stamps, list(push.addresses) if push else [], pull.buffer if pull else None,
+                   site.epoch if site else None, site.rank if site else 0, site.world if site else 1)
     return out
+
+
+EXCHANGE_ENV_VAR = "PAGEDLLM_GEMV_ALL_REDUCE"
+
+
+def exchange_enabled_by_env() -> bool:
+    """False when PAGEDLLM_GEMV_ALL_REDUCE is '0' or 'false' (on by default: L1 at TP=2 on
+    2 x H200 took 2.661 ms with it, 2.708 without; docs/benchmarks.md, fourteenth session)."""
+    return os.environ.get(EXCHANGE_ENV_VAR, "1").strip().lower() not in ("0", "false")
+
+
+def can_exchange(sample: torch.Tensor, writer: torch.Tensor, writer_mode: str, reader: torch.Tensor,
+                 world: int, *reader_inputs: torch.Tensor) -> bool:
+    """Whether an all-reduce of `writer`'s output rows can ride on this kernel (Exchange) with
+    `writer` [N, K'] in `writer_mode` and the add + RMSNorm GEMV of `reader` [N'', N] after it,
+    for one token like `sample` (shape [1, ..], dtype and device of the activations): both must
+    take this kernel (`preferred`), and `reader_inputs` (residual, norm weight) be aligned."""
+    if not exchange_enabled_by_env() or sample.shape[0] != 1:
+        return False
+    n = writer.shape[0]
+    if reader.shape[1] != n or n % 8 or world > 8:
+        return False
+    return (supports(sample, writer, writer_mode) and supports(sample, reader, "add_rmsnorm")
+            and preferred(writer) and preferred(reader) and aligned(writer, reader, *reader_inputs)
+            and available())

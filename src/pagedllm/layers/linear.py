@@ -8,15 +8,22 @@ each checkpoint tensor (a "shard") in its slice.
 The layers are CustomOps: on CUDA with fused kernels on, inputs of at most 16 tokens (decode)
 go through the skinny-GEMM Triton kernel (`layers/triton_gemv.py`, via `fused_linear`), which
 streams the weight closer to memory bandwidth than cuBLAS at those sizes. It replaces only the
-local matmul: the all-reduce and bias handling are the same on both paths.
+local matmul: the all-reduce and bias handling are the same on both paths. One exception, at one
+token on two GPUs: where the CUDA GEMV serves a row-parallel layer and the add + RMSNorm
+projection after it, the all-reduce rides on the two kernels (`forward_deferred`,
+`PendingAllReduce`, `prepare_gemv_all_reduce`; `PAGEDLLM_GEMV_ALL_REDUCE=0` turns it off).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedllm import distributed
 from pagedllm.distributed import get_tp_rank, get_tp_size, tensor_model_parallel_all_reduce
 from pagedllm.layers.custom_op import CustomOp
 
@@ -57,6 +64,17 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         out = skinny_linear(x.reshape(-1, hidden), weight, bias)
         return out.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
+
+
+@dataclass(frozen=True)
+class PendingAllReduce:
+    """A row-parallel layer's output whose all-reduce is still in flight: each rank's partial
+    rows were pushed into every rank's buffer of `site` (a cuda_gemv.Exchange) by the GEMV, and
+    the add + RMSNorm GEMV that consumes it sums them (ColumnParallelLinear.forward_add_rmsnorm).
+    Nothing else may consume it."""
+
+    site: Any  # cuda_gemv.Exchange
+    shape: tuple[int, ...]
 
 
 def set_skinny_gemm(model: nn.Module, enabled: bool) -> None:
@@ -123,6 +141,19 @@ class ColumnParallelLinear(CustomOp):
         return skinny_add_rmsnorm_linear(hidden, residual, norm.weight, norm.variance_epsilon,
                                          self.weight, self.bias)
 
+    def forward_add_rmsnorm_pending(self, norm: nn.Module, hidden: PendingAllReduce, residual: torch.Tensor,
+                                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward_add_rmsnorm where `hidden` is a row-parallel output still to be summed over the
+        ranks: the CUDA GEMV pulls the ranks' rows and sums them as it loads its operand (the
+        writer checked this layer with RowParallelLinear.can_defer_reduce)."""
+        from pagedllm.layers import cuda_gemv
+
+        out = torch.empty((1, self.weight.shape[0]), dtype=residual.dtype, device=residual.device)
+        residual_out = torch.empty_like(residual)
+        cuda_gemv.gemv("add_rmsnorm", residual, self.weight, out, self.bias, residual, norm.weight,
+                       norm.variance_epsilon, residual_out, pull=hidden.site)
+        return out, residual_out
+
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel layers of the same input stored as one (e.g. gate_proj + up_proj)."""
@@ -174,6 +205,7 @@ class RowParallelLinear(CustomOp):
     """y = x W^T + b with W's input columns split across ranks; partial sums are all-reduced."""
 
     skinny_gemm = True  # few-token inputs through layers/triton_gemv.py (see set_skinny_gemm)
+    exchange = None  # the buffers of forward_deferred (cuda_gemv.Exchange): prepare_gemv_all_reduce
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
         super().__init__()
@@ -228,9 +260,64 @@ class RowParallelLinear(CustomOp):
         partial = skinny_linear(gate_up.reshape(-1, hidden), self.weight, act=act)
         return self._reduce_and_add_bias(partial.view(*gate_up.shape[:-1], self.weight.shape[0]))
 
+    def can_defer_reduce(self, sample: torch.Tensor, reader: nn.Module, norm: nn.Module, residual: torch.Tensor,
+                         gated: bool = False) -> bool:
+        """Whether forward_deferred may leave this layer's all-reduce to `reader`, the
+        ColumnParallelLinear whose forward_add_rmsnorm(`norm`, ..., `residual`) consumes the
+        output: one token like `sample`, two ranks sharing symmetric memory, no bias, both GEMVs
+        on the CUDA kernel (cuda_gemv.can_exchange; `gated`: this layer's input is SiLU-gated)."""
+        from pagedllm.layers.layernorm import RMSNorm
+
+        if (self.exchange is None or not self.skinny_gemm or not isinstance(reader, ColumnParallelLinear)
+                or not reader.skinny_gemm or type(norm) is not RMSNorm or not norm.use_fused_path(sample)):
+            return False
+        from pagedllm.layers import cuda_gemv
+
+        return cuda_gemv.can_exchange(sample, self.weight, "silu" if gated else "plain", reader.weight,
+                                      self.tp_size, residual, norm.weight)
+
+    def forward_deferred(self, x: torch.Tensor, act: str | None = None) -> PendingAllReduce:
+        """This layer's output with the all-reduce left to the next add + RMSNorm GEMV (only where
+        can_defer_reduce holds): the CUDA GEMV pushes each rank's rows to every rank. `act`
+        "silu": x is a gated [gate | up] input, as in forward_gated."""
+        from pagedllm.layers import cuda_gemv
+
+        cuda_gemv.gemv("silu" if act == "silu" else "plain", x.reshape(1, -1), self.weight, None,
+                       push=self.exchange)
+        return PendingAllReduce(self.exchange, (*x.shape[:-1], self.weight.shape[0]))
+
     def _reduce_and_add_bias(self, partial: torch.Tensor) -> torch.Tensor:
         # The bias is added after the all-reduce (every rank holds all of it), so it counts once.
         out = tensor_model_parallel_all_reduce(partial)
         if self.bias is not None:
             out = out + self.bias
         return out
+
+
+def prepare_gemv_all_reduce(model: nn.Module) -> int:
+    """Give every row-parallel layer of `model` whose all-reduce can ride on the CUDA GEMVs
+    (PAGEDLLM_GEMV_ALL_REDUCE=1, two ranks with symmetric memory, one-token GEMVs on the CUDA
+    kernel, no bias) the symmetric buffers of its site; returns how many. A collective: every
+    rank calls it at model load, in the same module order (never in a forward: a collective just
+    before a CUDA-graph capture would poll its event during the capture)."""
+    from pagedllm.custom_all_reduce import _all_ranks_agree
+
+    comm = distributed.get_custom_all_reduce()
+    if comm is None or get_tp_size() != 2:
+        return 0
+    from pagedllm.layers import cuda_gemv
+
+    layers = [m for m in model.modules() if isinstance(m, RowParallelLinear) and m.bias is None]
+    if not layers or not cuda_gemv.exchange_enabled_by_env():
+        return 0
+    weight = layers[0].weight
+    ok = (weight.is_cuda and torch.cuda.get_device_capability(weight.device)[0] >= 9 and cuda_gemv.available())
+    if not _all_ranks_agree(ok, weight.device, comm.group):  # e.g. the extension built on one rank only
+        return 0
+    count = 0
+    for layer in layers:
+        n = layer.weight.shape[0]
+        if layer.weight.dtype == torch.bfloat16 and n % 8 == 0 and cuda_gemv.preferred(layer.weight):
+            layer.exchange = comm.exchange(n)
+            count += 1
+    return count

@@ -22,6 +22,7 @@ from pagedllm.layers.layernorm import RMSNorm
 from pagedllm.layers.linear import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
+    PendingAllReduce,
     QKVParallelLinear,
     RowParallelLinear,
 )
@@ -80,8 +81,10 @@ class LlamaAttention(nn.Module):
         """Hidden states [T, hidden] -> attention output [T, hidden]."""
         return self.forward_from_qkv(positions, self.qkv_proj(hidden), metadata)
 
-    def forward_from_qkv(self, positions: torch.Tensor, qkv: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
-        """The rest of forward, from the QKV projection's output [T, q + 2 kv]."""
+    def forward_from_qkv(self, positions: torch.Tensor, qkv: torch.Tensor, metadata: AttentionMetadata,
+                         defer_reduce: bool = False) -> torch.Tensor | PendingAllReduce:
+        """The rest of forward, from the QKV projection's output [T, q + 2 kv]; `defer_reduce`:
+        the output projection leaves its all-reduce to the next GEMV (RowParallelLinear.forward_deferred)."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         num_tokens = qkv.shape[0]
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
@@ -89,6 +92,8 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         out = self.attn(q.reshape(num_tokens, -1), k.reshape(num_tokens, -1), v, metadata, self.rotary, positions)
+        if defer_reduce:
+            return self.o_proj.forward_deferred(out)
         return self.o_proj(out)
 
 
@@ -112,9 +117,13 @@ class LlamaMLP(nn.Module):
         """[T, hidden] -> [T, hidden]."""
         return self.forward_from_gate_up(self.gate_up_proj(x))
 
-    def forward_from_gate_up(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """down(act(gate) * up) for the gate_up projection's output [T, 2 * inter / tp]."""
+    def forward_from_gate_up(self, gate_up: torch.Tensor, defer_reduce: bool = False,
+                             ) -> torch.Tensor | PendingAllReduce:
+        """down(act(gate) * up) for the gate_up projection's output [T, 2 * inter / tp];
+        `defer_reduce` (SiLU only): the down projection leaves its all-reduce to the next GEMV."""
         act = gated_act_name(self.act)
+        if defer_reduce:
+            return self.down_proj.forward_deferred(gate_up, act)
         # (Quantised layers replace RowParallelLinear and do not fold anything.)
         if (act is not None and isinstance(self.down_proj, RowParallelLinear)
                 and self.down_proj.can_fuse_gated(gate_up)):
@@ -131,7 +140,15 @@ def _can_fuse_add_rmsnorm(proj: nn.Module, norm: nn.Module, hidden: torch.Tensor
 
 
 class LlamaDecoderLayer(nn.Module):
-    """Pre-norm transformer block with the residual carried alongside (fused add + norm)."""
+    """Pre-norm transformer block with the residual carried alongside (fused add + norm).
+
+    At one token on two GPUs the all-reduces after the output and down projections can ride on
+    the CUDA GEMVs around them (layers/cuda_gemv.py, Exchange): the projection pushes its rows
+    to both ranks and the next add + RMSNorm GEMV sums them. The down projection's then reaches
+    the next layer as a PendingAllReduce: `next_layer` names it (set by LlamaModel).
+    """
+
+    next_layer: tuple[nn.Module, ...] = ()  # (the next plain Llama layer of this stage,) or ()
 
     def __init__(self, config: dict[str, Any], rotary: RotaryEmbedding, layer_idx: int = 0) -> None:
         super().__init__()
@@ -141,16 +158,21 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config["hidden_size"], config["rms_norm_eps"])
 
     def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, metadata: AttentionMetadata
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One block; returns (hidden, residual) with the residual add deferred to the next norm."""
-        attn, mlp = self.self_attn, self.mlp
+        self, positions: torch.Tensor, hidden: torch.Tensor | PendingAllReduce, residual: torch.Tensor | None,
+        metadata: AttentionMetadata,
+    ) -> tuple[torch.Tensor | PendingAllReduce, torch.Tensor]:
+        """One block; returns (hidden, residual) with the residual add deferred to the next norm
+        (and, where the all-reduces ride on the GEMVs, hidden still to be summed: see the class)."""
+        attn = self.self_attn
+        if isinstance(hidden, PendingAllReduce):  # the previous layer checked this layer's QKV GEMV
+            qkv, residual = attn.qkv_proj.forward_add_rmsnorm_pending(self.input_layernorm, hidden, residual)
+            hidden = self._attention_from_qkv(positions, qkv, residual, metadata)
         # Few tokens: each add + RMSNorm runs inside the projection after it (the skinny GEMM
         # reads the whole row anyway), where the modules are the plain Llama ones.
-        if (residual is not None and type(attn).forward is LlamaAttention.forward
+        elif (residual is not None and type(attn).forward is LlamaAttention.forward
                 and _can_fuse_add_rmsnorm(attn.qkv_proj, self.input_layernorm, hidden, residual)):
             qkv, residual = attn.qkv_proj.forward_add_rmsnorm(self.input_layernorm, hidden, residual)
-            hidden = attn.forward_from_qkv(positions, qkv, metadata)
+            hidden = self._attention_from_qkv(positions, qkv, residual, metadata)
         else:
             if residual is None:
                 residual = hidden
@@ -158,12 +180,35 @@ class LlamaDecoderLayer(nn.Module):
             else:
                 hidden, residual = self.input_layernorm(hidden, residual)
             hidden = attn(positions, hidden, metadata)
-        if type(mlp) is LlamaMLP and _can_fuse_add_rmsnorm(mlp.gate_up_proj, self.post_attention_layernorm,
-                                                           hidden, residual):
-            gate_up, residual = mlp.gate_up_proj.forward_add_rmsnorm(self.post_attention_layernorm, hidden, residual)
-            return mlp.forward_from_gate_up(gate_up), residual
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return mlp(hidden), residual
+        return self._mlp_block(hidden, residual)
+
+    def _attention_from_qkv(self, positions: torch.Tensor, qkv: torch.Tensor, residual: torch.Tensor,
+                            metadata: AttentionMetadata) -> torch.Tensor | PendingAllReduce:
+        """Attention from the QKV projection's output, its all-reduce left to the gate_up GEMV where
+        it can ride on it."""
+        mlp = self.mlp
+        defer = type(mlp) is LlamaMLP and self.self_attn.o_proj.can_defer_reduce(
+            residual, mlp.gate_up_proj, self.post_attention_layernorm, residual)
+        return self.self_attn.forward_from_qkv(positions, qkv, metadata, defer_reduce=defer)
+
+    def _mlp_block(self, hidden: torch.Tensor | PendingAllReduce,
+                   residual: torch.Tensor) -> tuple[torch.Tensor | PendingAllReduce, torch.Tensor]:
+        """Add + RMSNorm and the feed-forward block; the norm inside the gate_up GEMV where it can be
+        (summing a pending all-reduce there), the down projection's all-reduce left to the next
+        layer's QKV GEMV where it can ride on it."""
+        mlp, norm = self.mlp, self.post_attention_layernorm
+        if isinstance(hidden, PendingAllReduce):
+            gate_up, residual = mlp.gate_up_proj.forward_add_rmsnorm_pending(norm, hidden, residual)
+        elif type(mlp) is LlamaMLP and _can_fuse_add_rmsnorm(mlp.gate_up_proj, norm, hidden, residual):
+            gate_up, residual = mlp.gate_up_proj.forward_add_rmsnorm(norm, hidden, residual)
+        else:
+            hidden, residual = norm(hidden, residual)
+            return mlp(hidden), residual
+        nxt = self.next_layer[0] if self.next_layer else None
+        defer = (nxt is not None and gated_act_name(mlp.act) == "silu"
+                 and mlp.down_proj.can_defer_reduce(residual, nxt.self_attn.qkv_proj, nxt.input_layernorm, residual,
+                                                    gated=True))
+        return mlp.forward_from_gate_up(gate_up, defer_reduce=defer), residual
 
     def make_mlp(self, config: dict[str, Any], layer_idx: int) -> nn.Module:
         """The feed-forward block of layer `layer_idx` (subclasses return e.g. a mixture of experts)."""
@@ -184,6 +229,12 @@ class LlamaModel(nn.Module):
         rotary = RotaryEmbedding(head_dim, rotary_dim, max_position, rope)
         self.start_layer, self.end_layer, self.layers = make_layers(
             config["num_hidden_layers"], lambda i: layer_cls(config, rotary, i))
+        # Where consecutive layers are plain Llama ones, a layer may hand the next its down
+        # projection's output with the all-reduce still pending (LlamaDecoderLayer).
+        stage = list(islice(self.layers, self.start_layer, self.end_layer))
+        for layer, nxt in zip(stage, stage[1:]):
+            if type(layer) is LlamaDecoderLayer and type(nxt) is LlamaDecoderLayer:
+                layer.next_layer = (nxt,)  # a tuple: not registered as a submodule
         self.norm = last_stage_module(lambda: RMSNorm(config["hidden_size"], config["rms_norm_eps"]))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

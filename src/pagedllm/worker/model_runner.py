@@ -70,6 +70,12 @@ class ModelRunner:
         """Build the model and load its weights onto the device."""
         self.model = get_model(self.model_config, self.device, seed=self.seed)
         set_fused_kernels(self.model, self.model_config.use_fused_kernels)
+        if self.model_config.use_fused_kernels:
+            from pagedllm.layers.linear import prepare_gemv_all_reduce
+
+            sites = prepare_gemv_all_reduce(self.model)
+            if sites:
+                logger.info("All-reduce carried by the CUDA GEMVs at %d row-parallel layers.", sites)
 
     def kv_cache_bytes_per_block(self) -> int:
         """Bytes one block takes across all layers (keys and values)."""
