@@ -296,10 +296,10 @@ class RowParallelLinear(CustomOp):
 
 def prepare_gemv_all_reduce(model: nn.Module) -> int:
     """Give every row-parallel layer of `model` whose all-reduce can ride on the CUDA GEMVs
-    (PAGEDLLM_GEMV_ALL_REDUCE=1, two ranks with symmetric memory, one-token GEMVs on the CUDA
-    kernel, no bias) the symmetric buffers of its site; returns how many. A collective: every
-    rank calls it at model load, in the same module order (never in a forward: a collective just
-    before a CUDA-graph capture would poll its event during the capture)."""
+    (unless PAGEDLLM_GEMV_ALL_REDUCE=0: two ranks with symmetric memory, sm_90+, bf16 weights
+    the CUDA kernel takes, no bias) the symmetric buffers of its site; returns how many. A
+    collective: every rank calls it at model load, in the same module order (never in a
+    forward, which may be under CUDA-graph capture)."""
     from pagedllm.custom_all_reduce import _all_ranks_agree
 
     comm = distributed.get_custom_all_reduce()
