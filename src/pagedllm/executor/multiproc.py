@@ -199,7 +199,7 @@ class MultiprocExecutor(Executor):
         """Raise WorkerDiedError for the first rank whose process is gone."""
         for rank, process in enumerate(self.processes):
             if not process.is_alive():
-                raise self._failure(rank, f"process {process.pid} exited with code {process.exitcode}")
+                raise self._failure(rank, self._exit_detail(rank))
 
     def shutdown(self) -> None:
         """Ask every rank to stop, then make sure each process is gone."""
@@ -259,9 +259,7 @@ class MultiprocExecutor(Executor):
             # A rank whose peer died fails in its next collective; blame the dead peer if there is one.
             dead = self._first_dead_rank(grace_s=2.0, ignore=rank)
             if dead is not None:
-                process = self.processes[dead]
-                raise self._failure(dead, f"process {process.pid} exited with code {process.exitcode} "
-                                          f"(rank {rank} then failed too)")
+                raise self._failure(dead, f"{self._exit_detail(dead)} (rank {rank} then failed too)")
             raise self._failure(rank, f"\n{payload}")
         if rank not in expected:
             raise self._failure(rank, f"unexpected message {status!r}")
