@@ -247,14 +247,13 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
   // Consumers: wait for the kernel that wrote the operand (a no-op without PDL), then issue
   // every operand load at once.
   pdl_wait();
-  // A pulled operand (see the top of the file): wait for every rank's rows of this call.
   // The site's calls: stable from the writer's start to the reader's end (the reader's last CTA
   // advances them, and the next writer starts after that reader).
   const unsigned long long site_calls = p.site_epoch != nullptr ? ld_volatile(p.site_epoch) : 0;
   const uint32_t tag = static_cast<uint32_t>((site_calls + 1) & 0xFFFFu);
   const __nv_bfloat16* pulled = nullptr;
   if constexpr (MODE == 2) {
-    if (p.pull != nullptr) {
+    if (p.pull != nullptr) {  // a pulled operand (see the top of the file): wait for every rank's rows
       if (tid == 0) {
         const unsigned long long* counts = site_counts(p.pull, p.world, K);
         const unsigned long long target = (site_calls + 1) * static_cast<unsigned long long>(K);
