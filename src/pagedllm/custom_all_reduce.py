@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 _MAX_BYTES = 8 << 20  # decode-sized activations; prefill chunks go to NCCL
 _ONE_SHOT_MAX_BYTES = 128 << 10  # H200 x 2: one-shot wins at 128 KiB (0.38 vs 0.64 ms per 64), loses at 512 KiB
+_SITE_ALIGN = 256  # bytes: where each GEMV all-reduce site starts in the shared allocation
 
 
 class SymmMemAllReduce:
@@ -47,6 +48,7 @@ class SymmMemAllReduce:
                 warnings.simplefilter("ignore", FutureWarning)
                 symm_mem.enable_symm_mem_for_group(self.group_name)
         self.dtype = dtype
+        self.device = device
         # Ranks within the group: the peers' buffers are listed in group order.
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         element_size = torch.tensor([], dtype=dtype).element_size()
@@ -56,15 +58,28 @@ class SymmMemAllReduce:
         # two 16-bit elements and an epoch; and this rank's epoch per program.
         self.one_shot_max_bytes = one_shot_max_bytes
         self.slot_words = one_shot_max_bytes // 4
-        words = symm_mem.empty(2 * self.world_size * self.slot_words, dtype=torch.int64, device=device)
-        words.zero_()
+        words, addresses = self._symmetric_zeros(2 * self.world_size * self.slot_words, torch.int64)
         self.epochs = torch.zeros(one_shot_all_reduce.MAX_PROGRAMS, dtype=torch.int32, device=device)
-        self.buffer_ptrs = torch.tensor(self._peer_addresses(symm_mem.rendezvous(words, self.group_name), words),
-                                        dtype=torch.int64, device=device)
+        self.buffer_ptrs = torch.tensor(addresses, dtype=torch.int64, device=device)
         self._one_shot_buffer = words  # keep the mapping alive
-        self._exchanges: list[object] = []  # exchange()'s, likewise
-        torch.cuda.synchronize(device)
-        dist.barrier(group=group)  # every rank's words are zero before any peer can write one
+        self._exchange_buffers: list[torch.Tensor] = []  # exchanges()', likewise
+        self._await_peers_zeroed()
+
+    def _symmetric_zeros(self, numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, list[int]]:
+        """A zeroed tensor in symmetric memory and each rank's address of it, as mapped on this
+        device. A collective (a rendezvous): every rank of the group calls it alike; no peer may
+        write into it before `_await_peers_zeroed`."""
+        import torch.distributed._symmetric_memory as symm_mem
+
+        tensor = symm_mem.empty(numel, dtype=dtype, device=self.device)
+        tensor.zero_()
+        return tensor, self._peer_addresses(symm_mem.rendezvous(tensor, self.group_name), tensor)
+
+    def _await_peers_zeroed(self) -> None:
+        """Return once every rank has zeroed its new symmetric buffers (`_symmetric_zeros`)."""
+        torch.cuda.synchronize(self.device)
+        dist.barrier(group=self.group)
+        torch.cuda.synchronize(self.device)  # the barrier's NCCL work done before anything else runs
 
     def _peer_addresses(self, handle: object, local: torch.Tensor) -> list[int]:
         """Each rank's address of the symmetric tensor `local`, as mapped on this device."""
@@ -73,25 +88,26 @@ class SymmMemAllReduce:
             raise RuntimeError("symmetric tensor does not start at its allocation")
         return addresses
 
-    def exchange(self, numel: int):  # -> cuda_gemv.Exchange (imported lazily: CUDA only)
-        """Buffers for one all-reduce site of `numel` elements carried by the CUDA GEMVs on
-        either side of it (layers/cuda_gemv.py), in symmetric memory. A collective: every rank of
-        the group must call it alike (at model load, never in a capture)."""
-        import torch.distributed._symmetric_memory as symm_mem
-
+    def exchanges(self, sizes: list[int]) -> list:  # -> list[cuda_gemv.Exchange] (imported lazily: CUDA only)
+        """Buffers for all-reduce sites of `sizes` elements each, carried by the CUDA GEMVs on
+        either side of them (layers/cuda_gemv.py): slices of one symmetric allocation, so that a
+        model's sites cost one rendezvous. A collective: every rank of the group calls it alike
+        (at model load, never in a capture)."""
         from pagedllm.layers.cuda_gemv import Exchange, exchange_buffer_bytes
 
-        device = self.buffer.device
-        buffer = symm_mem.empty(exchange_buffer_bytes(self.world_size, numel) // 8, dtype=torch.int64, device=device)
-        buffer.zero_()
-        addresses = self._peer_addresses(symm_mem.rendezvous(buffer, self.group_name), buffer)
-        torch.cuda.synchronize(device)
-        dist.barrier(group=self.group)  # zeroed everywhere before any peer writes a row or count
-        torch.cuda.synchronize(device)  # the barrier's NCCL work done before anything else runs
-        site = Exchange(buffer, tuple(addresses), torch.zeros(2, dtype=torch.int64, device=device), self.rank,
-                        self.world_size)
-        self._exchanges.append(site)
-        return site
+        if not sizes:
+            return []
+        spans = [exchange_buffer_bytes(self.world_size, n) for n in sizes]
+        offsets = [0]
+        for span in spans:  # every site starts on a _SITE_ALIGN boundary (the kernel's vector loads)
+            offsets.append(offsets[-1] + -(-span // _SITE_ALIGN) * _SITE_ALIGN)
+        buffer, addresses = self._symmetric_zeros(offsets[-1] // 8, torch.int64)
+        epochs = torch.zeros(len(sizes), 2, dtype=torch.int64, device=self.device)
+        self._await_peers_zeroed()
+        self._exchange_buffers.append(buffer)
+        return [Exchange(buffer[offset // 8 : (offset + span) // 8], tuple(a + offset for a in addresses), epochs[i],
+                         self.rank, self.world_size)
+                for i, (offset, span) in enumerate(zip(offsets, spans))]
 
     def applies(self, x: torch.Tensor) -> bool:
         """Whether `x` goes through the symmetric buffer (else NCCL)."""

@@ -166,6 +166,17 @@ __device__ __forceinline__ uint4 ld_volatile_v4(const void* p) {
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
   return v;
 }
+// A peer that never writes (its process died): fail the launch after kPeerTimeoutNs of polling
+// rather than hang the GPU. `check` reads the clock once every 1024 polls.
+constexpr unsigned long long kPeerTimeoutNs = 10000000000ull;
+struct PeerDeadline {
+  unsigned long long since = 0;
+  __device__ __forceinline__ void check(unsigned spins) {
+    if ((spins & 1023) != 0) return;
+    if (since == 0) since = now_ns();
+    else if (now_ns() - since > kPeerTimeoutNs) __trap();
+  }
+};
 __device__ __forceinline__ void red_add_sys(unsigned long long* p, unsigned long long v) {
   asm volatile("red.relaxed.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
@@ -257,14 +268,9 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
       if (tid == 0) {
         const unsigned long long* counts = site_counts(p.pull, p.world, K);
         const unsigned long long target = (site_calls + 1) * static_cast<unsigned long long>(K);
-        unsigned long long since = 0;
+        PeerDeadline deadline;
         for (int r = 0; r < p.world; ++r) {
-          for (unsigned spins = 1; ld_volatile(counts + r) < target; ++spins) {
-            if ((spins & 1023) == 0) {  // a dead peer: fail the launch rather than hang the GPU
-              if (since == 0) since = now_ns();
-              else if (now_ns() - since > 10000000000ull) __trap();
-            }
-          }
+          for (unsigned spins = 1; ld_volatile(counts + r) < target; ++spins) deadline.check(spins);
         }
       }
       consumers_sync();
@@ -284,6 +290,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
         for (int r = 0; r < p.world; ++r) {
           const uint32_t* at = words + static_cast<int64_t>(r) * K + v * 8;
           uint4 q[2] = {ld_volatile_v4(at), ld_volatile_v4(at + 4)};  // 4-byte words land whole
+          PeerDeadline deadline;
           for (unsigned spins = 1;; ++spins) {
             const uint32_t* e = reinterpret_cast<const uint32_t*>(q);
             bool fresh = true;
@@ -292,7 +299,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
             if (fresh) break;
             q[0] = ld_volatile_v4(at);  // a count overtook its rows: rare, poll these words
             q[1] = ld_volatile_v4(at + 4);
-            if ((spins & 1023) == 0 && spins > (1u << 24)) __trap();
+            deadline.check(spins);
           }
           const uint32_t* e = reinterpret_cast<const uint32_t*>(q);
 #pragma unroll

@@ -314,10 +314,8 @@ def prepare_gemv_all_reduce(model: nn.Module) -> int:
     ok = (weight.is_cuda and torch.cuda.get_device_capability(weight.device)[0] >= 9 and cuda_gemv.available())
     if not _all_ranks_agree(ok, weight.device, comm.group):  # e.g. the extension built on one rank only
         return 0
-    count = 0
-    for layer in layers:
-        n = layer.weight.shape[0]
-        if layer.weight.dtype == torch.bfloat16 and n % 8 == 0 and cuda_gemv.preferred(layer.weight):
-            layer.exchange = comm.exchange(n)
-            count += 1
-    return count
+    sites = [layer for layer in layers if layer.weight.dtype == torch.bfloat16 and layer.weight.shape[0] % 8 == 0
+             and cuda_gemv.preferred(layer.weight)]
+    for layer, exchange in zip(sites, comm.exchanges([layer.weight.shape[0] for layer in sites])):
+        layer.exchange = exchange
+    return len(sites)
