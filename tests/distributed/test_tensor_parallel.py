@@ -109,6 +109,21 @@ def test_tp2_seeded_sampling_matches_tp1(model_dirs):
     assert results[0] == results[1]
 
 
+def test_tp2_samples_from_vocabulary_slices_unless_a_request_needs_whole_rows(model_dirs):
+    # Greedy steps sample from each rank's slice of the vocabulary (worker/sharded_sampling.py:
+    # no logits all-gather, no broadcast); while the logprobs request runs, its steps gather.
+    path = model_dirs["LlamaForCausalLM"]
+    params = [SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=3, logprobs=2, ignore_eos=True)]
+    results = []
+    for tp in (1, 2):
+        with LLM(path, **{**ENGINE_ARGS, "num_gpu_blocks_override": 64}, tensor_parallel_size=tp) as llm:
+            out = llm.generate([{"prompt_token_ids": p} for p in PROMPTS[1:3]], params, use_tqdm=False)
+            results.append([(o.outputs[0].token_ids, [sorted(lp) for lp in o.outputs[0].logprobs or []]) for o in out])
+    assert results[0] == results[1]
+    assert len(results[1][1][1]) == 3  # the logprobs came with the gathered steps
+
+
 def kill_once_running(pid: int, llm: LLM) -> threading.Thread:
     """SIGKILL `pid` from a thread as soon as the engine has a running request."""
     def kill() -> None:

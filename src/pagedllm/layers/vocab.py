@@ -54,11 +54,20 @@ class ParallelLMHead(VocabParallelEmbedding, CustomOp):
 
     skinny_gemm = True  # see layers/linear.py:set_skinny_gemm
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Logits [N, vocab_size] for hidden states [N, hidden] (gathered across ranks)."""
+    @property
+    def num_local_tokens(self) -> int:
+        """How many of this rank's vocabulary rows are real tokens (the last rank's padding is not)."""
+        return max(0, min(self.num_per_partition, self.vocab_size - self.vocab_start))
+
+    def compute_logits(self, hidden_states: torch.Tensor, gather: bool = True) -> torch.Tensor:
+        """Logits [N, vocab_size] for hidden states [N, hidden], gathered across ranks; with
+        `gather=False` this rank's only, [N, num_per_partition]: tokens from vocab_start on, of
+        which the first num_local_tokens are real (the same width on every rank)."""
         if self.skinny_gemm and self.use_fused_path(hidden_states):
             logits = fused_linear(hidden_states, self.weight)
         else:
             logits = F.linear(hidden_states, self.weight)
+        if not gather:
+            return logits
         logits = tensor_model_parallel_all_gather(logits, dim=-1)
         return logits[..., : self.vocab_size]

@@ -156,9 +156,10 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         super().__init__(config)
         self.final_logit_softcapping: float | None = config.get("final_logit_softcapping")
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Vocabulary logits [N, vocab], soft-capped to cap * tanh(logits / cap) when configured."""
-        logits = super().compute_logits(hidden)
+    def compute_logits(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor:
+        """Vocabulary logits [N, vocab] (`gather=False`: this rank's slice), soft-capped to
+        cap * tanh(logits / cap) when configured."""
+        logits = super().compute_logits(hidden, gather)
         cap = self.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap

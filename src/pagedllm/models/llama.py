@@ -281,9 +281,10 @@ class LlamaForCausalLM(nn.Module):
         the last: its activations for the next stage)."""
         return self.model(input_ids, positions, metadata, intermediate_tensors)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Vocabulary logits for the selected hidden states [N, hidden] -> [N, vocab]."""
-        return self.lm_head.compute_logits(hidden)
+    def compute_logits(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor:
+        """Vocabulary logits for the selected hidden states [N, hidden] -> [N, vocab]; with
+        `gather=False` this rank's slice of the vocabulary (ParallelLMHead.compute_logits)."""
+        return self.lm_head.compute_logits(hidden, gather)
 
     def attention_layers(self) -> list[Attention]:
         """This stage's Attention modules in layer order (the runner binds one KV cache to each)."""

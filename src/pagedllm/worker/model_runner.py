@@ -18,9 +18,11 @@ from pagedllm.distributed import (
     recv_from_prev_stage,
     send_to_first_stage,
     send_to_next_stage,
+    tensor_model_parallel_all_gather,
 )
 from pagedllm.layers.custom_op import set_fused_kernels
 from pagedllm.layers.moe import MAX_DENSE_GRAPH_TOKENS, FusedMoE
+from pagedllm.layers.vocab import ParallelLMHead
 from pagedllm.loader import get_model
 from pagedllm.models.pipeline import IntermediateTensors, empty_intermediate_tensors
 from pagedllm.worker.cuda_graph import CUDAGraphRunner
@@ -35,7 +37,8 @@ from pagedllm.worker.logits_processors import apply_logits_processors
 from pagedllm.worker.memory_plan import kv_cache_bytes_per_token
 from pagedllm.worker.runner_output import LogprobsLists, ModelRunnerOutput
 from pagedllm.worker.sampler import Sampler, compute_logprobs
-from pagedllm.worker.sampling_metadata import SamplingMetadataCache
+from pagedllm.worker.sampling_metadata import SamplingMetadata, SamplingMetadataCache
+from pagedllm.worker.sharded_sampling import VocabShard
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +68,21 @@ class ModelRunner:
         self.model: torch.nn.Module | None = None
         self.kv_caches: list[torch.Tensor] = []
         self.cuda_graphs: CUDAGraphRunner | None = None
+        self.vocab_size = int(model_config.hf_config.get("vocab_size") or 0)  # load_model takes the LM head's
+        # Tensor parallelism: this rank's slice of the vocabulary, for sampling without gathering
+        # the logits (sharded_sampling.py); set by load_model.
+        self.vocab_shard: VocabShard | None = None
 
     def load_model(self) -> None:
         """Build the model and load its weights onto the device."""
         self.model = get_model(self.model_config, self.device, seed=self.seed)
         set_fused_kernels(self.model, self.model_config.use_fused_kernels)
+        lm_head = getattr(self.model, "lm_head", None)
+        if isinstance(lm_head, ParallelLMHead):
+            self.vocab_size = lm_head.vocab_size
+            if lm_head.tp_size > 1:
+                self.vocab_shard = VocabShard(lm_head.vocab_start, lm_head.num_local_tokens, lm_head.vocab_size,
+                                              lambda x: tensor_model_parallel_all_gather(x, dim=0))
         if self.model_config.use_fused_kernels:
             from pagedllm.layers.linear import prepare_gemv_all_reduce
 
@@ -235,17 +248,25 @@ class ModelRunner:
         if batch.sampling_req_ids:
             sampling_states = [self.requests[r] for r in batch.sampling_req_ids]
             if is_last_pp_rank():
+                metadata = self._sampling_metadata(sampling_states)
+                shard = self._vocab_shard(metadata)
                 with record_function("compute_logits"):
                     # In the model's dtype: the sampler widens to fp32 only for the features that need it.
                     logits = self.model.compute_logits(  # type: ignore[union-attr]
-                        hidden.index_select(0, batch.logits_indices))  # type: ignore[union-attr]
-                if self.logits_processor_req_ids:
-                    logits = logits.float()
-                    # A request whose processor fails is finished by the scheduler; the batch goes on.
-                    request_errors = apply_logits_processors(logits, sampling_states)
-                with record_function("sample"):
-                    sampled_ids, logprobs = self._sample(sampling_states, logits)
-                sampled_ids = self._record_sampled(batch, sampled_ids)
+                        hidden.index_select(0, batch.logits_indices), gather=shard is None)  # type: ignore[union-attr]
+                if shard is not None:
+                    with record_function("sample"):
+                        sampled_ids = self.sampler.forward_sharded(logits, metadata, shard).sampled_token_ids
+                    # Every rank reduced the same partials to the same tokens: no broadcast.
+                    self.input_buffers.record_sampled(batch.sampling_table_rows, sampled_ids)
+                else:
+                    if self.logits_processor_req_ids:
+                        logits = logits.float()
+                        # A request whose processor fails is finished by the scheduler; the batch goes on.
+                        request_errors = apply_logits_processors(logits, sampling_states)
+                    with record_function("sample"):
+                        sampled_ids, logprobs = self._sample(sampling_states, metadata, logits)
+                    sampled_ids = self._record_sampled(batch, sampled_ids)
             # Each sampled token is a placeholder until it reaches the host (result()), or, on a
             # stage that does not sample, until the scheduler's next step for the request brings
             # it (CachedRequestData.last_token_id), before any step that feeds it.
@@ -308,7 +329,19 @@ class ModelRunner:
             send_to_next_stage([hidden[key] for key in self.model.intermediate_keys])  # type: ignore[index, union-attr]
         return hidden
 
-    def _sample(self, states: list[CachedRequestState],
+    def _sampling_metadata(self, states: list[CachedRequestState]) -> SamplingMetadata:
+        """The sampling parameters of this step's sampling rows, on the device."""
+        return self.sampling_metadata_cache.get(states, vocab_size=self.vocab_size, device=self.device)
+
+    def _vocab_shard(self, metadata: SamplingMetadata) -> VocabShard | None:
+        """This rank's slice of the vocabulary when the step can be sampled from it without
+        gathering the logits (tensor parallelism; sharded_sampling.py), else None."""
+        shard = self.vocab_shard
+        if shard is None or self.logits_processor_req_ids:
+            return None
+        return shard if self.sampler.sharded_applies(metadata, self.device, shard.col_offset) else None
+
+    def _sample(self, states: list[CachedRequestState], metadata: SamplingMetadata,
                 logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, LogprobsLists]]:
         """Sample one token per state (left on the device) and the requested logprobs."""
         if self.seeded_req_ids:
@@ -317,7 +350,6 @@ class ModelRunner:
             for state in states:
                 if state.generator is not None:
                     state.generator.manual_seed(position_seed(state.sampling_params.seed, len(state.output_token_ids)))
-        metadata = self.sampling_metadata_cache.get(states, vocab_size=logits.shape[-1], device=self.device)
         out = self.sampler.forward(logits, metadata)
         logprobs: dict[str, LogprobsLists] = {}
         for row, state in enumerate(states):

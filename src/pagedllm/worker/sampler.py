@@ -35,6 +35,7 @@ import torch
 
 from pagedllm.worker.runner_output import LogprobsLists
 from pagedllm.worker.sampling_metadata import SamplingMetadata
+from pagedllm.worker.sharded_sampling import VocabShard, sample_sharded, sharded_applies
 
 _NEG_INF = float("-inf")
 _INITIAL_CANDIDATES = 128  # the nucleus of a real LM distribution rarely needs more
@@ -305,14 +306,17 @@ def sample_random(
     return token_ids
 
 
+def race_seed() -> int:
+    """The Triton race's seed for one call: drawn from the default CPU generator (no GPU sync),
+    so that torch.manual_seed reproduces a run as it does for the PyTorch path."""
+    return int(torch.randint(2**31 - 1, (1,)).item())
+
+
 def _fused_sample(logits: torch.Tensor, md: SamplingMetadata, rows: torch.Tensor | None) -> torch.Tensor:
     """gumbel_max_sample over logits[rows] (None = all rows) at the rows' temperatures."""
     from pagedllm.worker import triton_sampling  # imports triton: only on this path
 
-    # A fresh seed per call from the default CPU generator: no GPU sync, and torch.manual_seed
-    # reproduces a run as it does for the PyTorch path.
-    seed = int(torch.randint(2**31 - 1, (1,)).item())
-    return triton_sampling.gumbel_max_sample(logits, md.temperature, seed, rows)
+    return triton_sampling.gumbel_max_sample(logits, md.temperature, race_seed(), rows)
 
 
 class Sampler:
@@ -329,19 +333,30 @@ class Sampler:
         # never does (the interpreter is far slower than the PyTorch path).
         self.triton_on_cpu = False
 
-    def _fused_random(self, logits: torch.Tensor, md: SamplingMetadata) -> bool:
+    def _triton_on(self, device: torch.device) -> bool:
+        """Whether the Triton kernels serve logits on `device`."""
+        return self.use_triton and (device.type == "cuda" or self.triton_on_cpu)
+
+    def _fused_random(self, device: torch.device, md: SamplingMetadata) -> bool:
         """Whether this batch's unseeded random rows go through `gumbel_max_sample`."""
-        return (
-            self.use_triton
-            and md.no_top_k
-            and md.no_top_p
-            and md.no_min_p
-            and (logits.is_cuda or self.triton_on_cpu)
-        )
+        return self._triton_on(device) and md.no_top_k and md.no_top_p and md.no_min_p
+
+    def sharded_applies(self, md: SamplingMetadata, device: torch.device, col_offset: int) -> bool:
+        """Whether `forward_sharded` can sample this batch from one rank's slice of the logits
+        starting at token `col_offset` (sharded_sampling.py)."""
+        return sharded_applies(md, self._fused_random(device, md), col_offset)
+
+    def forward_sharded(self, logits: torch.Tensor, metadata: SamplingMetadata, shard: VocabShard) -> SamplerOutput:
+        """Sample every row from this tensor-parallel rank's logits [num_reqs, its slice] (only
+        where `sharded_applies`): every rank returns the same tokens (sharded_sampling.py)."""
+        use_triton = self._triton_on(logits.device)
+        seed = race_seed() if not metadata.all_greedy else 0
+        sampled = sample_sharded(logits, metadata, shard, use_triton, seed)
+        return SamplerOutput(sampled_token_ids=sampled, logprobs=None)
 
     def _greedy(self, logits: torch.Tensor) -> torch.Tensor:
         """The argmax of every row: `greedy_sample` (same tokens) when the Triton kernels are on."""
-        if self.use_triton and (logits.is_cuda or self.triton_on_cpu):
+        if self._triton_on(logits.device):
             from pagedllm.worker import triton_sampling  # imports triton: only on this path
 
             if logits.dtype in triton_sampling.GREEDY_DTYPES:
@@ -351,7 +366,7 @@ class Sampler:
     def forward(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         """Sample every row of `logits` [num_reqs, vocab]; the logits may be overwritten."""
         md = metadata
-        fused = self._fused_random(logits, md)
+        fused = self._fused_random(logits.device, md)
         if not (md.max_num_logprobs is None and md.logit_bias_keys is None and md.min_tokens_keys is None
                 and md.no_penalties and not md.seeded_random_rows and (md.all_greedy or fused)):
             logits = logits.float()

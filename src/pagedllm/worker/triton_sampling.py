@@ -59,6 +59,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm.worker.sharded_sampling import Partials
+
 # Tokens per tile (lanes of one program: 4 per thread with 8 warps).
 _BLOCK = 1024
 # Tiles per program: a chunk of 8192 tokens amortises the per-program reductions while
@@ -157,31 +159,37 @@ def _load_tile(row_ptrs, row_ok, vocab_size, start, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _tile(row_ptrs, row_ok, vocab_size, seed, group_base, start, BLOCK: tl.constexpr):
-    """(token ids [1, BLOCK], logits [ROWS, BLOCK] fp32, uniforms) of tokens start + arange(BLOCK)."""
-    cols, x = _load_tile(row_ptrs, row_ok, vocab_size, start, BLOCK)
-    # Tiles start at multiples of BLOCK (>= 4): every tile is whole Philox groups.
-    return cols, x, _token_uniforms(seed, group_base, start, BLOCK)
+def _tile(row_ptrs, row_ok, n_cols, seed, group_base, start, col_offset, BLOCK: tl.constexpr):
+    """(token ids [1, BLOCK], logits [ROWS, BLOCK] fp32, uniforms) of the local columns
+    start + arange(BLOCK), which are tokens col_offset + start + arange(BLOCK)."""
+    cols, x = _load_tile(row_ptrs, row_ok, n_cols, start, BLOCK)
+    # Tiles start at multiples of BLOCK (>= 4) and col_offset % 4 == 0: every tile is whole
+    # Philox groups.
+    return cols + col_offset, x, _token_uniforms(seed, group_base, col_offset + start, BLOCK)
 
 
-@triton.jit(do_not_specialize=["seed", "n_rows", "vocab_size", "stride_row", "n_chunks"])
+@triton.jit(do_not_specialize=["seed", "n_rows", "n_cols", "col_offset", "vocab_size", "stride_row", "n_chunks"])
 def _race_partial_kernel(
     logits_ptr, temperature_ptr, rows_ptr,
     keys_ptr, ids_ptr, inf_keys_ptr, inf_ids_ptr,
-    seed, n_rows, vocab_size, stride_row, n_chunks,
+    seed, n_rows, n_cols, col_offset, vocab_size, stride_row, n_chunks,
     ROWS: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr, HAS_ROWS: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
-    """Program (row block, chunk): the winners of ROWS rows over TILES * BLOCK tokens."""
+    """Program (row block, chunk): the winners of ROWS rows over TILES * BLOCK tokens.
+
+    The logits hold columns [col_offset, col_offset + n_cols) of a `vocab_size` vocabulary (all
+    of it unless the vocabulary is split over tensor-parallel ranks): ids and noise are the
+    whole vocabulary's."""
     if ALIGNED:
-        # The host checked V % 4 == 0 and stride_row % 4 == 0 (no-ops here, spelled so that
+        # The host checked n_cols % 4 == 0 and stride_row % 4 == 0 (no-ops here, spelled so that
         # Triton's alignment analysis sees them). With a 16-byte aligned base, which Triton
         # specialises on, a thread then loads its tokens 4i..4i+3 with one vector load, in the
         # layout _token_uniforms yields them: no shared-memory shuffle of the tile. Otherwise
         # the loads stay scalar (thread t: tokens t, t + 256, ...) and each tile is reshuffled
         # through shared memory (with barriers) to meet the Philox groups: correct, slower.
         stride_row = stride_row // 4 * 4
-        vocab_size = vocab_size // 4 * 4
+        n_cols = n_cols // 4 * 4
     out_rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     chunk = tl.program_id(1)
     row_ok = out_rows < n_rows
@@ -200,7 +208,7 @@ def _race_partial_kernel(
     best_id = tl.zeros((ROWS, BLOCK), tl.int32)
     x_max = tl.full((ROWS, BLOCK), float("-inf"), tl.float32)
     for t in range(TILES):
-        cols, x, u = _tile(row_ptrs, row_ok, vocab_size, seed, group_base, first + t * BLOCK, BLOCK)
+        cols, x, u = _tile(row_ptrs, row_ok, n_cols, seed, group_base, first + t * BLOCK, col_offset, BLOCK)
         key, _ = _race_keys(x, u, temperature)
         best, best_id = _keep_first_max(key, cols, best, best_id)
         x_max = tl.maximum(x_max, x)  # maxnum: NaN is skipped
@@ -214,7 +222,7 @@ def _race_partial_kernel(
         inf_best = tl.full((ROWS, BLOCK), float("-inf"), tl.float32)
         inf_id = tl.zeros((ROWS, BLOCK), tl.int32)
         for t in range(TILES):
-            cols, x, u = _tile(row_ptrs, row_ok, vocab_size, seed, group_base, first + t * BLOCK, BLOCK)
+            cols, x, u = _tile(row_ptrs, row_ok, n_cols, seed, group_base, first + t * BLOCK, col_offset, BLOCK)
             _, inf_key = _race_keys(x, u, temperature)
             inf_best, inf_id = _keep_first_max(inf_key, cols, inf_best, inf_id)
         chunk_inf, chunk_inf_id = _first_argmax(inf_best, inf_id, 1)
@@ -253,20 +261,21 @@ def _race_reduce_kernel(
     tl.store(out_ptr + rows, token.to(tl.int64), mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["n_rows", "vocab_size", "stride_row", "n_chunks", "tiles"])
+@triton.jit(do_not_specialize=["n_rows", "n_cols", "col_offset", "stride_row", "n_chunks", "tiles"])
 def _argmax_partial_kernel(
     logits_ptr, keys_ptr, ids_ptr,
-    n_rows, vocab_size, stride_row, n_chunks, tiles,
+    n_rows, n_cols, col_offset, stride_row, n_chunks, tiles,
     ROWS: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
 ):
     """Program (row block, chunk): each of ROWS rows' first maximum over `tiles` * BLOCK tokens,
-    NaN counted as -inf (key -inf and id 0 when the chunk holds nothing else)."""
+    NaN counted as -inf (key -inf and id 0 when the chunk holds nothing else). The logits are
+    tokens [col_offset, col_offset + n_cols)."""
     if VEC > 1:
-        # The host checked V % VEC == 0 and stride_row % VEC == 0 (no-ops, spelled for Triton's
+        # The host checked n_cols % VEC == 0 and stride_row % VEC == 0 (no-ops, spelled for Triton's
         # alignment analysis, as in _race_partial_kernel): a thread's VEC tokens, 16 bytes of bf16,
         # are then one vector load.
         stride_row = stride_row // VEC * VEC
-        vocab_size = vocab_size // VEC * VEC
+        n_cols = n_cols // VEC * VEC
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     chunk = tl.program_id(1)
     row_ok = rows < n_rows
@@ -276,10 +285,10 @@ def _argmax_partial_kernel(
     best_id = tl.zeros((ROWS, BLOCK), tl.int32)
     # `tiles` is a runtime loop bound: the host sizes chunks by the batch without a recompile.
     for t in range(tiles):
-        cols, x = _load_tile(row_ptrs, row_ok, vocab_size, first + t * BLOCK, BLOCK)
+        cols, x = _load_tile(row_ptrs, row_ok, n_cols, first + t * BLOCK, BLOCK)
         # NaN > anything is false: from -inf, a NaN never becomes a lane's best, i.e. it counts as
         # -inf with no pass of its own (a lane with nothing above -inf keeps id 0).
-        best, best_id = _keep_first_max(x, cols, best, best_id)
+        best, best_id = _keep_first_max(x, cols + col_offset, best, best_id)
     chunk_best, chunk_id = _first_argmax(best, best_id, 1)
     offs = rows * n_chunks + chunk
     tl.store(keys_ptr + offs, chunk_best, mask=row_ok)
@@ -327,47 +336,86 @@ def gumbel_max_sample(
     a small vocabulary); they do not change the draws.
     No host sync: the launch depends on shapes only.
     """
+    partials = race_partials(logits, temperature, seed, rows, block_size=block_size, tiles_per_chunk=tiles_per_chunk)
+    return reduce_partials(partials)
+
+
+def race_partials(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    seed: int,
+    rows: torch.Tensor | None = None,
+    *,
+    col_offset: int = 0,
+    num_tokens: int | None = None,
+    vocab_size: int | None = None,
+    block_size: int = _BLOCK,
+    tiles_per_chunk: int = _TILES_PER_CHUNK,
+) -> Partials:
+    """The first pass of `gumbel_max_sample`: each row's winner per chunk of the logits.
+
+    The logits [n, width] may be one tensor-parallel rank's slice of a `vocab_size` vocabulary
+    (None: the logits are all of it): tokens [col_offset, col_offset + num_tokens) in its first
+    num_tokens columns (None: all), the rest padding that is never read. The partials then carry
+    the whole vocabulary's token ids and noise, so that reducing every slice's partials together
+    (`sharded_sampling.gather_partials`) draws `gumbel_max_sample`'s token of the whole row, bit
+    for bit. col_offset must be a multiple of 4 (whole Philox groups). The chunks follow the
+    width, so slices of one width give partials of one shape.
+    """
     logits = _rows_of_logits(logits, "gumbel_max_sample")
-    n_src, vocab_size = logits.shape
+    n_src, width = logits.shape
+    n_cols = width if num_tokens is None else num_tokens
+    vocab_size = n_cols if vocab_size is None else vocab_size
+    if col_offset % 4 or col_offset + n_cols > vocab_size or n_cols > width:
+        raise ValueError(f"columns [{col_offset}, {col_offset + n_cols}) are not a 4-aligned slice of a "
+                         f"{vocab_size}-token vocabulary in {width} logits.")
     n_rows = n_src if rows is None else rows.shape[0]
-    if n_rows == 0 or vocab_size == 0:
-        return torch.zeros(n_rows, dtype=torch.int64, device=logits.device)
     _check_block_size(block_size)
     block = _tile_size(vocab_size, block_size)
     # A vocabulary smaller than a tile shares it between rows (e.g. 128 rows of 8 tokens).
     rows_per_program = max(1, block_size // block)
-    tiles = min(tiles_per_chunk, triton.cdiv(vocab_size, block))
-    n_chunks = triton.cdiv(vocab_size, tiles * block)
+    tiles = min(tiles_per_chunk, triton.cdiv(max(width, 1), block))
+    n_chunks = triton.cdiv(max(width, 1), tiles * block)
     # Four separate buffers, not views of one: Triton specialises on pointer alignment, and a view
     # at offset n_rows * n_chunks would compile a second variant of both kernels for some batch sizes.
     keys, inf_keys = (torch.empty(n_rows, n_chunks, dtype=torch.float32, device=logits.device) for _ in range(2))
     ids, inf_ids = (torch.empty(n_rows, n_chunks, dtype=torch.int32, device=logits.device) for _ in range(2))
-    temperature = temperature.contiguous()
-    row_ids = rows.to(torch.int64).contiguous() if rows is not None else temperature  # unused when None
-    _race_partial_kernel[(triton.cdiv(n_rows, rows_per_program), n_chunks)](
-        logits, temperature, row_ids,
-        keys, ids, inf_keys, inf_ids,
-        seed, n_rows, vocab_size, logits.stride(0), n_chunks,
-        ROWS=rows_per_program, BLOCK=block, TILES=tiles, HAS_ROWS=rows is not None,
-        ALIGNED=vocab_size % 4 == 0 and logits.stride(0) % 4 == 0,
-        # 4 tokens per thread and tile, one Philox group (one 16-byte fp32 load when ALIGNED):
-        # ~47 registers on sm_90, so the arithmetic, which bounds this kernel more than memory
-        # does, keeps many warps.
-        num_warps=max(1, min(8, block_size // 128)),
-    )
-    return _reduce_partials(keys, ids, inf_keys, inf_ids, n_chunks, triton.next_power_of_2(n_chunks), has_inf=True)
+    if n_cols == 0:  # an empty slice: nothing wins
+        for t in (keys, inf_keys):
+            t.fill_(float("-inf"))
+        for t in (ids, inf_ids):
+            t.zero_()
+    elif n_rows:
+        temperature = temperature.contiguous()
+        row_ids = rows.to(torch.int64).contiguous() if rows is not None else temperature  # unused when None
+        _race_partial_kernel[(triton.cdiv(n_rows, rows_per_program), n_chunks)](
+            logits, temperature, row_ids,
+            keys, ids, inf_keys, inf_ids,
+            seed, n_rows, n_cols, col_offset, vocab_size, logits.stride(0), n_chunks,
+            ROWS=rows_per_program, BLOCK=block, TILES=tiles, HAS_ROWS=rows is not None,
+            ALIGNED=n_cols % 4 == 0 and logits.stride(0) % 4 == 0,
+            # 4 tokens per thread and tile, one Philox group (one 16-byte fp32 load when ALIGNED):
+            # ~47 registers on sm_90, so the arithmetic, which bounds this kernel more than memory
+            # does, keeps many warps.
+            num_warps=max(1, min(8, block_size // 128)),
+        )
+    return Partials(keys, ids, inf_keys, inf_ids, block_c=triton.next_power_of_2(n_chunks))
 
 
-def _reduce_partials(keys: torch.Tensor, ids: torch.Tensor, inf_keys: torch.Tensor, inf_ids: torch.Tensor,
-                     n_chunks: int, block_c: int, has_inf: bool) -> torch.Tensor:
-    """Each row's winner over its n_chunks partial (key, id) pairs: [n_rows] int64."""
-    n_rows = keys.shape[0]
-    out = torch.empty(n_rows, dtype=torch.int64, device=keys.device)
-    reduce_rows = max(1, min(64, 1024 // block_c))
+def reduce_partials(partials: Partials) -> torch.Tensor:
+    """Each row's winner over its partial (key, id) pairs: [n_rows] int64 (the +inf race first
+    when the partials have one, then the finite winner, then token 0)."""
+    n_rows, n_chunks = partials.keys.shape
+    out = torch.empty(n_rows, dtype=torch.int64, device=partials.keys.device)
+    if n_rows == 0:
+        return out
+    has_inf = partials.inf_keys is not None
+    reduce_rows = max(1, min(64, 1024 // partials.block_c))
     _race_reduce_kernel[(triton.cdiv(n_rows, reduce_rows),)](
-        keys, ids, inf_keys, inf_ids, out,
+        partials.keys, partials.ids,
+        partials.inf_keys if has_inf else partials.keys, partials.inf_ids if has_inf else partials.ids, out,
         n_rows, n_chunks,
-        ROWS=reduce_rows, BLOCK_C=block_c, HAS_INF=has_inf,
+        ROWS=reduce_rows, BLOCK_C=partials.block_c, HAS_INF=has_inf,
         num_warps=1,
     )
     return out
@@ -395,34 +443,51 @@ def greedy_sample(
     `tiles_per_chunk` (default: from the batch size) set a program's share of a row (tests shrink
     them to get several chunks on a small vocabulary); they do not change the result.
     """
+    return reduce_partials(argmax_partials(logits, block_size=block_size, tiles_per_chunk=tiles_per_chunk))
+
+
+def argmax_partials(
+    logits: torch.Tensor,
+    *,
+    col_offset: int = 0,
+    num_tokens: int | None = None,
+    block_size: int = _BLOCK,
+    tiles_per_chunk: int | None = None,
+) -> Partials:
+    """The first pass of `greedy_sample`: each row's first maximum per chunk of the logits, with
+    token ids counted from `col_offset`, over the first `num_tokens` columns (None: all); a
+    tensor-parallel rank's slice of the vocabulary, as in `race_partials` (any offset will do)."""
     logits = _rows_of_logits(logits, "greedy_sample")
     if logits.dtype not in GREEDY_DTYPES:
         # Read as fp32: a wider type could round distinct values into a tie.
         raise ValueError(f"greedy_sample reads fp32, bf16 or fp16 logits, got {logits.dtype}.")
-    n_rows, vocab_size = logits.shape
-    if n_rows == 0 or vocab_size == 0:
-        return torch.zeros(n_rows, dtype=torch.int64, device=logits.device)
+    n_rows, width = logits.shape
+    n_cols = width if num_tokens is None else min(num_tokens, width)
     _check_block_size(block_size)
-    block = _tile_size(vocab_size, block_size)
+    block = _tile_size(max(width, 1), block_size)
     rows_per_program = max(1, block_size // block)
-    n_tiles = triton.cdiv(vocab_size, block)
+    n_tiles = triton.cdiv(max(width, 1), block)
     if tiles_per_chunk is None:
-        tiles_per_chunk = min(_TILES_PER_CHUNK, triton.cdiv(n_rows * n_tiles, _GREEDY_PROGRAMS))
+        tiles_per_chunk = min(_TILES_PER_CHUNK, triton.cdiv(max(n_rows, 1) * n_tiles, _GREEDY_PROGRAMS))
     tiles = max(1, min(tiles_per_chunk, n_tiles))
     n_chunks = triton.cdiv(n_tiles, tiles)
     keys = torch.empty(n_rows, n_chunks, dtype=torch.float32, device=logits.device)
     ids = torch.empty(n_rows, n_chunks, dtype=torch.int32, device=logits.device)
-    vec = 8 if vocab_size % 8 == 0 and logits.stride(0) % 8 == 0 else 1
-    _argmax_partial_kernel[(triton.cdiv(n_rows, rows_per_program), n_chunks)](
-        logits, keys, ids,
-        n_rows, vocab_size, logits.stride(0), n_chunks, tiles,
-        ROWS=rows_per_program, BLOCK=block, VEC=vec,
-        # 8 tokens a thread (one 16-byte load of bf16): nothing to compute, memory bound.
-        num_warps=max(1, min(4, block_size // 256)),
-    )
-    # Sized for the most chunks this vocabulary can have (one tile each), not for n_chunks: one
-    # compiled reduce serves every batch size.
-    return _reduce_partials(keys, ids, keys, ids, n_chunks, triton.next_power_of_2(n_tiles), has_inf=False)
+    if n_cols == 0:  # an empty slice: nothing wins
+        keys.fill_(float("-inf"))
+        ids.zero_()
+    elif n_rows:
+        vec = 8 if n_cols % 8 == 0 and logits.stride(0) % 8 == 0 else 1
+        _argmax_partial_kernel[(triton.cdiv(n_rows, rows_per_program), n_chunks)](
+            logits, keys, ids,
+            n_rows, n_cols, col_offset, logits.stride(0), n_chunks, tiles,
+            ROWS=rows_per_program, BLOCK=block, VEC=vec,
+            # 8 tokens a thread (one 16-byte load of bf16): nothing to compute, memory bound.
+            num_warps=max(1, min(4, block_size // 256)),
+        )
+    # The reduce is sized for the most chunks this vocabulary can have (one tile each), not for
+    # n_chunks: one compiled reduce serves every batch size.
+    return Partials(keys, ids, block_c=triton.next_power_of_2(n_tiles))
 
 
 @triton.jit(do_not_specialize=["seed", "vocab_size"])
