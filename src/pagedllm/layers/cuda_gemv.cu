@@ -29,9 +29,13 @@
 // stores each output row into every rank's buffer, and each CTA, once its rows are issued, adds
 // their number to its rank's count there, with no fence: the count is a hint that lets one
 // thread per reader CTA wait cheaply, and the tags make it safe when a count overtakes its rows.
-// The reader's thread 0 waits until every count reaches (calls + 1) * n; then its consumers load
-// the words, reload any still stale, and sum the ranks' values in rank order, as the one-shot
-// all-reduce (one_shot_all_reduce.py) would.
+// The reader's consumers load every rank's words at once, in the round trip of their other
+// operand loads, and check the tags. Only when some word is stale (a peer's rows still on their
+// way) does its thread 0 wait until every count reaches (calls + 1) * n, after which the stale
+// words are reloaded (and any a count overtook polled until they land). The ranks' values are
+// summed in rank order, as the one-shot all-reduce (one_shot_all_reduce.py) would. Each load
+// that waits for another costs a round trip of ~1 us while the weights stream: waiting for the
+// counts first, then loading rank by rank, took 4 us more than a plain operand per site.
 //
 // Tickets never need resetting: a launch draws exactly (dynamic chunks + CTAs) tickets, because
 // every CTA stops at its first ticket past the chunks; ticket t means chunk t mod (that sum).
@@ -53,6 +57,7 @@ template <int MODE>
 constexpr int kMaxVecs = MODE == 2 ? 4 : 8;
 constexpr int kMaxSlots = 32;
 constexpr int kMaxWorld = 8;
+constexpr int kMaxPullWorld = 2;  // ranks a pulled operand sums (its loads are all in flight at once)
 // Shared layout: [full barriers][empty barriers][chunk of each slot][misc] | operand | ring
 constexpr int kEmptyOffset = 256;
 constexpr int kChunkOffset = 512;
@@ -90,6 +95,14 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t b
       : "memory");
 }
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kConsumers) : "memory"); }
+// consumers_sync that also returns whether `pred` held in any consumer thread.
+__device__ __forceinline__ bool consumers_any(bool pred) {
+  uint32_t any;
+  asm volatile(
+      "{\n .reg .pred p, q;\n setp.ne.u32 p, %1, 0;\n bar.red.or.pred q, 1, %2, p;\n selp.u32 %0, 1, 0, q;\n}\n"
+      : "=r"(any) : "r"(static_cast<uint32_t>(pred)), "n"(kConsumers) : "memory");
+  return any != 0;
+}
 __device__ __forceinline__ bool mbar_test(uint64_t* bar, uint32_t parity) {
   uint32_t done;
   asm volatile(
@@ -177,6 +190,14 @@ struct PeerDeadline {
     else if (now_ns() - since > kPeerTimeoutNs) __trap();
   }
 };
+// Whether all 8 words of a pulled vector carry `tag`.
+__device__ __forceinline__ bool tagged(const uint4 (&q)[2], uint32_t tag) {
+  const uint32_t* e = reinterpret_cast<const uint32_t*>(q);
+  bool fresh = true;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) fresh &= (e[j] >> 16) == tag;
+  return fresh;
+}
 __device__ __forceinline__ void red_add_sys(unsigned long long* p, unsigned long long v) {
   asm volatile("red.relaxed.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
@@ -256,61 +277,23 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
   }
 
   // Consumers: wait for the kernel that wrote the operand (a no-op without PDL), then issue
-  // every operand load at once.
+  // every operand load at once: each load that waits for another costs a round trip (~0.7 us
+  // with the weight stream in flight), and the pulled operand below once took seven of them.
   pdl_wait();
+  const bool pulling = MODE == 2 && p.pull != nullptr;
   // The site's calls: stable from the writer's start to the reader's end (the reader's last CTA
-  // advances them, and the next writer starts after that reader).
-  const unsigned long long site_calls = p.site_epoch != nullptr ? ld_volatile(p.site_epoch) : 0;
-  const uint32_t tag = static_cast<uint32_t>((site_calls + 1) & 0xFFFFu);
-  const __nv_bfloat16* pulled = nullptr;
-  if constexpr (MODE == 2) {
-    if (p.pull != nullptr) {  // a pulled operand (see the top of the file): wait for every rank's rows
-      if (tid == 0) {
-        const unsigned long long* counts = site_counts(p.pull, p.world, K);
-        const unsigned long long target = (site_calls + 1) * static_cast<unsigned long long>(K);
-        PeerDeadline deadline;
-        for (int r = 0; r < p.world; ++r) {
-          for (unsigned spins = 1; ld_volatile(counts + r) < target; ++spins) deadline.check(spins);
-        }
-      }
-      consumers_sync();
-      pulled = static_cast<const __nv_bfloat16*>(p.pull);
-    }
-  }
+  // advances them, and the next writer starts after that reader). A reader's thread 0 reads them
+  // with the counts (below); a writer needs them only for its first stored row.
+  unsigned long long site_calls = p.site_epoch != nullptr && !pulling ? ld_volatile(p.site_epoch) : 0;
   const int kv = K / 8;  // 16-byte vectors of one row
   constexpr int kArrays = MODE == 0 ? 1 : (MODE == 1 ? 2 : 3);
   uint4 in[kArrays][kMaxVecs<MODE>];
+  // What no peer writes: x (unless pulled), the gated form's up half, the residual, the norm weight.
 #pragma unroll
   for (int i = 0; i < kMaxVecs<MODE>; ++i) {
     const int v = tid + i * kConsumers;
     if (v < kv) {
-      if (MODE == 2 && pulled != nullptr) {  // the ranks' rows summed in rank order, as one-shot
-        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        const uint32_t* words = reinterpret_cast<const uint32_t*>(pulled);
-        for (int r = 0; r < p.world; ++r) {
-          const uint32_t* at = words + static_cast<int64_t>(r) * K + v * 8;
-          uint4 q[2] = {ld_volatile_v4(at), ld_volatile_v4(at + 4)};  // 4-byte words land whole
-          PeerDeadline deadline;
-          for (unsigned spins = 1;; ++spins) {
-            const uint32_t* e = reinterpret_cast<const uint32_t*>(q);
-            bool fresh = true;
-#pragma unroll
-            for (int j = 0; j < 8; ++j) fresh &= (e[j] >> 16) == tag;
-            if (fresh) break;
-            q[0] = ld_volatile_v4(at);  // a count overtook its rows: rare, poll these words
-            q[1] = ld_volatile_v4(at + 4);
-            deadline.check(spins);
-          }
-          const uint32_t* e = reinterpret_cast<const uint32_t*>(q);
-#pragma unroll
-          for (int j = 0; j < 8; ++j) acc[j] += bf(__ushort_as_bfloat16(static_cast<unsigned short>(e[j] & 0xFFFFu)));
-        }
-        __nv_bfloat16* o = reinterpret_cast<__nv_bfloat16*>(&in[0][i]);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) o[j] = __float2bfloat16(acc[j]);
-      } else {
-        in[0][i] = reinterpret_cast<const uint4*>(p.x)[v];
-      }
+      if (!pulling) in[0][i] = reinterpret_cast<const uint4*>(p.x)[v];
       if constexpr (MODE == 1) in[1][i] = reinterpret_cast<const uint4*>(p.x + K)[v];
       if constexpr (MODE == 2) {
         in[1][i] = reinterpret_cast<const uint4*>(p.r)[v];
@@ -318,6 +301,81 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
       }
     }
   }
+  if constexpr (MODE == 2) {
+    if (pulling) {  // a pulled operand (see the top of the file): every rank's rows, summed in rank order
+      // Optimistically, in the round trip of the loads above: the site's calls (each thread reads
+      // the one word) and every rank's words. Their tags say whether all rows are in.
+      const uint32_t* words = static_cast<const uint32_t*>(p.pull);
+      site_calls = ld_volatile(p.site_epoch);
+      uint4 q[kMaxVecs<MODE>][kMaxPullWorld][2];
+#pragma unroll
+      for (int i = 0; i < kMaxVecs<MODE>; ++i) {
+        const int v = tid + i * kConsumers;
+#pragma unroll
+        for (int r = 0; r < kMaxPullWorld; ++r) {
+          if (v < kv && r < p.world) {
+            const uint32_t* at = words + static_cast<int64_t>(r) * K + v * 8;
+            q[i][r][0] = ld_volatile_v4(at);  // 4-byte words land whole
+            q[i][r][1] = ld_volatile_v4(at + 4);
+          }
+        }
+      }
+      const uint32_t tag = static_cast<uint32_t>((site_calls + 1) & 0xFFFFu);
+      bool stale = false;
+#pragma unroll
+      for (int i = 0; i < kMaxVecs<MODE>; ++i) {
+#pragma unroll
+        for (int r = 0; r < kMaxPullWorld; ++r) {
+          if (tid + i * kConsumers < kv && r < p.world) stale |= !tagged(q[i][r], tag);
+        }
+      }
+      if (consumers_any(stale)) {
+        // A peer's rows are still on their way: one thread waits for every rank's count (polling
+        // all the words would flood L2), then each thread reloads its stale words, and polls any
+        // a count overtook (rare) until it lands.
+        if (tid == 0) {
+          const unsigned long long* counts = site_counts(p.pull, p.world, K);
+          const unsigned long long target = (site_calls + 1) * static_cast<unsigned long long>(K);
+          PeerDeadline deadline;
+          for (int r = 0; r < p.world; ++r) {
+            for (unsigned spins = 1; ld_volatile(counts + r) < target; ++spins) deadline.check(spins);
+          }
+        }
+        consumers_sync();
+#pragma unroll
+        for (int i = 0; i < kMaxVecs<MODE>; ++i) {
+          const int v = tid + i * kConsumers;
+#pragma unroll
+          for (int r = 0; r < kMaxPullWorld; ++r) {
+            if (v >= kv || r >= p.world) continue;
+            const uint32_t* at = words + static_cast<int64_t>(r) * K + v * 8;
+            PeerDeadline deadline;
+            for (unsigned spins = 1; !tagged(q[i][r], tag); ++spins) {
+              q[i][r][0] = ld_volatile_v4(at);
+              q[i][r][1] = ld_volatile_v4(at + 4);
+              deadline.check(spins);
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kMaxVecs<MODE>; ++i) {
+        if (tid + i * kConsumers >= kv) continue;
+        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int r = 0; r < kMaxPullWorld; ++r) {
+          if (r >= p.world) continue;
+          const uint32_t* e = reinterpret_cast<const uint32_t*>(q[i][r]);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) acc[j] += bf(__ushort_as_bfloat16(static_cast<unsigned short>(e[j] & 0xFFFFu)));
+        }
+        __nv_bfloat16* o = reinterpret_cast<__nv_bfloat16*>(&in[0][i]);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) o[j] = __float2bfloat16(acc[j]);
+      }
+    }
+  }
+  const uint32_t tag = static_cast<uint32_t>((site_calls + 1) & 0xFFFFu);
   float ssq = 0.f;
 #pragma unroll
   for (int i = 0; i < kMaxVecs<MODE>; ++i) {
@@ -474,6 +532,7 @@ void gemv_m1(int64_t mode, torch::Tensor w, torch::Tensor x, c10::optional<torch
   TORCH_CHECK((push.empty() && !pull) || site_epoch, "gemv_m1: push / pull need the site's epoch");
   TORCH_CHECK(!pull || (mode == 2 && pull->nbytes() == static_cast<size_t>(world) * (K * 4 + 8)),
               "gemv_m1: pull is for the add + RMSNorm form, from a site buffer of ", world, " ranks of ", K);
+  TORCH_CHECK(!pull || world <= kMaxPullWorld, "gemv_m1: a pulled operand sums at most ", kMaxPullWorld, " ranks");
   for (int r = 0; r < kMaxWorld; ++r)
     p.push[r] = r < static_cast<int>(push.size()) ? reinterpret_cast<void*>(push[r]) : nullptr;
   p.num_push = static_cast<int>(push.size());
