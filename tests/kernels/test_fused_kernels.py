@@ -7,7 +7,6 @@ The PyTorch implementations (`forward_native`, the CPU path) are the oracle.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -22,9 +21,9 @@ from pagedllm.layers.layernorm import RMSNorm  # noqa: E402
 from pagedllm.layers.rotary import RotaryEmbedding  # noqa: E402
 from pagedllm.models.llama import LlamaForCausalLM  # noqa: E402
 
-DEVICE = torch.device("cuda" if os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available() else "cpu")
-if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("without CUDA the Triton kernels run only under TRITON_INTERPRET=1", allow_module_level=True)
+from tests.kernels.kernel_device import DEVICE, skip_module_unless_kernels_run  # noqa: E402
+
+skip_module_unless_kernels_run()
 
 ATOL = 2e-5  # fp32: the kernels differ from torch only in reduction order and FMA contraction
 

@@ -7,7 +7,6 @@ On CPU the Triton kernels run under TRITON_INTERPRET=1 (set by conftest.py).
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -27,9 +26,9 @@ from pagedllm.worker.sharded_sampling import (  # noqa: E402
     sharded_applies,
 )
 
-DEVICE = torch.device("cuda" if os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available() else "cpu")
-if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("without CUDA the Triton kernels run only under TRITON_INTERPRET=1", allow_module_level=True)
+from tests.kernels.kernel_device import DEVICE, skip_module_unless_kernels_run  # noqa: E402
+
+skip_module_unless_kernels_run()
 
 VOCAB = 1003  # not a multiple of 4: the last slice ends mid Philox group
 TILES = dict(block_size=16, tiles_per_chunk=2)  # several chunks per slice on a small vocabulary

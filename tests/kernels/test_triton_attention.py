@@ -6,7 +6,6 @@ tiles are shrunk where a test needs several query or KV tiles per request.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +18,9 @@ from pagedllm.attention import torch_backend  # noqa: E402
 from pagedllm.attention import triton_backend as tb  # noqa: E402
 from pagedllm.attention.metadata import AttentionMetadata  # noqa: E402
 
-DEVICE = torch.device("cuda" if os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available() else "cpu")
-if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("without CUDA the Triton kernels run only under TRITON_INTERPRET=1", allow_module_level=True)
+from tests.kernels.kernel_device import DEVICE, skip_module_unless_kernels_run  # noqa: E402
+
+skip_module_unless_kernels_run()
 
 SCALE = 0.125
 

@@ -8,7 +8,6 @@ fp32 reference within the output's rounding).
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -27,9 +26,9 @@ from pagedllm.layers.linear import (  # noqa: E402
 )
 from pagedllm.layers.vocab import ParallelLMHead  # noqa: E402
 
-DEVICE = torch.device("cuda" if os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available() else "cpu")
-if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("without CUDA the Triton kernels run only under TRITON_INTERPRET=1", allow_module_level=True)
+from tests.kernels.kernel_device import DEVICE, skip_module_unless_kernels_run  # noqa: E402
+
+skip_module_unless_kernels_run()
 
 FP32_RTOL = 1e-5
 

@@ -8,7 +8,6 @@ softmax(logits / T) with many independent rows.
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -22,9 +21,9 @@ from pagedllm.worker import triton_sampling as ts  # noqa: E402
 from pagedllm.worker.sampler import Sampler, sample_greedy  # noqa: E402
 from pagedllm.worker.sampling_metadata import SamplingMetadata, build_sampling_metadata  # noqa: E402
 
-DEVICE = torch.device("cuda" if os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available() else "cpu")
-if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("without CUDA the Triton kernels run only under TRITON_INTERPRET=1", allow_module_level=True)
+from tests.kernels.kernel_device import DEVICE, skip_module_unless_kernels_run  # noqa: E402
+
+skip_module_unless_kernels_run()
 
 NEG_INF, POS_INF, NAN = float("-inf"), float("inf"), float("nan")
 FLT_MAX = torch.finfo(torch.float32).max
