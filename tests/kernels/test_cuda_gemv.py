@@ -163,3 +163,46 @@ def test_all_reduce_carried_by_push_and_pull_equals_the_one_shot_sum(writer_mode
         assert int(epoch[0]) == call + 1
         counts = buffer[-2:].tolist()  # every rank's rows counted, once per call
         assert counts == [hidden * (call + 1)] * 2
+
+
+@gpu_only
+def test_pull_waits_for_a_peer_whose_rows_come_late() -> None:
+    """The reader's fallback: when the peer's rows are not in at its first load (stale tags), it
+    waits for the counts and reloads. The peer is a side stream that writes rank 1's tagged words
+    and count ~1 ms after the reader has started (small kernels that fit beside the reader's
+    CTAs); the result must still be bitwise the one-shot sum's."""
+    if not cuda_gemv.available():
+        pytest.skip("the extension did not build here (no nvcc?)")
+    hidden, k_o, n_reader = 4096, 2048, 3072
+    g = torch.Generator(device="cuda").manual_seed(5)
+    w_o = (torch.randn(hidden, k_o, device="cuda", generator=g) * 0.05).bfloat16()
+    w_r = (torch.randn(n_reader, hidden, device="cuda", generator=g) * 0.05).bfloat16()
+    nw = (1 + 0.1 * torch.randn(hidden, device="cuda", generator=g)).bfloat16()
+    buffer = torch.zeros(cuda_gemv.exchange_buffer_bytes(2, hidden) // 8, dtype=torch.int64, device="cuda")
+    words = buffer.view(torch.int32)
+    epoch = torch.zeros(2, dtype=torch.int64, device="cuda")
+    site = cuda_gemv.Exchange(buffer, (buffer.data_ptr(),), epoch, 0, 2)
+    peer_stream = torch.cuda.Stream()
+    for call in range(2):
+        x = torch.randn(1, k_o, device="cuda", generator=g).bfloat16()
+        peer_rows = torch.randn(1, hidden, device="cuda", generator=g).bfloat16()
+        residual = torch.randn(1, hidden, device="cuda", generator=g).bfloat16()
+        tag = (call + 1) << 16  # the site's calls + 1
+        peer_words = ((peer_rows.view(torch.int16).to(torch.int64) & 0xFFFF) | tag).to(torch.int32).view(-1)
+        out = torch.empty(1, n_reader, device="cuda", dtype=torch.bfloat16)
+        res_out = torch.empty_like(residual)
+        torch.cuda.synchronize()
+        cuda_gemv.gemv("plain", x, w_o, None, push=site)  # rank 0's rows, on time
+        with torch.cuda.stream(peer_stream):
+            torch.cuda._sleep(2_000_000)  # ~1 ms: the reader is polling by then
+            words[hidden : 2 * hidden].copy_(peer_words)
+            buffer[-1:].add_(hidden)  # rank 1's count
+        cuda_gemv.gemv("add_rmsnorm", residual, w_r, out, None, residual, nw, 1e-6, res_out, pull=site)
+        torch.cuda.synchronize()
+        own = cuda_gemv.gemv("plain", x, w_o, torch.empty(1, hidden, device="cuda", dtype=torch.bfloat16))
+        summed = (own.float() + peer_rows.float()).bfloat16()
+        ref, ref_res = torch.empty_like(out), torch.empty_like(residual)
+        cuda_gemv.gemv("add_rmsnorm", summed, w_r, ref, None, residual, nw, 1e-6, ref_res)
+        torch.cuda.synchronize()
+        assert torch.equal(res_out, ref_res) and torch.equal(out, ref), f"call {call}"
+        assert int(epoch[0]) == call + 1
