@@ -16,14 +16,23 @@ from pagedllm.layers.custom_op import CustomOp
 from pagedllm.layers.linear import fused_linear
 
 
+# Under tensor parallelism each rank's slice holds a multiple of this many rows, so that every
+# slice starts on a 16-byte boundary of bf16 logits and on a whole Philox group of the sampler's
+# race (sharded_sampling.py needs token offsets that are multiples of 4).
+_PARTITION_MULTIPLE = 16
+
+
 class VocabParallelEmbedding(nn.Module):
-    """Embedding whose rows (vocabulary entries) are split across ranks, padded to divide evenly."""
+    """Embedding whose rows (vocabulary entries) are split across ranks, padded to divide evenly
+    (each rank's slice a multiple of 16 rows with tensor parallelism)."""
 
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__()
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
         self.vocab_size = vocab_size
         self.num_per_partition = -(-vocab_size // self.tp_size)
+        if self.tp_size > 1:
+            self.num_per_partition = -(-self.num_per_partition // _PARTITION_MULTIPLE) * _PARTITION_MULTIPLE
         self.vocab_start = self.tp_rank * self.num_per_partition
         self.weight = nn.Parameter(torch.zeros(self.num_per_partition, hidden_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
