@@ -128,10 +128,12 @@ def reduce_partials_torch(partials: Partials) -> torch.Tensor:
 
 def sample_sharded(logits: torch.Tensor, md: SamplingMetadata, shard: VocabShard, use_triton: bool,
                    seed: int) -> torch.Tensor:
-    """One token per row from this rank's logits [rows, width] (`sharded_applies` held; the first
-    shard.num_tokens columns are tokens, and width is the same on every rank, so the ranks'
-    partials have one shape): the same tokens on every rank. `use_triton`: the Triton kernels (needed for random rows), else torch
-    (greedy rows only); `seed`: the race's, alike on every rank for runs that reproduce."""
+    """One token per row from this rank's logits [rows, width]: the same tokens on every rank.
+
+    Only where `sharded_applies` held. The first shard.num_tokens columns are tokens, and the
+    width is the same on every rank, so the ranks' partials have one shape. `use_triton`: the
+    Triton kernels (needed for random rows), else torch (greedy rows only); `seed`: the race's,
+    alike on every rank for runs that reproduce."""
     if use_triton:
         from pagedllm.worker import triton_sampling  # imports triton: only on this path
 
