@@ -164,7 +164,7 @@ class Exchange:
     and counts them there, the add + RMSNorm GEMV after it waits for the counts, checks the tags
     and sums the ranks' rows in rank order, as the one-shot all-reduce would (the same bits),
     with no kernel of its own (cuda_gemv.cu explains the buffer). Made by
-    `SymmMemAllReduce.exchange`."""
+    `SymmMemAllReduce.exchanges`."""
 
     buffer: torch.Tensor  # this rank's buffer, in symmetric memory (exchange_buffer_bytes, zeroed)
     addresses: tuple[int, ...]  # the buffers the writer stores into: every rank's, as mapped here
@@ -210,11 +210,12 @@ def gemv(mode: str, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | N
 
 
 EXCHANGE_ENV_VAR = "PAGEDLLM_GEMV_ALL_REDUCE"
+MAX_PULL_WORLD = 2  # ranks a pulled operand sums (cuda_gemv.cu's kMaxPullWorld)
 
 
 def exchange_enabled_by_env() -> bool:
     """False when PAGEDLLM_GEMV_ALL_REDUCE is '0' or 'false' (on by default: L1 at TP=2 on
-    2 x H200 took 2.661 ms with it, 2.708 without; docs/benchmarks.md, fourteenth session)."""
+    2 x H200 took 2.589 ms with it, 2.697 without; docs/benchmarks.md, fifteenth session)."""
     return os.environ.get(EXCHANGE_ENV_VAR, "1").strip().lower() not in ("0", "false")
 
 
@@ -227,7 +228,7 @@ def can_exchange(sample: torch.Tensor, writer: torch.Tensor, writer_mode: str, r
     if not exchange_enabled_by_env() or sample.shape[0] != 1:
         return False
     n = writer.shape[0]
-    if reader.shape[1] != n or n % 8 or world > 8:
+    if reader.shape[1] != n or n % 8 or world > MAX_PULL_WORLD:
         return False
     return (supports(sample, writer, writer_mode) and supports(sample, reader, "add_rmsnorm")
             and preferred(writer) and preferred(reader) and aligned(writer, reader, *reader_inputs)

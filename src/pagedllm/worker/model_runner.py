@@ -68,7 +68,7 @@ class ModelRunner:
         self.model: torch.nn.Module | None = None
         self.kv_caches: list[torch.Tensor] = []
         self.cuda_graphs: CUDAGraphRunner | None = None
-        self.vocab_size = int(model_config.hf_config.get("vocab_size") or 0)  # load_model takes the LM head's
+        self.vocab_size = int(model_config.hf_config.get("vocab_size") or 0)  # the LM head's
         # Tensor parallelism: this rank's slice of the vocabulary, for sampling without gathering
         # the logits (sharded_sampling.py); set by load_model.
         self.vocab_shard: VocabShard | None = None
@@ -78,11 +78,9 @@ class ModelRunner:
         self.model = get_model(self.model_config, self.device, seed=self.seed)
         set_fused_kernels(self.model, self.model_config.use_fused_kernels)
         lm_head = getattr(self.model, "lm_head", None)
-        if isinstance(lm_head, ParallelLMHead):
-            self.vocab_size = lm_head.vocab_size
-            if lm_head.tp_size > 1:
-                self.vocab_shard = VocabShard(lm_head.vocab_start, lm_head.num_local_tokens, lm_head.vocab_size,
-                                              lambda x: tensor_model_parallel_all_gather(x, dim=0))
+        if isinstance(lm_head, ParallelLMHead) and lm_head.tp_size > 1:
+            self.vocab_shard = VocabShard(lm_head.vocab_start, lm_head.num_local_tokens, lm_head.vocab_size,
+                                          lambda x: tensor_model_parallel_all_gather(x, dim=0))
         if self.model_config.use_fused_kernels:
             from pagedllm.layers.linear import prepare_gemv_all_reduce
 
