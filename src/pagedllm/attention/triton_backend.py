@@ -54,6 +54,29 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+ATTENTION_PDL_ENV = "PAGEDLLM_ATTENTION_PDL"
+
+
+@functools.cache
+def _capability_major(device_index: int) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
+def attention_pdl(device: torch.device) -> int:
+    """How the decode attention takes part in programmatic dependent launch (sm_90+, not
+    interpreting; PAGEDLLM_ATTENTION_PDL): 0 not at all; 1 the kernel that writes the output (the
+    split reduce, or the decode kernel unsplit) lets a PDL-launched successor (the CUDA GEMV of
+    the O projection) start as it starts; 2 as 1, and the decode kernel and the split reduce are
+    themselves launched with PDL, each letting its successor start at once and waiting for its
+    predecessor before reading anything."""
+    if device.type != "cuda" or _interpreting():
+        return 0
+    mode = int(os.environ.get(ATTENTION_PDL_ENV, "1") or 0)
+    if mode <= 0 or _capability_major(device.index if device.index is not None else torch.cuda.current_device()) < 9:
+        return 0
+    return min(mode, 2)
+
+
 def _dot_args(dtype: torch.dtype) -> tuple[str, bool]:
     """(input precision, upcast) for tl.dot: exact fp32 for fp32 inputs (no TF32 rounding);
     under the interpreter, bf16 tiles are multiplied in fp32 because numpy lacks bf16."""
@@ -217,6 +240,8 @@ def decode_attention(
         part_out = part_lse = out  # unused by the kernel when SPLIT is off
     precision, upcast = _dot_args(query.dtype)
     block_d = triton.next_power_of_2(head_dim)
+    pdl = attention_pdl(query.device)
+    pdl_args = dict(launch_pdl=True) if pdl >= 2 else {}
     kernels._decode_attention_kernel[(num_decodes, num_kv_heads, num_kv_splits)](
         query, key_cache, value_cache, out, part_out, part_lse,
         query_start_loc, seq_lens, block_tables,
@@ -230,6 +255,7 @@ def decode_attention(
         HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=page,
         SPLIT=split, DOT_PREC=precision, DOT_UPCAST=upcast,
         num_warps=num_warps, num_stages=num_stages,
+        PDL_TRIGGER=pdl >= 2 or (pdl == 1 and not split), PDL_WAIT=pdl >= 2, **pdl_args,
         **_window_args(sliding_window, logits_soft_cap), **new_kv_args,
     )
     if split:
@@ -238,7 +264,7 @@ def decode_attention(
             num_kv_splits, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
             BLOCK_S=triton.next_power_of_2(num_kv_splits),
-            num_warps=4,
+            PDL_TRIGGER=pdl >= 1, PDL_WAIT=pdl >= 2, num_warps=4, **pdl_args,
         )
     return out
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit(do_not_specialize=["first_token"])
@@ -268,6 +269,7 @@ def _decode_attention_kernel(
     SPLIT: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr,
     DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
     WRITE_KV: tl.constexpr = False, ROPE: tl.constexpr = False,
+    PDL_TRIGGER: tl.constexpr = False, PDL_WAIT: tl.constexpr = False,
 ):
     """One query token's GROUP heads over one partition of its request's KV (flash-decoding).
 
@@ -287,7 +289,14 @@ def _decode_attention_kernel(
     (Folding the split reduce in too, the last program of each KV head combining the partials
     after an arrival counter, was measured slower than the reduce kernel: 3-4 us per layer on
     an H200, the gpu-scope atomics and the serial combine on the critical path.)
+    Programmatic dependent launch (triton_backend.attention_pdl): PDL_TRIGGER lets a PDL-launched
+    successor start now; PDL_WAIT (the kernel itself launched with PDL) waits for its
+    predecessor before anything is read.
     """
+    if PDL_TRIGGER:
+        gdc_launch_dependents()
+    if PDL_WAIT:
+        gdc_wait()
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -387,8 +396,14 @@ def _reduce_splits_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, query_start_loc_ptr,
     num_splits, stride_ot, stride_oh,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    PDL_TRIGGER: tl.constexpr = False, PDL_WAIT: tl.constexpr = False,
 ):
-    """Combine the partial outputs of one (request, head) weighted by exp2(lse - max lse)."""
+    """Combine the partial outputs of one (request, head) weighted by exp2(lse - max lse).
+    PDL_TRIGGER / PDL_WAIT: as in _decode_attention_kernel."""
+    if PDL_TRIGGER:
+        gdc_launch_dependents()
+    if PDL_WAIT:
+        gdc_wait()
     req = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)

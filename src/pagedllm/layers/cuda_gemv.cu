@@ -157,6 +157,7 @@ struct Params {
   const void* pull;                // MODE 2: this rank's buffer of the site; null: the operand is x
   unsigned long long* site_epoch;  // pull: [2] the site's completed calls, reader CTAs done
   int num_push, rank, world;
+  int pull_wait;  // pull: the consumers also wait for the writer grid (griddepcontrol.wait); 0: the tags suffice
 };
 
 // The counts after a site buffer's words (n per rank): one per writing rank.
@@ -176,6 +177,12 @@ __device__ __forceinline__ unsigned long long ld_volatile(const unsigned long lo
 __device__ __forceinline__ uint4 ld_volatile_v4(const void* p) {
   uint4 v;
   asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ uint4 ld_cg_v4(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
   return v;
 }
@@ -279,8 +286,13 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
   // Consumers: wait for the kernel that wrote the operand (a no-op without PDL), then issue
   // every operand load at once: each load that waits for another costs a round trip (~0.7 us
   // with the weight stream in flight), and the pulled operand below once took seven of them.
-  pdl_wait();
   const bool pulling = MODE == 2 && p.pull != nullptr;
+  // A pulled operand's rows are vouched for by their tags, so its consumers need not wait for the
+  // writer grid to complete (its stores into the peers acknowledged): `pull_wait` 0 skips it. Its
+  // residual was written two kernels back, by a grid that completed before any writer CTA passed
+  // its own wait, and this CTA holds an SM only after a writer CTA left it; it is read past L1.
+  const bool skip_wait = pulling && !p.pull_wait;
+  if (!skip_wait) pdl_wait();
   // The site's calls: stable from the writer's start to the reader's end (the reader's last CTA
   // advances them, and the next writer starts after that reader). A reader's thread 0 reads them
   // with the counts (below); a writer needs them only for its first stored row.
@@ -296,7 +308,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
       if (!pulling) in[0][i] = reinterpret_cast<const uint4*>(p.x)[v];
       if constexpr (MODE == 1) in[1][i] = reinterpret_cast<const uint4*>(p.x + K)[v];
       if constexpr (MODE == 2) {
-        in[1][i] = reinterpret_cast<const uint4*>(p.r)[v];
+        in[1][i] = skip_wait ? ld_cg_v4(p.r + v * 8) : reinterpret_cast<const uint4*>(p.r)[v];
         in[2][i] = reinterpret_cast<const uint4*>(p.nw)[v];
       }
     }
@@ -501,7 +513,7 @@ void gemv_m1(int64_t mode, torch::Tensor w, torch::Tensor x, c10::optional<torch
              c10::optional<torch::Tensor> res_out, torch::Tensor tickets, double eps, int64_t rows_per_stage,
              int64_t num_slots, int64_t grid, int64_t static_chunks, int64_t ahead, bool pdl,
              c10::optional<torch::Tensor> stamps, std::vector<int64_t> push, c10::optional<torch::Tensor> pull,
-             c10::optional<torch::Tensor> site_epoch, int64_t rank, int64_t world) {
+             c10::optional<torch::Tensor> site_epoch, int64_t rank, int64_t world, bool pull_wait) {
   const int N = w.size(0), K = w.size(1);
   TORCH_CHECK(K % 8 == 0 && K / 8 <= (mode == 2 ? kMaxVecs<2> : kMaxVecs<0>) * kConsumers,
               "gemv_m1: unsupported K ", K);
@@ -540,6 +552,7 @@ void gemv_m1(int64_t mode, torch::Tensor w, torch::Tensor x, c10::optional<torch
   p.site_epoch = site_epoch ? reinterpret_cast<unsigned long long*>(site_epoch->data_ptr()) : nullptr;
   p.rank = static_cast<int>(rank);
   p.world = static_cast<int>(world);
+  p.pull_wait = pull_wait ? 1 : 0;
   const int64_t smem = p.ring_offset + num_slots * rows_per_stage * static_cast<int64_t>(K) * 2;
   TORCH_CHECK(smem <= 227 * 1024, "gemv_m1: shared memory plan too large: ", smem);
   static uint64_t attr_set[3] = {0, 0, 0};  // per mode, a bit per device

@@ -51,6 +51,11 @@ _SMEM_LIMIT = 227 * 1024
 # no coordination; the tail evens out the SMs that stream slower).
 DYNAMIC_FRACTION = 0.2
 AHEAD = 2  # stages in flight before the operand is loaded (cuda_gemv.cu)
+# A pulled operand takes several round trips (the rows' tags, maybe the counts, a reload), and
+# each queues behind this SM's bulk copies in flight: one stage ahead, not two, got it in 1-1.5
+# us sooner on 2 x H200 (L1 TP=2 -18 us a step; at TP=1 one stage ahead was slower for the plain
+# operand). docs/benchmarks.md, sixteenth session.
+AHEAD_PULL = 1
 PDL = True
 MODES = {"plain": 0, "silu": 1, "add_rmsnorm": 2}
 
@@ -203,13 +208,23 @@ def gemv(mode: str, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | N
     assert p is not None
     site = push or pull
     module.gemv_m1(MODES[mode], weight, x, residual, norm_weight, bias, x if out is None else out, residual_out,
-                   _ticket_counter(weight, p), eps, p.rows_per_stage, p.num_slots, sms, p.static_chunks, AHEAD, PDL,
+                   _ticket_counter(weight, p), eps, p.rows_per_stage, p.num_slots, sms, p.static_chunks,
+                   AHEAD_PULL if pull else AHEAD, PDL,
                    stamps, list(push.addresses) if push else [], pull.buffer if pull else None,
-                   site.epoch if site else None, site.rank if site else 0, site.world if site else 1)
+                   site.epoch if site else None, site.rank if site else 0, site.world if site else 1,
+                   pull_waits_for_writer())
     return out
 
 
 EXCHANGE_ENV_VAR = "PAGEDLLM_GEMV_ALL_REDUCE"
+PULL_WAIT_ENV_VAR = "PAGEDLLM_GEMV_PULL_WAIT"
+
+
+def pull_waits_for_writer() -> bool:
+    """Whether a pulled operand's consumers also wait for the writer grid to complete
+    (griddepcontrol.wait) before loading it: PAGEDLLM_GEMV_PULL_WAIT=1. Off by default: the
+    rows' tags already vouch for them (cuda_gemv.cu)."""
+    return os.environ.get(PULL_WAIT_ENV_VAR, "0").strip().lower() not in ("", "0", "false")
 MAX_PULL_WORLD = 2  # ranks a pulled operand sums (cuda_gemv.cu's kMaxPullWorld)
 
 
