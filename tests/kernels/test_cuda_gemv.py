@@ -33,6 +33,14 @@ def test_plan_fits_shared_memory_and_splits_the_rows() -> None:
     assert cuda_gemv.plan(4096, 120000) is None  # a row larger than the ring
 
 
+def test_pulled_operand_waits_for_the_writer_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(cuda_gemv.PULL_WAIT_ENV_VAR, raising=False)
+    assert not cuda_gemv.pull_waits_for_writer()
+    for value, expected in (("1", True), ("true", True), ("0", False), ("", False)):
+        monkeypatch.setenv(cuda_gemv.PULL_WAIT_ENV_VAR, value)
+        assert cuda_gemv.pull_waits_for_writer() is expected
+
+
 def test_switch_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(cuda_gemv.DISABLE_ENV_VAR, "1")
     assert not cuda_gemv.enabled_by_env() and not cuda_gemv.available()
@@ -127,11 +135,15 @@ def test_preferred_untimed_for_large_weights(monkeypatch: pytest.MonkeyPatch) ->
 
 @gpu_only
 @pytest.mark.parametrize("writer_mode", ["plain", "silu"])
-def test_all_reduce_carried_by_push_and_pull_equals_the_one_shot_sum(writer_mode: str) -> None:
+@pytest.mark.parametrize("pull_wait", ["0", "1"])
+def test_all_reduce_carried_by_push_and_pull_equals_the_one_shot_sum(writer_mode: str, pull_wait: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Two ranks simulated on one GPU: each pushes its O- (or gated down-) projection rows into the one site buffer
     (its rows and its count), the add + RMSNorm GEMV waits for both counts and sums the rows;
     bitwise equal to summing the ranks' bf16 partials in rank order (the one-shot all-reduce)
-    and running the GEMV on that, call after call (the site's calls advance)."""
+    and running the GEMV on that, call after call (the site's calls advance). The reader trusts
+    the tags alone (the default) or also waits for the writer grid (PAGEDLLM_GEMV_PULL_WAIT=1)."""
+    monkeypatch.setenv(cuda_gemv.PULL_WAIT_ENV_VAR, pull_wait)
     if not cuda_gemv.available():
         pytest.skip("the extension did not build here (no nvcc?)")
     hidden, k_o, n_reader = 4096, 2048, 3072

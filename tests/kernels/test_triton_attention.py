@@ -151,6 +151,25 @@ def test_decode_split_count_beyond_the_context_leaves_empty_partitions_harmless(
     assert max_error(out, batch) < 1e-5
 
 
+@pytest.mark.parametrize("pdl", ["0", "1", "2"])
+def test_decode_with_each_programmatic_launch_mode_matches_torch(pdl: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Split and unsplit: the split reduce or the decode kernel triggers its successor (1), and
+    # both are launched with PDL, waiting for their predecessor first (2). Under the interpreter
+    # and before sm_90 every mode resolves to 0.
+    monkeypatch.setenv(tb.ATTENTION_PDL_ENV, pdl)
+    batch = make_batch([1, 1, 1], [37, 1, 300], group=4, seed=21)
+    for splits in (1, 8):
+        out = tb.paged_attention(batch.query, batch.kv_cache, batch.metadata, SCALE, num_kv_splits=splits)
+        assert max_error(out, batch) < 1e-5
+
+
+def test_programmatic_launch_is_off_where_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(tb.ATTENTION_PDL_ENV, "2")
+    assert tb.attention_pdl(torch.device("cpu")) == 0
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert tb.attention_pdl(torch.device("cuda", 0)) == 0  # the interpreter has no griddepcontrol
+
+
 def test_padded_decode_requests_with_empty_context_yield_zeros_not_nan() -> None:
     # CUDA-graph padding: dummy decode requests with seq_len 0 must not poison the batch.
     batch = make_batch([1, 1, 1], [25, 9, 1], seed=4)

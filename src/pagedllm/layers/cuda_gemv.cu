@@ -36,6 +36,9 @@
 // summed in rank order, as the one-shot all-reduce (one_shot_all_reduce.py) would. Each load
 // that waits for another costs a round trip of ~1 us while the weights stream: waiting for the
 // counts first, then loading rank by rank, took 4 us more than a plain operand per site.
+// The reader's consumers do not pass griddepcontrol.wait (pull_wait 0, the default): the tags
+// vouch for every row, and the writer grid's completion would add the acknowledgement of its
+// stores into the peers (~1 us a site on 2 x H200). Its producer still waits before its tickets.
 //
 // Tickets never need resetting: a launch draws exactly (dynamic chunks + CTAs) tickets, because
 // every CTA stops at its first ticket past the chunks; ticket t means chunk t mod (that sum).

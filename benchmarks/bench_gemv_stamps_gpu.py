@@ -1,0 +1,150 @@
+"""L1 variants side by side, with per-CTA stamps of every CUDA GEMV of the decode graph.
+
+Llama-3.1-8B dimensions (dummy bf16 weights), batch 1, a 128-token prompt, 256 output tokens.
+Each variant is `name:tp:ENV=V,ENV=V` (the switches it sets; every switch listed in KNOBS is
+cleared first), run one after the other in this process: its engine's greedy tokens (2 x 64,
+compared with the first variant of the same TP size) and TPOT (middle of 3 runs). With
+`GEMV_STAMPS=1` (the default) every `cuda_gemv.gemv` call also records, per CTA, when it
+started, when its operand was in and when its rows were done (global timer, ns); after the run
+each rank's last decode step is summarised per kind of GEMV, in us from the end of the previous
+GEMV's last CTA (so the O projection's row includes the attention before it):
+
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONPATH=src:. \\
+        python3 benchmarks/bench_gemv_stamps_gpu.py tp2:2: tp2_wait:2:PAGEDLLM_GEMV_PULL_WAIT=1 tp1:1:
+
+Writes $OUT/gemv_stamps.json. The stamps come from wrapping `cuda_gemv.gemv` and adding a
+`gemv_stamps` method to the worker at import time: the engine's spawned workers import this file
+first (as `__mp_main__`), so they carry the same wrappers; everything else runs under the
+`__main__` guard. Stamping costs three global-timer reads and stores per CTA; set
+`GEMV_STAMPS=0` for TPOT alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import sys
+import time
+import traceback
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pagedllm.layers import cuda_gemv  # noqa: E402
+from pagedllm.worker import worker as worker_module  # noqa: E402
+
+KNOBS = ("PAGEDLLM_GEMV_PULL_WAIT", "PAGEDLLM_ATTENTION_PDL", "PAGEDLLM_GEMV_ALL_REDUCE", "PAGEDLLM_SHARDED_SAMPLING")
+_records: dict[tuple[int, str], dict[str, Any]] = {}  # (weight pointer, mode) -> call record
+_unstamped_gemv = cuda_gemv.gemv
+
+
+def _stamped_gemv(mode: str, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None,
+                  *args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """cuda_gemv.gemv with a per-(weight, mode) stamp buffer (graph replays overwrite it)."""
+    if os.environ.get("GEMV_STAMPS", "1") == "1" and kwargs.get("stamps") is None:
+        key = (weight.data_ptr(), mode)
+        record = _records.get(key)
+        if record is None:
+            sms = torch.cuda.get_device_properties(weight.device).multi_processor_count
+            record = dict(order=len(_records), mode=mode, shape=list(weight.shape), push=kwargs.get("push") is not None,
+                          pull=kwargs.get("pull") is not None,
+                          stamps=torch.zeros(sms * 4, dtype=torch.int64, device=weight.device))
+            _records[key] = record
+        kwargs["stamps"] = record["stamps"]
+    return _unstamped_gemv(mode, x, weight, out, *args, **kwargs)
+
+
+def _gemv_stamps(self: Any) -> list[dict[str, Any]]:
+    """Worker method: every stamped call in first-call order, with its stamps [CTAs][4]."""
+    torch.cuda.synchronize()
+    return [dict({k: v for k, v in r.items() if k != "stamps"}, stamps=r["stamps"].view(-1, 4).cpu().tolist())
+            for r in sorted(_records.values(), key=lambda r: r["order"])]
+
+
+cuda_gemv.gemv = _stamped_gemv
+worker_module.Worker.gemv_stamps = _gemv_stamps  # type: ignore[attr-defined]
+
+
+def relative_rows(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each call's CTA start (earliest, median), operand in (median, latest) and rows done
+    (median, latest), in us from the previous call's last CTA done."""
+    rows = []
+    for j in range(1, len(calls)):
+        before, call = calls[j - 1], calls[j]
+        origin = max(s[2] for s in before["stamps"] if s[2])
+        start, operand, done = ([sorted(s[i] - origin for s in call["stamps"]) for i in range(3)])
+        mid = len(start) // 2
+        rows.append(dict(j=j, mode=call["mode"], shape=call["shape"], pull=call["pull"], push=call["push"],
+                         start_min=start[0] / 1e3, start_med=start[mid] / 1e3, operand_med=operand[mid] / 1e3,
+                         operand_max=operand[-1] / 1e3, done_med=done[mid] / 1e3, done_max=done[-1] / 1e3))
+    return rows
+
+
+def summary(rows: list[dict[str, Any]], first_layer: int = 4, last_layer: int = 27) -> list[str]:
+    """One line per kind of GEMV (mode, shape, pull, push): the mean over the middle layers."""
+    kinds: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        if 4 * first_layer + 1 <= row["j"] <= 4 * last_layer + 2:
+            kinds.setdefault((row["mode"], tuple(row["shape"]), row["pull"], row["push"]), []).append(row)
+    fields = ("start_min", "start_med", "operand_med", "operand_max", "done_med", "done_max")
+    return [f"{kind}: n={len(rs)} " + " ".join(f"{f}={statistics.mean(r[f] for r in rs):.2f}" for f in fields)
+            for kind, rs in kinds.items()]
+
+
+def run_variant(spec: str, prompts: list[list[int]]) -> tuple[str, dict[str, Any]]:
+    """Start the variant's engine, take its tokens, TPOT and stamps, shut it down."""
+    import bench_tp_gpu
+    from bench_gemv_all_reduce_gpu import greedy_tokens
+
+    from pagedllm.benchmarks.latency import measure_latency
+
+    name, tp, switches = spec.split(":")
+    for knob in KNOBS:
+        os.environ.pop(knob, None)
+    for pair in filter(None, switches.split(",")):
+        key, value = pair.split("=")
+        os.environ[key] = value  # the spawned workers inherit them
+    _records.clear()
+    engine, startup = bench_tp_gpu._engine("llama-3.1-8b", int(tp), 1, max_model_len=4096, max_num_seqs=8)
+    try:
+        result: dict[str, Any] = {"startup_s": startup, "tokens": greedy_tokens(engine, prompts)}
+        runs = [measure_latency(engine, [prompts[0]], 256) for _ in range(3)]
+        result["tpot_ms"] = sorted(r["tpot_median_s"] for r in runs)[1] * 1e3
+        if os.environ.get("GEMV_STAMPS", "1") == "1":
+            result["rows"] = [relative_rows(calls) for calls in engine.engine_core.executor.collective_rpc("gemv_stamps")]
+            for rank, rows in enumerate(result["rows"]):
+                print(f"[{name} rank {rank}]")
+                for line in summary(rows):
+                    print("   ", line)
+        return name, result
+    finally:
+        engine.shutdown()
+
+
+def main() -> None:
+    rng = random.Random(5)
+    prompts = [[rng.randrange(100, 10000) for _ in range(128)] for _ in range(2)]
+    results: dict[str, dict[str, Any]] = {}
+    # TP=2 first: a TP=2 engine's rank 0 shares GPU 0 with this process.
+    for spec in sys.argv[1:] or ["tp2:2:", "tp2_wait:2:PAGEDLLM_GEMV_PULL_WAIT=1", "tp1:1:"]:
+        start = time.perf_counter()
+        name = spec.split(":")[0]
+        try:
+            name, results[name] = run_variant(spec, prompts)
+        except Exception as e:  # noqa: BLE001 - recorded, and the other variants still run
+            traceback.print_exc()
+            results[name] = {"error": repr(e)}
+        print(f"--- {name}: TPOT {results[name].get('tpot_ms')} ms ({time.perf_counter() - start:.0f} s)", flush=True)
+        with open(os.path.join(os.environ.get("OUT", "."), "gemv_stamps.json"), "w") as f:
+            json.dump(results, f)
+    names = [n for n in results if "tokens" in results[n]]
+    for n in names:
+        first = next(m for m in names if m[:3] == n[:3])
+        print(f"{n:24s} TPOT {results[n]['tpot_ms']:.3f} ms, tokens == {first}'s: {results[n]['tokens'] == results[first]['tokens']}")
+
+
+if __name__ == "__main__":
+    main()
