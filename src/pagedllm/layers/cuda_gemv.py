@@ -15,7 +15,8 @@ for weights of 16 MiB and more (`preferred`: the tuner times each kernel alone a
 the kernel gains after another of its kind) and where it measures faster for smaller ones;
 `PAGEDLLM_PREFER_CUDA_GEMV=1` takes it wherever it serves, `=0` leaves every choice to the tuner.
 At one token on two GPUs it also carries the all-reduce between a row-parallel GEMV and the add
-+ RMSNorm GEMV after it (`Exchange`; `PAGEDLLM_GEMV_ALL_REDUCE=0` turns that off). Built on
++ RMSNorm GEMV after it (`Exchange`; `PAGEDLLM_GEMV_ALL_REDUCE=0` turns that off; the GEMV that sums the rows trusts
+their tags, and `PAGEDLLM_GEMV_PULL_WAIT=1` makes it also wait for the writer grid). Built on
 first use with torch's C++ extension loader (needs nvcc; cached under
 ~/.cache/torch_extensions); when the build fails, or with `PAGEDLLM_DISABLE_CUDA_GEMV=1`, the
 tuner never offers it. CUDA-graph capturable, no host syncs.
