@@ -15,9 +15,9 @@ for weights of 16 MiB and more (`preferred`: the tuner times each kernel alone a
 the kernel gains after another of its kind) and where it measures faster for smaller ones;
 `PAGEDLLM_PREFER_CUDA_GEMV=1` takes it wherever it serves, `=0` leaves every choice to the tuner.
 At one token on two GPUs it also carries the all-reduce between a row-parallel GEMV and the add
-+ RMSNorm GEMV after it (`Exchange`; `PAGEDLLM_GEMV_ALL_REDUCE=0` turns that off; the GEMV that sums the rows trusts
-their tags, and `PAGEDLLM_GEMV_PULL_WAIT=1` makes it also wait for the writer grid). Built on
-first use with torch's C++ extension loader (needs nvcc; cached under
++ RMSNorm GEMV after it (`Exchange`; `PAGEDLLM_GEMV_ALL_REDUCE=0` turns that off; the GEMV that
+sums the rows trusts their tags, `PAGEDLLM_GEMV_PULL_WAIT=1` makes it also wait for the writer
+grid). Built on first use with torch's C++ extension loader (needs nvcc; cached under
 ~/.cache/torch_extensions); when the build fails, or with `PAGEDLLM_DISABLE_CUDA_GEMV=1`, the
 tuner never offers it. CUDA-graph capturable, no host syncs.
 """
@@ -226,6 +226,8 @@ def pull_waits_for_writer() -> bool:
     (griddepcontrol.wait) before loading it: PAGEDLLM_GEMV_PULL_WAIT=1. Off by default: the
     rows' tags already vouch for them (cuda_gemv.cu)."""
     return os.environ.get(PULL_WAIT_ENV_VAR, "0").strip().lower() not in ("", "0", "false")
+
+
 MAX_PULL_WORLD = 2  # ranks a pulled operand sums (cuda_gemv.cu's kMaxPullWorld)
 
 
