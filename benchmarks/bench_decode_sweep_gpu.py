@@ -1,6 +1,7 @@
 """Sweep the batch-1 decode attention launch (splits, KV tile, warps) over context lengths.
 
     PYTHONPATH=src:benchmarks python benchmarks/bench_decode_sweep_gpu.py [--seq-lens 150,300,1024,4000]
+        [--partitions]
 
 A CUDA graph captures one split count and one tile shape for every context up to max_model_len,
 so the choice must serve short and long contexts alike. For Llama-3.1-8B's attention per rank at
@@ -32,6 +33,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq-lens", default="150,300,1024,4000")
     ap.add_argument("--replays", type=int, default=20)
+    ap.add_argument("--partitions", action="store_true",
+                    help="only the engine's launch against partitions shorter than its tile "
+                         "(partition_tokens 16 / 32 / 64 at 32 and 64 splits) and 32-token tiles")
     args = ap.parse_args()
     seq_lens = [int(s) for s in args.seq_lens.split(",")]
     rotary = RotaryEmbedding(HEAD_DIM, HEAD_DIM, MAX_MODEL_LEN,
@@ -41,8 +45,13 @@ def main() -> None:
     for tp, (heads, kv_heads) in ((1, (32, 8)), (2, (16, 4))):
         default_splits = tb.choose_num_kv_splits(1, kv_heads, MAX_MODEL_LEN, sms)
         configs = [{"splits": default_splits}]  # the engine's launch
-        for splits, block_n, warps in itertools.product((8, 16, 32, 64), (16, 32, 64, 128), (2, 4)):
-            configs.append({"splits": splits, "block_n": block_n, "num_warps": warps})
+        if args.partitions:
+            configs += [{"splits": splits, "partition_tokens": part} for splits, part in
+                        itertools.product((default_splits, 2 * default_splits), (16, 32, 64))]
+            configs.append({"splits": default_splits, "block_n": 32})
+        else:
+            for splits, block_n, warps in itertools.product((8, 16, 32, 64), (16, 32, 64, 128), (2, 4)):
+                configs.append({"splits": splits, "block_n": block_n, "num_warps": warps})
         table = {}
         for seq_len in seq_lens:
             reference = Layer(1, seq_len, heads, kv_heads, seed=1)

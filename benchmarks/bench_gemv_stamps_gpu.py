@@ -2,7 +2,7 @@
 
 Llama-3.1-8B dimensions (dummy bf16 weights), batch 1, a 128-token prompt, 256 output tokens.
 Each variant is `name:tp:ENV=V,ENV=V` (the switches it sets; every switch listed in KNOBS is
-cleared first), run one after the other in this process: its engine's greedy tokens (2 x 64,
+cleared first; BENCH_DECODE_PARTITION_TOKENS=32 runs the decode attention in 32-token partitions), run one after the other in this process: its engine's greedy tokens (2 x 64,
 compared with the first variant of the same TP size) and TPOT (middle of 3 runs). With
 `GEMV_STAMPS=1` (the default) every `cuda_gemv.gemv` call also records, per CTA, when it
 started, when its operand was in and when its rows were done (global timer, ns); after the run
@@ -36,7 +36,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pagedllm.layers import cuda_gemv  # noqa: E402
 from pagedllm.worker import worker as worker_module  # noqa: E402
 
-KNOBS = ("PAGEDLLM_GEMV_PULL_WAIT", "PAGEDLLM_ATTENTION_PDL", "PAGEDLLM_GEMV_ALL_REDUCE", "PAGEDLLM_SHARDED_SAMPLING")
+# BENCH_DECODE_PARTITION_TOKENS (this script's own): triton_backend.DECODE_PARTITION_TOKENS.
+KNOBS = ("PAGEDLLM_GEMV_PULL_WAIT", "PAGEDLLM_ATTENTION_PDL", "PAGEDLLM_GEMV_ALL_REDUCE", "PAGEDLLM_SHARDED_SAMPLING",
+         "BENCH_DECODE_PARTITION_TOKENS")
 _records: dict[tuple[int, str], dict[str, Any]] = {}  # (weight pointer, mode) -> call record
 _unstamped_gemv = cuda_gemv.gemv
 
@@ -66,6 +68,17 @@ def _gemv_stamps(self: Any) -> list[dict[str, Any]]:
 
 cuda_gemv.gemv = _stamped_gemv
 worker_module.Worker.gemv_stamps = _gemv_stamps  # type: ignore[attr-defined]
+
+
+def _apply_partition_knob() -> None:
+    """The decode partitions of BENCH_DECODE_PARTITION_TOKENS (unset: the engine's)."""
+    from pagedllm.attention import triton_backend
+
+    value = os.environ.get("BENCH_DECODE_PARTITION_TOKENS")
+    triton_backend.DECODE_PARTITION_TOKENS = int(value) if value else None
+
+
+_apply_partition_knob()  # in the spawned workers: they import this file with the variant's environment
 
 
 def relative_rows(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -118,6 +131,7 @@ def run_variant(spec: str, prompts: list[list[int]]) -> tuple[str, dict[str, Any
         key, value = pair.split("=")
         os.environ[key] = value  # the spawned workers inherit them
     _records.clear()
+    _apply_partition_knob()  # this process serves TP=1
     engine, startup = bench_tp_gpu._engine("llama-3.1-8b", int(tp), 1, max_model_len=4096, max_num_seqs=8)
     try:
         result: dict[str, Any] = {"startup_s": startup, "tokens": greedy_tokens(engine, prompts)}

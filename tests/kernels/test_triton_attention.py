@@ -163,6 +163,19 @@ def test_decode_with_each_programmatic_launch_mode_matches_torch(pdl: str, monke
         assert max_error(out, batch) < 1e-5
 
 
+@pytest.mark.parametrize("partition_tokens", [16, 32])
+def test_decode_partitions_shorter_than_the_tile_match_torch(partition_tokens: int) -> None:
+    # 64-token tiles, partitions of 16 or 32 tokens: partitions that start inside a tile, end
+    # inside one, and span one whole (the 150-token context over 4 splits: 48 -> 64 or 38 -> 48).
+    batch = make_batch([1, 1, 1], [37, 1, 150], group=4, seed=22)
+    md = batch.metadata
+    for splits in (2, 4, 8):
+        out = torch.empty_like(batch.query)
+        tb.decode_attention(batch.query, batch.kv_cache, md.query_start_loc, md.seq_lens, md.block_tables,
+                            3, SCALE, out, num_kv_splits=splits, block_n=64, partition_tokens=partition_tokens)
+        assert max_error(out, batch) < 1e-5, splits
+
+
 def test_programmatic_launch_is_off_where_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(tb.ATTENTION_PDL_ENV, "2")
     assert tb.attention_pdl(torch.device("cpu")) == 0
@@ -320,11 +333,16 @@ def _new_token_slots(md: AttentionMetadata, block_size: int) -> torch.Tensor:
 @pytest.mark.parametrize(("group", "num_kv_splits", "window", "head_dim", "soft_cap"),
                          [(1, 1, None, 64, None), (4, 4, None, 64, None), (2, 3, 20, 64, None),
                           (2, 2, 9, 256, 30.0)])  # the last: Gemma 2's head dim, window and soft cap
+@pytest.mark.parametrize("partition_tokens", [None, 16])
 def test_decode_kernel_rotating_and_writing_new_tokens_equals_the_separate_kernels(
     dtype: torch.dtype, group: int, num_kv_splits: int, window: int | None, head_dim: int, soft_cap: float | None,
+    partition_tokens: int | None, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from pagedllm.layers import triton_fused
     from pagedllm.layers.rotary import RotaryEmbedding
+
+    # 16-token partitions: the program that writes the newest key may start inside a tile.
+    monkeypatch.setattr(tb, "DECODE_PARTITION_TOKENS", partition_tokens)
 
     # A graph-padding row last: seq_len 1 and slot -1 (writes nothing, attends over block 0).
     batch = make_batch([1, 1, 1, 1], [17, 1, 70, 1], group=group, head_dim=head_dim, dtype=dtype, seed=140 + group)

@@ -27,6 +27,9 @@ LOG2_E = 1.4426950408889634
 _TARGET_PROGRAMS_PER_SM = 2
 _MIN_PARTITION_TOKENS = 128
 MAX_KV_SPLITS = 64
+# Decode partitions in multiples of this many tokens instead of the KV tile's (None): see
+# _decode_attention_kernel. Unmeasured in the engine, so off; benchmarks set it.
+DECODE_PARTITION_TOKENS: int | None = None
 
 
 @dataclass(frozen=True)
@@ -209,12 +212,14 @@ def decode_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     new_tokens: NewTokens | None = None,
+    partition_tokens: int | None = None,
 ) -> torch.Tensor:
     """Single-token attention for requests [0, num_decodes), each KV split into partitions.
 
     With a sliding window only the last `sliding_window` keys are partitioned. `new_tokens`:
     the kernel writes (and rotates) this step's keys/values itself (see NewTokens). Tile
-    overrides (block_n, num_warps, num_stages) exist for tests and benchmarks.
+    overrides (block_n, num_warps, num_stages) exist for tests and benchmarks, and so does
+    `partition_tokens` (default DECODE_PARTITION_TOKENS; None: partitions in whole tiles).
     """
     _check_inputs(query, kv_cache, out, block_tables)
     _, num_heads, head_dim = query.shape
@@ -222,6 +227,9 @@ def decode_attention(
     group = num_heads // num_kv_heads
     if num_kv_splits < 1:
         raise ValueError(f"num_kv_splits must be at least 1, got {num_kv_splits}")
+    partition_tokens = partition_tokens or DECODE_PARTITION_TOKENS
+    if partition_tokens is not None and partition_tokens < 1:
+        raise ValueError(f"partition_tokens must be at least 1, got {partition_tokens}")
     new_kv_args = _new_tokens_args(new_tokens, query, num_kv_heads, head_dim, num_decodes)
     # Few resident programs per SM each need more bytes in flight: larger KV tiles then
     # (H200 sweep: 128-token tiles win up to ~2 programs per SM, 64-token tiles beyond;
@@ -255,7 +263,9 @@ def decode_attention(
         HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=page,
         SPLIT=split, DOT_PREC=precision, DOT_UPCAST=upcast,
         num_warps=num_warps, num_stages=num_stages,
-        PDL_TRIGGER=pdl >= 2 or (pdl == 1 and not split), PDL_WAIT=pdl >= 2, **pdl_args,
+        PDL_TRIGGER=pdl >= 2 or (pdl == 1 and not split), PDL_WAIT=pdl >= 2,
+        PART_N=block_n if partition_tokens is None or sliding_window is not None else partition_tokens,
+        **pdl_args,
         **_window_args(sliding_window, logits_soft_cap), **new_kv_args,
     )
     if split:

@@ -267,17 +267,20 @@ def _decode_attention_kernel(
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     SPLIT: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr,
-    DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, PART_N: tl.constexpr,
     WRITE_KV: tl.constexpr = False, ROPE: tl.constexpr = False,
     PDL_TRIGGER: tl.constexpr = False, PDL_WAIT: tl.constexpr = False,
 ):
     """One query token's GROUP heads over one partition of its request's KV (flash-decoding).
 
     Grid: (num_decodes, num_kv_heads, num_splits). The partition length is derived from the
-    request's seq_len in the kernel (a multiple of BLOCK_N), so the split count may stay fixed
-    while lengths change. With SPLIT the normalized partial output and its log2-sum-exp go to
-    fp32 scratch for `_reduce_splits_kernel`; without it the output is written directly.
-    With SLIDING only the keys from seq_len - window on are partitioned.
+    request's seq_len in the kernel (a multiple of PART_N, usually BLOCK_N), so the split count
+    may stay fixed while lengths change. A partition shorter than the tile is one masked tile:
+    a short context spreads over more programs without a smaller tile for long ones. (With
+    SLIDING, PART_N must be BLOCK_N: the window's tiles align with the partitions.) With SPLIT
+    the normalized partial output and its log2-sum-exp go to fp32 scratch for
+    `_reduce_splits_kernel`; without it the output is written directly. With SLIDING only the
+    keys from seq_len - window on are partitioned.
 
     Folded steps (each replaces a kernel launch of the unfused path, same arithmetic):
     - WRITE_KV: the program whose partition holds the newest key (position seq_len - 1) first
@@ -307,7 +310,7 @@ def _decode_attention_kernel(
         kv_lo = tl.maximum(seq_len - window, 0)
         window_end = tl.cdiv(kv_lo, BLOCK_N) * BLOCK_N
     first_tile = kv_lo // BLOCK_N * BLOCK_N
-    part_len = tl.cdiv(tl.cdiv(seq_len - first_tile, num_splits), BLOCK_N) * BLOCK_N
+    part_len = tl.cdiv(tl.cdiv(seq_len - first_tile, num_splits), PART_N) * PART_N
     kv_start = first_tile + split * part_len
     kv_end = tl.minimum(kv_start + part_len, seq_len)
 
