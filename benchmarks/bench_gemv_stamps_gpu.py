@@ -66,8 +66,20 @@ def _gemv_stamps(self: Any) -> list[dict[str, Any]]:
             for r in sorted(_records.values(), key=lambda r: r["order"])]
 
 
+def _all_reduce_path(self: Any) -> dict[str, Any]:
+    """Worker method: whether this rank's all-reduces run on symmetric memory (else NCCL: at
+    batch 1 ~1.1 ms a step more on 2 x H200) and how many row-parallel layers carry theirs on
+    the GEMVs. A TPOT far off its usual figure is read against these first."""
+    from pagedllm.distributed import get_custom_all_reduce
+
+    model = self.model_runner.model
+    return {"custom_all_reduce": get_custom_all_reduce() is not None,
+            "gemv_exchange_layers": sum(getattr(m, "exchange", None) is not None for m in model.modules())}
+
+
 cuda_gemv.gemv = _stamped_gemv
 worker_module.Worker.gemv_stamps = _gemv_stamps  # type: ignore[attr-defined]
+worker_module.Worker.all_reduce_path = _all_reduce_path  # type: ignore[attr-defined]
 
 
 def _apply_partition_knob() -> None:
@@ -134,7 +146,8 @@ def run_variant(spec: str, prompts: list[list[int]]) -> tuple[str, dict[str, Any
     _apply_partition_knob()  # this process serves TP=1
     engine, startup = bench_tp_gpu._engine("llama-3.1-8b", int(tp), 1, max_model_len=4096, max_num_seqs=8)
     try:
-        result: dict[str, Any] = {"startup_s": startup, "tokens": greedy_tokens(engine, prompts)}
+        result: dict[str, Any] = {"startup_s": startup, "tokens": greedy_tokens(engine, prompts),
+                                  "all_reduce": engine.engine_core.executor.collective_rpc("all_reduce_path")}
         runs = [measure_latency(engine, [prompts[0]], 256) for _ in range(3)]
         result["tpot_ms"] = sorted(r["tpot_median_s"] for r in runs)[1] * 1e3
         if os.environ.get("GEMV_STAMPS", "1") == "1":
@@ -163,7 +176,8 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - recorded, and the other variants still run
             traceback.print_exc()
             results[name] = {"error": repr(e)}
-        print(f"--- {name}: TPOT {results[name].get('tpot_ms')} ms ({time.perf_counter() - start:.0f} s)", flush=True)
+        print(f"--- {name}: TPOT {results[name].get('tpot_ms')} ms, all-reduce per rank "
+              f"{results[name].get('all_reduce')} ({time.perf_counter() - start:.0f} s)", flush=True)
         with open(os.path.join(os.environ.get("OUT", "."), "gemv_stamps.json"), "w") as f:
             json.dump(results, f)
     names = [n for n in results if "tokens" in results[n]]
