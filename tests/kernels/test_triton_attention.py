@@ -183,6 +183,25 @@ def test_programmatic_launch_is_off_where_it_cannot_run(monkeypatch: pytest.Monk
     assert tb.attention_pdl(torch.device("cuda", 0)) == 0  # the interpreter has no griddepcontrol
 
 
+def test_programmatic_launch_defaults_to_2_on_one_gpu_and_1_with_tensor_parallelism(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import pagedllm.distributed as parallel_state
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.delenv(tb.ATTENTION_PDL_ENV, raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(tb, "_capability_major", lambda index: 9)  # as on a Hopper GPU
+    monkeypatch.setattr(parallel_state, "_TP_SIZE", 1)
+    assert tb.attention_pdl(cuda) == 2
+    monkeypatch.setattr(parallel_state, "_TP_SIZE", 2)
+    assert tb.attention_pdl(cuda) == 1
+    monkeypatch.setenv(tb.ATTENTION_PDL_ENV, "0")
+    assert tb.attention_pdl(cuda) == 0
+    monkeypatch.setenv(tb.ATTENTION_PDL_ENV, "2")
+    monkeypatch.setattr(tb, "_capability_major", lambda index: 8)  # before Hopper: no PDL
+    assert tb.attention_pdl(cuda) == 0
+
+
 def test_padded_decode_requests_with_empty_context_yield_zeros_not_nan() -> None:
     # CUDA-graph padding: dummy decode requests with seq_len 0 must not poison the batch.
     batch = make_batch([1, 1, 1], [25, 9, 1], seed=4)

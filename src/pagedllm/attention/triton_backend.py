@@ -71,10 +71,16 @@ def attention_pdl(device: torch.device) -> int:
     split reduce, or the decode kernel unsplit) lets a PDL-launched successor (the CUDA GEMV of
     the O projection) start as it starts; 2 as 1, and the decode kernel and the split reduce are
     themselves launched with PDL, each letting its successor start at once and waiting for its
-    predecessor before reading anything."""
+    predecessor before reading anything.
+
+    Default: 2 on one GPU, 1 with tensor parallelism. L1 on 2 x H200 (docs/benchmarks.md,
+    sixteenth session): mode 1 took 35-38 us off a step at either size; mode 2 took 14-22 us
+    more at TP=1 in three calls but gave back mode 1's gain at TP=2."""
     if device.type != "cuda" or _interpreting():
         return 0
-    mode = int(os.environ.get(ATTENTION_PDL_ENV, "1") or 0)
+    from pagedllm.distributed import get_tp_size
+
+    mode = int(os.environ.get(ATTENTION_PDL_ENV, "") or (2 if get_tp_size() == 1 else 1))
     if mode <= 0 or _capability_major(device.index if device.index is not None else torch.cuda.current_device()) < 9:
         return 0
     return min(mode, 2)
