@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 sys.path.insert(0, os.path.dirname(__file__))
+from bench_gemv_gpu import median_replay_us  # noqa: E402
 from bench_tp_gpu import all_reduce_graph  # noqa: E402
 
 HIDDEN, CALLS = 4096, 64
@@ -49,17 +49,10 @@ def _worker(rank: int, world: int, port: int, batches: list[int], q) -> None:
             x = torch.randn(batch, HIDDEN, dtype=torch.bfloat16, device="cuda",
                             generator=torch.Generator(device="cuda").manual_seed(rank))
             graph, equal = all_reduce_graph(x, CALLS, warm_ups=4)
-            times = []
-            for _ in range(20):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                graph.replay()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) * 1e3 / CALLS)
+            us = median_replay_us(graph, 20, warm_ups=0) / CALLS
             rows.append({"block_words": block, "warps": warps, "max_programs": programs, "batch": batch,
                          "programs": osar.num_programs(batch * HIDDEN),
-                         "us_per_all_reduce": statistics.median(times), "equals_nccl": equal})
+                         "us_per_all_reduce": us, "equals_nccl": equal})
             del graph
     if rank == 0:
         q.put(rows)

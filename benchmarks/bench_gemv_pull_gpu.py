@@ -23,6 +23,7 @@ import os
 import statistics
 
 import torch
+from bench_gemv_gpu import median_replay_us
 
 from pagedllm.layers import cuda_gemv
 
@@ -77,15 +78,7 @@ def run_variant(t: dict[str, torch.Tensor], pull: bool) -> dict:
         with torch.cuda.graph(graph, stream=stream):
             for i in range(CHAIN):
                 triple(t, pull, site, hidden, out, res_out, stamps if i == CHAIN // 2 else None)
-    times = []
-    for _ in range(23):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / CHAIN)
-    per_triple = statistics.median(times[3:])
+    per_triple = median_replay_us(graph, 20, warm_ups=3) / CHAIN
     st = [s.view(sms, 4).cpu() for s in stamps]
     writer_end = int(st[1][:, 2].max())
     reader = st[2]
