@@ -10,6 +10,9 @@ is replayed; us per layer = median replay time / 32. Variants:
   of mixed batches and of --no-fused-kernels;
 - folded: the decode kernel rotates and writes the new K/V itself (+ split-reduce kernel): the
   engine's decode-only path;
+- cuda, cuda16: the CUDA decode kernel (attention/cuda_decode.py: rotary, K/V write, the
+  partitions combined inside the kernel through a thread-block cluster) with clusters of up to
+  8 (the engine's) or 16 CTAs;
 - and the pieces alone (rotary, reshape_and_cache, decode + reduce).
 (A third variant, the split reduce folded in too, was measured 3-4 us per layer slower at
 batch 1 on an H200 and dropped; it is in git history at fc6242f.)
@@ -26,6 +29,7 @@ import sys
 
 import torch
 
+from pagedllm.attention import cuda_decode
 from pagedllm.attention import triton_backend as tb
 from pagedllm.attention.metadata import AttentionMetadata
 from pagedllm.layers import triton_fused
@@ -84,15 +88,21 @@ def run_variant(name: str, layer: Layer, rotary: RotaryEmbedding, splits: int, *
         tb.decode_attention(layer.q, layer.kv_cache, *args, num_kv_splits=splits, **launch)
     elif name == "folded":
         tb.decode_attention(layer.q, layer.kv_cache, *args, num_kv_splits=splits, new_tokens=new_tokens, **launch)
+    elif name in ("cuda", "cuda16"):
+        cuda_decode.MAX_CLUSTER = 16 if name == "cuda16" else 8
+        cuda_decode.decode_attention(layer.q, layer.kv_cache, md.seq_lens, md.block_tables, md.num_decodes, SCALE,
+                                     layer.out, new_tokens)
+        cuda_decode.MAX_CLUSTER = 8
 
-VARIANTS = ["separate", "folded", "rotary", "reshape_and_cache", "decode + reduce"]
+
+VARIANTS = ["separate", "folded", "cuda", "cuda16", "rotary", "reshape_and_cache", "decode + reduce"]
 
 
 def check(batch: int, seq_len: int, heads: int, kv_heads: int, rotary: RotaryEmbedding, splits: int) -> dict:
-    """Max |output - separate path's output| and whether the caches agree, for the folded path."""
+    """Max |output - separate path's output| and whether the caches agree, for the folded paths."""
     results = {}
     reference = None
-    for name in ("separate", "folded"):
+    for name in ("separate", "folded", "cuda", "cuda16"):
         layer = Layer(batch, seq_len, heads, kv_heads, seed=1)
         run_variant(name, layer, rotary, splits)
         torch.cuda.synchronize()
@@ -100,7 +110,8 @@ def check(batch: int, seq_len: int, heads: int, kv_heads: int, rotary: RotaryEmb
             reference = layer
             continue
         results[name] = {"max_abs_diff": (layer.out.float() - reference.out.float()).abs().max().item(),
-                         "cache_equal": bool(torch.equal(layer.kv_cache, reference.kv_cache))}
+                         "cache_equal": bool(torch.equal(layer.kv_cache, reference.kv_cache)),
+                         "cache_max_abs_diff": (layer.kv_cache.float() - reference.kv_cache.float()).abs().max().item()}
     return results
 
 
@@ -122,7 +133,9 @@ def main() -> None:
     ap.add_argument("--seq-lens", default="300,2048")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--replays", type=int, default=20)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="which of them to time (comma-separated)")
     args = ap.parse_args()
+    variants = [v for v in VARIANTS if v in args.variants.split(",")]
     rotary = RotaryEmbedding(HEAD_DIM, HEAD_DIM, MAX_MODEL_LEN,
                              {"rope_theta": 500000.0, "rope_type": "default"}).to(DEVICE)
     sms = tb.num_sms(DEVICE)
@@ -134,7 +147,7 @@ def main() -> None:
                 row = {"tp": tp, "batch": batch, "seq_len": seq_len, "splits": splits,
                        "check": check(batch, seq_len, heads, kv_heads, rotary, splits)}
                 layers = [Layer(batch, seq_len, heads, kv_heads, seed=i) for i in range(LAYERS)]
-                for name in VARIANTS:
+                for name in variants:
                     row[name] = time_variant(name, layers, rotary, splits, args.replays)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
@@ -142,11 +155,11 @@ def main() -> None:
     if out:
         with open(os.path.join(out, "decode_fold.json"), "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
-    print("\n| tp | batch | seq | splits | " + " | ".join(VARIANTS) + " |  (us per layer)")
-    print("| --- " * (4 + len(VARIANTS)) + "|")
+    print("\n| tp | batch | seq | splits | " + " | ".join(variants) + " |  (us per layer)")
+    print("| --- " * (4 + len(variants)) + "|")
     for row in rows:
         print(f"| {row['tp']} | {row['batch']} | {row['seq_len']} | {row['splits']} | "
-              + " | ".join(f"{row[name]:.2f}" for name in VARIANTS) + " |")
+              + " | ".join(f"{row[name]:.2f}" for name in variants) + " |")
 
 
 if __name__ == "__main__":

@@ -33,12 +33,14 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pagedllm.attention import cuda_decode  # noqa: E402
 from pagedllm.layers import cuda_gemv  # noqa: E402
 from pagedllm.worker import worker as worker_module  # noqa: E402
 
-# BENCH_DECODE_PARTITION_TOKENS (this script's own): triton_backend.DECODE_PARTITION_TOKENS.
+# BENCH_DECODE_PARTITION_TOKENS, BENCH_CUDA_DECODE_* (this script's own): see _apply_bench_knobs.
 KNOBS = ("PAGEDLLM_GEMV_PULL_WAIT", "PAGEDLLM_ATTENTION_PDL", "PAGEDLLM_GEMV_ALL_REDUCE", "PAGEDLLM_SHARDED_SAMPLING",
-         "BENCH_DECODE_PARTITION_TOKENS")
+         "BENCH_DECODE_PARTITION_TOKENS", "PAGEDLLM_CUDA_DECODE_ATTENTION", "BENCH_CUDA_DECODE_WARPS",
+         "BENCH_CUDA_DECODE_CLUSTER")
 _records: dict[tuple[int, str], dict[str, Any]] = {}  # (weight pointer, mode) -> call record
 _unstamped_gemv = cuda_gemv.gemv
 
@@ -82,15 +84,20 @@ worker_module.Worker.gemv_stamps = _gemv_stamps  # type: ignore[attr-defined]
 worker_module.Worker.all_reduce_path = _all_reduce_path  # type: ignore[attr-defined]
 
 
-def _apply_partition_knob() -> None:
-    """The decode partitions of BENCH_DECODE_PARTITION_TOKENS (unset: the engine's)."""
+def _apply_bench_knobs() -> None:
+    """The decode partitions of BENCH_DECODE_PARTITION_TOKENS, the CUDA decode kernel's warps per
+    CTA (BENCH_CUDA_DECODE_WARPS) and largest cluster (BENCH_CUDA_DECODE_CLUSTER); unset: the
+    engine's."""
     from pagedllm.attention import triton_backend
 
     value = os.environ.get("BENCH_DECODE_PARTITION_TOKENS")
     triton_backend.DECODE_PARTITION_TOKENS = int(value) if value else None
+    cuda_decode.WARPS = int(os.environ.get("BENCH_CUDA_DECODE_WARPS") or _ENGINE_DECODE[0])
+    cuda_decode.MAX_CLUSTER = int(os.environ.get("BENCH_CUDA_DECODE_CLUSTER") or _ENGINE_DECODE[1])
 
 
-_apply_partition_knob()  # in the spawned workers: they import this file with the variant's environment
+_ENGINE_DECODE = (cuda_decode.WARPS, cuda_decode.MAX_CLUSTER)
+_apply_bench_knobs()  # in the spawned workers: they import this file with the variant's environment
 
 
 def relative_rows(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -143,7 +150,7 @@ def run_variant(spec: str, prompts: list[list[int]]) -> tuple[str, dict[str, Any
         key, value = pair.split("=")
         os.environ[key] = value  # the spawned workers inherit them
     _records.clear()
-    _apply_partition_knob()  # this process serves TP=1
+    _apply_bench_knobs()  # this process serves TP=1
     engine, startup = bench_tp_gpu._engine("llama-3.1-8b", int(tp), 1, max_model_len=4096, max_num_seqs=8)
     try:
         result: dict[str, Any] = {"startup_s": startup, "tokens": greedy_tokens(engine, prompts),

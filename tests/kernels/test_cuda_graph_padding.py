@@ -127,3 +127,21 @@ def test_can_run_routes_steps_by_kind_and_size() -> None:
     too_many_decodes = make_batch([1] * 9, [4] * 9).metadata
     assert not runner.can_run(too_many_decodes)
     assert not make_runner(max_prefill_tokens=0).can_run(small_prefill)
+
+
+def test_decode_graphs_for_shorter_contexts_serve_the_steps_that_fit_them() -> None:
+    runner = CUDAGraphRunner(torch.nn.Identity(), 8, MAX_MODEL_LEN, BLOCK_SIZE, DEVICE,
+                             choose_splits=lambda batch, max_len: max_len // 32,
+                             context_bounds=lambda batch: [64, 999] if batch <= 2 else [])
+    # Bounds at or past max_model_len fold into it; batch sizes without short graphs keep one.
+    assert runner.context_bounds == {1: [64, MAX_MODEL_LEN], 2: [64, MAX_MODEL_LEN], 4: [MAX_MODEL_LEN],
+                                     8: [MAX_MODEL_LEN]}
+    short = runner.decode_metadata(2, 64)
+    assert short.max_seq_len == 64 and short.seq_lens_cpu == [64, 64] and short.num_kv_splits == 2
+    assert runner.decode_metadata(2).max_seq_len == MAX_MODEL_LEN
+    for seq_lens, size, bound in (([40, 64], 2, 64), ([40, 65], 2, MAX_MODEL_LEN), ([3], 1, 64),
+                                  ([3, 3, 3], 4, MAX_MODEL_LEN)):
+        md = make_batch([1] * len(seq_lens), seq_lens, seed=len(seq_lens)).metadata
+        assert runner.stage_decode(torch.zeros(len(seq_lens), dtype=torch.long, device=DEVICE),
+                                   torch.zeros(len(seq_lens), dtype=torch.long, device=DEVICE), md) == size
+        assert runner.decode_context_bound(size, md) == bound

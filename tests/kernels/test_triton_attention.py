@@ -25,6 +25,15 @@ skip_module_unless_kernels_run()
 SCALE = 0.125
 
 
+@pytest.fixture(autouse=True)
+def _triton_decode_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU these tests are the Triton kernels' even where the CUDA decode kernel would serve
+    (tests/kernels/test_cuda_decode.py checks that one)."""
+    from pagedllm.attention import cuda_decode
+
+    monkeypatch.setenv(cuda_decode.ENV_VAR, "0")
+
+
 @dataclass
 class Batch:
     """A random paged batch: queries, a filled KV pool with shuffled blocks, and its metadata."""

@@ -2,7 +2,8 @@
 
 `reshape_and_cache` writes a step's new keys/values into their slots; `paged_attention` runs
 one mixed batch: the decodes (first `num_decodes` requests, one token each) through the split-KV
-decode kernel, the prefill chunks through the varlen kernel. The kernels live in
+decode kernel (or, for small batches on sm_90+, the CUDA kernel of `cuda_decode`), the prefill
+chunks through the varlen kernel. The kernels live in
 `triton_kernels.py`; this module checks inputs, picks tiles and grids, and launches them.
 
 Under `TRITON_INTERPRET=1` the same code runs on CPU tensors (the CI tests).
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from pagedllm.attention import cuda_decode
 from pagedllm.attention import triton_kernels as kernels
 from pagedllm.attention.metadata import AttentionMetadata
 
@@ -180,10 +182,17 @@ def paged_attention(
                 max_decode_len = min(max_decode_len, sliding_window)  # keys a decode actually reads
             num_kv_splits = choose_num_kv_splits(num_decodes, kv_cache.shape[3], max_decode_len,
                                                  num_sms(query.device))
-        decode_attention(query, kv_cache, metadata.query_start_loc, metadata.seq_lens,
-                         metadata.block_tables, num_decodes, scale, out, num_kv_splits=num_kv_splits,
-                         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
-                         new_tokens=new_tokens)
+        if cuda_decode.serves(query, kv_cache, out, metadata.seq_lens, metadata.block_tables, num_decodes,
+                              metadata.max_seq_len, sliding_window, logits_soft_cap, new_tokens):
+            _check_inputs(query, kv_cache, out, metadata.block_tables)
+            _new_tokens_args(new_tokens, query, kv_cache.shape[3], query.shape[2], num_decodes)  # validates
+            cuda_decode.decode_attention(query, kv_cache, metadata.seq_lens, metadata.block_tables, num_decodes,
+                                         scale, out, new_tokens, attention_pdl(query.device))
+        else:
+            decode_attention(query, kv_cache, metadata.query_start_loc, metadata.seq_lens,
+                             metadata.block_tables, num_decodes, scale, out, num_kv_splits=num_kv_splits,
+                             sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+                             new_tokens=new_tokens)
     if num_reqs > num_decodes:
         varlen_attention(query, kv_cache, metadata.query_start_loc, metadata.seq_lens,
                          metadata.block_tables, num_decodes, num_reqs, qsl[num_reqs] - qsl[num_decodes],

@@ -25,7 +25,6 @@ tuner never offers it. CUDA-graph capturable, no host syncs.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from types import ModuleType
 
 import torch
 
-logger = logging.getLogger(__name__)
+from pagedllm.cuda_extension import load_extension
 
 DISABLE_ENV_VAR = "PAGEDLLM_DISABLE_CUDA_GEMV"
 # Skip the timing and take this kernel wherever it serves: the tuner times each kernel alone, which
@@ -69,15 +68,7 @@ def enabled_by_env() -> bool:
 @functools.cache
 def _module() -> ModuleType | None:
     """The compiled extension, or None when it cannot be built here."""
-    try:
-        from torch.utils.cpp_extension import load
-
-        return load(name="pagedllm_cuda_gemv", sources=[str(_SOURCE)],
-                    extra_cuda_cflags=["-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a"],
-                    verbose=False)
-    except Exception as exc:  # noqa: BLE001 - no nvcc, no headers, a compiler error: fall back
-        logger.warning("CUDA GEMV kernel unavailable (build failed: %s); the Triton kernels serve", exc)
-        return None
+    return load_extension("pagedllm_cuda_gemv", _SOURCE, "CUDA GEMV kernel")
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor, mode: str) -> bool:

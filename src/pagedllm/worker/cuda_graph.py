@@ -5,7 +5,10 @@ cost. Two kinds of graph share one memory pool:
 
 - decode graphs, one per batch size of a ladder: decode-only steps, attention through the
   split-KV decode kernel. The batch is padded up to the next captured size (padding rows write
-  to no slot and attend over one token of block 0).
+  to no slot and attend over one token of block 0). A batch size may also have graphs for
+  shorter contexts (`context_bounds`: the attention backend picks its kernel by the longest
+  context a step can have, e.g. the CUDA decode kernel up to `cuda_decode.MAX_CONTEXT`); a step
+  replays the graph of the smallest bound that holds its longest decode.
 - prefill graphs, one per token count (16, 32, ..., 256, then every 128 up to
   `max_prefill_tokens`, 2048 by default): any step with a prefill chunk and at most that many
   tokens, every request's attention through the varlen kernel (decodes included). Padding
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -78,12 +82,15 @@ def _rows(output: GraphOutput, rows: int) -> GraphOutput:
 
 
 class CUDAGraphRunner:
-    """Holds the static buffers and the captured graphs (decode: per batch size; prefill: per
-    token count)."""
+    """Holds the static buffers and the captured graphs (decode: per batch size and context
+    bound; prefill: per token count).
+
+    `context_bounds(batch)`: the longest contexts to capture decode graphs of `batch` rows for,
+    ascending, besides max_model_len (None: max_model_len only)."""
 
     def __init__(self, model: nn.Module, max_num_seqs: int, max_model_len: int, block_size: int,
                  device: torch.device, choose_splits, max_prefill_tokens: int = 0,
-                 intermediate_width: int = 0) -> None:
+                 intermediate_width: int = 0, context_bounds: Callable[[int], list[int]] | None = None) -> None:
         self.model = model
         self.device = device
         self.sizes = capture_sizes(max_num_seqs)
@@ -92,6 +99,10 @@ class CUDAGraphRunner:
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // block_size)
         self.choose_splits = choose_splits
+        self.context_bounds = {
+            batch: sorted({bound for bound in (context_bounds(batch) if context_bounds else []) if bound < max_model_len}
+                          | {max_model_len})
+            for batch in self.sizes}
         b = self.max_batch
         t = max([b, *self.prefill_sizes])
         self.input_ids = torch.zeros(t, dtype=torch.long, device=device)
@@ -109,22 +120,30 @@ class CUDAGraphRunner:
             dtype = next(model.parameters()).dtype
             self.intermediate = {key: torch.zeros(t, intermediate_width, dtype=dtype, device=device)
                                  for key in model.intermediate_keys}  # type: ignore[union-attr]
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, GraphOutput] = {}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (batch, context bound)
+        self.outputs: dict[tuple[int, int], GraphOutput] = {}
         self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.prefill_outputs: dict[int, GraphOutput] = {}
         self.pool = None
 
-    def decode_metadata(self, batch: int) -> AttentionMetadata:
-        """The metadata the decode graph of `batch` rows was captured with (static buffers)."""
+    def decode_metadata(self, batch: int, max_len: int | None = None) -> AttentionMetadata:
+        """The metadata the decode graph of `batch` rows for contexts up to `max_len` (default
+        max_model_len) was captured with (static buffers)."""
+        max_len = max_len or self.max_model_len
         return AttentionMetadata(
             num_actual_tokens=batch, num_decodes=batch,
             query_start_loc=self.query_start_loc[: batch + 1], seq_lens=self.seq_lens[:batch],
             slot_mapping=self.slot_mapping[:batch], block_tables=self.block_tables[:batch],
-            max_query_len=1, max_seq_len=self.max_model_len,
-            query_start_loc_cpu=list(range(batch + 1)), seq_lens_cpu=[self.max_model_len] * batch,
-            num_kv_splits=self.choose_splits(batch, self.max_model_len),
+            max_query_len=1, max_seq_len=max_len,
+            query_start_loc_cpu=list(range(batch + 1)), seq_lens_cpu=[max_len] * batch,
+            num_kv_splits=self.choose_splits(batch, max_len),
         )
+
+    def decode_context_bound(self, batch: int, metadata: AttentionMetadata) -> int:
+        """The context bound of the decode graph of `batch` rows that serves this step: the
+        smallest captured one that holds its longest decode."""
+        longest = max(metadata.seq_lens_cpu[: metadata.num_reqs], default=0)
+        return next(bound for bound in self.context_bounds[batch] if bound >= longest)
 
     def prefill_metadata(self, tokens: int) -> AttentionMetadata:
         """The metadata the prefill graph of `tokens` tokens was captured with (static buffers)."""
@@ -167,10 +186,13 @@ class CUDAGraphRunner:
                 tokens, self.prefill_metadata(tokens))
         self.seq_lens.fill_(1)
         for batch in reversed(self.sizes):
-            self.graphs[batch], self.outputs[batch] = self._capture_one(batch, self.decode_metadata(batch))
+            for bound in reversed(self.context_bounds[batch]):
+                self.graphs[batch, bound], self.outputs[batch, bound] = self._capture_one(
+                    batch, self.decode_metadata(batch, bound))
         torch.cuda.synchronize(self.device)
-        logger.info("Captured CUDA graphs for %d decode batch sizes (up to %d) and %d prefill token counts "
-                    "(up to %d) in %.1f s", len(self.sizes), self.max_batch, len(self.prefill_sizes),
+        logger.info("Captured CUDA graphs for %d decode batch sizes (up to %d; %d of them also for shorter "
+                    "contexts) and %d prefill token counts (up to %d) in %.1f s", len(self.sizes), self.max_batch,
+                    sum(len(bounds) > 1 for bounds in self.context_bounds.values()), len(self.prefill_sizes),
                     self.prefill_sizes[-1] if self.prefill_sizes else 0, time.perf_counter() - start)
 
     def can_run(self, metadata: AttentionMetadata) -> bool:
@@ -197,8 +219,9 @@ class CUDAGraphRunner:
             self.prefill_graphs[tokens].replay()
             return _rows(self.prefill_outputs[tokens], metadata.num_actual_tokens)
         batch = self.stage_decode(input_ids, positions, metadata)
-        self.graphs[batch].replay()
-        return _rows(self.outputs[batch], metadata.num_reqs)
+        key = (batch, self.decode_context_bound(batch, metadata))
+        self.graphs[key].replay()
+        return _rows(self.outputs[key], metadata.num_reqs)
 
     def _stage(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata,
                tokens: int) -> None:

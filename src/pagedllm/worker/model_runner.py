@@ -161,13 +161,21 @@ class ModelRunner:
     def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int, max_prefill_tokens: int = 0) -> None:
         """Capture decode-step CUDA graphs for a ladder of batch sizes, and graphs for steps with
         prefills of up to `max_prefill_tokens` tokens (after the KV cache exists)."""
-        from pagedllm.attention import triton_backend
+        from pagedllm.attention import cuda_decode, triton_backend
 
-        num_kv_heads = self.model.attention_layers()[0].num_kv_heads  # type: ignore[union-attr]
+        layers = self.model.attention_layers()  # type: ignore[union-attr]
+        num_kv_heads = layers[0].num_kv_heads
         sms = triton_backend.num_sms(self.device)
 
         def choose_splits(batch: int, max_len: int) -> int:
             return triton_backend.choose_num_kv_splits(batch, num_kv_heads, max_len, sms)
+
+        def context_bounds(batch: int) -> list[int]:
+            # Short contexts take the CUDA decode kernel where it serves a layer: graphs of their own.
+            serves = any(cuda_decode.serves_layer(layer.num_heads, layer.num_kv_heads, layer.head_dim, self.dtype,
+                                                  self.block_size, layer.sliding_window, layer.logits_soft_cap,
+                                                  batch, self.device) for layer in layers)
+            return [cuda_decode.MAX_CONTEXT] if serves else []
 
         # The LM head runs outside the graphs: tune its skinny GEMM now, not at the first request.
         with torch.inference_mode():
@@ -178,7 +186,8 @@ class ModelRunner:
             max_prefill_tokens = min(max_prefill_tokens, MAX_DENSE_GRAPH_TOKENS)  # captured MoE runs dense
         self.cuda_graphs = CUDAGraphRunner(self.model, max_num_seqs, max_model_len, self.block_size,  # type: ignore[arg-type]
                                            self.device, choose_splits, max_prefill_tokens,
-                                           intermediate_width=0 if is_first_pp_rank() else self.hidden_size)
+                                           intermediate_width=0 if is_first_pp_rank() else self.hidden_size,
+                                           context_bounds=context_bounds)
         self.cuda_graphs.capture()
 
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
