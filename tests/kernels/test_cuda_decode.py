@@ -44,6 +44,31 @@ def test_switch_and_cpu_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
                                   1, 16, None, None, None)
 
 
+def test_layers_it_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A stand-in Hopper with 132 SMs: the shape rules need no GPU.
+    monkeypatch.setattr(cuda_decode, "_device_ok", lambda index: (True, 132))
+    monkeypatch.delenv(cuda_decode.ENV_VAR, raising=False)
+    gpu, bf16 = torch.device("cuda", 0), torch.bfloat16
+
+    def serves(**changes: object) -> bool:
+        args = dict(num_heads=32, num_kv_heads=8, head_dim=128, dtype=bf16, page=16, sliding_window=None,
+                    logits_soft_cap=None, num_decodes=1, device=gpu)
+        args.update(changes)
+        return cuda_decode.serves_layer(**args)  # type: ignore[arg-type]
+
+    assert serves() and serves(num_heads=24) and serves(num_heads=8)  # groups of 4, 3 and 1
+    assert serves(num_decodes=8) and not serves(num_decodes=9)  # 9 x 8 pairs leave no room for clusters of 2
+    for changes in (dict(num_heads=72), dict(num_heads=20), dict(head_dim=64), dict(dtype=torch.float16),
+                    dict(page=4), dict(sliding_window=4096), dict(logits_soft_cap=30.0), dict(num_decodes=0),
+                    dict(device=torch.device("cpu"))):
+        assert not serves(**changes), changes  # group 9, uneven group, head dim, dtype, page, window, cap, ...
+    monkeypatch.setenv(cuda_decode.ENV_VAR, "0")
+    assert not serves()
+    monkeypatch.setattr(cuda_decode, "_device_ok", lambda index: (False, 132))  # before sm_90: no clusters
+    monkeypatch.delenv(cuda_decode.ENV_VAR)
+    assert not serves()
+
+
 # ---------------------------------------------------------------- GPU
 
 
