@@ -11,9 +11,9 @@ It serves decodes of bf16 models with head_dim 128, at most 8 query heads per KV
 sliding window or soft cap, page sizes that are multiples of its chunk, when few enough
 (request, KV head) pairs leave room for clusters of at least two CTAs (`cluster_size`), and
 contexts up to MAX_CONTEXT (the step's `max_seq_len`: for CUDA graphs the bound they were
-captured for). `PAGEDLLM_CUDA_DECODE_ATTENTION=0`
-keeps the Triton kernels everywhere. Built on first use (needs nvcc); when the build fails the
-Triton kernels serve. CUDA-graph capturable, no host syncs.
+captured for). `PAGEDLLM_CUDA_DECODE_ATTENTION=0` keeps the Triton kernels everywhere. Built
+on first use (needs nvcc); when the build fails the Triton kernels serve. CUDA-graph
+capturable, no host syncs.
 """
 
 from __future__ import annotations
@@ -69,7 +69,13 @@ def cluster_size(num_decodes: int, num_kv_heads: int, sms: int) -> int:
 
 @functools.cache
 def _module() -> ModuleType | None:
+    """The compiled extension, or None when it cannot be built here."""
     return load_extension("pagedllm_cuda_decode", _SOURCE, "CUDA decode attention kernel")
+
+
+def available() -> bool:
+    """Whether the kernel is switched on and built here (building it on the first call)."""
+    return enabled_by_env() and _module() is not None
 
 
 @functools.cache
@@ -129,7 +135,7 @@ def serves(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, seq_l
                     or cos.dtype != torch.float32 or cos.shape[-1] != HEAD_DIM or cos.stride() != sin.stride()
                     or not (_vectors_ok(cos, 16) and _vectors_ok(sin, 16))):
                 return False
-    return _module() is not None
+    return available()
 
 
 def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, seq_lens: torch.Tensor,

@@ -175,7 +175,7 @@ class ModelRunner:
             serves = any(cuda_decode.serves_layer(layer.num_heads, layer.num_kv_heads, layer.head_dim, self.dtype,
                                                   self.block_size, layer.sliding_window, layer.logits_soft_cap,
                                                   batch, self.device) for layer in layers)
-            return [cuda_decode.MAX_CONTEXT] if serves else []
+            return [cuda_decode.MAX_CONTEXT] if serves and cuda_decode.available() else []
 
         # The LM head runs outside the graphs: tune its skinny GEMM now, not at the first request.
         with torch.inference_mode():
