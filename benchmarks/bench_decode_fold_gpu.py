@@ -89,10 +89,13 @@ def run_variant(name: str, layer: Layer, rotary: RotaryEmbedding, splits: int, *
     elif name == "folded":
         tb.decode_attention(layer.q, layer.kv_cache, *args, num_kv_splits=splits, new_tokens=new_tokens, **launch)
     elif name in ("cuda", "cuda16"):
-        cuda_decode.MAX_CLUSTER = 16 if name == "cuda16" else 8
-        cuda_decode.decode_attention(layer.q, layer.kv_cache, md.seq_lens, md.block_tables, md.num_decodes, SCALE,
-                                     layer.out, new_tokens)
-        cuda_decode.MAX_CLUSTER = 8
+        engine_cluster = cuda_decode.MAX_CLUSTER
+        cuda_decode.MAX_CLUSTER = 16 if name == "cuda16" else engine_cluster
+        try:
+            cuda_decode.decode_attention(layer.q, layer.kv_cache, md.seq_lens, md.block_tables, md.num_decodes,
+                                         SCALE, layer.out, new_tokens)
+        finally:
+            cuda_decode.MAX_CLUSTER = engine_cluster
 
 
 VARIANTS = ["separate", "folded", "cuda", "cuda16", "rotary", "reshape_and_cache", "decode + reduce"]

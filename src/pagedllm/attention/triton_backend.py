@@ -176,12 +176,6 @@ def paged_attention(
     num_reqs = metadata.num_reqs
     qsl = metadata.query_start_loc_cpu
     if num_decodes:
-        if num_kv_splits is None:
-            max_decode_len = max(metadata.seq_lens_cpu[:num_decodes])
-            if sliding_window is not None:
-                max_decode_len = min(max_decode_len, sliding_window)  # keys a decode actually reads
-            num_kv_splits = choose_num_kv_splits(num_decodes, kv_cache.shape[3], max_decode_len,
-                                                 num_sms(query.device))
         if cuda_decode.serves(query, kv_cache, out, metadata.seq_lens, metadata.block_tables, num_decodes,
                               metadata.max_seq_len, sliding_window, logits_soft_cap, new_tokens):
             _check_inputs(query, kv_cache, out, metadata.block_tables)
@@ -189,6 +183,12 @@ def paged_attention(
             cuda_decode.decode_attention(query, kv_cache, metadata.seq_lens, metadata.block_tables, num_decodes,
                                          scale, out, new_tokens, attention_pdl(query.device))
         else:
+            if num_kv_splits is None:
+                max_decode_len = max(metadata.seq_lens_cpu[:num_decodes])
+                if sliding_window is not None:
+                    max_decode_len = min(max_decode_len, sliding_window)  # keys a decode actually reads
+                num_kv_splits = choose_num_kv_splits(num_decodes, kv_cache.shape[3], max_decode_len,
+                                                     num_sms(query.device))
             decode_attention(query, kv_cache, metadata.query_start_loc, metadata.seq_lens,
                              metadata.block_tables, num_decodes, scale, out, num_kv_splits=num_kv_splits,
                              sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
