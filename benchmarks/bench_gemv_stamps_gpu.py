@@ -40,7 +40,7 @@ from pagedllm.worker import worker as worker_module  # noqa: E402
 # BENCH_DECODE_PARTITION_TOKENS, BENCH_CUDA_DECODE_* (this script's own): see _apply_bench_knobs.
 KNOBS = ("PAGEDLLM_GEMV_PULL_WAIT", "PAGEDLLM_ATTENTION_PDL", "PAGEDLLM_GEMV_ALL_REDUCE", "PAGEDLLM_SHARDED_SAMPLING",
          "BENCH_DECODE_PARTITION_TOKENS", "PAGEDLLM_CUDA_DECODE_ATTENTION", "BENCH_CUDA_DECODE_WARPS",
-         "BENCH_CUDA_DECODE_CLUSTER")
+         "BENCH_CUDA_DECODE_CLUSTER", "PAGEDLLM_ONE_SHOT_EMBEDDING", "PAGEDLLM_ONE_SHOT_ARGMAX")
 _records: dict[tuple[int, str], dict[str, Any]] = {}  # (weight pointer, mode) -> call record
 _unstamped_gemv = cuda_gemv.gemv
 

@@ -12,6 +12,12 @@ NVLink multicast (NVLS) stays off (TORCH_SYMM_MEM_DISABLE_MULTICAST=1): the kern
 peer loads and stores. Used for bf16/fp16 tensors up to the buffer size on CUDA; anything else,
 and any rank where the set-up or its self-check fails, keeps NCCL (the ranks agree on the choice).
 `--disable-custom-all-reduce` turns it off.
+
+The same peer-mapped memory carries two one-shot kernels that fold a neighbour of a collective
+into it: the vocabulary-parallel embedding's lookup with its all-reduce
+(`one_shot_embedding_all_reduce`, PAGEDLLM_ONE_SHOT_EMBEDDING=0 turns it off) and sharded
+sampling's exchange of partial winners with their reduce (`one_shot_argmax.py`, a buffer of its
+own; PAGEDLLM_ONE_SHOT_ARGMAX=0 turns it off).
 """
 
 from __future__ import annotations
@@ -28,6 +34,15 @@ logger = logging.getLogger(__name__)
 _MAX_BYTES = 8 << 20  # decode-sized activations; prefill chunks go to NCCL
 _ONE_SHOT_MAX_BYTES = 128 << 10  # H200 x 2: one-shot wins at 128 KiB (0.38 vs 0.64 ms per 64), loses at 512 KiB
 _SITE_ALIGN = 256  # bytes: where each GEMV all-reduce site starts in the shared allocation
+# "0" turns off the one-shot kernels that fold a neighbour into the collective: the embedding
+# lookup (embedding_all_reduce) and the sampling partials' exchange (partials_exchange).
+ONE_SHOT_EMBEDDING_ENV_VAR = "PAGEDLLM_ONE_SHOT_EMBEDDING"
+ONE_SHOT_ARGMAX_ENV_VAR = "PAGEDLLM_ONE_SHOT_ARGMAX"
+
+
+def _on_by_env(name: str) -> bool:
+    """False when the environment variable `name` is '0' or 'false' (on by default)."""
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false")
 
 
 class SymmMemAllReduce:
@@ -39,7 +54,7 @@ class SymmMemAllReduce:
         os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
         import torch.distributed._symmetric_memory as symm_mem
 
-        from pagedllm import one_shot_all_reduce
+        from pagedllm import one_shot_all_reduce, one_shot_argmax
 
         self.group = group
         self.group_name = (group if group is not None else dist.group.WORLD).group_name  # type: ignore[union-attr]
@@ -63,6 +78,14 @@ class SymmMemAllReduce:
         self.buffer_ptrs = torch.tensor(addresses, dtype=torch.int64, device=device)
         self._one_shot_buffer = words  # keep the mapping alive
         self._exchange_buffers: list[torch.Tensor] = []  # exchanges()', likewise
+        # Sharded sampling's partials (one_shot_argmax.py): a buffer and epochs of their own.
+        slot = one_shot_argmax.MAX_ROWS * one_shot_argmax.ROW_WORDS
+        argmax_words, argmax_addresses = self._symmetric_zeros(2 * self.world_size * slot, torch.int64)
+        self._argmax_buffer = argmax_words
+        self.partials_exchange: one_shot_argmax.PartialsExchange | None = one_shot_argmax.PartialsExchange(
+            torch.tensor(argmax_addresses, dtype=torch.int64, device=device),
+            torch.zeros(one_shot_argmax.MAX_PROGRAMS, dtype=torch.int32, device=device), slot, self.rank,
+            self.world_size)
         self._await_peers_zeroed()
 
     def _symmetric_zeros(self, numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, list[int]]:
@@ -114,6 +137,20 @@ class SymmMemAllReduce:
         return (x.is_cuda and x.dtype == self.dtype and x.is_contiguous()
                 and x.numel() <= self.buffer.numel() and (x.numel() * x.element_size()) % 16 == 0)
 
+    def embedding_all_reduce(self, input_ids: torch.Tensor, table: torch.Tensor, vocab_start: int) -> torch.Tensor | None:
+        """A vocabulary-parallel embedding: the lookup of this rank's slice (`table`, tokens from
+        vocab_start on) and the all-reduce in one one-shot launch, [T, hidden]; None where the
+        one-shot kernel does not take it (the caller looks up and all-reduces). Every rank decides
+        alike (shapes only)."""
+        nbytes = input_ids.numel() * table.shape[1] * table.element_size()
+        if not (_on_by_env(ONE_SHOT_EMBEDDING_ENV_VAR) and table.is_cuda and table.dtype == self.dtype and table.is_contiguous() and table.shape[1] % 2 == 0
+                and 0 < nbytes <= self.one_shot_max_bytes):
+            return None
+        from pagedllm.one_shot_all_reduce import one_shot_embedding_all_reduce
+
+        return one_shot_embedding_all_reduce(input_ids, table, vocab_start, self.buffer_ptrs, self.epochs,
+                                             self.slot_words, self.rank, self.world_size)
+
     def all_reduce_(self, x: torch.Tensor) -> torch.Tensor:
         """Sum `x` over the ranks, in place (CUDA-graph capturable: no host syncs)."""
         if x.numel() * x.element_size() <= self.one_shot_max_bytes and x.data_ptr() % 4 == 0:
@@ -156,9 +193,35 @@ def create_custom_all_reduce(device: torch.device, group: dist.ProcessGroup | No
         logger.warning("Custom all-reduce failed its %s; using NCCL.", failure)
     if not _all_ranks_agree(failure is None, device, group):
         return None
+    if not (_on_by_env(ONE_SHOT_ARGMAX_ENV_VAR)
+            and _all_ranks_agree(_partials_exchange_works(comm, device), device, group)):
+        comm.partials_exchange = None  # sharded sampling gathers its partials through NCCL
     logger.info("Custom all-reduce: symmetric memory over NVLink for bf16 tensors up to %d MiB "
                 "(one-shot kernel up to %d KiB).", _MAX_BYTES >> 20, comm.one_shot_max_bytes >> 10)
     return comm
+
+
+def _partials_exchange_works(comm: SymmMemAllReduce, device: torch.device) -> bool:
+    """Self-check of the sampling partials' exchange, twice (both slots): in the first row rank r
+    offers token 100 r with key r, so the last rank's wins; in the second every rank ties at key
+    -1 with token 100 r + 5, so rank 0's token 5 wins."""
+    from pagedllm.worker.sharded_sampling import Partials
+
+    exchange, rank, world = comm.partials_exchange, comm.rank, comm.world_size
+    assert exchange is not None
+    keys = torch.tensor([[float(rank), float("-inf")], [-1.0, -2.0]], device=device)
+    ids = torch.tensor([[100 * rank, 100 * rank + 1], [100 * rank + 5, 100 * rank + 6]], dtype=torch.int32,
+                       device=device)
+    try:
+        for _ in range(2):
+            tokens = exchange(Partials(keys, ids, block_c=2)).tolist()
+            if tokens != [100 * (world - 1), 5]:
+                logger.warning("Sampling partials' exchange self-check gave %s; gathering through NCCL.", tokens)
+                return False
+    except Exception as e:  # noqa: BLE001 - e.g. a kernel that does not compile here (alike on every rank)
+        logger.warning("Sampling partials' exchange failed its self-check (%s); gathering through NCCL.", e)
+        return False
+    return True
 
 
 def _all_ranks_agree(ok: bool, device: torch.device, group: dist.ProcessGroup | None = None) -> bool:

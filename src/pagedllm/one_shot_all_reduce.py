@@ -54,13 +54,28 @@ def _halves_to_float(words, elem: tl.constexpr):
     return lo, hi
 
 
-@triton.jit(do_not_specialize=["n_words", "slot_words"])
+@triton.jit
+def _local_words(x_ptr, ids_ptr, table_ptr, offs, mask, vocab_start, table_rows, row_words, GATHER: tl.constexpr):
+    """This rank's int32 words at `offs`: x's; or, with GATHER, those of the embedding rows of
+    the tokens at ids_ptr that fall in this rank's slice of the vocabulary (table rows
+    vocab_start .. vocab_start + table_rows), zeros for the tokens of other slices."""
+    if GATHER:
+        local = tl.load(ids_ptr + offs // row_words, mask=mask, other=-1) - vocab_start
+        mine = mask & (local >= 0) & (local < table_rows)
+        return tl.load(table_ptr + local * row_words + offs % row_words, mask=mine, other=0)
+    else:
+        return tl.load(x_ptr + offs, mask=mask, other=0)
+
+
+@triton.jit(do_not_specialize=["n_words", "slot_words", "vocab_start", "table_rows", "row_words"])
 def _one_shot_all_reduce_kernel(
     x_ptr, buffer_ptrs, epoch_ptr, n_words, slot_words,
-    RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, ELEM: tl.constexpr,
+    ids_ptr, table_ptr, vocab_start, table_rows, row_words,
+    RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, ELEM: tl.constexpr, GATHER: tl.constexpr,
 ):
-    """Program pid: push its chunks of x (int32 words of two elements) to every peer, tagged with
-    the epoch; wait for every peer's; write the rank-ordered sums over x."""
+    """Program pid: push its chunks of x (int32 words of two elements; with GATHER, of this
+    rank's embedding lookup instead) to every peer, tagged with the epoch; wait for every peer's;
+    write the rank-ordered sums over x."""
     pid = tl.program_id(0)
     step = tl.num_programs(0) * BLOCK
     epoch = tl.load(epoch_ptr + pid) % EPOCH_PERIOD + 1  # 1 .. EPOCH_PERIOD: never 0, never overflows
@@ -69,7 +84,7 @@ def _one_shot_all_reduce_kernel(
     for start in range(pid * BLOCK, n_words, step):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < n_words
-        words = tl.load(x_ptr + offs, mask=mask)
+        words = _local_words(x_ptr, ids_ptr, table_ptr, offs, mask, vocab_start, table_rows, row_words, GATHER)
         packed = (words.to(tl.int64) & 0xFFFFFFFF) | tag
         for peer in tl.static_range(WORLD):
             if peer != RANK:
@@ -83,7 +98,8 @@ def _one_shot_all_reduce_kernel(
         acc_hi = tl.zeros([BLOCK], dtype=tl.float32)
         for r in tl.static_range(WORLD):
             if r == RANK:
-                words = tl.load(x_ptr + offs, mask=mask, other=0)
+                words = _local_words(x_ptr, ids_ptr, table_ptr, offs, mask, vocab_start, table_rows, row_words,
+                                     GATHER)
             else:
                 ptrs = own + r * slot_words + offs
                 got = tl.load(ptrs, mask=mask, other=tag, volatile=True)
@@ -121,9 +137,43 @@ def one_shot_all_reduce_(x: torch.Tensor, buffer_ptrs: torch.Tensor, epochs: tor
         raise ValueError(f"{x.numel()} elements do not fit the {slot_words}-word buffer slot")
     if x.numel() == 0:
         return x
-    elem = tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16
+    words = x.view(torch.int32)
     _one_shot_all_reduce_kernel[(num_programs(x.numel()),)](
-        x.view(torch.int32), buffer_ptrs, epochs, x.numel() // 2, slot_words,
-        RANK=rank, WORLD=world_size, BLOCK=_BLOCK, ELEM=elem, num_warps=_NUM_WARPS,
+        words, buffer_ptrs, epochs, x.numel() // 2, slot_words, words, words, 0, 0, 1,
+        RANK=rank, WORLD=world_size, BLOCK=_BLOCK, ELEM=_elem(x.dtype), GATHER=False, num_warps=_NUM_WARPS,
     )
     return x
+
+
+def one_shot_embedding_all_reduce(input_ids: torch.Tensor, table: torch.Tensor, vocab_start: int,
+                                  buffer_ptrs: torch.Tensor, epochs: torch.Tensor, slot_words: int, rank: int,
+                                  world_size: int) -> torch.Tensor:
+    """A vocabulary-parallel embedding lookup and its all-reduce in one launch: [T, hidden].
+
+    Each rank looks up the tokens of `input_ids` [T] that fall in its slice of the vocabulary
+    (`table` [rows, hidden], 16-bit, holds tokens vocab_start .. vocab_start + rows), zeros for
+    the others, and the ranks' lookups are summed as `one_shot_all_reduce_` sums (one nonzero
+    term per element: the whole table's rows, bit for bit). At batch 1 this is one kernel where
+    the lookup, its masks and the all-reduce took eight. Every rank must make the same calls.
+    """
+    if table.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"the one-shot all-reduce takes 16-bit tensors, got {table.dtype}")
+    hidden = table.shape[1]
+    if not table.is_contiguous() or hidden % 2 or table.data_ptr() % 4:
+        raise ValueError("the one-shot embedding needs a contiguous, 4-byte aligned table with an even row size")
+    out = torch.empty(input_ids.numel(), hidden, dtype=table.dtype, device=table.device)
+    if out.numel() // 2 > slot_words:
+        raise ValueError(f"{out.numel()} elements do not fit the {slot_words}-word buffer slot")
+    if out.numel() == 0:
+        return out
+    _one_shot_all_reduce_kernel[(num_programs(out.numel()),)](
+        out.view(torch.int32), buffer_ptrs, epochs, out.numel() // 2, slot_words,
+        input_ids.reshape(-1), table.view(torch.int32), vocab_start, table.shape[0], hidden // 2,
+        RANK=rank, WORLD=world_size, BLOCK=_BLOCK, ELEM=_elem(table.dtype), GATHER=True, num_warps=_NUM_WARPS,
+    )
+    return out
+
+
+def _elem(dtype: torch.dtype) -> tl.dtype:
+    """The Triton type of a 16-bit torch dtype."""
+    return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16

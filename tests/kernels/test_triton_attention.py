@@ -192,7 +192,7 @@ def test_programmatic_launch_is_off_where_it_cannot_run(monkeypatch: pytest.Monk
     assert tb.attention_pdl(torch.device("cuda", 0)) == 0  # the interpreter has no griddepcontrol
 
 
-def test_programmatic_launch_defaults_to_2_on_one_gpu_and_1_with_tensor_parallelism(
+def test_programmatic_launch_defaults_to_2_for_triton_on_one_gpu_else_1(
         monkeypatch: pytest.MonkeyPatch) -> None:
     import pagedllm.distributed as parallel_state
 
@@ -202,8 +202,12 @@ def test_programmatic_launch_defaults_to_2_on_one_gpu_and_1_with_tensor_parallel
     monkeypatch.setattr(tb, "_capability_major", lambda index: 9)  # as on a Hopper GPU
     monkeypatch.setattr(parallel_state, "_TP_SIZE", 1)
     assert tb.attention_pdl(cuda) == 2
+    assert tb.attention_pdl(cuda, cuda_kernel=True) == 1  # the CUDA decode kernel serves the step
     monkeypatch.setattr(parallel_state, "_TP_SIZE", 2)
     assert tb.attention_pdl(cuda) == 1
+    assert tb.attention_pdl(cuda, cuda_kernel=True) == 1
+    monkeypatch.setenv(tb.ATTENTION_PDL_ENV, "2")
+    assert tb.attention_pdl(cuda, cuda_kernel=True) == 2  # the switch overrides the default
     monkeypatch.setenv(tb.ATTENTION_PDL_ENV, "0")
     assert tb.attention_pdl(cuda) == 0
     monkeypatch.setenv(tb.ATTENTION_PDL_ENV, "2")

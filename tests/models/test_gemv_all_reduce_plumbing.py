@@ -78,8 +78,8 @@ def test_pending_all_reduces_are_consumed_once_and_give_the_plain_tokens(tmp_pat
     counts = _emulate_exchange(monkeypatch)
     assert _greedy(str(tmp_path), prompts, max_tokens, counts) == expected
     # One-token forwards: the 7-token prompt's 5 decodes, the 1-token prompt's prefill and 5
-    # decodes. In each, every O projection but the first layer's (which has no residual yet, so
-    # no fused norm) and every down projection but the last layer's (the final norm takes it,
-    # reduced) leave their all-reduce pending: 2 * layers - 2 of them.
+    # decodes. In each, every O projection (the first layer's too: its gate_up GEMV adds the
+    # embedding as the residual) and every down projection but the last layer's (the final norm
+    # takes it, reduced) leave their all-reduce pending: 2 * layers - 1 of them.
     layers = 2
-    assert counts["push"] == counts["pull"] == (5 + 6) * (2 * layers - 2)
+    assert counts["push"] == counts["pull"] == (5 + 6) * (2 * layers - 1)

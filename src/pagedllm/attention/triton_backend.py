@@ -67,22 +67,25 @@ def _capability_major(device_index: int) -> int:
     return torch.cuda.get_device_capability(device_index)[0]
 
 
-def attention_pdl(device: torch.device) -> int:
+def attention_pdl(device: torch.device, cuda_kernel: bool = False) -> int:
     """How the decode attention takes part in programmatic dependent launch (sm_90+, not
     interpreting; PAGEDLLM_ATTENTION_PDL): 0 not at all; 1 the kernel that writes the output (the
-    split reduce, or the decode kernel unsplit) lets a PDL-launched successor (the CUDA GEMV of
-    the O projection) start as it starts; 2 as 1, and the decode kernel and the split reduce are
-    themselves launched with PDL, each letting its successor start at once and waiting for its
-    predecessor before reading anything.
+    split reduce, or the decode kernel unsplit, or the CUDA decode kernel) lets a PDL-launched
+    successor (the CUDA GEMV of the O projection) start as it starts; 2 as 1, and the decode
+    kernel and the split reduce are themselves launched with PDL, each letting its successor
+    start at once and waiting for its predecessor before reading anything.
 
-    Default: 2 on one GPU, 1 with tensor parallelism. L1 on 2 x H200 (docs/benchmarks.md,
-    sixteenth session): mode 1 took 35-38 us off a step at either size; mode 2 took 14-22 us
-    more at TP=1 in three calls but gave back mode 1's gain at TP=2."""
+    Default: 1, except 2 for the Triton kernels on one GPU (`cuda_kernel`: the CUDA decode kernel
+    of cuda_decode.py serves the step). L1 on 2 x H200 (docs/benchmarks.md): with the Triton
+    kernels mode 1 took 35-38 us off a step at either size, and mode 2 14-22 us more at TP=1 in
+    three calls but gave back mode 1's gain at TP=2 (sixteenth session); with the CUDA kernel
+    mode 2 cost 37 us a step at TP=1 and 67 at TP=2 (eighteenth session)."""
     if device.type != "cuda" or _interpreting():
         return 0
     from pagedllm.distributed import get_tp_size
 
-    mode = int(os.environ.get(ATTENTION_PDL_ENV, "") or (2 if get_tp_size() == 1 else 1))
+    default = 2 if get_tp_size() == 1 and not cuda_kernel else 1
+    mode = int(os.environ.get(ATTENTION_PDL_ENV, "") or default)
     if mode <= 0 or _capability_major(device.index if device.index is not None else torch.cuda.current_device()) < 9:
         return 0
     return min(mode, 2)
@@ -181,7 +184,7 @@ def paged_attention(
             _check_inputs(query, kv_cache, out, metadata.block_tables)
             _new_tokens_args(new_tokens, query, kv_cache.shape[3], query.shape[2], num_decodes)  # validates
             cuda_decode.decode_attention(query, kv_cache, metadata.seq_lens, metadata.block_tables, num_decodes,
-                                         scale, out, new_tokens, attention_pdl(query.device))
+                                         scale, out, new_tokens, attention_pdl(query.device, cuda_kernel=True))
         else:
             if num_kv_splits is None:
                 max_decode_len = max(metadata.seq_lens_cpu[:num_decodes])

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.distributed import (
+    get_custom_all_reduce,
     get_tp_rank,
     get_tp_size,
     tensor_model_parallel_all_gather,
@@ -46,6 +47,10 @@ class VocabParallelEmbedding(nn.Module):
         """Look up token embeddings [T] -> [T, hidden]."""
         if self.tp_size == 1:
             return F.embedding(input_ids, self.weight)
+        custom = get_custom_all_reduce()
+        fused = None if custom is None else custom.embedding_all_reduce(input_ids, self.weight, self.vocab_start)
+        if fused is not None:  # the lookup and the all-reduce in one launch (decode-sized steps)
+            return fused
         local = input_ids - self.vocab_start
         outside = (local < 0) | (local >= self.num_per_partition)
         out = F.embedding(local.masked_fill(outside, 0), self.weight)

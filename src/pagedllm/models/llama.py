@@ -173,6 +173,12 @@ class LlamaDecoderLayer(nn.Module):
                 and _can_fuse_add_rmsnorm(attn.qkv_proj, self.input_layernorm, hidden, residual)):
             qkv, residual = attn.qkv_proj.forward_add_rmsnorm(self.input_layernorm, hidden, residual)
             hidden = self._attention_from_qkv(positions, qkv, residual, metadata)
+        elif residual is None and type(attn).forward is LlamaAttention.forward:
+            # The first layer (no residual yet): a plain norm, and the output projection's
+            # all-reduce may still ride on the gate_up GEMV.
+            residual = hidden
+            qkv = attn.qkv_proj(self.input_layernorm(hidden))
+            hidden = self._attention_from_qkv(positions, qkv, residual, metadata)
         else:
             if residual is None:
                 residual = hidden

@@ -84,6 +84,9 @@ class BatchInputs:
     sampling_table_rows: torch.Tensor
     # Flat token index of each decode ahead (SchedulerOutput.decode_ahead_req_ids), or None.
     decode_ahead_index: torch.Tensor | None = None
+    # Every token is a sampling request's last (one-token requests, all sampling): logits_indices
+    # is 0 .. n-1, and the LM head can read the first n hidden rows as they are.
+    logits_rows_are_tokens: bool = False
 
 
 class InputBuffers:
@@ -347,4 +350,5 @@ def prepare_inputs(
         prompt_logprob_spans=prompt_logprob_spans,
         sampling_table_rows=sampling_table_rows_t,
         decode_ahead_index=ahead_index_t if ahead else None,
+        logits_rows_are_tokens=len(sampling_rows) == num_tokens,
     )

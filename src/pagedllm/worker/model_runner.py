@@ -11,6 +11,7 @@ from pagedllm.config import CacheConfig, ModelConfig
 from pagedllm.core.scheduler_output import SchedulerOutput
 from pagedllm.distributed import (
     broadcast_from_output_rank,
+    get_custom_all_reduce,
     get_pp_size,
     is_first_pp_rank,
     is_last_pp_rank,
@@ -79,8 +80,10 @@ class ModelRunner:
         set_fused_kernels(self.model, self.model_config.use_fused_kernels)
         lm_head = getattr(self.model, "lm_head", None)
         if isinstance(lm_head, ParallelLMHead) and lm_head.tp_size > 1:
+            custom = get_custom_all_reduce()
             self.vocab_shard = VocabShard(lm_head.vocab_start, lm_head.num_local_tokens, lm_head.vocab_size,
-                                          lambda x: tensor_model_parallel_all_gather(x, dim=0))
+                                          lambda x: tensor_model_parallel_all_gather(x, dim=0),
+                                          exchange=None if custom is None else custom.partials_exchange)
         if self.model_config.use_fused_kernels:
             from pagedllm.layers.linear import prepare_gemv_all_reduce
 
@@ -259,8 +262,10 @@ class ModelRunner:
                 shard = self._vocab_shard(metadata)
                 with record_function("compute_logits"):
                     # In the model's dtype: the sampler widens to fp32 only for the features that need it.
-                    logits = self.model.compute_logits(  # type: ignore[union-attr]
-                        hidden.index_select(0, batch.logits_indices), gather=shard is None)  # type: ignore[union-attr]
+                    # One sampling row per token (decode steps): no gather kernel to pick the rows.
+                    rows = (hidden[: batch.logits_indices.numel()] if batch.logits_rows_are_tokens  # type: ignore[index]
+                            else hidden.index_select(0, batch.logits_indices))  # type: ignore[union-attr]
+                    logits = self.model.compute_logits(rows, gather=shard is None)  # type: ignore[union-attr]
                 if shard is not None:
                     with record_function("sample"):
                         sampled_ids = self.sampler.forward_sharded(logits, metadata, shard).sampled_token_ids

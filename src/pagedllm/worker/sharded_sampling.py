@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 
@@ -45,6 +46,9 @@ class VocabShard:
     num_tokens: int  # how many of this rank's logits are tokens (the rest is padding)
     vocab_size: int  # the whole vocabulary
     all_gather: Callable[[torch.Tensor], torch.Tensor]  # x [1, ...] -> [ranks, ...], in rank order
+    # The one-shot exchange over symmetric memory (one_shot_argmax.py), where the custom
+    # all-reduce runs; else None and the partials go through all_gather.
+    exchange: PartialsExchange | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,16 @@ class Partials:
     def arrays(self) -> list[torch.Tensor]:
         """The tensors this holds, in a fixed order."""
         return [t for t in (self.keys, self.ids, self.inf_keys, self.inf_ids) if t is not None]
+
+
+class PartialsExchange(Protocol):
+    """Every rank's partials reduced to the same tokens by one collective kernel."""
+
+    def fits(self, partials: Partials) -> bool:
+        """Whether these partials can go through it (every rank decides alike: shapes only)."""
+
+    def __call__(self, partials: Partials) -> torch.Tensor:
+        """The tokens [rows] int64 that every rank's partials reduce to."""
 
 
 def sharded_applies(md: SamplingMetadata, fused_random: bool, col_offset: int) -> bool:
@@ -151,12 +165,18 @@ def sample_sharded(logits: torch.Tensor, md: SamplingMetadata, shard: VocabShard
 
         race = triton_sampling.race_partials(logits, md.temperature, seed, random_rows, col_offset=shard.col_offset,
                                              num_tokens=shard.num_tokens, vocab_size=shard.vocab_size)
-    greedy, race = gather_partials([greedy, race], shard.all_gather)
-    if race is None:
-        return reduce_greedy(greedy)  # type: ignore[arg-type]
-    drawn = triton_sampling.reduce_partials(race)
-    if greedy is None:
+    exchange = shard.exchange if use_triton else None
+    if exchange is not None and all(p is None or exchange.fits(p) for p in (greedy, race)):
+        # One kernel per kind of partials exchanges and reduces them (no all-gather, no reshapes).
+        sampled = None if greedy is None else exchange(greedy)
+        drawn = None if race is None else exchange(race)
+    else:
+        greedy, race = gather_partials([greedy, race], shard.all_gather)
+        sampled = None if greedy is None else reduce_greedy(greedy)
+        drawn = None if race is None else triton_sampling.reduce_partials(race)
+    if drawn is None:
+        return sampled  # type: ignore[return-value]
+    if sampled is None:
         return drawn
-    sampled = reduce_greedy(greedy)
     sampled[random_rows] = drawn
     return sampled
