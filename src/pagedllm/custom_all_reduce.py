@@ -143,8 +143,8 @@ class SymmMemAllReduce:
         one-shot kernel does not take it (the caller looks up and all-reduces). Every rank decides
         alike (shapes only)."""
         nbytes = input_ids.numel() * table.shape[1] * table.element_size()
-        if not (_on_by_env(ONE_SHOT_EMBEDDING_ENV_VAR) and table.is_cuda and table.dtype == self.dtype and table.is_contiguous() and table.shape[1] % 2 == 0
-                and 0 < nbytes <= self.one_shot_max_bytes):
+        if not (_on_by_env(ONE_SHOT_EMBEDDING_ENV_VAR) and table.is_cuda and table.dtype == self.dtype
+                and table.is_contiguous() and table.shape[1] % 2 == 0 and 0 < nbytes <= self.one_shot_max_bytes):
             return None
         from pagedllm.one_shot_all_reduce import one_shot_embedding_all_reduce
 

@@ -27,15 +27,22 @@ skip_module_unless_kernels_run()
 SLOT = 70_000  # words
 
 
+def simulated_buffers(world: int, slot_words: int, programs: int
+                      ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Each simulated rank's zeroed int64 buffer (two slots of `world` regions of slot_words) and
+    epoch counters, and the buffers' addresses as the kernels take them."""
+    buffers = [torch.zeros(2 * world * slot_words, dtype=torch.int64, device=DEVICE) for _ in range(world)]
+    epochs = [torch.zeros(programs, dtype=torch.int32, device=DEVICE) for _ in range(world)]
+    return buffers, epochs, torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64, device=DEVICE)
+
+
 class SimulatedRanks:
     """Per-rank int64 buffers and epoch counters (host memory in the interpreter; on a GPU, the
     peers' buffers are other allocations on the same device)."""
 
     def __init__(self, world: int) -> None:
         self.world = world
-        self.buffers = [torch.zeros(2 * world * SLOT, dtype=torch.int64, device=DEVICE) for _ in range(world)]
-        self.epochs = [torch.zeros(MAX_PROGRAMS, dtype=torch.int32, device=DEVICE) for _ in range(world)]
-        self.buffer_ptrs = torch.tensor([b.data_ptr() for b in self.buffers], dtype=torch.int64, device=DEVICE)
+        self.buffers, self.epochs, self.buffer_ptrs = simulated_buffers(world, SLOT, MAX_PROGRAMS)
 
     def all_reduce(self, xs: list[torch.Tensor], run=None) -> list[torch.Tensor]:
         """Every rank's kernel on its own copy of xs[rank] (or `run(rank)`, whose rank pushes

@@ -20,14 +20,19 @@ from pagedllm.one_shot_argmax import (  # noqa: E402
     PartialsExchange,
     exchange_reduce_partials,
 )
-from pagedllm.sampling_params import SamplingParams  # noqa: E402
 from pagedllm.worker import triton_sampling as ts  # noqa: E402
-from pagedllm.worker.sampler import Sampler, sample_greedy  # noqa: E402
-from pagedllm.worker.sampling_metadata import build_sampling_metadata  # noqa: E402
+from pagedllm.worker.sampler import sample_greedy  # noqa: E402
 from pagedllm.worker.sharded_sampling import Partials, VocabShard  # noqa: E402
 
 from tests.kernels.kernel_device import DEVICE, skip_module_unless_kernels_run  # noqa: E402
-from tests.kernels.test_sharded_sampling import TILES, VOCAB, logits_with_bad_rows, padded_slices  # noqa: E402
+from tests.kernels.test_one_shot_all_reduce import simulated_buffers  # noqa: E402
+from tests.kernels.test_sharded_sampling import (  # noqa: E402
+    TILES,
+    VOCAB,
+    logits_with_bad_rows,
+    mixed_batch,
+    padded_slices,
+)
 
 skip_module_unless_kernels_run()
 
@@ -40,9 +45,7 @@ class SimulatedRanks:
 
     def __init__(self, world: int) -> None:
         self.world = world
-        self.buffers = [torch.zeros(2 * world * SLOT, dtype=torch.int64, device=DEVICE) for _ in range(world)]
-        self.epochs = [torch.zeros(MAX_PROGRAMS, dtype=torch.int32, device=DEVICE) for _ in range(world)]
-        self.buffer_ptrs = torch.tensor([b.data_ptr() for b in self.buffers], dtype=torch.int64, device=DEVICE)
+        self.buffers, self.epochs, self.buffer_ptrs = simulated_buffers(world, SLOT, MAX_PROGRAMS)
 
     def place_later_ranks(self, rank: int, per_rank: list[Partials]) -> None:
         """What the kernels of the ranks after `rank` leave in its buffer: each row's arrays in the
@@ -125,13 +128,7 @@ def test_refuses_partials_that_do_not_fit() -> None:
 
 def test_sampler_uses_the_exchange_for_greedy_and_race_rows() -> None:
     # One batch of greedy and temperature-only rows: one exchange for each kind of partials.
-    params = [SamplingParams(temperature=t, max_tokens=4) for t in (0.0, 0.8, 0.0, 1.2, 0.5, 0.0)]
-    md = build_sampling_metadata(params, [[]] * 6, [[]] * 6, [None] * 6, VOCAB, DEVICE)
-    logits = logits_with_bad_rows(6).to(torch.bfloat16)
-    sampler = Sampler(use_triton=True)
-    sampler.triton_on_cpu = True
-    torch.manual_seed(5)
-    expected = sampler.forward(logits.clone(), md).sampled_token_ids
+    md, logits, sampler, expected = mixed_batch()
     shards = padded_slices(logits, 2)
     ranks = SimulatedRanks(2)
 
@@ -175,12 +172,7 @@ def test_sampler_uses_the_exchange_for_greedy_and_race_rows() -> None:
 
 
 def test_partials_that_do_not_fit_go_through_the_all_gather() -> None:
-    params = [SamplingParams(temperature=0.0, max_tokens=4)] * 4
-    md = build_sampling_metadata(params, [[]] * 4, [[]] * 4, [None] * 4, VOCAB, DEVICE)
-    logits = logits_with_bad_rows(4).to(torch.bfloat16)
-    sampler = Sampler(use_triton=True)
-    sampler.triton_on_cpu = True
-    expected = sampler.forward(logits.clone(), md).sampled_token_ids
+    md, logits, sampler, expected = mixed_batch((0.0, 0.0, 0.0, 0.0))
     shards = padded_slices(logits, 2)
 
     class Refuses:

@@ -16,7 +16,7 @@ pytest.importorskip("triton", reason="triton is not installed")
 from pagedllm.sampling_params import SamplingParams  # noqa: E402
 from pagedllm.worker import triton_sampling as ts  # noqa: E402
 from pagedllm.worker.sampler import Sampler, sample_greedy  # noqa: E402
-from pagedllm.worker.sampling_metadata import build_sampling_metadata  # noqa: E402
+from pagedllm.worker.sampling_metadata import SamplingMetadata, build_sampling_metadata  # noqa: E402
 from pagedllm.worker.sharded_sampling import (  # noqa: E402
     Partials,
     VocabShard,
@@ -117,16 +117,24 @@ def test_empty_slice_contributes_nothing():
         assert torch.equal(reduce_partials_torch(joined), sample_greedy(logits.clone()))
 
 
-def test_sampler_forward_sharded_matches_forward():
-    # Greedy and temperature-only rows in one batch: the greedy argmax and the race on the
-    # unseeded rows, both joined by one gather.
-    params = [SamplingParams(temperature=t, max_tokens=4) for t in (0.0, 0.8, 0.0, 1.2, 0.5, 0.0)]
-    md = build_sampling_metadata(params, [[]] * 6, [[]] * 6, [None] * 6, VOCAB, DEVICE)
-    logits = logits_with_bad_rows(6).to(torch.bfloat16)
+def mixed_batch(temperatures: tuple[float, ...] = (0.0, 0.8, 0.0, 1.2, 0.5, 0.0)
+                ) -> tuple[SamplingMetadata, torch.Tensor, Sampler, torch.Tensor]:
+    """A batch of greedy (0.0) and temperature-only rows: its metadata, bf16 logits, a sampler
+    with the Triton kernels, and the unsplit sampler's tokens (race seeded by torch seed 5)."""
+    n = len(temperatures)
+    params = [SamplingParams(temperature=t, max_tokens=4) for t in temperatures]
+    md = build_sampling_metadata(params, [[]] * n, [[]] * n, [None] * n, VOCAB, DEVICE)
+    logits = logits_with_bad_rows(n).to(torch.bfloat16)
     sampler = Sampler(use_triton=True)
     sampler.triton_on_cpu = True
     torch.manual_seed(5)
-    expected = sampler.forward(logits.clone(), md).sampled_token_ids
+    return md, logits, sampler, sampler.forward(logits.clone(), md).sampled_token_ids
+
+
+def test_sampler_forward_sharded_matches_forward():
+    # Greedy and temperature-only rows in one batch: the greedy argmax and the race on the
+    # unseeded rows, both joined by one gather.
+    md, logits, sampler, expected = mixed_batch()
     ranks = padded_slices(logits, 2)
     assert all(sampler.sharded_applies(md, DEVICE, a) for a, _, _ in ranks)
 

@@ -192,9 +192,10 @@ class LlamaDecoderLayer(nn.Module):
                             metadata: AttentionMetadata) -> torch.Tensor | PendingAllReduce:
         """Attention from the QKV projection's output, its all-reduce left to the gate_up GEMV where
         it can ride on it."""
-        mlp = self.mlp
-        defer = type(mlp) is LlamaMLP and self.self_attn.o_proj.can_defer_reduce(
-            residual, mlp.gate_up_proj, self.post_attention_layernorm, residual)
+        mlp, o_proj = self.mlp, self.self_attn.o_proj
+        # Quantised layers replace RowParallelLinear and defer nothing.
+        defer = (type(mlp) is LlamaMLP and isinstance(o_proj, RowParallelLinear)
+                 and o_proj.can_defer_reduce(residual, mlp.gate_up_proj, self.post_attention_layernorm, residual))
         return self.self_attn.forward_from_qkv(positions, qkv, metadata, defer_reduce=defer)
 
     def _mlp_block(self, hidden: torch.Tensor | PendingAllReduce,

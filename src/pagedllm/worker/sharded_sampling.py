@@ -6,7 +6,9 @@ the same rows, and the output rank's tokens are broadcast. But a greedy token is
 is a temperature-only draw (the Gumbel-max race of triton_sampling.py), and an argmax splits:
 each rank finds the winner (key, token id) of each chunk of its slice, the ranks all-gather those
 partials (a few bytes per row and chunk) in one collective, and every rank reduces the same
-partials alike, so all ranks hold the same tokens with no broadcast.
+partials alike, so all ranks hold the same tokens with no broadcast. Where the custom all-reduce
+runs (NVLink), one kernel does the exchange and the reduce instead (`VocabShard.exchange`,
+one_shot_argmax.py).
 
 The partial kernels number tokens and draw noise as over the whole vocabulary, so the tokens are
 the unsplit kernels' bit for bit (for the same seed): the reduce takes the largest key and the
@@ -72,9 +74,11 @@ class PartialsExchange(Protocol):
 
     def fits(self, partials: Partials) -> bool:
         """Whether these partials can go through it (every rank decides alike: shapes only)."""
+        ...
 
     def __call__(self, partials: Partials) -> torch.Tensor:
         """The tokens [rows] int64 that every rank's partials reduce to."""
+        ...
 
 
 def sharded_applies(md: SamplingMetadata, fused_random: bool, col_offset: int) -> bool:
