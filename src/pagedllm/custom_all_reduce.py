@@ -29,6 +29,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from pagedllm.envs import on_by_default
+
 logger = logging.getLogger(__name__)
 
 _MAX_BYTES = 8 << 20  # decode-sized activations; prefill chunks go to NCCL
@@ -38,11 +40,6 @@ _SITE_ALIGN = 256  # bytes: where each GEMV all-reduce site starts in the shared
 # lookup (embedding_all_reduce) and the sampling partials' exchange (partials_exchange).
 ONE_SHOT_EMBEDDING_ENV_VAR = "PAGEDLLM_ONE_SHOT_EMBEDDING"
 ONE_SHOT_ARGMAX_ENV_VAR = "PAGEDLLM_ONE_SHOT_ARGMAX"
-
-
-def _on_by_env(name: str) -> bool:
-    """False when the environment variable `name` is '0' or 'false' (on by default)."""
-    return os.environ.get(name, "1").strip().lower() not in ("0", "false")
 
 
 class SymmMemAllReduce:
@@ -143,7 +140,7 @@ class SymmMemAllReduce:
         one-shot kernel does not take it (the caller looks up and all-reduces). Every rank decides
         alike (shapes only)."""
         nbytes = input_ids.numel() * table.shape[1] * table.element_size()
-        if not (_on_by_env(ONE_SHOT_EMBEDDING_ENV_VAR) and table.is_cuda and table.dtype == self.dtype
+        if not (on_by_default(ONE_SHOT_EMBEDDING_ENV_VAR) and table.is_cuda and table.dtype == self.dtype
                 and table.is_contiguous() and table.shape[1] % 2 == 0 and 0 < nbytes <= self.one_shot_max_bytes):
             return None
         from pagedllm.one_shot_all_reduce import one_shot_embedding_all_reduce
@@ -193,7 +190,7 @@ def create_custom_all_reduce(device: torch.device, group: dist.ProcessGroup | No
         logger.warning("Custom all-reduce failed its %s; using NCCL.", failure)
     if not _all_ranks_agree(failure is None, device, group):
         return None
-    if not (_on_by_env(ONE_SHOT_ARGMAX_ENV_VAR)
+    if not (on_by_default(ONE_SHOT_ARGMAX_ENV_VAR)
             and _all_ranks_agree(_partials_exchange_works(comm, device), device, group)):
         comm.partials_exchange = None  # sharded sampling gathers its partials through NCCL
     logger.info("Custom all-reduce: symmetric memory over NVLink for bf16 tensors up to %d MiB "

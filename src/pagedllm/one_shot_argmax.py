@@ -32,6 +32,9 @@ import triton.language as tl
 
 from pagedllm.one_shot_all_reduce import EPOCH_PERIOD
 from pagedllm.worker.sharded_sampling import Partials
+# The unsplit reduce's rules: a row's first maximum, and a running winner that a later (larger)
+# token id replaces only with a strictly larger key.
+from pagedllm.worker.triton_sampling import _first_argmax, _keep_first_max
 
 MAX_PROGRAMS = 128  # rows in flight at once; all resident, so no program waits on one that cannot run
 # A row's span in a slot: up to 4 arrays (keys, ids, +inf keys, +inf ids) of up to 128 chunks.
@@ -43,21 +46,6 @@ MAX_ROWS = 256  # rows a call may exchange (batch sizes beyond go through NCCL)
 def _pack(values, tag):
     """32-bit values (fp32 or int32) as int64 words tagged with the epoch in the high half."""
     return (values.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF) | tag
-
-
-@triton.jit
-def _winner(keys, ids):
-    """(largest key, smallest id holding it) of a row's chunks: torch.argmax's first-index rule."""
-    best = tl.max(keys, axis=0)
-    return best, tl.min(tl.where(keys == best, ids, 2147483647), axis=0)
-
-
-@triton.jit
-def _better(key, token, best, best_id):
-    """The running winner after a later rank's (key, token): strict '>', so ties keep the earlier
-    rank, whose tokens are the smaller ids."""
-    take = key > best
-    return tl.where(take, key, best), tl.where(take, token, best_id)
 
 
 @triton.jit(do_not_specialize=["n_rows", "n_chunks", "slot_words"])
@@ -113,14 +101,14 @@ def _exchange_reduce_kernel(
             r_keys = tl.sum(tl.where(arrays[:, None] == 0, values, 0), axis=0).to(tl.float32, bitcast=True)
             r_ids = tl.sum(tl.where(arrays[:, None] == 1, values, 0), axis=0)
             r_keys = tl.where(cmask, r_keys, float("-inf"))
-            key, token = _winner(r_keys, r_ids)
-            best, best_id = _better(key, token, best, best_id)
+            key, token = _first_argmax(r_keys, r_ids, 0)
+            best, best_id = _keep_first_max(key, token, best, best_id)  # ties keep the earlier rank
             if HAS_INF:
                 r_inf_keys = tl.sum(tl.where(arrays[:, None] == 2, values, 0), axis=0).to(tl.float32, bitcast=True)
                 r_inf_ids = tl.sum(tl.where(arrays[:, None] == 3, values, 0), axis=0)
                 r_inf_keys = tl.where(cmask, r_inf_keys, float("-inf"))
-                key, token = _winner(r_inf_keys, r_inf_ids)
-                inf_best, inf_best_id = _better(key, token, inf_best, inf_best_id)
+                key, token = _first_argmax(r_inf_keys, r_inf_ids, 0)
+                inf_best, inf_best_id = _keep_first_max(key, token, inf_best, inf_best_id)
         token = tl.where(best > float("-inf"), best_id, 0)
         if HAS_INF:
             token = tl.where(inf_best > float("-inf"), inf_best_id, token)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pagedllm.cuda_extension import load_extension
+from pagedllm.envs import on_by_default
 
 if TYPE_CHECKING:
     from pagedllm.attention.triton_backend import NewTokens
@@ -50,7 +50,7 @@ MAX_CONTEXT = 768
 def enabled_by_env() -> bool:
     """False when PAGEDLLM_CUDA_DECODE_ATTENTION is '0' or 'false' (read at each call, so a
     CUDA graph captured after a change follows it)."""
-    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false")
+    return on_by_default(ENV_VAR)
 
 
 def chunk_tokens(group: int) -> int:

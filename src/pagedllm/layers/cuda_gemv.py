@@ -33,6 +33,7 @@ from types import ModuleType
 import torch
 
 from pagedllm.cuda_extension import load_extension
+from pagedllm.envs import on_by_default
 
 DISABLE_ENV_VAR = "PAGEDLLM_DISABLE_CUDA_GEMV"
 # Skip the timing and take this kernel wherever it serves: the tuner times each kernel alone, which
@@ -225,7 +226,7 @@ MAX_PULL_WORLD = 2  # ranks a pulled operand sums (cuda_gemv.cu's kMaxPullWorld)
 def exchange_enabled_by_env() -> bool:
     """False when PAGEDLLM_GEMV_ALL_REDUCE is '0' or 'false' (on by default: L1 at TP=2 on
     2 x H200 took 2.589 ms with it, 2.697 without; docs/benchmarks.md, fifteenth session)."""
-    return os.environ.get(EXCHANGE_ENV_VAR, "1").strip().lower() not in ("0", "false")
+    return on_by_default(EXCHANGE_ENV_VAR)
 
 
 def can_exchange(sample: torch.Tensor, writer: torch.Tensor, writer_mode: str, reader: torch.Tensor,

@@ -22,13 +22,13 @@ per step. `PAGEDLLM_SHARDED_SAMPLING=0` turns this off.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
 
+from pagedllm.envs import on_by_default
 from pagedllm.worker.sampling_metadata import SamplingMetadata
 
 ENV_VAR = "PAGEDLLM_SHARDED_SAMPLING"
@@ -37,7 +37,7 @@ _NO_ID = torch.iinfo(torch.int32).max
 
 def enabled_by_env() -> bool:
     """False when PAGEDLLM_SHARDED_SAMPLING is '0' or 'false' (on by default)."""
-    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false")
+    return on_by_default(ENV_VAR)
 
 
 @dataclass(frozen=True)
