@@ -112,7 +112,8 @@ def relative_rows(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
         start, operand, done = ([sorted(s[i] - origin for s in call["stamps"]) for i in range(3)])
         mid = len(start) // 2
         rows.append(dict(j=j, mode=call["mode"], shape=call["shape"], pull=call["pull"], push=call["push"],
-                         start_min=start[0] / 1e3, start_med=start[mid] / 1e3, operand_med=operand[mid] / 1e3,
+                         start_min=start[0] / 1e3, start_med=start[mid] / 1e3, start_max=start[-1] / 1e3,
+                         operand_min=operand[0] / 1e3, operand_med=operand[mid] / 1e3,
                          operand_max=operand[-1] / 1e3, done_med=done[mid] / 1e3, done_max=done[-1] / 1e3))
     return rows
 
@@ -133,7 +134,7 @@ def summary(rows: list[dict[str, Any]], first_layer: int = 4, last_layer: int = 
     for row in rows:
         if 4 * first_layer + 1 <= row["j"] <= 4 * last_layer + 2:
             kinds.setdefault((row["mode"], tuple(row["shape"]), row["pull"], row["push"]), []).append(row)
-    fields = ("start_min", "start_med", "operand_med", "operand_max", "done_med", "done_max")
+    fields = ("start_min", "start_med", "start_max", "operand_min", "operand_med", "operand_max", "done_med", "done_max")
     return [f"{kind}: n={len(rs)} " + " ".join(f"{f}={statistics.mean(r[f] for r in rs):.2f}" for f in fields)
             for kind, rs in kinds.items()]
 
