@@ -63,6 +63,7 @@ struct Params {
   int max_blocks, page, group;
   int write_kv, rope;
   int pdl_trigger;  // let the next kernel launch as this one starts
+  unsigned long long* stamps;  // per CTA: start, past the wait, end, combine (global timer, ns); null: off
 };
 
 __device__ __forceinline__ void unpack4(const uint2 r, float (&f)[4]) {
@@ -155,6 +156,15 @@ __global__ void DECODE_BOUNDS decode_kernel(const Params p) {
   // only before its query, key and value (below): the length, block table, slot, position, the
   // rotary rows and the cached keys and values are written before the step's first kernel.
   if (p.pdl_trigger) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  const int64_t cta = blockIdx.x + static_cast<int64_t>(gridDim.x) * (blockIdx.y + static_cast<int64_t>(gridDim.y) * blockIdx.z);
+  auto stamp = [&](int i) {
+    if (p.stamps != nullptr && threadIdx.x == 0) {
+      unsigned long long t;
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+      p.stamps[cta * 4 + i] = t;
+    }
+  };
+  stamp(0);
 
   cg::cluster_group cluster = cg::this_cluster();
   const int C = static_cast<int>(cluster.num_blocks());
@@ -201,6 +211,7 @@ __global__ void DECODE_BOUNDS decode_kernel(const Params p) {
 
   // What the QKV projection wrote (a no-op unless launched with PDL).
   asm volatile("griddepcontrol.wait;" ::: "memory");
+  stamp(1);
   uint2 qraw[GP];
 #pragma unroll
   for (int g = 0; g < GP; ++g) {
@@ -348,6 +359,7 @@ __global__ void DECODE_BOUNDS decode_kernel(const Params p) {
     c_acc[g][dl] = a;
   }
   cluster.sync();
+  stamp(3);
   for (int g = rank + warp * C; g < GP; g += C * kWarps) {
     float mr[kMaxCluster];
     float mx = -INFINITY;
@@ -372,6 +384,7 @@ __global__ void DECODE_BOUNDS decode_kernel(const Params p) {
     if (g < p.group)
       *reinterpret_cast<uint2*>(p.out + token * p.stride_ot + (kvh * p.group + g) * p.stride_oh + lane * 4) = pack4(o);
   }
+  stamp(2);
   cluster.sync();  // a CTA's shared memory must outlive the cluster's reads of it
 }
 
@@ -383,7 +396,7 @@ void decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch
             c10::optional<torch::Tensor> new_v, c10::optional<torch::Tensor> slot_mapping,
             c10::optional<torch::Tensor> positions, c10::optional<torch::Tensor> cos,
             c10::optional<torch::Tensor> sin, int64_t num_decodes, double scale_log2, int64_t cluster, int64_t warps,
-            bool pdl_trigger, bool pdl, int64_t carveout) {
+            bool pdl_trigger, bool pdl, int64_t carveout, c10::optional<torch::Tensor> stamps) {
   const int num_heads = q.size(1), num_kv_heads = k_cache.size(2);
   TORCH_CHECK(q.size(2) == kDim && k_cache.size(3) == kDim, "cuda_decode: head_dim must be ", kDim);
   TORCH_CHECK(num_heads % num_kv_heads == 0 && num_heads / num_kv_heads <= 8, "cuda_decode: group of at most 8");
@@ -427,6 +440,8 @@ void decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch
   p.page = page;
   p.group = group;
   p.pdl_trigger = pdl_trigger ? 1 : 0;
+  p.stamps = stamps ? reinterpret_cast<unsigned long long*>(stamps->data_ptr()) : nullptr;
+  TORCH_CHECK(!stamps || stamps->numel() >= cluster * num_kv_heads * num_decodes * 4, "cuda_decode: stamps too small");
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(cluster), static_cast<unsigned>(num_kv_heads),
                      static_cast<unsigned>(num_decodes));

@@ -150,7 +150,8 @@ def serves(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, seq_l
 
 def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, seq_lens: torch.Tensor,
                      block_tables: torch.Tensor, num_decodes: int, scale: float, out: torch.Tensor,
-                     new_tokens: NewTokens | None = None, pdl: int = 1) -> torch.Tensor:
+                     new_tokens: NewTokens | None = None, pdl: int = 1,
+                     stamps: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of decode tokens [0, num_decodes) (query [T, H, 128]) into out [T, H, 128].
 
     The caller checked `serves`. `new_tokens`: this step's keys/values are written (and rotated)
@@ -168,5 +169,5 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, seq_lens: torc
                   nt.key if nt else None, nt.value if nt else None, nt.slot_mapping if nt else None,
                   nt.positions if rope else None, nt.cos_cache if rope else None, nt.sin_cache if rope else None,
                   num_decodes, scale * math.log2(math.e), cluster_size(num_decodes, num_kv_heads, sms), WARPS,
-                  pdl >= 1, pdl >= 2, shared_carveout())
+                  pdl >= 1, pdl >= 2, shared_carveout(), stamps)
     return out
