@@ -122,18 +122,20 @@ _apply_bench_knobs()  # in the spawned workers: they import this file with the v
 
 
 def relative_rows(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each call's CTA start (earliest, median), operand in (median, latest) and rows done
-    (median, latest), in us from the previous call's last CTA done."""
+    """Each call's CTA start (earliest, median, latest), operand in (earliest, median, latest),
+    first stage in (median; for the attention: its combine) and rows done (median, latest), in
+    us from the previous call's last CTA done."""
     rows = []
     for j in range(1, len(calls)):
         before, call = calls[j - 1], calls[j]
         origin = max(s[2] for s in before["stamps"] if s[2])
         ctas = [s for s in call["stamps"] if s[0]]  # an attention grid fills only part of its buffer
-        start, operand, done = ([sorted(s[i] - origin for s in ctas) for i in range(3)])
+        start, operand, done, first_stage = ([sorted(s[i] - origin for s in ctas) for i in range(4)])
         mid = len(start) // 2
         rows.append(dict(j=j, mode=call["mode"], shape=call["shape"], pull=call["pull"], push=call["push"],
                          start_min=start[0] / 1e3, start_med=start[mid] / 1e3, start_max=start[-1] / 1e3,
                          operand_min=operand[0] / 1e3, operand_med=operand[mid] / 1e3,
+                         first_stage_med=first_stage[mid] / 1e3,
                          operand_max=operand[-1] / 1e3, done_med=done[mid] / 1e3, done_max=done[-1] / 1e3))
     return rows
 
@@ -155,7 +157,8 @@ def summary(rows: list[dict[str, Any]], first_layer: int = 4, last_layer: int = 
     for row in rows:
         if per_layer * first_layer + 1 <= row["j"] <= per_layer * last_layer + 2:
             kinds.setdefault((row["mode"], tuple(row["shape"]), row["pull"], row["push"]), []).append(row)
-    fields = ("start_min", "start_med", "start_max", "operand_min", "operand_med", "operand_max", "done_med", "done_max")
+    fields = ("start_min", "start_med", "start_max", "operand_min", "operand_med", "operand_max", "first_stage_med",
+              "done_med", "done_max")
     return [f"{kind}: n={len(rs)} " + " ".join(f"{f}={statistics.mean(r[f] for r in rs):.2f}" for f in fields)
             for kind, rs in kinds.items()]
 

@@ -154,7 +154,7 @@ struct Params {
   __nv_bfloat16* out;
   __nv_bfloat16* res_out;
   unsigned long long* tickets;
-  unsigned long long* stamps;  // per CTA: start, operand ready, end (ns); null: off
+  unsigned long long* stamps;  // per CTA: start, operand ready, end, first stage in (ns); null: off
   int N, K, rows_per_stage, num_slots, static_chunks, ring_offset;
   int ahead;  // stages in flight before the operand is ready (0: no limit)
   float eps;
@@ -470,6 +470,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
     const int slot = st % S;
     mbar_wait(&full[slot], (st / S) & 1);
     const int chunk = slot_chunk[slot];
+    if (p.stamps && tid == 0 && st == 0) p.stamps[blockIdx.x * 4 + 3] = now_ns();  // first stage in
     if (chunk < 0) break;
     const int rows_in = min(R, p.N - chunk * R);
     rows_done += rows_in;
