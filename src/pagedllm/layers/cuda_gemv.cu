@@ -164,6 +164,11 @@ struct Params {
   int num_push, rank, world;
   int pull_wait;  // pull: the consumers also wait for the writer grid (griddepcontrol.wait); 0: the tags suffice
   int ticket_lead;  // stages before the slab's end at which the first ticket is drawn (0 or 1)
+  // The GEMV launched after this one (null: none known): once its own rows are issued, the
+  // producer prefetches into L2 the first next_count chunks of that GEMV's CTA of the same
+  // index (its slab starts at chunk blockIdx.x * next_static), so that they come from L2.
+  const __nv_bfloat16* next_w;
+  int next_n, next_k, next_rows, next_static, next_count;
   int coresident;  // pull: this CTA may share its SM with a writer CTA, so the residual is reloaded once the rows are in
 };
 
@@ -284,6 +289,18 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
       slot_chunk[slot] = chunk;
       if (chunk < 0) {  // no more rows: release the consumers
         mbar_arrive(&full[slot]);
+        if (p.next_w != nullptr && p.next_static > 0) {
+          const int next_chunks = (p.next_n + p.next_rows - 1) / p.next_rows;
+          for (int s = 0; s < p.next_count; ++s) {
+            const int c = blockIdx.x * p.next_static + s;
+            if (c >= next_chunks) break;
+            const uint32_t bytes = static_cast<uint32_t>(min(p.next_rows, p.next_n - c * p.next_rows)) * p.next_k * 2;
+            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(
+                             p.next_w + static_cast<int64_t>(c) * p.next_rows * p.next_k),
+                         "r"(bytes)
+                         : "memory");
+          }
+        }
         return;
       }
       const int rows_in = min(R, p.N - chunk * R);
@@ -538,7 +555,8 @@ void gemv_m1(int64_t mode, torch::Tensor w, torch::Tensor x, c10::optional<torch
              int64_t num_slots, int64_t grid, int64_t static_chunks, int64_t ahead, bool pdl,
              c10::optional<torch::Tensor> stamps, std::vector<int64_t> push, c10::optional<torch::Tensor> pull,
              c10::optional<torch::Tensor> site_epoch, int64_t rank, int64_t world, bool pull_wait,
-             bool coresident, int64_t ticket_lead) {
+             bool coresident, int64_t ticket_lead, c10::optional<torch::Tensor> next_w, int64_t next_rows,
+             int64_t next_static, int64_t next_count) {
   const int N = w.size(0), K = w.size(1);
   TORCH_CHECK(K % 8 == 0 && K / 8 <= (mode == 2 ? kMaxVecs<2> : kMaxVecs<0>) * kConsumers,
               "gemv_m1: unsupported K ", K);
@@ -580,6 +598,13 @@ void gemv_m1(int64_t mode, torch::Tensor w, torch::Tensor x, c10::optional<torch
   p.pull_wait = pull_wait ? 1 : 0;
   p.coresident = coresident && pull ? 1 : 0;
   p.ticket_lead = static_cast<int>(ticket_lead);
+  p.next_w = next_w ? reinterpret_cast<const __nv_bfloat16*>(next_w->data_ptr()) : nullptr;
+  p.next_n = next_w ? static_cast<int>(next_w->size(0)) : 0;
+  p.next_k = next_w ? static_cast<int>(next_w->size(1)) : 0;
+  p.next_rows = static_cast<int>(next_rows);
+  p.next_static = static_cast<int>(next_static);
+  p.next_count = static_cast<int>(next_count);
+  TORCH_CHECK(!next_w || (next_rows >= 1 && p.next_k % 8 == 0), "gemv_m1: bad next GEMV");
   const int64_t smem = p.ring_offset + num_slots * rows_per_stage * static_cast<int64_t>(K) * 2;
   TORCH_CHECK(smem <= 227 * 1024, "gemv_m1: shared memory plan too large: ", smem);
   static uint64_t attr_set[4] = {0, 0, 0, 0};  // per kernel instance, a bit per device

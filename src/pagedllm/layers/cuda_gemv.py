@@ -232,14 +232,43 @@ def gemv(mode: str, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | N
     p = plan(n, k, sms)
     assert p is not None
     site = push or pull
+    nxt = _next_gemv(weight, p)
     module.gemv_m1(MODES[mode], weight, x, residual, norm_weight, bias, x if out is None else out, residual_out,
                    _ticket_counter(weight, p), eps, p.rows_per_stage, p.num_slots, sms, p.static_chunks,
                    AHEAD_PULL if pull else AHEAD, PDL,
                    stamps, list(push.addresses) if push else [], pull.buffer if pull else None,
                    site.epoch if site else None, site.rank if site else 0, site.world if site else 1,
                    pull is not None and pull_waits_for_writer(), may_share_sm(p),
-                   int(os.environ.get(TICKET_LEAD_ENV_VAR) or 1))
+                   int(os.environ.get(TICKET_LEAD_ENV_VAR) or 1),
+                   nxt[0] if nxt else None, nxt[1].rows_per_stage if nxt else 1, nxt[1].static_chunks if nxt else 0,
+                   prefetch_next_chunks() if nxt else 0)
     return out
+
+
+PREFETCH_NEXT_ENV_VAR = "PAGEDLLM_GEMV_PREFETCH_NEXT"
+# device -> the (weight, plan) of the last call; (device, weight pointer) -> the call that followed it
+_last_call: dict[int, tuple[torch.Tensor, GemvPlan]] = {}
+_successor: dict[tuple[int, int], tuple[torch.Tensor, GemvPlan]] = {}
+
+
+def prefetch_next_chunks() -> int:
+    """Chunks of the next GEMV's slab each CTA prefetches into L2 once its own rows are issued:
+    PAGEDLLM_GEMV_PREFETCH_NEXT (0, the default: none)."""
+    return int(os.environ.get(PREFETCH_NEXT_ENV_VAR) or 0)
+
+
+def _next_gemv(weight: torch.Tensor, p: GemvPlan) -> tuple[torch.Tensor, GemvPlan] | None:
+    """Record this call after the previous one on its device, and return the call that followed
+    this weight's last call (a forward pass calls its GEMVs in the same order every step, so the
+    steps before a graph's capture teach it), or None."""
+    device = weight.device.index or 0
+    previous = _last_call.get(device)
+    if previous is not None and previous[0].data_ptr() != weight.data_ptr():
+        _successor[(device, previous[0].data_ptr())] = (weight, p)
+    _last_call[device] = (weight, p)
+    if prefetch_next_chunks() <= 0:
+        return None
+    return _successor.get((device, weight.data_ptr()))
 
 
 EXCHANGE_ENV_VAR = "PAGEDLLM_GEMV_ALL_REDUCE"
