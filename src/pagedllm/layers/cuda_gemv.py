@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -246,9 +247,10 @@ def gemv(mode: str, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | N
 
 
 PREFETCH_NEXT_ENV_VAR = "PAGEDLLM_GEMV_PREFETCH_NEXT"
-# device -> the (weight, plan) of the last call; (device, weight pointer) -> the call that followed it
-_last_call: dict[int, tuple[torch.Tensor, GemvPlan]] = {}
-_successor: dict[tuple[int, int], tuple[torch.Tensor, GemvPlan]] = {}
+# device -> the (weight, plan) of the last call; (device, weight pointer) -> the call that followed
+# it. Weak references: an engine shut down in this process must not keep its weights alive.
+_last_call: dict[int, tuple[weakref.ref, GemvPlan]] = {}
+_successor: dict[tuple[int, int], tuple[weakref.ref, GemvPlan]] = {}
 
 
 def prefetch_next_chunks() -> int:
@@ -263,12 +265,15 @@ def _next_gemv(weight: torch.Tensor, p: GemvPlan) -> tuple[torch.Tensor, GemvPla
     steps before a graph's capture teach it), or None."""
     device = weight.device.index or 0
     previous = _last_call.get(device)
-    if previous is not None and previous[0].data_ptr() != weight.data_ptr():
-        _successor[(device, previous[0].data_ptr())] = (weight, p)
-    _last_call[device] = (weight, p)
+    before = previous[0]() if previous is not None else None
+    if before is not None and before.data_ptr() != weight.data_ptr():
+        _successor[(device, before.data_ptr())] = (weakref.ref(weight), p)
+    _last_call[device] = (weakref.ref(weight), p)
     if prefetch_next_chunks() <= 0:
         return None
-    return _successor.get((device, weight.data_ptr()))
+    found = _successor.get((device, weight.data_ptr()))
+    following = found[0]() if found is not None else None
+    return (following, found[1]) if following is not None else None
 
 
 EXCHANGE_ENV_VAR = "PAGEDLLM_GEMV_ALL_REDUCE"
