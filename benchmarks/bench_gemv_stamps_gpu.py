@@ -40,9 +40,7 @@ from pagedllm.worker import worker as worker_module  # noqa: E402
 # BENCH_DECODE_PARTITION_TOKENS, BENCH_CUDA_DECODE_* (this script's own): see _apply_bench_knobs.
 KNOBS = ("PAGEDLLM_GEMV_PULL_WAIT", "PAGEDLLM_ATTENTION_PDL", "PAGEDLLM_GEMV_ALL_REDUCE", "PAGEDLLM_SHARDED_SAMPLING",
          "BENCH_DECODE_PARTITION_TOKENS", "PAGEDLLM_CUDA_DECODE_ATTENTION", "BENCH_CUDA_DECODE_WARPS",
-         "BENCH_CUDA_DECODE_CLUSTER", "PAGEDLLM_ONE_SHOT_EMBEDDING", "PAGEDLLM_ONE_SHOT_ARGMAX",
-         "PAGEDLLM_GEMV_RING_KB", "PAGEDLLM_GEMV_STAGE_KB", "PAGEDLLM_GEMV_STATIC_FIT", "PAGEDLLM_GEMV_TICKET_LEAD",
-         "PAGEDLLM_CUDA_DECODE_CARVEOUT", "ATTENTION_STAMPS", "PAGEDLLM_GEMV_PREFETCH_NEXT")
+         "BENCH_CUDA_DECODE_CLUSTER", "PAGEDLLM_ONE_SHOT_EMBEDDING", "PAGEDLLM_ONE_SHOT_ARGMAX")
 _records: dict[tuple[int, str], dict[str, Any]] = {}  # (weight pointer, mode) -> call record
 _unstamped_gemv = cuda_gemv.gemv
 
@@ -61,24 +59,6 @@ def _stamped_gemv(mode: str, x: torch.Tensor, weight: torch.Tensor, out: torch.T
             _records[key] = record
         kwargs["stamps"] = record["stamps"]
     return _unstamped_gemv(mode, x, weight, out, *args, **kwargs)
-
-
-_unstamped_decode = cuda_decode.decode_attention
-
-
-def _stamped_decode(query: torch.Tensor, kv_cache: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """cuda_decode.decode_attention with a per-layer stamp buffer (ATTENTION_STAMPS=1): per CTA
-    its start, when it passed its wait, its end (and its combine), laid out as the GEMVs'."""
-    if (os.environ.get("ATTENTION_STAMPS", "0") == "1" and os.environ.get("GEMV_STAMPS", "1") == "1"
-            and kwargs.get("stamps") is None):
-        key = (kv_cache.data_ptr(), "attention")
-        record = _records.get(key)
-        if record is None:
-            record = dict(order=len(_records), mode="attention", shape=list(query.shape[1:]), push=False, pull=False,
-                          stamps=torch.zeros(1024 * 4, dtype=torch.int64, device=query.device))
-            _records[key] = record
-        kwargs["stamps"] = record["stamps"]
-    return _unstamped_decode(query, kv_cache, *args, **kwargs)
 
 
 def _gemv_stamps(self: Any) -> list[dict[str, Any]]:
@@ -100,7 +80,6 @@ def _all_reduce_path(self: Any) -> dict[str, Any]:
 
 
 cuda_gemv.gemv = _stamped_gemv
-cuda_decode.decode_attention = _stamped_decode
 worker_module.Worker.gemv_stamps = _gemv_stamps  # type: ignore[attr-defined]
 worker_module.Worker.all_reduce_path = _all_reduce_path  # type: ignore[attr-defined]
 
@@ -122,20 +101,16 @@ _apply_bench_knobs()  # in the spawned workers: they import this file with the v
 
 
 def relative_rows(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each call's CTA start (earliest, median, latest), operand in (earliest, median, latest),
-    first stage in (median; for the attention: its combine) and rows done (median, latest), in
-    us from the previous call's last CTA done."""
+    """Each call's CTA start (earliest, median), operand in (median, latest) and rows done
+    (median, latest), in us from the previous call's last CTA done."""
     rows = []
     for j in range(1, len(calls)):
         before, call = calls[j - 1], calls[j]
         origin = max(s[2] for s in before["stamps"] if s[2])
-        ctas = [s for s in call["stamps"] if s[0]]  # an attention grid fills only part of its buffer
-        start, operand, done, first_stage = ([sorted(s[i] - origin for s in ctas) for i in range(4)])
+        start, operand, done = ([sorted(s[i] - origin for s in call["stamps"]) for i in range(3)])
         mid = len(start) // 2
         rows.append(dict(j=j, mode=call["mode"], shape=call["shape"], pull=call["pull"], push=call["push"],
-                         start_min=start[0] / 1e3, start_med=start[mid] / 1e3, start_max=start[-1] / 1e3,
-                         operand_min=operand[0] / 1e3, operand_med=operand[mid] / 1e3,
-                         first_stage_med=first_stage[mid] / 1e3,
+                         start_min=start[0] / 1e3, start_med=start[mid] / 1e3, operand_med=operand[mid] / 1e3,
                          operand_max=operand[-1] / 1e3, done_med=done[mid] / 1e3, done_max=done[-1] / 1e3))
     return rows
 
@@ -153,12 +128,10 @@ def gemv_span_us(calls: list[dict[str, Any]]) -> float:
 def summary(rows: list[dict[str, Any]], first_layer: int = 4, last_layer: int = 27) -> list[str]:
     """One line per kind of GEMV (mode, shape, pull, push): the mean over the middle layers."""
     kinds: dict[tuple, list[dict[str, Any]]] = {}
-    per_layer = 5 if any(row["mode"] == "attention" for row in rows) else 4
     for row in rows:
-        if per_layer * first_layer + 1 <= row["j"] <= per_layer * last_layer + 2:
+        if 4 * first_layer + 1 <= row["j"] <= 4 * last_layer + 2:
             kinds.setdefault((row["mode"], tuple(row["shape"]), row["pull"], row["push"]), []).append(row)
-    fields = ("start_min", "start_med", "start_max", "operand_min", "operand_med", "operand_max", "first_stage_med",
-              "done_med", "done_max")
+    fields = ("start_min", "start_med", "operand_med", "operand_max", "done_med", "done_max")
     return [f"{kind}: n={len(rs)} " + " ".join(f"{f}={statistics.mean(r[f] for r in rs):.2f}" for f in fields)
             for kind, rs in kinds.items()]
 

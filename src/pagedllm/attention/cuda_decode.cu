@@ -63,7 +63,6 @@ struct Params {
   int max_blocks, page, group;
   int write_kv, rope;
   int pdl_trigger;  // let the next kernel launch as this one starts
-  unsigned long long* stamps;  // per CTA: start, past the wait, end, combine (global timer, ns); null: off
 };
 
 __device__ __forceinline__ void unpack4(const uint2 r, float (&f)[4]) {
@@ -131,17 +130,8 @@ __device__ __forceinline__ int reduced_entry(int lane) {
 }
 
 // GP: the group padded to a power of two; kWarps: warps per CTA (4 or 8).
-// At most 144 registers a thread (8 warps: 36,864 a CTA), so that a CTA of the CUDA GEMV
-// (layers/cuda_gemv.cu: 9 warps of <= 96 for the add + RMSNorm form at K <= 4096) fits on the
-// SM beside it: launched with PDL, this kernel's CTAs then sit beside the QKV projection's and
-// load what depends on nothing before the projection ends.
-#if __CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 4)
-#define DECODE_BOUNDS __maxnreg__(144)
-#else
-#define DECODE_BOUNDS __launch_bounds__(kWarps * 32)
-#endif
 template <int GP, int kWarps>
-__global__ void DECODE_BOUNDS decode_kernel(const Params p) {
+__global__ void __launch_bounds__(kWarps * 32) decode_kernel(const Params p) {
   constexpr int kThreads = kWarps * 32;
   constexpr int T = kChunk<GP>;
   constexpr int N = T * GP;  // scores of one chunk, entry i * GP + g
@@ -152,19 +142,9 @@ __global__ void DECODE_BOUNDS decode_kernel(const Params p) {
   __shared__ float4 c_acc[GP][32];
 
   // The O projection after this kernel may launch now (it waits for this grid's completion
-  // before reading the output). Launched with PDL, this kernel waits for the QKV projection
-  // only before its query, key and value (below): the length, block table, slot, position, the
-  // rotary rows and the cached keys and values are written before the step's first kernel.
+  // before reading the output); launched with PDL, this kernel waits for the QKV projection here.
   if (p.pdl_trigger) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  const int64_t cta = blockIdx.x + static_cast<int64_t>(gridDim.x) * (blockIdx.y + static_cast<int64_t>(gridDim.y) * blockIdx.z);
-  auto stamp = [&](int i) {
-    if (p.stamps != nullptr && threadIdx.x == 0) {
-      unsigned long long t;
-      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-      p.stamps[cta * 4 + i] = t;
-    }
-  };
-  stamp(0);
+  asm volatile("griddepcontrol.wait;" ::: "memory");
 
   cg::cluster_group cluster = cg::this_cluster();
   const int C = static_cast<int>(cluster.num_blocks());
@@ -184,8 +164,19 @@ __global__ void DECODE_BOUNDS decode_kernel(const Params p) {
     return idx < p.max_blocks ? bt_row[idx] : -1;
   };
   int64_t blocks = block_of(lane);  // lane j: the warp's chunk j (refreshed every 32 chunks)
+  uint2 qraw[GP];
+#pragma unroll
+  for (int g = 0; g < GP; ++g) {
+    qraw[g] = g < p.group ? ld2(p.q + token * p.stride_qt + (kvh * p.group + g) * p.stride_qh + lane * 4)
+                          : make_uint2(0u, 0u);
+  }
+  uint2 new_k = make_uint2(0u, 0u), new_v = make_uint2(0u, 0u);
   int64_t slot = -1, pos = 0;
-  if (p.write_kv) slot = p.slot_mapping[token];
+  if (p.write_kv) {
+    new_k = ld2(p.new_k + token * p.stride_nkt + kvh * p.stride_nkh + lane * 4);
+    new_v = ld2(p.new_v + token * p.stride_nvt + kvh * p.stride_nvh + lane * 4);
+    slot = p.slot_mapping[token];
+  }
   if (p.rope) pos = p.positions[token];
 
   const int num_chunks = (seq_len + T - 1) / T;
@@ -202,32 +193,15 @@ __global__ void DECODE_BOUNDS decode_kernel(const Params p) {
     }
   };
   if (gw < num_chunks) load_chunk(gw, __shfl_sync(kFull, blocks, 0), kr, vr);
-  // Second round trip (with the first chunk): the rotary rows.
-  float4 rope_cos = make_float4(0.f, 0.f, 0.f, 0.f), rope_sin = rope_cos;
-  if (p.rope) {
-    rope_cos = *reinterpret_cast<const float4*>(p.cos + pos * p.stride_cos + lane * 4);
-    rope_sin = *reinterpret_cast<const float4*>(p.sin + pos * p.stride_cos + lane * 4);
-  }
 
-  // What the QKV projection wrote (a no-op unless launched with PDL).
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  stamp(1);
-  uint2 qraw[GP];
-#pragma unroll
-  for (int g = 0; g < GP; ++g) {
-    qraw[g] = g < p.group ? ld2(p.q + token * p.stride_qt + (kvh * p.group + g) * p.stride_qh + lane * 4)
-                          : make_uint2(0u, 0u);
-  }
-  uint2 new_k = make_uint2(0u, 0u), new_v = make_uint2(0u, 0u);
-  if (p.write_kv) {
-    new_k = ld2(p.new_k + token * p.stride_nkt + kvh * p.stride_nkh + lane * 4);
-    new_v = ld2(p.new_v + token * p.stride_nvt + kvh * p.stride_nvh + lane * 4);
-  }
+  // Second round trip (with the first chunk): the rotary rows.
   float qf[GP][4];
   if (p.rope) {
+    const float4 c = *reinterpret_cast<const float4*>(p.cos + pos * p.stride_cos + lane * 4);
+    const float4 s = *reinterpret_cast<const float4*>(p.sin + pos * p.stride_cos + lane * 4);
 #pragma unroll
-    for (int g = 0; g < GP; ++g) qraw[g] = rotate(qraw[g], rope_cos, rope_sin, lane);
-    if (p.write_kv) new_k = rotate(new_k, rope_cos, rope_sin, lane);
+    for (int g = 0; g < GP; ++g) qraw[g] = rotate(qraw[g], c, s, lane);
+    if (p.write_kv) new_k = rotate(new_k, c, s, lane);
   }
 #pragma unroll
   for (int g = 0; g < GP; ++g) unpack4(qraw[g], qf[g]);
@@ -359,7 +333,6 @@ __global__ void DECODE_BOUNDS decode_kernel(const Params p) {
     c_acc[g][dl] = a;
   }
   cluster.sync();
-  stamp(3);
   for (int g = rank + warp * C; g < GP; g += C * kWarps) {
     float mr[kMaxCluster];
     float mx = -INFINITY;
@@ -384,7 +357,6 @@ __global__ void DECODE_BOUNDS decode_kernel(const Params p) {
     if (g < p.group)
       *reinterpret_cast<uint2*>(p.out + token * p.stride_ot + (kvh * p.group + g) * p.stride_oh + lane * 4) = pack4(o);
   }
-  stamp(2);
   cluster.sync();  // a CTA's shared memory must outlive the cluster's reads of it
 }
 
@@ -396,7 +368,7 @@ void decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch
             c10::optional<torch::Tensor> new_v, c10::optional<torch::Tensor> slot_mapping,
             c10::optional<torch::Tensor> positions, c10::optional<torch::Tensor> cos,
             c10::optional<torch::Tensor> sin, int64_t num_decodes, double scale_log2, int64_t cluster, int64_t warps,
-            bool pdl_trigger, bool pdl, int64_t carveout, c10::optional<torch::Tensor> stamps) {
+            bool pdl_trigger, bool pdl) {
   const int num_heads = q.size(1), num_kv_heads = k_cache.size(2);
   TORCH_CHECK(q.size(2) == kDim && k_cache.size(3) == kDim, "cuda_decode: head_dim must be ", kDim);
   TORCH_CHECK(num_heads % num_kv_heads == 0 && num_heads / num_kv_heads <= 8, "cuda_decode: group of at most 8");
@@ -440,8 +412,6 @@ void decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch
   p.page = page;
   p.group = group;
   p.pdl_trigger = pdl_trigger ? 1 : 0;
-  p.stamps = stamps ? reinterpret_cast<unsigned long long*>(stamps->data_ptr()) : nullptr;
-  TORCH_CHECK(!stamps || stamps->numel() >= cluster * num_kv_heads * num_decodes * 4, "cuda_decode: stamps too small");
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(cluster), static_cast<unsigned>(num_kv_heads),
                      static_cast<unsigned>(num_decodes));
@@ -459,10 +429,6 @@ void decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch
   cfg.numAttrs = 2;
   auto go = [&](auto kernel) {
     if (cluster > 8) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-    // The SM's split of L1 and shared memory (percent shared, -1: the driver's choice): at 100 an
-    // SM running this kernel can also take a GEMV CTA, whose ring needs ~200 KB.
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                        static_cast<int>(carveout)));
     C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
   };
   auto by_warps = [&](auto four, auto eight) { warps == 4 ? go(four) : go(eight); };

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -46,15 +45,6 @@ WARPS = 8  # per CTA: 4 or 8 (a cluster's warps share the context's chunks)
 # smaller crossover. CUDA graphs: decodes with contexts up to this replay graphs captured for
 # it (cuda_graph.py), longer ones those of max_model_len.
 MAX_CONTEXT = 768
-
-
-CARVEOUT_ENV_VAR = "PAGEDLLM_CUDA_DECODE_CARVEOUT"
-
-
-def shared_carveout() -> int:
-    """The shared-memory carveout asked for the kernel's SMs, in percent (-1: the driver's choice):
-    PAGEDLLM_CUDA_DECODE_CARVEOUT."""
-    return int(os.environ.get(CARVEOUT_ENV_VAR) or -1)
 
 
 def enabled_by_env() -> bool:
@@ -150,8 +140,7 @@ def serves(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, seq_l
 
 def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, seq_lens: torch.Tensor,
                      block_tables: torch.Tensor, num_decodes: int, scale: float, out: torch.Tensor,
-                     new_tokens: NewTokens | None = None, pdl: int = 1,
-                     stamps: torch.Tensor | None = None) -> torch.Tensor:
+                     new_tokens: NewTokens | None = None, pdl: int = 1) -> torch.Tensor:
     """Attention of decode tokens [0, num_decodes) (query [T, H, 128]) into out [T, H, 128].
 
     The caller checked `serves`. `new_tokens`: this step's keys/values are written (and rotated)
@@ -169,5 +158,5 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, seq_lens: torc
                   nt.key if nt else None, nt.value if nt else None, nt.slot_mapping if nt else None,
                   nt.positions if rope else None, nt.cos_cache if rope else None, nt.sin_cache if rope else None,
                   num_decodes, scale * math.log2(math.e), cluster_size(num_decodes, num_kv_heads, sms), WARPS,
-                  pdl >= 1, pdl >= 2, shared_carveout(), stamps)
+                  pdl >= 1, pdl >= 2)
     return out

@@ -55,11 +55,9 @@ namespace {
 constexpr int kWarps = 8;                    // consumer warps
 constexpr int kThreads = (kWarps + 1) * 32;  // + the producer warp
 constexpr int kConsumers = kWarps * 32;
-// 16-byte operand vectors per consumer thread: K <= 16384 (add + RMSNorm input: K <= 8192, and
-// a K <= 4096 instance of that form, whose registers leave room for a second CTA on the SM)
+// 16-byte operand vectors per consumer thread: K <= 16384 (add + RMSNorm input: K <= 8192)
 template <int MODE>
 constexpr int kMaxVecs = MODE == 2 ? 4 : 8;
-constexpr int kSmallVecs = 2;
 constexpr int kMaxSlots = 32;
 constexpr int kMaxWorld = 8;
 constexpr int kMaxPullWorld = 2;  // ranks a pulled operand sums (its loads are all in flight at once)
@@ -154,7 +152,7 @@ struct Params {
   __nv_bfloat16* out;
   __nv_bfloat16* res_out;
   unsigned long long* tickets;
-  unsigned long long* stamps;  // per CTA: start, operand ready, end, first stage in (ns); null: off
+  unsigned long long* stamps;  // per CTA: start, operand ready, end (ns); null: off
   int N, K, rows_per_stage, num_slots, static_chunks, ring_offset;
   int ahead;  // stages in flight before the operand is ready (0: no limit)
   float eps;
@@ -163,13 +161,6 @@ struct Params {
   unsigned long long* site_epoch;  // pull: [2] the site's completed calls, reader CTAs done
   int num_push, rank, world;
   int pull_wait;  // pull: the consumers also wait for the writer grid (griddepcontrol.wait); 0: the tags suffice
-  int ticket_lead;  // stages before the slab's end at which the first ticket is drawn (0 or 1)
-  // The GEMV launched after this one (null: none known): once its own rows are issued, the
-  // producer prefetches into L2 the first next_count chunks of that GEMV's CTA of the same
-  // index (its slab starts at chunk blockIdx.x * next_static), so that they come from L2.
-  const __nv_bfloat16* next_w;
-  int next_n, next_k, next_rows, next_static, next_count;
-  int coresident;  // pull: this CTA may share its SM with a writer CTA, so the residual is reloaded once the rows are in
 };
 
 // The counts after a site buffer's words (n per rank): one per writing rank.
@@ -221,7 +212,7 @@ __device__ __forceinline__ void red_add_sys(unsigned long long* p, unsigned long
   asm volatile("red.relaxed.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
-template <int MODE, int VECS>
+template <int MODE>
 __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
   extern __shared__ __align__(128) unsigned char smem[];
   uint64_t* full = reinterpret_cast<uint64_t*>(smem);
@@ -235,7 +226,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
   const int K = p.K, R = p.rows_per_stage, S = p.num_slots;
   const int total_chunks = (p.N + R - 1) / R;
   const int static_total = p.static_chunks * gridDim.x;
-  const int dynamic_chunks = max(0, total_chunks - static_total);  // 0: every chunk is in a slab
+  const int dynamic_chunks = total_chunks - static_total;
   const int64_t stage_elems = static_cast<int64_t>(R) * K;
 
   volatile int* operand_ready = reinterpret_cast<volatile int*>(misc + 16);
@@ -259,11 +250,9 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
     bool have_ticket = false;
     for (int st = 0;; ++st) {
       const int slot = st % S;
-      // Draw the first ticket one stage before the slab ends (ticket_lead 1): CTAs that streamed
-      // their slab sooner draw sooner, and the atomic's round trip overlaps the wait for a free
-      // slot. ticket_lead 0: once the slab is issued, so that a CTA that starts during its
-      // predecessor (the O projection during the attention) prefetches the whole slab first.
-      if (dynamic_chunks > 0 && !have_ticket && st + p.ticket_lead >= p.static_chunks) {
+      // Draw the first ticket one stage before the slab ends: CTAs that streamed their slab
+      // sooner draw sooner, and the atomic's round trip overlaps the wait for a free slot.
+      if (dynamic_chunks > 0 && !have_ticket && st + 1 >= p.static_chunks) {
         // An earlier launch of this weight may still be drawing: PDL starts this grid early.
         pdl_wait();
         ticket = atomicAdd(p.tickets, 1ull);
@@ -278,7 +267,6 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
       int chunk = -1;
       if (st < p.static_chunks) {
         chunk = blockIdx.x * p.static_chunks + st;
-        if (chunk >= total_chunks) chunk = -1;  // the last slabs may come short
       } else if (dynamic_chunks > 0) {
         const int local = static_cast<int>(ticket % period);
         if (local < dynamic_chunks) {
@@ -289,18 +277,6 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
       slot_chunk[slot] = chunk;
       if (chunk < 0) {  // no more rows: release the consumers
         mbar_arrive(&full[slot]);
-        if (p.next_w != nullptr && p.next_static > 0) {
-          const int next_chunks = (p.next_n + p.next_rows - 1) / p.next_rows;
-          for (int s = 0; s < p.next_count; ++s) {
-            const int c = blockIdx.x * p.next_static + s;
-            if (c >= next_chunks) break;
-            const uint32_t bytes = static_cast<uint32_t>(min(p.next_rows, p.next_n - c * p.next_rows)) * p.next_k * 2;
-            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(
-                             p.next_w + static_cast<int64_t>(c) * p.next_rows * p.next_k),
-                         "r"(bytes)
-                         : "memory");
-          }
-        }
         return;
       }
       const int rows_in = min(R, p.N - chunk * R);
@@ -326,10 +302,10 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
   unsigned long long site_calls = p.site_epoch != nullptr && !pulling ? ld_volatile(p.site_epoch) : 0;
   const int kv = K / 8;  // 16-byte vectors of one row
   constexpr int kArrays = MODE == 0 ? 1 : (MODE == 1 ? 2 : 3);
-  uint4 in[kArrays][VECS];
+  uint4 in[kArrays][kMaxVecs<MODE>];
   // What no peer writes: x (unless pulled), the gated form's up half, the residual, the norm weight.
 #pragma unroll
-  for (int i = 0; i < VECS; ++i) {
+  for (int i = 0; i < kMaxVecs<MODE>; ++i) {
     const int v = tid + i * kConsumers;
     if (v < kv) {
       if (!pulling) in[0][i] = reinterpret_cast<const uint4*>(p.x)[v];
@@ -346,9 +322,9 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
       // the one word) and every rank's words. Their tags say whether all rows are in.
       const uint32_t* words = static_cast<const uint32_t*>(p.pull);
       site_calls = ld_volatile(p.site_epoch);
-      uint4 q[VECS][kMaxPullWorld][2];
+      uint4 q[kMaxVecs<MODE>][kMaxPullWorld][2];
 #pragma unroll
-      for (int i = 0; i < VECS; ++i) {
+      for (int i = 0; i < kMaxVecs<MODE>; ++i) {
         const int v = tid + i * kConsumers;
 #pragma unroll
         for (int r = 0; r < kMaxPullWorld; ++r) {
@@ -362,7 +338,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
       const uint32_t tag = static_cast<uint32_t>((site_calls + 1) & 0xFFFFu);
       bool stale = false;
 #pragma unroll
-      for (int i = 0; i < VECS; ++i) {
+      for (int i = 0; i < kMaxVecs<MODE>; ++i) {
 #pragma unroll
         for (int r = 0; r < kMaxPullWorld; ++r) {
           if (tid + i * kConsumers < kv && r < p.world) stale |= !tagged(q[i][r], tag);
@@ -379,15 +355,11 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
           for (int r = 0; r < p.world; ++r) {
             for (unsigned spins = 1; ld_volatile(counts + r) < target; ++spins) deadline.check(spins);
           }
-          if (p.coresident) asm volatile("fence.acq_rel.gpu;" ::: "memory");
         }
         consumers_sync();
 #pragma unroll
-        for (int i = 0; i < VECS; ++i) {
+        for (int i = 0; i < kMaxVecs<MODE>; ++i) {
           const int v = tid + i * kConsumers;
-          // Every writer CTA passed its wait, so the kernels before the writer are complete: the
-          // residual, loaded before, may have been read before it was written (coresident).
-          if (p.coresident && v < kv) in[1][i] = ld_cg_v4(p.r + v * 8);
 #pragma unroll
           for (int r = 0; r < kMaxPullWorld; ++r) {
             if (v >= kv || r >= p.world) continue;
@@ -400,18 +372,9 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
             }
           }
         }
-      } else if (p.coresident) {
-        // Every row was in at the first look, which says nothing of the residual's writer (two
-        // kernels back, maybe still running beside this CTA): wait for the writer grid, reload.
-        pdl_wait();
-#pragma unroll
-        for (int i = 0; i < VECS; ++i) {
-          const int v = tid + i * kConsumers;
-          if (v < kv) in[1][i] = ld_cg_v4(p.r + v * 8);
-        }
       }
 #pragma unroll
-      for (int i = 0; i < VECS; ++i) {
+      for (int i = 0; i < kMaxVecs<MODE>; ++i) {
         if (tid + i * kConsumers >= kv) continue;
         float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
 #pragma unroll
@@ -430,7 +393,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
   const uint32_t tag = static_cast<uint32_t>((site_calls + 1) & 0xFFFFu);
   float ssq = 0.f;
 #pragma unroll
-  for (int i = 0; i < VECS; ++i) {
+  for (int i = 0; i < kMaxVecs<MODE>; ++i) {
     const int v = tid + i * kConsumers;
     if (v >= kv) continue;
     uint4 packed;
@@ -487,7 +450,6 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
     const int slot = st % S;
     mbar_wait(&full[slot], (st / S) & 1);
     const int chunk = slot_chunk[slot];
-    if (p.stamps && tid == 0 && st == 0) p.stamps[blockIdx.x * 4 + 3] = now_ns();  // first stage in
     if (chunk < 0) break;
     const int rows_in = min(R, p.N - chunk * R);
     rows_done += rows_in;
@@ -554,9 +516,7 @@ void gemv_m1(int64_t mode, torch::Tensor w, torch::Tensor x, c10::optional<torch
              c10::optional<torch::Tensor> res_out, torch::Tensor tickets, double eps, int64_t rows_per_stage,
              int64_t num_slots, int64_t grid, int64_t static_chunks, int64_t ahead, bool pdl,
              c10::optional<torch::Tensor> stamps, std::vector<int64_t> push, c10::optional<torch::Tensor> pull,
-             c10::optional<torch::Tensor> site_epoch, int64_t rank, int64_t world, bool pull_wait,
-             bool coresident, int64_t ticket_lead, c10::optional<torch::Tensor> next_w, int64_t next_rows,
-             int64_t next_static, int64_t next_count) {
+             c10::optional<torch::Tensor> site_epoch, int64_t rank, int64_t world, bool pull_wait) {
   const int N = w.size(0), K = w.size(1);
   TORCH_CHECK(K % 8 == 0 && K / 8 <= (mode == 2 ? kMaxVecs<2> : kMaxVecs<0>) * kConsumers,
               "gemv_m1: unsupported K ", K);
@@ -596,29 +556,14 @@ void gemv_m1(int64_t mode, torch::Tensor w, torch::Tensor x, c10::optional<torch
   p.rank = static_cast<int>(rank);
   p.world = static_cast<int>(world);
   p.pull_wait = pull_wait ? 1 : 0;
-  p.coresident = coresident && pull ? 1 : 0;
-  p.ticket_lead = static_cast<int>(ticket_lead);
-  p.next_w = next_w ? reinterpret_cast<const __nv_bfloat16*>(next_w->data_ptr()) : nullptr;
-  p.next_n = next_w ? static_cast<int>(next_w->size(0)) : 0;
-  p.next_k = next_w ? static_cast<int>(next_w->size(1)) : 0;
-  p.next_rows = static_cast<int>(next_rows);
-  p.next_static = static_cast<int>(next_static);
-  p.next_count = static_cast<int>(next_count);
-  TORCH_CHECK(!next_w || (next_rows >= 1 && p.next_k % 8 == 0), "gemv_m1: bad next GEMV");
   const int64_t smem = p.ring_offset + num_slots * rows_per_stage * static_cast<int64_t>(K) * 2;
   TORCH_CHECK(smem <= 227 * 1024, "gemv_m1: shared memory plan too large: ", smem);
-  static uint64_t attr_set[4] = {0, 0, 0, 0};  // per kernel instance, a bit per device
+  static uint64_t attr_set[3] = {0, 0, 0};  // per mode, a bit per device
   const int device = w.get_device();
-  const bool small_vecs = mode == 2 && K / 8 <= kSmallVecs * kConsumers;
-  const int instance = small_vecs ? 3 : static_cast<int>(mode);
   auto go = [&](auto kernel) {
-    if (device >= 64 || !(attr_set[instance] >> device & 1)) {
+    if (device >= 64 || !(attr_set[mode] >> device & 1)) {
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
-      // The same split of L1 and shared memory for every instance: an SM configured for one can
-      // take a CTA of another beside it (smaller rings: cuda_gemv.py's ring_bytes).
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                          cudaSharedmemCarveoutMaxShared));
-      if (device < 64) attr_set[instance] |= uint64_t{1} << device;
+      if (device < 64) attr_set[mode] |= uint64_t{1} << device;
     }
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(static_cast<unsigned>(grid));
@@ -632,10 +577,9 @@ void gemv_m1(int64_t mode, torch::Tensor w, torch::Tensor x, c10::optional<torch
     cfg.numAttrs = 1;
     C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
   };
-  if (mode == 0) go(gemv_m1_kernel<0, kMaxVecs<0>>);
-  else if (mode == 1) go(gemv_m1_kernel<1, kMaxVecs<1>>);
-  else if (small_vecs) go(gemv_m1_kernel<2, kSmallVecs>);
-  else go(gemv_m1_kernel<2, kMaxVecs<2>>);
+  if (mode == 0) go(gemv_m1_kernel<0>);
+  else if (mode == 1) go(gemv_m1_kernel<1>);
+  else go(gemv_m1_kernel<2>);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("gemv_m1", &gemv_m1, "one-token bf16 GEMV (cuda_gemv.cu)"); }

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import os
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -122,51 +121,19 @@ class GemvPlan:
     k: int
 
 
-RING_ENV_VAR = "PAGEDLLM_GEMV_RING_KB"
-STATIC_FIT_ENV_VAR = "PAGEDLLM_GEMV_STATIC_FIT"
-TICKET_LEAD_ENV_VAR = "PAGEDLLM_GEMV_TICKET_LEAD"
-STAGE_ENV_VAR = "PAGEDLLM_GEMV_STAGE_KB"
-_SM_SHARED_BYTES = 228 * 1024  # per SM on sm_90, of which 1 KB per resident CTA is reserved
-
-
-def ring_bytes() -> int:
-    """The stage ring's bytes per CTA: PAGEDLLM_GEMV_RING_KB, else 192 KB (one CTA per SM)."""
-    return int(os.environ.get(RING_ENV_VAR) or _MAX_RING_BYTES // 1024) * 1024
-
-
-def stage_bytes() -> int:
-    """The bytes of one bulk copy (whole rows, about this many): PAGEDLLM_GEMV_STAGE_KB, else 32 KB."""
-    return int(os.environ.get(STAGE_ENV_VAR) or _STAGE_BYTES // 1024) * 1024
-
-
 def plan(n: int, k: int, sms: int = 132) -> GemvPlan | None:
     """The stage size, ring depth and static split for weight [n, k], or None if a row does not
     fit the shared memory."""
     row_bytes = 2 * k
-    rows = max(1, min(_MAX_ROWS_PER_STAGE, stage_bytes() // row_bytes))
-    stage = rows * row_bytes
+    rows = max(1, min(_MAX_ROWS_PER_STAGE, _STAGE_BYTES // row_bytes))
+    stage_bytes = rows * row_bytes
     ring_offset = (_OPERAND_OFFSET + row_bytes + 127) // 128 * 128
-    slots = min(_MAX_SLOTS, max(2, ring_bytes() // stage), (_SMEM_LIMIT - ring_offset) // stage)
+    slots = min(_MAX_SLOTS, _MAX_RING_BYTES // stage_bytes, (_SMEM_LIMIT - ring_offset) // stage_bytes)
     if slots < 2:
         return None
     chunks = -(-n // rows)
     static = int(chunks * (1 - DYNAMIC_FRACTION)) // sms
-    if os.environ.get(STATIC_FIT_ENV_VAR, "0") == "1" and -(-chunks // sms) <= slots:
-        static = -(-chunks // sms)  # every CTA's share fits its ring: slabs only, no tickets
     return GemvPlan(rows, slots, static, n, k)
-
-
-def shared_bytes(p: GemvPlan) -> int:
-    """Dynamic shared memory of one CTA of plan `p` (cuda_gemv.cu's layout)."""
-    return (_OPERAND_OFFSET + 2 * p.k + 127) // 128 * 128 + p.num_slots * p.rows_per_stage * 2 * p.k
-
-
-def may_share_sm(p: GemvPlan) -> bool:
-    """Whether a CTA of plan `p` fits on an SM beside a CTA of any other GEMV (whose ring is at
-    least ring_bytes() less one stage): then a reader's CTA may start while the kernel before it
-    still runs, and a pulled operand's residual must be reloaded once the rows are in."""
-    smallest_other = _OPERAND_OFFSET + ring_bytes() - stage_bytes()
-    return shared_bytes(p) + smallest_other + 2 * 1024 <= _SM_SHARED_BYTES
 
 
 @functools.cache
@@ -233,47 +200,13 @@ def gemv(mode: str, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | N
     p = plan(n, k, sms)
     assert p is not None
     site = push or pull
-    nxt = _next_gemv(weight, p)
     module.gemv_m1(MODES[mode], weight, x, residual, norm_weight, bias, x if out is None else out, residual_out,
                    _ticket_counter(weight, p), eps, p.rows_per_stage, p.num_slots, sms, p.static_chunks,
                    AHEAD_PULL if pull else AHEAD, PDL,
                    stamps, list(push.addresses) if push else [], pull.buffer if pull else None,
                    site.epoch if site else None, site.rank if site else 0, site.world if site else 1,
-                   pull is not None and pull_waits_for_writer(), may_share_sm(p),
-                   int(os.environ.get(TICKET_LEAD_ENV_VAR) or 1),
-                   nxt[0] if nxt else None, nxt[1].rows_per_stage if nxt else 1, nxt[1].static_chunks if nxt else 0,
-                   prefetch_next_chunks() if nxt else 0)
+                   pull is not None and pull_waits_for_writer())
     return out
-
-
-PREFETCH_NEXT_ENV_VAR = "PAGEDLLM_GEMV_PREFETCH_NEXT"
-# device -> the (weight, plan) of the last call; (device, weight pointer) -> the call that followed
-# it. Weak references: an engine shut down in this process must not keep its weights alive.
-_last_call: dict[int, tuple[weakref.ref, GemvPlan]] = {}
-_successor: dict[tuple[int, int], tuple[weakref.ref, GemvPlan]] = {}
-
-
-def prefetch_next_chunks() -> int:
-    """Chunks of the next GEMV's slab each CTA prefetches into L2 once its own rows are issued:
-    PAGEDLLM_GEMV_PREFETCH_NEXT (0, the default: none)."""
-    return int(os.environ.get(PREFETCH_NEXT_ENV_VAR) or 0)
-
-
-def _next_gemv(weight: torch.Tensor, p: GemvPlan) -> tuple[torch.Tensor, GemvPlan] | None:
-    """Record this call after the previous one on its device, and return the call that followed
-    this weight's last call (a forward pass calls its GEMVs in the same order every step, so the
-    steps before a graph's capture teach it), or None."""
-    device = weight.device.index or 0
-    previous = _last_call.get(device)
-    before = previous[0]() if previous is not None else None
-    if before is not None and before.data_ptr() != weight.data_ptr():
-        _successor[(device, before.data_ptr())] = (weakref.ref(weight), p)
-    _last_call[device] = (weakref.ref(weight), p)
-    if prefetch_next_chunks() <= 0:
-        return None
-    found = _successor.get((device, weight.data_ptr()))
-    following = found[0]() if found is not None else None
-    return (following, found[1]) if following is not None else None
 
 
 EXCHANGE_ENV_VAR = "PAGEDLLM_GEMV_ALL_REDUCE"
