@@ -71,6 +71,10 @@ struct Params {
   const __nv_bfloat16* w;
   __nv_bfloat16* out;
   int N, K, rows_per_stage, num_slots, ring_offset, ahead;
+  // 0: the weight stream starts at once (`ahead`: stages in flight until the operand is in);
+  // 1 / 2: only `ahead` stages until every consumer warp has its query (1) or is through its
+  // chunks (2), then the rest: the attention's loads do not queue behind the weights.
+  int go;
   void* push[kMaxWorld];
   unsigned long long* site_epoch;
   int num_push, rank, world;
@@ -214,6 +218,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_o_kernel(const Params p) {
   uint64_t* full = reinterpret_cast<uint64_t*>(smem);
   uint64_t* empty = reinterpret_cast<uint64_t*>(smem + kEmptyOffset);
   volatile int* operand_ready = reinterpret_cast<volatile int*>(smem + kMiscOffset);
+  int* go_count = reinterpret_cast<int*>(smem + kMiscOffset + 16);  // consumer warps past the go point
   __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(smem + kOperandOffset);
   __nv_bfloat16* ring = reinterpret_cast<__nv_bfloat16*>(smem + p.ring_offset);
 
@@ -233,6 +238,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_o_kernel(const Params p) {
   if (tid == 0) {
     if (p.stamps) p.stamps[blockIdx.x * 4] = now_ns();
     *operand_ready = 0;
+    *go_count = 0;
     for (int s = 0; s < S; ++s) {
       mbar_init(&full[s], 1);
       mbar_init(&empty[s], kWarps);
@@ -249,8 +255,12 @@ __global__ void __launch_bounds__(kThreads, 1) decode_o_kernel(const Params p) {
       for (int st = 0; st < my_chunks; ++st) {
         const int slot = st % S;
         if (st >= S) mbar_wait(&empty[slot], ((st / S) - 1) & 1);
-        while (p.ahead && st - landed >= p.ahead && !*operand_ready) {
-          if (mbar_test(&full[landed % S], (landed / S) & 1)) ++landed;
+        if (p.go) {
+          if (st >= p.ahead) while (*reinterpret_cast<volatile int*>(go_count) < kWarps) {}
+        } else {
+          while (p.ahead && st - landed >= p.ahead && !*operand_ready) {
+            if (mbar_test(&full[landed % S], (landed / S) & 1)) ++landed;
+          }
         }
         const int chunk = first_chunk + st;
         const int rows_in = min(R, p.N - chunk * R);
@@ -319,6 +329,13 @@ __global__ void __launch_bounds__(kThreads, 1) decode_o_kernel(const Params p) {
   }
 #pragma unroll
   for (int g = 0; g < GP; ++g) unpack4(qraw[g], qf[g]);
+  auto go_point = [&](int level) {
+    if (p.go == level) {
+      __syncwarp();
+      if (lane == 0) atomicAdd(go_count, 1);
+    }
+  };
+  go_point(1);
   if (cluster_id == 0 && newest >= 0 && slot >= 0 && (newest / T) % nw == gw) {
     const int64_t at = (slot / p.page) * p.stride_cb + (slot % p.page) * p.stride_ct + h * p.stride_ch + lane * 4;
     *reinterpret_cast<uint2*>(p.k_cache + at) = new_k;
@@ -409,6 +426,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_o_kernel(const Params p) {
       vr[i] = vn[i];
     }
   }
+  go_point(2);
   // The warps' partials (shared memory), then this CTA's (read by the cluster).
 #pragma unroll
   for (int g = 0; g < GP; ++g) {
@@ -557,7 +575,7 @@ int64_t decode_o(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, 
                  c10::optional<torch::Tensor> cos, c10::optional<torch::Tensor> sin, double scale_log2,
                  torch::Tensor w, torch::Tensor out, std::vector<int64_t> push,
                  c10::optional<torch::Tensor> site_epoch, int64_t rank, int64_t world, int64_t splits,
-                 int64_t num_clusters, int64_t rows_per_stage, int64_t num_slots, int64_t ahead, bool pdl,
+                 int64_t num_clusters, int64_t rows_per_stage, int64_t num_slots, int64_t ahead, int64_t go, bool pdl,
                  c10::optional<torch::Tensor> stamps) {
   const int num_heads = q.size(1), num_kv_heads = k_cache.size(2);
   TORCH_CHECK(q.size(2) == kDim && k_cache.size(3) == kDim, "cuda_decode_o: head_dim must be ", kDim);
@@ -609,6 +627,7 @@ int64_t decode_o(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, 
   p.num_slots = static_cast<int>(num_slots);
   p.ring_offset = (kOperandOffset + K * 2 + 127) / 128 * 128;
   p.ahead = static_cast<int>(ahead);
+  p.go = static_cast<int>(go);
   for (int r = 0; r < kMaxWorld; ++r)
     p.push[r] = r < static_cast<int>(push.size()) ? reinterpret_cast<void*>(push[r]) : nullptr;
   p.num_push = static_cast<int>(push.size());
@@ -617,7 +636,7 @@ int64_t decode_o(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, 
   p.world = static_cast<int>(world);
   p.stamps = stamps ? reinterpret_cast<unsigned long long*>(stamps->data_ptr()) : nullptr;
   const int64_t smem = p.ring_offset + num_slots * rows_per_stage * static_cast<int64_t>(K) * 2;
-  auto go = [&](void (*kernel)(Params)) -> int64_t {
+  auto launch = [&](void (*kernel)(Params)) -> int64_t {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     if (cluster > 8) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
     int clusters = static_cast<int>(num_clusters);
@@ -641,10 +660,10 @@ int64_t decode_o(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, 
     C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
     return clusters;
   };
-  if (gp == 1) return go(decode_o_kernel<1>);
-  if (gp == 2) return go(decode_o_kernel<2>);
-  if (gp == 4) return go(decode_o_kernel<4>);
-  return go(decode_o_kernel<8>);
+  if (gp == 1) return launch(decode_o_kernel<1>);
+  if (gp == 2) return launch(decode_o_kernel<2>);
+  if (gp == 4) return launch(decode_o_kernel<4>);
+  return launch(decode_o_kernel<8>);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 ENV_VAR = "PAGEDLLM_DECODE_O"
 CLUSTER_ENV_VAR = "PAGEDLLM_DECODE_O_CLUSTER"  # CTAs per cluster: 16 (default) or 8
 AHEAD_ENV_VAR = "PAGEDLLM_DECODE_O_AHEAD"  # weight stages in flight before the operand (0: all)
+GO_ENV_VAR = "PAGEDLLM_DECODE_O_GO"  # 1 / 2: the rest of the stream after the query / the chunks
 _SOURCE = Path(__file__).with_name("cuda_decode_o.cu")
 _OPERAND_OFFSET = 1024  # cuda_decode_o.cu's kOperandOffset
 _SMEM_LIMIT = 227 * 1024
@@ -107,6 +108,7 @@ def decode_o(query: torch.Tensor, kv_cache: torch.Tensor, seq_lens: torch.Tensor
     group = query.shape[1] // num_kv_heads
     rows, slots = plan(n, k, group)  # type: ignore[misc]
     ahead = int(os.environ.get(AHEAD_ENV_VAR, "") or 0)
+    go = int(os.environ.get(GO_ENV_VAR, "") or 0)
     key = (query.device.index, group, num_kv_heads * splits, n, k, rows, slots)
     nt = new_tokens
     rope = nt is not None and nt.positions is not None
@@ -116,6 +118,6 @@ def decode_o(query: torch.Tensor, kv_cache: torch.Tensor, seq_lens: torch.Tensor
         nt.positions if rope else None, nt.cos_cache if rope else None, nt.sin_cache if rope else None,
         scale * math.log2(math.e), weight, query if out is None else out,
         list(push.addresses) if push else [], push.epoch if push else None, push.rank if push else 0,
-        push.world if push else 1, splits, _clusters.get(key, 0), rows, slots, ahead, True, stamps)
+        push.world if push else 1, splits, _clusters.get(key, 0), rows, slots, ahead, go, True, stamps)
     _clusters[key] = clusters
     return out
