@@ -206,7 +206,7 @@ __device__ __forceinline__ int reduced_entry(int lane) {
 }
 
 template <int GP>
-__global__ void __launch_bounds__(kThreads, 1) decode_o_kernel(const Params p) {
+__global__ void __maxnreg__(224) decode_o_kernel(const Params p) {  // 9 warps: up to 224 a thread
   constexpr int T = kChunk<GP>;
   constexpr int NS = T * GP;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -291,7 +291,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_o_kernel(const Params p) {
   if (p.rope) pos = p.positions[0];
   const int num_chunks = (seq_len + T - 1) / T;
   const int newest = p.write_kv ? seq_len - 1 : -1;
-  uint2 kr[T], vr[T];
+  uint2 kr[T], vr[T], kn[T], vn[T];  // this warp's next two chunks, loaded one iteration ahead of
+  // the one before (a warp walks 2-3 chunks here: each load round trip would otherwise show)
   auto load_chunk = [&](int c, int64_t block, uint2 (&k)[T], uint2 (&v)[T]) {
     const int64_t base = block * p.stride_cb + h * p.stride_ch + lane * 4;
     const int first = (c * T) % p.page;
@@ -303,6 +304,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_o_kernel(const Params p) {
     }
   };
   if (gw < num_chunks) load_chunk(gw, __shfl_sync(kFull, blocks, 0), kr, vr);
+  if (gw + nw < num_chunks) load_chunk(gw + nw, __shfl_sync(kFull, blocks, 1), kn, vn);
   float4 rope_cos = make_float4(0.f, 0.f, 0.f, 0.f), rope_sin = rope_cos;
   if (p.rope) {
     rope_cos = *reinterpret_cast<const float4*>(p.cos + pos * p.stride_cos + lane * 4);
@@ -352,11 +354,11 @@ __global__ void __launch_bounds__(kThreads, 1) decode_o_kernel(const Params p) {
   }
   int j = 0;
   for (int c = gw; c < num_chunks; c += nw, ++j) {
-    uint2 kn[T], vn[T];
-    const int next = c + nw;
+    uint2 k2[T], v2[T];
+    const int next = c + 2 * nw;
     if (next < num_chunks) {
-      if ((j + 1) % 32 == 0) blocks = block_of(j + 1 + lane);
-      load_chunk(next, __shfl_sync(kFull, blocks, (j + 1) % 32), kn, vn);
+      if ((j + 2) % 32 == 0) blocks = block_of(j + 2 + lane);
+      load_chunk(next, __shfl_sync(kFull, blocks, (j + 2) % 32), k2, v2);
     }
     const int first = c * T;
 #pragma unroll
@@ -424,6 +426,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_o_kernel(const Params p) {
     for (int i = 0; i < T; ++i) {
       kr[i] = kn[i];
       vr[i] = vn[i];
+      kn[i] = k2[i];
+      vn[i] = v2[i];
     }
   }
   go_point(2);
@@ -462,30 +466,48 @@ __global__ void __launch_bounds__(kThreads, 1) decode_o_kernel(const Params p) {
   if (p.stamps && tid == 0) p.stamps[blockIdx.x * 4 + 3] = now_ns();
   // The whole attention output, every head, as this CTA's GEMV operand: head hq's dims
   // 4 dl .. 4 dl + 3 from the partials of the S CTAs of its KV head.
-  for (int t = tid; t < p.num_heads * 32; t += kConsumers) {
-    const int hq = t / 32, dl = t % 32;
-    const int kvh = hq / p.group, g = hq % p.group;
-    float mr[kMaxSplits];
-    float mx = -INFINITY;
+  // Two items a thread at a time, every partial of both loaded before any is used: one round
+  // trip through the cluster's shared memory per pair (dependent loads took ~3 us here).
+  for (int t0 = tid; t0 < p.num_heads * 32; t0 += 2 * kConsumers) {
+    float mr[2][kMaxSplits], lr[2][kMaxSplits];
+    float4 ar[2][kMaxSplits];
 #pragma unroll
-    for (int r = 0; r < kMaxSplits; ++r) {
-      mr[r] = r < p.splits ? *cluster.map_shared_rank(&c_m[g], kvh * p.splits + r) : -INFINITY;
-      mx = fmaxf(mx, mr[r]);
-    }
-    float sum = 0.f;
-    float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int u = 0; u < 2; ++u) {
+      const int t = t0 + u * kConsumers;
+      const int hq = t / 32, dl = t % 32;
+      const int kvh = hq / p.group, g = hq % p.group;
 #pragma unroll
-    for (int r = 0; r < kMaxSplits; ++r) {
-      if (r >= p.splits || mr[r] == -INFINITY) continue;
-      const int peer = kvh * p.splits + r;
-      const float wt = exp2f(mr[r] - mx);
-      sum += wt * *cluster.map_shared_rank(&c_l[g], peer);
-      const float4 x = *cluster.map_shared_rank(&c_acc[g][dl], peer);
-      a.x += wt * x.x; a.y += wt * x.y; a.z += wt * x.z; a.w += wt * x.w;
+      for (int r = 0; r < kMaxSplits; ++r) {
+        if (r < p.splits && t < p.num_heads * 32) {
+          const int peer = kvh * p.splits + r;
+          mr[u][r] = *cluster.map_shared_rank(&c_m[g], peer);
+          lr[u][r] = *cluster.map_shared_rank(&c_l[g], peer);
+          ar[u][r] = *cluster.map_shared_rank(&c_acc[g][dl], peer);
+        } else {
+          mr[u][r] = -INFINITY;
+        }
+      }
     }
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    const float o[4] = {a.x * inv, a.y * inv, a.z * inv, a.w * inv};
-    *reinterpret_cast<uint2*>(xs + hq * kDim + dl * 4) = pack4(o);
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int t = t0 + u * kConsumers;
+      if (t >= p.num_heads * 32) continue;
+      float mx = -INFINITY;
+#pragma unroll
+      for (int r = 0; r < kMaxSplits; ++r) mx = fmaxf(mx, mr[u][r]);
+      float sum = 0.f;
+      float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int r = 0; r < kMaxSplits; ++r) {
+        if (mr[u][r] == -INFINITY) continue;
+        const float wt = exp2f(mr[u][r] - mx);
+        sum += wt * lr[u][r];
+        a.x += wt * ar[u][r].x; a.y += wt * ar[u][r].y; a.z += wt * ar[u][r].z; a.w += wt * ar[u][r].w;
+      }
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      const float o[4] = {a.x * inv, a.y * inv, a.z * inv, a.w * inv};
+      *reinterpret_cast<uint2*>(xs + (t / 32) * kDim + (t % 32) * 4) = pack4(o);
+    }
   }
   cluster_arrive();  // barrier 2: the peers' partials are read (waited for before exiting)
   consumers_sync();

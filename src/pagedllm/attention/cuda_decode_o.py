@@ -107,8 +107,8 @@ def decode_o(query: torch.Tensor, kv_cache: torch.Tensor, seq_lens: torch.Tensor
     n, k = weight.shape
     group = query.shape[1] // num_kv_heads
     rows, slots = plan(n, k, group)  # type: ignore[misc]
-    ahead = int(os.environ.get(AHEAD_ENV_VAR, "") or 0)
-    go = int(os.environ.get(GO_ENV_VAR, "") or 0)
+    ahead = int(os.environ.get(AHEAD_ENV_VAR, "") or 1)
+    go = int(os.environ.get(GO_ENV_VAR, "") or 1)
     key = (query.device.index, group, num_kv_heads * splits, n, k, rows, slots)
     nt = new_tokens
     rope = nt is not None and nt.positions is not None
