@@ -206,7 +206,7 @@ __device__ __forceinline__ int reduced_entry(int lane) {
 }
 
 template <int GP>
-__global__ void __maxnreg__(224) decode_o_kernel(const Params p) {  // 9 warps: up to 224 a thread
+__global__ void __launch_bounds__(kThreads, 1) decode_o_kernel(const Params p) {
   constexpr int T = kChunk<GP>;
   constexpr int NS = T * GP;
   extern __shared__ __align__(128) unsigned char smem[];
