@@ -40,8 +40,7 @@ from pagedllm.worker import worker as worker_module  # noqa: E402
 # BENCH_DECODE_PARTITION_TOKENS, BENCH_CUDA_DECODE_* (this script's own): see _apply_bench_knobs.
 KNOBS = ("PAGEDLLM_GEMV_PULL_WAIT", "PAGEDLLM_ATTENTION_PDL", "PAGEDLLM_GEMV_ALL_REDUCE", "PAGEDLLM_SHARDED_SAMPLING",
          "BENCH_DECODE_PARTITION_TOKENS", "PAGEDLLM_CUDA_DECODE_ATTENTION", "BENCH_CUDA_DECODE_WARPS",
-         "BENCH_CUDA_DECODE_CLUSTER", "PAGEDLLM_ONE_SHOT_EMBEDDING", "PAGEDLLM_ONE_SHOT_ARGMAX", "PAGEDLLM_DECODE_O",
-         "PAGEDLLM_DECODE_O_CLUSTER", "PAGEDLLM_DECODE_O_AHEAD", "PAGEDLLM_DECODE_O_GO", "PAGEDLLM_GEMV_PUSH_PLAIN_DYNAMIC")
+         "BENCH_CUDA_DECODE_CLUSTER", "PAGEDLLM_ONE_SHOT_EMBEDDING", "PAGEDLLM_ONE_SHOT_ARGMAX")
 _records: dict[tuple[int, str], dict[str, Any]] = {}  # (weight pointer, mode) -> call record
 _unstamped_gemv = cuda_gemv.gemv
 
@@ -60,27 +59,6 @@ def _stamped_gemv(mode: str, x: torch.Tensor, weight: torch.Tensor, out: torch.T
             _records[key] = record
         kwargs["stamps"] = record["stamps"]
     return _unstamped_gemv(mode, x, weight, out, *args, **kwargs)
-
-
-from pagedllm.attention import cuda_decode_o  # noqa: E402
-
-_unstamped_decode_o = cuda_decode_o.decode_o
-
-
-def _stamped_decode_o(query: torch.Tensor, kv_cache: torch.Tensor, seq_lens: torch.Tensor,
-                      block_tables: torch.Tensor, scale: float, weight: torch.Tensor, out: torch.Tensor | None,
-                      *args: Any, **kwargs: Any) -> torch.Tensor | None:
-    """cuda_decode_o.decode_o with a per-weight stamp buffer: per CTA its start, operand ready,
-    rows done and (in the "first stage" column) attention done."""
-    if os.environ.get("GEMV_STAMPS", "1") == "1" and kwargs.get("stamps") is None:
-        key = (weight.data_ptr(), "decode_o")
-        record = _records.get(key)
-        if record is None:
-            record = dict(order=len(_records), mode="decode_o", shape=list(weight.shape), push=kwargs.get("push") is not None,
-                          pull=False, stamps=torch.zeros(256 * 4, dtype=torch.int64, device=weight.device))
-            _records[key] = record
-        kwargs["stamps"] = record["stamps"]
-    return _unstamped_decode_o(query, kv_cache, seq_lens, block_tables, scale, weight, out, *args, **kwargs)
 
 
 def _gemv_stamps(self: Any) -> list[dict[str, Any]]:
@@ -102,7 +80,6 @@ def _all_reduce_path(self: Any) -> dict[str, Any]:
 
 
 cuda_gemv.gemv = _stamped_gemv
-cuda_decode_o.decode_o = _stamped_decode_o
 worker_module.Worker.gemv_stamps = _gemv_stamps  # type: ignore[attr-defined]
 worker_module.Worker.all_reduce_path = _all_reduce_path  # type: ignore[attr-defined]
 
@@ -124,24 +101,17 @@ _apply_bench_knobs()  # in the spawned workers: they import this file with the v
 
 
 def relative_rows(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each call's CTA start (earliest, median, latest), operand in (median, latest) and rows
-    done (median, latest), in us from the previous call's last CTA done; for the attention + O
-    kernel also its attention done (median, latest). A grid that fills only part of its buffer
-    leaves the rest zero."""
+    """Each call's CTA start (earliest, median), operand in (median, latest) and rows done
+    (median, latest), in us from the previous call's last CTA done."""
     rows = []
     for j in range(1, len(calls)):
         before, call = calls[j - 1], calls[j]
         origin = max(s[2] for s in before["stamps"] if s[2])
-        ctas = [s for s in call["stamps"] if s[0]]
-        start, operand, done, attn = ([sorted(s[i] - origin for s in ctas) for i in range(4)])
+        start, operand, done = ([sorted(s[i] - origin for s in call["stamps"]) for i in range(3)])
         mid = len(start) // 2
-        row = dict(j=j, mode=call["mode"], shape=call["shape"], pull=call["pull"], push=call["push"],
-                   start_min=start[0] / 1e3, start_med=start[mid] / 1e3, start_max=start[-1] / 1e3,
-                   operand_med=operand[mid] / 1e3, operand_max=operand[-1] / 1e3, done_med=done[mid] / 1e3,
-                   done_max=done[-1] / 1e3)
-        if call["mode"] == "decode_o":
-            row.update(attn_med=attn[mid] / 1e3, attn_max=attn[-1] / 1e3)
-        rows.append(row)
+        rows.append(dict(j=j, mode=call["mode"], shape=call["shape"], pull=call["pull"], push=call["push"],
+                         start_min=start[0] / 1e3, start_med=start[mid] / 1e3, operand_med=operand[mid] / 1e3,
+                         operand_max=operand[-1] / 1e3, done_med=done[mid] / 1e3, done_max=done[-1] / 1e3))
     return rows
 
 
@@ -161,10 +131,8 @@ def summary(rows: list[dict[str, Any]], first_layer: int = 4, last_layer: int = 
     for row in rows:
         if 4 * first_layer + 1 <= row["j"] <= 4 * last_layer + 2:
             kinds.setdefault((row["mode"], tuple(row["shape"]), row["pull"], row["push"]), []).append(row)
-    fields = ("start_min", "start_med", "start_max", "attn_med", "attn_max", "operand_med", "operand_max",
-              "done_med", "done_max")
-    return [f"{kind}: n={len(rs)} " + " ".join(f"{f}={statistics.mean(r[f] for r in rs):.2f}" for f in fields
-                                               if f in rs[0])
+    fields = ("start_min", "start_med", "operand_med", "operand_max", "done_med", "done_max")
+    return [f"{kind}: n={len(rs)} " + " ".join(f"{f}={statistics.mean(r[f] for r in rs):.2f}" for f in fields)
             for kind, rs in kinds.items()]
 
 

@@ -86,37 +86,3 @@ class Attention(nn.Module):
                                       sliding_window=self.sliding_window,
                                       logits_soft_cap=self.logits_soft_cap, new_tokens=new_tokens)
         return out.view(num_tokens, self.num_heads * self.head_dim)
-
-    def forward_with_output_projection(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, metadata: AttentionMetadata,
-        rotary: RotaryEmbedding | None, positions: torch.Tensor | None, weight: torch.Tensor,
-        bias: torch.Tensor | None, push: object | None = None,
-    ) -> torch.Tensor | None:
-        """weight @ forward(...) for one decode token in one CUDA kernel (attention/cuda_decode_o.py:
-        the attention and the output projection's weight stream overlap), or None where that
-        kernel does not serve (the caller then runs forward and the projection). Returns the
-        projection's local product [1, N]; with `push` (cuda_gemv.Exchange) its rows go into the
-        site's buffers instead and the returned tensor is not written."""
-        if not query.is_cuda or query.shape[0] != 1 or metadata.num_decodes != 1 or metadata.num_reqs != 1:
-            return None
-        from pagedllm.attention import cuda_decode, cuda_decode_o
-
-        q = query.view(1, self.num_heads, self.head_dim)
-        if not cuda_decode_o.serves(q, weight, bias, 1, self.num_kv_heads):
-            return None
-        k = key.view(1, self.num_kv_heads, self.head_dim)
-        v = value.view(1, self.num_kv_heads, self.head_dim)
-        backend = _triton_backend()
-        if rotary is None:
-            new_tokens = backend.NewTokens(k, v, metadata.slot_mapping)
-        elif positions is not None and rotary.foldable_into_attention(positions):
-            new_tokens = backend.NewTokens(k, v, metadata.slot_mapping, positions, rotary.cos_cache, rotary.sin_cache)
-        else:
-            return None
-        if not cuda_decode.serves(q, self.kv_cache, q, metadata.seq_lens, metadata.block_tables, 1,
-                                  metadata.max_seq_len, self.sliding_window, self.logits_soft_cap, new_tokens):
-            return None
-        out = torch.empty(1, weight.shape[0], dtype=query.dtype, device=query.device)
-        cuda_decode_o.decode_o(q, self.kv_cache, metadata.seq_lens, metadata.block_tables, self.scale, weight,
-                               None if push is not None else out, new_tokens, push)
-        return out

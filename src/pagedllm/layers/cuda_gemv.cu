@@ -357,14 +357,6 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
           }
         }
         consumers_sync();
-        // The residual again, with the stale words: a writer that leaves SMs free (the attention
-        // + O kernel, attention/cuda_decode_o.cu) lets this CTA start, and load the residual,
-        // before the kernel that wrote it is known complete; every writer row passed that wait.
-#pragma unroll
-        for (int i = 0; i < kMaxVecs<MODE>; ++i) {
-          const int v = tid + i * kConsumers;
-          if (v < kv) in[1][i] = ld_cg_v4(p.r + v * 8);
-        }
 #pragma unroll
         for (int i = 0; i < kMaxVecs<MODE>; ++i) {
           const int v = tid + i * kConsumers;

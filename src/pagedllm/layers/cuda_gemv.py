@@ -121,7 +121,7 @@ class GemvPlan:
     k: int
 
 
-def plan(n: int, k: int, sms: int = 132, dynamic_fraction: float = DYNAMIC_FRACTION) -> GemvPlan | None:
+def plan(n: int, k: int, sms: int = 132) -> GemvPlan | None:
     """The stage size, ring depth and static split for weight [n, k], or None if a row does not
     fit the shared memory."""
     row_bytes = 2 * k
@@ -132,7 +132,7 @@ def plan(n: int, k: int, sms: int = 132, dynamic_fraction: float = DYNAMIC_FRACT
     if slots < 2:
         return None
     chunks = -(-n // rows)
-    static = int(chunks * (1 - dynamic_fraction)) // sms
+    static = int(chunks * (1 - DYNAMIC_FRACTION)) // sms
     return GemvPlan(rows, slots, static, n, k)
 
 
@@ -197,10 +197,7 @@ def gemv(mode: str, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | N
         raise RuntimeError("the CUDA GEMV kernel is not built (see the log)")
     n, k = weight.shape
     sms = _num_sms(weight.device.index or 0)
-    fraction = DYNAMIC_FRACTION
-    if push is not None and mode == "plain":  # experiment: the O projection at TP=2 (its late CTAs)
-        fraction = float(os.environ.get("PAGEDLLM_GEMV_PUSH_PLAIN_DYNAMIC", "") or DYNAMIC_FRACTION)
-    p = plan(n, k, sms, fraction)
+    p = plan(n, k, sms)
     assert p is not None
     site = push or pull
     module.gemv_m1(MODES[mode], weight, x, residual, norm_weight, bias, x if out is None else out, residual_out,

@@ -286,15 +286,6 @@ class RowParallelLinear(CustomOp):
                        push=self.exchange)
         return PendingAllReduce(self.exchange, (*x.shape[:-1], self.weight.shape[0]))
 
-    def pending(self, shape: tuple[int, ...]) -> PendingAllReduce:
-        """The PendingAllReduce of output `shape` whose rows a kernel other than this layer's
-        GEMV pushed into this layer's site (attention/cuda_decode_o.py)."""
-        return PendingAllReduce(self.exchange, shape)
-
-    def reduce_partial(self, partial: torch.Tensor) -> torch.Tensor:
-        """This layer's output from its local product computed elsewhere (the all-reduce and bias)."""
-        return self._reduce_and_add_bias(partial)
-
     def _reduce_and_add_bias(self, partial: torch.Tensor) -> torch.Tensor:
         # The bias is added after the all-reduce (every rank holds all of it), so it counts once.
         out = tensor_model_parallel_all_reduce(partial)

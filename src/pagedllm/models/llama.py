@@ -91,15 +91,7 @@ class LlamaAttention(nn.Module):
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.reshape(num_tokens, -1), k.reshape(num_tokens, -1)
-        o_proj = self.o_proj
-        if type(o_proj) is RowParallelLinear and o_proj.skinny_gemm:  # one decode token: maybe one kernel
-            push = o_proj.exchange if defer_reduce else None
-            partial = self.attn.forward_with_output_projection(q, k, v, metadata, self.rotary, positions,
-                                                               o_proj.weight, o_proj.bias, push)
-            if partial is not None:
-                return o_proj.pending(partial.shape) if defer_reduce else o_proj.reduce_partial(partial)
-        out = self.attn(q, k, v, metadata, self.rotary, positions)
+        out = self.attn(q.reshape(num_tokens, -1), k.reshape(num_tokens, -1), v, metadata, self.rotary, positions)
         if defer_reduce:
             return self.o_proj.forward_deferred(out)
         return self.o_proj(out)
