@@ -16,7 +16,8 @@ Writes $OUT/gemv_stamps.json. The stamps come from wrapping `cuda_gemv.gemv` and
 `gemv_stamps` method to the worker at import time: the engine's spawned workers import this file
 first (as `__mp_main__`), so they carry the same wrappers; everything else runs under the
 `__main__` guard. Stamping costs three global-timer reads and stores per CTA; set
-`GEMV_STAMPS=0` for TPOT alone.
+`GEMV_STAMPS=0` for TPOT alone. `STAGE_STAMPS=1` also stamps each CTA's stages (when issued,
+when warp 0 had the bytes, when its rows were done) and prints them per kind of GEMV.
 """
 
 from __future__ import annotations
@@ -56,16 +57,52 @@ def _stamped_gemv(mode: str, x: torch.Tensor, weight: torch.Tensor, out: torch.T
             record = dict(order=len(_records), mode=mode, shape=list(weight.shape), push=kwargs.get("push") is not None,
                           pull=kwargs.get("pull") is not None,
                           stamps=torch.zeros(sms * 4, dtype=torch.int64, device=weight.device))
+            if os.environ.get("STAGE_STAMPS", "0") == "1":
+                record["stage_stamps"] = torch.zeros(sms * cuda_gemv.STAGE_STAMPS * 4, dtype=torch.int64,
+                                                     device=weight.device)
             _records[key] = record
         kwargs["stamps"] = record["stamps"]
+        if "stage_stamps" in record:
+            kwargs["stage_stamps"] = record["stage_stamps"]
     return _unstamped_gemv(mode, x, weight, out, *args, **kwargs)
 
 
+def _stage_rows(stage: torch.Tensor, start: int, origin: int) -> list[dict[str, Any]]:
+    """Per stage of one call (STAGE_STAMPS=1): how many CTAs had it (and how many found the end
+    there), and the median CTA's issue, bytes-in and rows-done times in us from `origin`;
+    entries older than the call's first CTA start are a longer replay's, left over."""
+    rows = []
+    for st in range(stage.shape[1]):
+        r = stage[:, st]
+        r = r[r[:, 0] >= start]
+        if not len(r):
+            break
+
+        def med(t: torch.Tensor) -> float | None:
+            t = t[t > 0]
+            return round((float(t.double().median()) - origin) / 1e3, 2) if len(t) else None
+
+        rows.append(dict(st=st, ctas=len(r), ends=int((r[:, 3] == -1).sum()), issued=med(r[:, 0]),
+                         bytes_in=med(r[:, 1]), done=med(r[:, 2])))
+    return rows
+
+
 def _gemv_stamps(self: Any) -> list[dict[str, Any]]:
-    """Worker method: every stamped call in first-call order, with its stamps [CTAs][4]."""
+    """Worker method: every stamped call in first-call order, with its stamps [CTAs][4] (and,
+    with STAGE_STAMPS=1, its stages summarised from the previous call's last CTA done)."""
     torch.cuda.synchronize()
-    return [dict({k: v for k, v in r.items() if k != "stamps"}, stamps=r["stamps"].view(-1, 4).cpu().tolist())
-            for r in sorted(_records.values(), key=lambda r: r["order"])]
+    calls = sorted(_records.values(), key=lambda r: r["order"])
+    out = []
+    for j, r in enumerate(calls):
+        call = dict({k: v for k, v in r.items() if k not in ("stamps", "stage_stamps")},
+                    stamps=r["stamps"].view(-1, 4).cpu().tolist())
+        if "stage_stamps" in r and j > 0:
+            stamps = r["stamps"].view(-1, 4).cpu()
+            origin = int(calls[j - 1]["stamps"].view(-1, 4)[:, 2].max())
+            call["stages"] = _stage_rows(r["stage_stamps"].view(-1, cuda_gemv.STAGE_STAMPS, 4).cpu(),
+                                         int(stamps[:, 0][stamps[:, 0] > 0].min()), origin)
+        out.append(call)
+    return out
 
 
 def _all_reduce_path(self: Any) -> dict[str, Any]:
@@ -136,6 +173,28 @@ def summary(rows: list[dict[str, Any]], first_layer: int = 4, last_layer: int = 
             for kind, rs in kinds.items()]
 
 
+def stage_summary(calls: list[dict[str, Any]], first_layer: int = 4, last_layer: int = 27) -> list[str]:
+    """With STAGE_STAMPS=1, per kind of GEMV and stage: CTAs, ends, and the mean over the middle
+    layers of the median CTA's issued / bytes in / rows done (us from the previous GEMV's end)."""
+    kinds: dict[tuple, dict[int, list[dict[str, Any]]]] = {}
+    for j, call in enumerate(calls):
+        if call.get("stages") and 4 * first_layer <= j <= 4 * last_layer + 3:
+            kind = kinds.setdefault((call["mode"], tuple(call["shape"]), call["pull"], call["push"]), {})
+            for row in call["stages"]:
+                kind.setdefault(row["st"], []).append(row)
+    lines = []
+    for kind, stages in kinds.items():
+        parts = []
+        for st, rows in sorted(stages.items()):
+            def mean(f: str) -> str:
+                vals = [r[f] for r in rows if r[f] is not None]
+                return f"{statistics.mean(vals):.2f}" if vals else "-"
+            parts.append(f"{st}:{statistics.mean(r['ctas'] for r in rows):.0f}/{statistics.mean(r['ends'] for r in rows):.0f}"
+                         f" {mean('issued')}/{mean('bytes_in')}/{mean('done')}")
+        lines.append(f"{kind} stages (CTAs/ends issued/in/done): " + "  ".join(parts))
+    return lines
+
+
 def run_variant(spec: str, prompts: list[list[int]]) -> tuple[str, dict[str, Any]]:
     """Start the variant's engine, take its tokens, TPOT and stamps, shut it down."""
     import bench_tp_gpu
@@ -160,10 +219,13 @@ def run_variant(spec: str, prompts: list[list[int]]) -> tuple[str, dict[str, Any
         if os.environ.get("GEMV_STAMPS", "1") == "1":
             dumps = engine.engine_core.executor.collective_rpc("gemv_stamps")
             result["rows"] = [relative_rows(calls) for calls in dumps]
+            result["stages"] = [[c.get("stages") for c in calls] for calls in dumps]
             result["gemv_span_us"] = [gemv_span_us(calls) for calls in dumps]
             for rank, rows in enumerate(result["rows"]):
                 print(f"[{name} rank {rank}] GEMVs of the last step: {result['gemv_span_us'][rank]:.0f} us")
                 for line in summary(rows):
+                    print("   ", line)
+                for line in stage_summary(dumps[rank]):
                     print("   ", line)
         return name, result
     finally:

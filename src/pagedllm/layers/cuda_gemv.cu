@@ -60,7 +60,8 @@ template <int MODE>
 constexpr int kMaxVecs = MODE == 2 ? 4 : 8;
 constexpr int kMaxSlots = 32;
 constexpr int kMaxWorld = 8;
-constexpr int kMaxPullWorld = 2;  // ranks a pulled operand sums (its loads are all in flight at once)
+constexpr int kMaxPullWorld = 2;
+constexpr int kStageStamps = 16;  // ranks a pulled operand sums (its loads are all in flight at once)
 // Shared layout: [full barriers][empty barriers][chunk of each slot][misc] | operand | ring
 constexpr int kEmptyOffset = 256;
 constexpr int kChunkOffset = 512;
@@ -153,6 +154,9 @@ struct Params {
   __nv_bfloat16* res_out;
   unsigned long long* tickets;
   unsigned long long* stamps;  // per CTA: start, operand ready, end (ns); null: off
+  // per CTA, per stage st < kStageStamps: [the producer issued it, warp 0's wait for its bytes
+  // returned, warp 0's rows of it done, its chunk (-1: the end)]; null: off (benchmarks)
+  unsigned long long* stage_stamps;
   int N, K, rows_per_stage, num_slots, static_chunks, ring_offset;
   int ahead;  // stages in flight before the operand is ready (0: no limit)
   float eps;
@@ -275,6 +279,11 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
         }
       }
       slot_chunk[slot] = chunk;
+      if (p.stage_stamps && st < kStageStamps) {
+        unsigned long long* at = p.stage_stamps + (static_cast<int64_t>(blockIdx.x) * kStageStamps + st) * 4;
+        at[0] = now_ns();
+        at[3] = static_cast<unsigned long long>(static_cast<int64_t>(chunk));
+      }
       if (chunk < 0) {  // no more rows: release the consumers
         mbar_arrive(&full[slot]);
         return;
@@ -449,6 +458,9 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
   for (int st = 0;; ++st) {
     const int slot = st % S;
     mbar_wait(&full[slot], (st / S) & 1);
+    unsigned long long* stage_at = p.stage_stamps && tid == 0 && st < kStageStamps
+        ? p.stage_stamps + (static_cast<int64_t>(blockIdx.x) * kStageStamps + st) * 4 : nullptr;
+    if (stage_at) stage_at[1] = now_ns();
     const int chunk = slot_chunk[slot];
     if (chunk < 0) break;
     const int rows_in = min(R, p.N - chunk * R);
@@ -481,6 +493,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
       }
     }
     __syncwarp();
+    if (stage_at) stage_at[2] = now_ns();
     if (lane == 0) mbar_arrive(&empty[slot]);
   }
   if (p.stamps) {
@@ -516,7 +529,8 @@ void gemv_m1(int64_t mode, torch::Tensor w, torch::Tensor x, c10::optional<torch
              c10::optional<torch::Tensor> res_out, torch::Tensor tickets, double eps, int64_t rows_per_stage,
              int64_t num_slots, int64_t grid, int64_t static_chunks, int64_t ahead, bool pdl,
              c10::optional<torch::Tensor> stamps, std::vector<int64_t> push, c10::optional<torch::Tensor> pull,
-             c10::optional<torch::Tensor> site_epoch, int64_t rank, int64_t world, bool pull_wait) {
+             c10::optional<torch::Tensor> site_epoch, int64_t rank, int64_t world, bool pull_wait,
+             c10::optional<torch::Tensor> stage_stamps) {
   const int N = w.size(0), K = w.size(1);
   TORCH_CHECK(K % 8 == 0 && K / 8 <= (mode == 2 ? kMaxVecs<2> : kMaxVecs<0>) * kConsumers,
               "gemv_m1: unsupported K ", K);
@@ -532,6 +546,8 @@ void gemv_m1(int64_t mode, torch::Tensor w, torch::Tensor x, c10::optional<torch
   p.res_out = res_out ? reinterpret_cast<__nv_bfloat16*>(res_out->data_ptr()) : nullptr;
   p.tickets = reinterpret_cast<unsigned long long*>(tickets.data_ptr());
   p.stamps = stamps ? reinterpret_cast<unsigned long long*>(stamps->data_ptr()) : nullptr;
+  TORCH_CHECK(!stage_stamps || stage_stamps->numel() >= grid * kStageStamps * 4, "gemv_m1: stage_stamps too small");
+  p.stage_stamps = stage_stamps ? reinterpret_cast<unsigned long long*>(stage_stamps->data_ptr()) : nullptr;
   p.N = N;
   p.K = K;
   p.rows_per_stage = rows_per_stage;

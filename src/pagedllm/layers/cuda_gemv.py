@@ -59,6 +59,7 @@ AHEAD = 2  # stages in flight before the operand is loaded (cuda_gemv.cu)
 AHEAD_PULL = 1
 PDL = True
 MODES = {"plain": 0, "silu": 1, "add_rmsnorm": 2}
+STAGE_STAMPS = 16  # stages stamped per CTA (cuda_gemv.cu's kStageStamps)
 
 
 def enabled_by_env() -> bool:
@@ -180,13 +181,16 @@ def exchange_buffer_bytes(world: int, n: int) -> int:
 def gemv(mode: str, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None, bias: torch.Tensor | None = None,
          residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
          residual_out: torch.Tensor | None = None, stamps: torch.Tensor | None = None,
-         push: Exchange | None = None, pull: Exchange | None = None) -> torch.Tensor | None:
+         push: Exchange | None = None, pull: Exchange | None = None,
+         stage_stamps: torch.Tensor | None = None) -> torch.Tensor | None:
     """out [1, N] = the `mode` product of x and weight [N, K] (see the module docstring).
 
     "plain": x [1, K]; "silu": x [1, 2K] = [gate | up]; "add_rmsnorm": x is the hidden state
     [1, K], `residual`, `norm_weight` [K] and `eps` the norm's, and `residual_out` [1, K]
     receives hidden + residual. Every tensor contiguous bf16 on one device; the caller checked
-    `supports`. `stamps` (tests and benchmarks): per-CTA global-timer readings.
+    `supports`. `stamps` (tests and benchmarks): per-CTA global-timer readings; `stage_stamps`
+    (int64, >= SMs x STAGE_STAMPS x 4): per CTA and stage, when it was issued, when warp 0 had
+    its bytes and its rows done, and its chunk (cuda_gemv.cu).
 
     `push` ("plain" / "silu", no bias): the rows go to every rank's buffer of the site instead of
     `out` (None). `pull` ("add_rmsnorm"): the hidden state is the sum of the ranks' rows in the
@@ -205,7 +209,7 @@ def gemv(mode: str, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | N
                    AHEAD_PULL if pull else AHEAD, PDL,
                    stamps, list(push.addresses) if push else [], pull.buffer if pull else None,
                    site.epoch if site else None, site.rank if site else 0, site.world if site else 1,
-                   pull is not None and pull_waits_for_writer())
+                   pull is not None and pull_waits_for_writer(), stage_stamps)
     return out
 
 
