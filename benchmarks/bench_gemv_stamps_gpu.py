@@ -42,6 +42,7 @@ from pagedllm.worker import worker as worker_module  # noqa: E402
 KNOBS = ("PAGEDLLM_GEMV_PULL_WAIT", "PAGEDLLM_ATTENTION_PDL", "PAGEDLLM_GEMV_ALL_REDUCE", "PAGEDLLM_SHARDED_SAMPLING",
          "BENCH_DECODE_PARTITION_TOKENS", "PAGEDLLM_CUDA_DECODE_ATTENTION", "BENCH_CUDA_DECODE_WARPS",
          "BENCH_CUDA_DECODE_CLUSTER", "PAGEDLLM_ONE_SHOT_EMBEDDING", "PAGEDLLM_ONE_SHOT_ARGMAX")
+_VARIANT_SWITCHES: dict[str, str | None] = {}  # switch -> its value before the last variant set it
 _records: dict[tuple[int, str], dict[str, Any]] = {}  # (weight pointer, mode) -> call record
 _unstamped_gemv = cuda_gemv.gemv
 
@@ -203,10 +204,19 @@ def run_variant(spec: str, prompts: list[list[int]]) -> tuple[str, dict[str, Any
     from pagedllm.benchmarks.latency import measure_latency
 
     name, tp, switches = spec.split(":")
+    # Every switch the last variant set goes back to its value before it, listed in KNOBS or not
+    # (a switch left over once made later variants run another's kernels); KNOBS start unset.
+    for key, before in _VARIANT_SWITCHES.items():
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+    _VARIANT_SWITCHES.clear()
     for knob in KNOBS:
         os.environ.pop(knob, None)
     for pair in filter(None, switches.split(",")):
         key, value = pair.split("=")
+        _VARIANT_SWITCHES.setdefault(key, os.environ.get(key))
         os.environ[key] = value  # the spawned workers inherit them
     _records.clear()
     _apply_bench_knobs()  # this process serves TP=1
