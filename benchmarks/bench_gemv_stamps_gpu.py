@@ -95,10 +95,9 @@ def _gemv_stamps(self: Any) -> list[dict[str, Any]]:
     calls = sorted(_records.values(), key=lambda r: r["order"])
     out = []
     for j, r in enumerate(calls):
-        call = dict({k: v for k, v in r.items() if k not in ("stamps", "stage_stamps")},
-                    stamps=r["stamps"].view(-1, 4).cpu().tolist())
+        stamps = r["stamps"].view(-1, 4).cpu()
+        call = dict({k: v for k, v in r.items() if k not in ("stamps", "stage_stamps")}, stamps=stamps.tolist())
         if "stage_stamps" in r and j > 0:
-            stamps = r["stamps"].view(-1, 4).cpu()
             origin = int(calls[j - 1]["stamps"].view(-1, 4)[:, 2].max())
             call["stages"] = _stage_rows(r["stage_stamps"].view(-1, cuda_gemv.STAGE_STAMPS, 4).cpu(),
                                          int(stamps[:, 0][stamps[:, 0] > 0].min()), origin)

@@ -60,8 +60,8 @@ template <int MODE>
 constexpr int kMaxVecs = MODE == 2 ? 4 : 8;
 constexpr int kMaxSlots = 32;
 constexpr int kMaxWorld = 8;
-constexpr int kMaxPullWorld = 2;
-constexpr int kStageStamps = 16;  // ranks a pulled operand sums (its loads are all in flight at once)
+constexpr int kMaxPullWorld = 2;  // ranks a pulled operand sums (its loads are all in flight at once)
+constexpr int kStageStamps = 16;   // stages stamped per CTA (Params::stage_stamps)
 // Shared layout: [full barriers][empty barriers][chunk of each slot][misc] | operand | ring
 constexpr int kEmptyOffset = 256;
 constexpr int kChunkOffset = 512;
@@ -216,6 +216,13 @@ __device__ __forceinline__ void red_add_sys(unsigned long long* p, unsigned long
   asm volatile("red.relaxed.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
+// This CTA's stamps of stage st (see Params::stage_stamps), or null when not stamped.
+__device__ __forceinline__ unsigned long long* stage_stamp(const Params& p, int st) {
+  return p.stage_stamps != nullptr && st < kStageStamps
+             ? p.stage_stamps + (static_cast<int64_t>(blockIdx.x) * kStageStamps + st) * 4
+             : nullptr;
+}
+
 template <int MODE>
 __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
   extern __shared__ __align__(128) unsigned char smem[];
@@ -279,8 +286,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
         }
       }
       slot_chunk[slot] = chunk;
-      if (p.stage_stamps && st < kStageStamps) {
-        unsigned long long* at = p.stage_stamps + (static_cast<int64_t>(blockIdx.x) * kStageStamps + st) * 4;
+      if (unsigned long long* at = stage_stamp(p, st)) {
         at[0] = now_ns();
         at[3] = static_cast<unsigned long long>(static_cast<int64_t>(chunk));
       }
@@ -458,8 +464,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
   for (int st = 0;; ++st) {
     const int slot = st % S;
     mbar_wait(&full[slot], (st / S) & 1);
-    unsigned long long* stage_at = p.stage_stamps && tid == 0 && st < kStageStamps
-        ? p.stage_stamps + (static_cast<int64_t>(blockIdx.x) * kStageStamps + st) * 4 : nullptr;
+    unsigned long long* stage_at = tid == 0 ? stage_stamp(p, st) : nullptr;
     if (stage_at) stage_at[1] = now_ns();
     const int chunk = slot_chunk[slot];
     if (chunk < 0) break;
