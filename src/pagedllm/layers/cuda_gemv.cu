@@ -62,6 +62,7 @@ constexpr int kMaxSlots = 32;
 constexpr int kMaxWorld = 8;
 constexpr int kMaxPullWorld = 2;  // ranks a pulled operand sums (its loads are all in flight at once)
 constexpr int kStageStamps = 16;   // stages stamped per CTA (Params::stage_stamps)
+constexpr int kRegVecs = 8;        // XREG: the operand's vectors a lane keeps as fp32 (K <= 32 * 8 * 8)
 // Shared layout: [full barriers][empty barriers][chunk of each slot][misc] | operand | ring
 constexpr int kEmptyOffset = 256;
 constexpr int kChunkOffset = 512;
@@ -132,6 +133,16 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 __device__ __forceinline__ float bf(const __nv_bfloat16 v) { return __bfloat162float(v); }
 
+// fma8 with the operand already in fp32 (the same products in the same order: the bits agree).
+__device__ __forceinline__ void fma8f(const uint4 w4, const float (&x)[8], float& acc) {
+  const __nv_bfloat162* wp = reinterpret_cast<const __nv_bfloat162*>(&w4);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 wf = __bfloat1622float2(wp[j]);
+    acc = fmaf(wf.x, x[2 * j], acc);
+    acc = fmaf(wf.y, x[2 * j + 1], acc);
+  }
+}
 __device__ __forceinline__ void fma8(const uint4 w4, const uint4 x4, float& acc) {
   const __nv_bfloat162* wp = reinterpret_cast<const __nv_bfloat162*>(&w4);
   const __nv_bfloat162* xp = reinterpret_cast<const __nv_bfloat162*>(&x4);
@@ -159,6 +170,9 @@ struct Params {
   unsigned long long* stage_stamps;
   int N, K, rows_per_stage, num_slots, static_chunks, ring_offset;
   int ahead;  // stages in flight before the operand is ready (0: no limit)
+  // 1: the chunks past the slabs (fewer than the CTAs) go one to each CTA in order, with no
+  // tickets (and no wait for the grid before, in the producer); 0: through the ticket counter
+  int static_tail;
   float eps;
   void* push[kMaxWorld];           // MODE 0/1: the site's buffer of each of num_push ranks; else out
   const void* pull;                // MODE 2: this rank's buffer of the site; null: the operand is x
@@ -223,7 +237,13 @@ __device__ __forceinline__ unsigned long long* stage_stamp(const Params& p, int 
              : nullptr;
 }
 
-template <int MODE>
+// XREG: each lane keeps the operand's vectors it multiplies as fp32 in registers (K <= 2048)
+// instead of loading and widening them from shared memory for every row. At K = 2048 a warp's row
+// is 8 vectors a lane; with the operand in shared memory the consumers took ~0.8 us a stage of 8
+// such rows on an H200, as long as the weights take to stream, so the O projection at TP=2 took
+// ~4 us past its operand however many of its stages were already in (docs/benchmarks.md,
+// twenty-first session).
+template <int MODE, bool XREG>
 __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
   extern __shared__ __align__(128) unsigned char smem[];
   uint64_t* full = reinterpret_cast<uint64_t*>(smem);
@@ -263,7 +283,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
       const int slot = st % S;
       // Draw the first ticket one stage before the slab ends: CTAs that streamed their slab
       // sooner draw sooner, and the atomic's round trip overlaps the wait for a free slot.
-      if (dynamic_chunks > 0 && !have_ticket && st + 1 >= p.static_chunks) {
+      if (dynamic_chunks > 0 && !p.static_tail && !have_ticket && st + 1 >= p.static_chunks) {
         // An earlier launch of this weight may still be drawing: PDL starts this grid early.
         pdl_wait();
         ticket = atomicAdd(p.tickets, 1ull);
@@ -278,6 +298,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
       int chunk = -1;
       if (st < p.static_chunks) {
         chunk = blockIdx.x * p.static_chunks + st;
+      } else if (dynamic_chunks > 0 && p.static_tail) {
+        chunk = st == p.static_chunks && static_cast<int>(blockIdx.x) < dynamic_chunks ? static_total + blockIdx.x : -1;
       } else if (dynamic_chunks > 0) {
         const int local = static_cast<int>(ticket % period);
         if (local < dynamic_chunks) {
@@ -441,6 +463,11 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
       if (blockIdx.x == 0) reinterpret_cast<uint4*>(p.res_out)[v] = s4;
     }
     reinterpret_cast<uint4*>(xs)[v] = packed;
+    if constexpr (XREG) {  // and widened, after it: the consumers load their vectors from here
+      float* wide = reinterpret_cast<float*>(smem + kOperandOffset + (K * 2 + 127) / 128 * 128) + v * 8;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) wide[j] = bf(o[j]);
+    }
   }
   float scale = 1.f;
   if constexpr (MODE == 2) {
@@ -460,6 +487,20 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
   // Every warp waits for every stage before releasing it, so an arrival always counts toward
   // that stage's phase.
   const uint4* xv = reinterpret_cast<const uint4*>(xs);
+  // Loaded already widened (not widened here from xs): the compiler would rather keep the bf16
+  // pairs and widen them again for every row, which is the work this form saves.
+  float xr[XREG ? kRegVecs : 1][8];
+  if constexpr (XREG) {
+    const float4* wide = reinterpret_cast<const float4*>(smem + kOperandOffset + (K * 2 + 127) / 128 * 128);
+#pragma unroll
+    for (int i = 0; i < kRegVecs; ++i) {
+      const int v = lane + 32 * i;
+      const float4 lo = v < kv ? wide[2 * v] : make_float4(0.f, 0.f, 0.f, 0.f);
+      const float4 hi = v < kv ? wide[2 * v + 1] : make_float4(0.f, 0.f, 0.f, 0.f);
+      xr[i][0] = lo.x, xr[i][1] = lo.y, xr[i][2] = lo.z, xr[i][3] = lo.w;
+      xr[i][4] = hi.x, xr[i][5] = hi.y, xr[i][6] = hi.z, xr[i][7] = hi.w;
+    }
+  }
   unsigned long long rows_done = 0;  // by this CTA (every consumer thread sees every stage)
   for (int st = 0;; ++st) {
     const int slot = st % S;
@@ -474,16 +515,27 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
     const int first = st * R;
     for (int j = ((warp - first % kWarps) + kWarps) % kWarps; j < rows_in; j += kWarps) {
       const uint4* wrow = reinterpret_cast<const uint4*>(ws + static_cast<int64_t>(j) * K);
-      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-      int v = lane;
-      for (; v + 96 < kv; v += 128) {
-        fma8(wrow[v], xv[v], a0);
-        fma8(wrow[v + 32], xv[v + 32], a1);
-        fma8(wrow[v + 64], xv[v + 64], a2);
-        fma8(wrow[v + 96], xv[v + 96], a3);
+      float a[4] = {0.f, 0.f, 0.f, 0.f};
+      if constexpr (XREG) {
+        // The vectors fall to the accumulators as in the loop below (groups of four while a
+        // whole group is left, the rest to the first), so the sums are bitwise the same.
+#pragma unroll
+        for (int i = 0; i < kRegVecs; ++i) {
+          const int v = lane + 32 * i;
+          if (lane + 32 * (i & ~3) + 96 < kv) fma8f(wrow[v], xr[i], a[i & 3]);
+          else if (v < kv) fma8f(wrow[v], xr[i], a[0]);
+        }
+      } else {
+        int v = lane;
+        for (; v + 96 < kv; v += 128) {
+          fma8(wrow[v], xv[v], a[0]);
+          fma8(wrow[v + 32], xv[v + 32], a[1]);
+          fma8(wrow[v + 64], xv[v + 64], a[2]);
+          fma8(wrow[v + 96], xv[v + 96], a[3]);
+        }
+        for (; v < kv; v += 32) fma8(wrow[v], xv[v], a[0]);
       }
-      for (; v < kv; v += 32) fma8(wrow[v], xv[v], a0);
-      const float sum = warp_sum((a0 + a1) + (a2 + a3));
+      const float sum = warp_sum((a[0] + a[1]) + (a[2] + a[3]));
       if (lane == 0) {
         const int row = chunk * R + j;
         float y = sum * scale;
@@ -535,11 +587,15 @@ void gemv_m1(int64_t mode, torch::Tensor w, torch::Tensor x, c10::optional<torch
              int64_t num_slots, int64_t grid, int64_t static_chunks, int64_t ahead, bool pdl,
              c10::optional<torch::Tensor> stamps, std::vector<int64_t> push, c10::optional<torch::Tensor> pull,
              c10::optional<torch::Tensor> site_epoch, int64_t rank, int64_t world, bool pull_wait,
-             c10::optional<torch::Tensor> stage_stamps) {
+             c10::optional<torch::Tensor> stage_stamps, bool x_regs, bool static_tail) {
   const int N = w.size(0), K = w.size(1);
   TORCH_CHECK(K % 8 == 0 && K / 8 <= (mode == 2 ? kMaxVecs<2> : kMaxVecs<0>) * kConsumers,
               "gemv_m1: unsupported K ", K);
   TORCH_CHECK(num_slots >= 1 && num_slots <= kMaxSlots, "gemv_m1: num_slots out of range");
+  TORCH_CHECK(!x_regs || (mode != 2 && K / 8 <= kRegVecs * 32), "gemv_m1: x_regs is for the plain and gated forms, K <= ",
+              kRegVecs * 256);
+  TORCH_CHECK(!static_tail || N - static_chunks * grid * rows_per_stage <= grid * rows_per_stage,
+              "gemv_m1: a static tail takes at most one chunk a CTA");
   const c10::cuda::CUDAGuard guard(w.device());
   Params p;
   p.w = reinterpret_cast<const __nv_bfloat16*>(w.data_ptr());
@@ -558,9 +614,11 @@ void gemv_m1(int64_t mode, torch::Tensor w, torch::Tensor x, c10::optional<torch
   p.rows_per_stage = rows_per_stage;
   p.num_slots = num_slots;
   p.static_chunks = static_chunks;
-  p.ring_offset = (kOperandOffset + K * 2 + 127) / 128 * 128;
+  // the operand in bf16, then (x_regs) in fp32: cuda_gemv.py's plan() makes the same layout
+  p.ring_offset = (kOperandOffset + K * 2 + 127) / 128 * 128 + (x_regs ? (K * 4 + 127) / 128 * 128 : 0);
   p.eps = static_cast<float>(eps);
   p.ahead = static_cast<int>(ahead);
+  p.static_tail = static_tail ? 1 : 0;
   // The all-reduce on the GEMVs' backs (see the top of the file): push (MODE 0/1) or pull (MODE 2).
   TORCH_CHECK(world <= kMaxWorld && static_cast<int64_t>(push.size()) <= world && rank < world,
               "gemv_m1: bad site (world ", world, ", rank ", rank, ", ", push.size(), " buffers)");
@@ -579,12 +637,12 @@ void gemv_m1(int64_t mode, torch::Tensor w, torch::Tensor x, c10::optional<torch
   p.pull_wait = pull_wait ? 1 : 0;
   const int64_t smem = p.ring_offset + num_slots * rows_per_stage * static_cast<int64_t>(K) * 2;
   TORCH_CHECK(smem <= 227 * 1024, "gemv_m1: shared memory plan too large: ", smem);
-  static uint64_t attr_set[3] = {0, 0, 0};  // per mode, a bit per device
+  static uint64_t attr_set[5] = {0, 0, 0, 0, 0};  // per kernel below, a bit per device
   const int device = w.get_device();
-  auto go = [&](auto kernel) {
-    if (device >= 64 || !(attr_set[mode] >> device & 1)) {
+  auto go = [&](auto kernel, int which) {
+    if (device >= 64 || !(attr_set[which] >> device & 1)) {
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
-      if (device < 64) attr_set[mode] |= uint64_t{1} << device;
+      if (device < 64) attr_set[which] |= uint64_t{1} << device;
     }
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(static_cast<unsigned>(grid));
@@ -598,9 +656,11 @@ void gemv_m1(int64_t mode, torch::Tensor w, torch::Tensor x, c10::optional<torch
     cfg.numAttrs = 1;
     C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
   };
-  if (mode == 0) go(gemv_m1_kernel<0>);
-  else if (mode == 1) go(gemv_m1_kernel<1>);
-  else go(gemv_m1_kernel<2>);
+  if (mode == 0 && x_regs) go(gemv_m1_kernel<0, true>, 3);
+  else if (mode == 0) go(gemv_m1_kernel<0, false>, 0);
+  else if (mode == 1 && x_regs) go(gemv_m1_kernel<1, true>, 4);
+  else if (mode == 1) go(gemv_m1_kernel<1, false>, 1);
+  else go(gemv_m1_kernel<2, false>, 2);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("gemv_m1", &gemv_m1, "one-token bf16 GEMV (cuda_gemv.cu)"); }

@@ -58,6 +58,13 @@ AHEAD = 2  # stages in flight before the operand is loaded (cuda_gemv.cu)
 # operand). docs/benchmarks.md, sixteenth session.
 AHEAD_PULL = 1
 PDL = True
+# The plain and gated forms keep their operand in registers, as fp32, where K is at most this
+# (cuda_gemv.cu's XREG); PAGEDLLM_GEMV_X_REGS=0 reads it from shared memory for every row.
+X_REGS_ENV_VAR = "PAGEDLLM_GEMV_X_REGS"
+X_REGS_MAX_K = 2048
+# Weights of at most this many MiB split their rows statically, the chunks past the slabs one to
+# a CTA, with no ticket counter (GemvPlan.static_tail); 0: every weight takes the ticketed tail.
+STATIC_TAIL_ENV_VAR = "PAGEDLLM_GEMV_STATIC_TAIL_MIB"
 MODES = {"plain": 0, "silu": 1, "add_rmsnorm": 2}
 STAGE_STAMPS = 16  # stages stamped per CTA (cuda_gemv.cu's kStageStamps)
 
@@ -106,6 +113,17 @@ def aligned(*tensors: torch.Tensor | None) -> bool:
     return all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
 
 
+def x_regs(mode: str, k: int) -> bool:
+    """Whether the kernel keeps the operand in registers for this form and K (X_REGS_MAX_K)."""
+    return mode != "add_rmsnorm" and k <= X_REGS_MAX_K and on_by_default(X_REGS_ENV_VAR)
+
+
+def static_tail(weight: torch.Tensor) -> bool:
+    """Whether `weight` is split with no ticketed tail (PAGEDLLM_GEMV_STATIC_TAIL_MIB)."""
+    limit = float(os.environ.get(STATIC_TAIL_ENV_VAR, "0") or 0)
+    return weight.numel() * weight.element_size() <= limit * (1 << 20)
+
+
 def available() -> bool:
     """Whether the extension is built (building it on the first call)."""
     return enabled_by_env() and _module() is not None
@@ -120,19 +138,25 @@ class GemvPlan:
     static_chunks: int  # per CTA, before the ticketed tail
     n: int
     k: int
+    # True: the chunks past the slabs (fewer than the CTAs) go one to each CTA in order, no tickets
+    static_tail: bool = False
 
 
-def plan(n: int, k: int, sms: int = 132) -> GemvPlan | None:
+def plan(n: int, k: int, sms: int = 132, static_tail: bool = False, x_regs: bool = False) -> GemvPlan | None:
     """The stage size, ring depth and static split for weight [n, k], or None if a row does not
-    fit the shared memory."""
+    fit the shared memory. `static_tail`: every chunk assigned statically (the slabs take all
+    but fewer than `sms` chunks, which go one to each of the first CTAs). `x_regs`: the operand
+    also has an fp32 copy in shared memory (the kernel's XREG form)."""
     row_bytes = 2 * k
     rows = max(1, min(_MAX_ROWS_PER_STAGE, _STAGE_BYTES // row_bytes))
     stage_bytes = rows * row_bytes
-    ring_offset = (_OPERAND_OFFSET + row_bytes + 127) // 128 * 128
+    ring_offset = (_OPERAND_OFFSET + row_bytes + 127) // 128 * 128 + ((4 * k + 127) // 128 * 128 if x_regs else 0)
     slots = min(_MAX_SLOTS, _MAX_RING_BYTES // stage_bytes, (_SMEM_LIMIT - ring_offset) // stage_bytes)
     if slots < 2:
         return None
     chunks = -(-n // rows)
+    if static_tail:
+        return GemvPlan(rows, slots, chunks // sms, n, k, True)
     static = int(chunks * (1 - DYNAMIC_FRACTION)) // sms
     return GemvPlan(rows, slots, static, n, k)
 
@@ -201,7 +225,7 @@ def gemv(mode: str, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | N
         raise RuntimeError("the CUDA GEMV kernel is not built (see the log)")
     n, k = weight.shape
     sms = _num_sms(weight.device.index or 0)
-    p = plan(n, k, sms)
+    p = plan(n, k, sms, static_tail(weight), x_regs(mode, k))
     assert p is not None
     site = push or pull
     module.gemv_m1(MODES[mode], weight, x, residual, norm_weight, bias, x if out is None else out, residual_out,
@@ -209,7 +233,7 @@ def gemv(mode: str, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | N
                    AHEAD_PULL if pull else AHEAD, PDL,
                    stamps, list(push.addresses) if push else [], pull.buffer if pull else None,
                    site.epoch if site else None, site.rank if site else 0, site.world if site else 1,
-                   pull is not None and pull_waits_for_writer(), stage_stamps)
+                   pull is not None and pull_waits_for_writer(), stage_stamps, x_regs(mode, k), p.static_tail)
     return out
 
 
