@@ -60,7 +60,7 @@ def _stamped_gemv(mode: str, x: torch.Tensor, weight: torch.Tensor, out: torch.T
                           pull=kwargs.get("pull") is not None,
                           stamps=torch.zeros(sms * 4, dtype=torch.int64, device=weight.device))
             if os.environ.get("STAGE_STAMPS", "0") == "1":
-                record["stage_stamps"] = torch.zeros(sms * cuda_gemv.STAGE_STAMPS * 4, dtype=torch.int64,
+                record["stage_stamps"] = torch.zeros(sms * cuda_gemv.STAGE_STAMPS * cuda_gemv.STAGE_WORDS, dtype=torch.int64,
                                                      device=weight.device)
             _records[key] = record
         kwargs["stamps"] = record["stamps"]
@@ -84,8 +84,17 @@ def _stage_rows(stage: torch.Tensor, start: int, origin: int) -> list[dict[str, 
             t = t[t > 0]
             return round((float(t.double().median()) - origin) / 1e3, 2) if len(t) else None
 
+        # warp 0's SM clocks where it had a row: products, sum, the rest, and cycles per ns
+        worked = r[r[:, 5] > 0]
+
+        def cycles(a: int, b: int) -> float | None:
+            return float((worked[:, b] - worked[:, a]).double().median()) if len(worked) else None
+
+        span_ns = (worked[:, 2] - worked[:, 1]).double().sum() if len(worked) else 0
         rows.append(dict(st=st, ctas=len(r), ends=int((r[:, 3] == -1).sum()), issued=med(r[:, 0]),
-                         bytes_in=med(r[:, 1]), done=med(r[:, 2])))
+                         bytes_in=med(r[:, 1]), done=med(r[:, 2]), fma_clk=cycles(4, 5), sum_clk=cycles(5, 6),
+                         tail_clk=cycles(6, 7), ghz=float((worked[:, 7] - worked[:, 4]).double().sum() / span_ns)
+                         if span_ns > 0 else None))
     return rows
 
 
@@ -100,7 +109,7 @@ def _gemv_stamps(self: Any) -> list[dict[str, Any]]:
         call = dict({k: v for k, v in r.items() if k not in ("stamps", "stage_stamps")}, stamps=stamps.tolist())
         if "stage_stamps" in r and j > 0:
             origin = int(calls[j - 1]["stamps"].view(-1, 4)[:, 2].max())
-            call["stages"] = _stage_rows(r["stage_stamps"].view(-1, cuda_gemv.STAGE_STAMPS, 4).cpu(),
+            call["stages"] = _stage_rows(r["stage_stamps"].view(-1, cuda_gemv.STAGE_STAMPS, cuda_gemv.STAGE_WORDS).cpu(),
                                          int(stamps[:, 0][stamps[:, 0] > 0].min()), origin)
         out.append(call)
     return out
@@ -191,7 +200,8 @@ def stage_summary(calls: list[dict[str, Any]], first_layer: int = 4, last_layer:
                 vals = [r[f] for r in rows if r[f] is not None]
                 return f"{statistics.mean(vals):.2f}" if vals else "-"
             parts.append(f"{st}:{statistics.mean(r['ctas'] for r in rows):.0f}/{statistics.mean(r['ends'] for r in rows):.0f}"
-                         f" {mean('issued')}/{mean('bytes_in')}/{mean('done')}")
+                         f" {mean('issued')}/{mean('bytes_in')}/{mean('done')}"
+                         f" clk {mean('fma_clk')}/{mean('sum_clk')}/{mean('tail_clk')} @{mean('ghz')}")
         lines.append(f"{kind} stages (CTAs/ends issued/in/done): " + "  ".join(parts))
     return lines
 

@@ -62,6 +62,7 @@ constexpr int kMaxSlots = 32;
 constexpr int kMaxWorld = 8;
 constexpr int kMaxPullWorld = 2;  // ranks a pulled operand sums (its loads are all in flight at once)
 constexpr int kStageStamps = 16;   // stages stamped per CTA (Params::stage_stamps)
+constexpr int kStageWords = 8;     // words a stamped stage takes (Params::stage_stamps)
 constexpr int kRegVecs = 8;        // XREG: the operand's vectors a lane keeps as fp32 (K <= 32 * 8 * 8)
 // Shared layout: [full barriers][empty barriers][chunk of each slot][misc] | operand | ring
 constexpr int kEmptyOffset = 256;
@@ -166,7 +167,8 @@ struct Params {
   unsigned long long* tickets;
   unsigned long long* stamps;  // per CTA: start, operand ready, end (ns); null: off
   // per CTA, per stage st < kStageStamps: [the producer issued it, warp 0's wait for its bytes
-  // returned, warp 0's rows of it done, its chunk (-1: the end)]; null: off (benchmarks)
+  // returned, warp 0's rows of it done (ns), its chunk (-1: the end), then SM clocks of warp 0:
+  // its wait returned, its last row's products and its sum done, its rows done]; null: off
   unsigned long long* stage_stamps;
   int N, K, rows_per_stage, num_slots, static_chunks, ring_offset;
   int ahead;  // stages in flight before the operand is ready (0: no limit)
@@ -233,7 +235,7 @@ __device__ __forceinline__ void red_add_sys(unsigned long long* p, unsigned long
 // This CTA's stamps of stage st (see Params::stage_stamps), or null when not stamped.
 __device__ __forceinline__ unsigned long long* stage_stamp(const Params& p, int st) {
   return p.stage_stamps != nullptr && st < kStageStamps
-             ? p.stage_stamps + (static_cast<int64_t>(blockIdx.x) * kStageStamps + st) * 4
+             ? p.stage_stamps + (static_cast<int64_t>(blockIdx.x) * kStageStamps + st) * kStageWords
              : nullptr;
 }
 
@@ -506,7 +508,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
     const int slot = st % S;
     mbar_wait(&full[slot], (st / S) & 1);
     unsigned long long* stage_at = tid == 0 ? stage_stamp(p, st) : nullptr;
-    if (stage_at) stage_at[1] = now_ns();
+    if (stage_at) stage_at[1] = now_ns(), stage_at[4] = clock64();
     const int chunk = slot_chunk[slot];
     if (chunk < 0) break;
     const int rows_in = min(R, p.N - chunk * R);
@@ -517,13 +519,18 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
       const uint4* wrow = reinterpret_cast<const uint4*>(ws + static_cast<int64_t>(j) * K);
       float a[4] = {0.f, 0.f, 0.f, 0.f};
       if constexpr (XREG) {
+        // Every load first (past the row's end, its last vector again, unused): loads under the
+        // conditions below would each wait for the one before, which the stage stamps showed
+        // (~1150 SM cycles for a row of 8 vectors a lane, the products alone ~300).
+        uint4 wv[kRegVecs];
+#pragma unroll
+        for (int i = 0; i < kRegVecs; ++i) wv[i] = wrow[min(lane + 32 * i, kv - 1)];
         // The vectors fall to the accumulators as in the loop below (groups of four while a
         // whole group is left, the rest to the first), so the sums are bitwise the same.
 #pragma unroll
         for (int i = 0; i < kRegVecs; ++i) {
-          const int v = lane + 32 * i;
-          if (lane + 32 * (i & ~3) + 96 < kv) fma8f(wrow[v], xr[i], a[i & 3]);
-          else if (v < kv) fma8f(wrow[v], xr[i], a[0]);
+          if (lane + 32 * (i & ~3) + 96 < kv) fma8f(wv[i], xr[i], a[i & 3]);
+          else if (lane + 32 * i < kv) fma8f(wv[i], xr[i], a[0]);
         }
       } else {
         int v = lane;
@@ -535,7 +542,9 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
         }
         for (; v < kv; v += 32) fma8(wrow[v], xv[v], a[0]);
       }
+      if (stage_at) stage_at[5] = clock64();
       const float sum = warp_sum((a[0] + a[1]) + (a[2] + a[3]));
+      if (stage_at) stage_at[6] = clock64();
       if (lane == 0) {
         const int row = chunk * R + j;
         float y = sum * scale;
@@ -543,14 +552,17 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
         if (MODE != 2 && p.num_push > 0) {  // this rank's partial row, into every rank's buffer
           const int64_t at = static_cast<int64_t>(p.rank) * p.N + row;
           const uint32_t word = tag << 16 | __bfloat16_as_ushort(__float2bfloat16(y));
-          for (int r = 0; r < p.num_push; ++r) st_word(static_cast<uint32_t*>(p.push[r]) + at, word);
+#pragma unroll
+          for (int r = 0; r < kMaxWorld; ++r) {  // unrolled: the buffers' addresses are fixed offsets of p
+            if (r < p.num_push) st_word(static_cast<uint32_t*>(p.push[r]) + at, word);
+          }
         } else {
           p.out[row] = __float2bfloat16(y);
         }
       }
     }
     __syncwarp();
-    if (stage_at) stage_at[2] = now_ns();
+    if (stage_at) stage_at[2] = now_ns(), stage_at[7] = clock64();
     if (lane == 0) mbar_arrive(&empty[slot]);
   }
   if (p.stamps) {
@@ -607,7 +619,7 @@ void gemv_m1(int64_t mode, torch::Tensor w, torch::Tensor x, c10::optional<torch
   p.res_out = res_out ? reinterpret_cast<__nv_bfloat16*>(res_out->data_ptr()) : nullptr;
   p.tickets = reinterpret_cast<unsigned long long*>(tickets.data_ptr());
   p.stamps = stamps ? reinterpret_cast<unsigned long long*>(stamps->data_ptr()) : nullptr;
-  TORCH_CHECK(!stage_stamps || stage_stamps->numel() >= grid * kStageStamps * 4, "gemv_m1: stage_stamps too small");
+  TORCH_CHECK(!stage_stamps || stage_stamps->numel() >= grid * kStageStamps * kStageWords, "gemv_m1: stage_stamps too small");
   p.stage_stamps = stage_stamps ? reinterpret_cast<unsigned long long*>(stage_stamps->data_ptr()) : nullptr;
   p.N = N;
   p.K = K;

@@ -67,6 +67,7 @@ X_REGS_MAX_K = 2048
 STATIC_TAIL_ENV_VAR = "PAGEDLLM_GEMV_STATIC_TAIL_MIB"
 MODES = {"plain": 0, "silu": 1, "add_rmsnorm": 2}
 STAGE_STAMPS = 16  # stages stamped per CTA (cuda_gemv.cu's kStageStamps)
+STAGE_WORDS = 8  # int64 words a stamped stage takes (cuda_gemv.cu's kStageWords)
 
 
 def enabled_by_env() -> bool:
@@ -213,7 +214,7 @@ def gemv(mode: str, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | N
     [1, K], `residual`, `norm_weight` [K] and `eps` the norm's, and `residual_out` [1, K]
     receives hidden + residual. Every tensor contiguous bf16 on one device; the caller checked
     `supports`. `stamps` (tests and benchmarks): per-CTA global-timer readings; `stage_stamps`
-    (int64, >= SMs x STAGE_STAMPS x 4): per CTA and stage, when it was issued, when warp 0 had
+    (int64, >= SMs x STAGE_STAMPS x STAGE_WORDS): per CTA and stage, when it was issued, when warp 0 had
     its bytes and its rows done, and its chunk (cuda_gemv.cu).
 
     `push` ("plain" / "silu", no bias): the rows go to every rank's buffer of the site instead of
