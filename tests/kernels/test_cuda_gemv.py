@@ -48,10 +48,10 @@ def test_static_tail_plan_leaves_at_most_one_chunk_a_cta() -> None:
 def test_switches_of_the_operand_in_registers_and_the_static_tail(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(cuda_gemv.X_REGS_ENV_VAR, raising=False)
     monkeypatch.delenv(cuda_gemv.STATIC_TAIL_ENV_VAR, raising=False)
+    assert not cuda_gemv.x_regs("plain", 2048)  # off unless asked
+    monkeypatch.setenv(cuda_gemv.X_REGS_ENV_VAR, "1")
     assert cuda_gemv.x_regs("plain", 2048) and cuda_gemv.x_regs("silu", 1048)
     assert not cuda_gemv.x_regs("plain", 2056) and not cuda_gemv.x_regs("add_rmsnorm", 2048)
-    monkeypatch.setenv(cuda_gemv.X_REGS_ENV_VAR, "0")
-    assert not cuda_gemv.x_regs("plain", 2048)
     w = torch.zeros(4096, 2048, dtype=torch.bfloat16)  # 16 MiB
     assert not cuda_gemv.static_tail(w)
     monkeypatch.setenv(cuda_gemv.STATIC_TAIL_ENV_VAR, "16")

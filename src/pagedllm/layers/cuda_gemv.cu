@@ -134,25 +134,27 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 __device__ __forceinline__ float bf(const __nv_bfloat16 v) { return __bfloat162float(v); }
 
+// A bf16 pair (one 32-bit word, first element low) widened to fp32 with integer ops: exact, as
+// cvt.f32.bf16 is, and it keeps the widening off the conversion pipe, which cvt may take.
+__device__ __forceinline__ float bf_lo(const uint32_t u) { return __uint_as_float(u << 16); }
+__device__ __forceinline__ float bf_hi(const uint32_t u) { return __uint_as_float(u & 0xFFFF0000u); }
+
 // fma8 with the operand already in fp32 (the same products in the same order: the bits agree).
 __device__ __forceinline__ void fma8f(const uint4 w4, const float (&x)[8], float& acc) {
-  const __nv_bfloat162* wp = reinterpret_cast<const __nv_bfloat162*>(&w4);
+  const uint32_t w[4] = {w4.x, w4.y, w4.z, w4.w};
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    const float2 wf = __bfloat1622float2(wp[j]);
-    acc = fmaf(wf.x, x[2 * j], acc);
-    acc = fmaf(wf.y, x[2 * j + 1], acc);
+    acc = fmaf(bf_lo(w[j]), x[2 * j], acc);
+    acc = fmaf(bf_hi(w[j]), x[2 * j + 1], acc);
   }
 }
 __device__ __forceinline__ void fma8(const uint4 w4, const uint4 x4, float& acc) {
-  const __nv_bfloat162* wp = reinterpret_cast<const __nv_bfloat162*>(&w4);
-  const __nv_bfloat162* xp = reinterpret_cast<const __nv_bfloat162*>(&x4);
+  const uint32_t w[4] = {w4.x, w4.y, w4.z, w4.w};
+  const uint32_t x[4] = {x4.x, x4.y, x4.z, x4.w};
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    const float2 wf = __bfloat1622float2(wp[j]);
-    const float2 xf = __bfloat1622float2(xp[j]);
-    acc = fmaf(wf.x, xf.x, acc);
-    acc = fmaf(wf.y, xf.y, acc);
+    acc = fmaf(bf_lo(w[j]), bf_lo(x[j]), acc);
+    acc = fmaf(bf_hi(w[j]), bf_hi(x[j]), acc);
   }
 }
 

@@ -59,7 +59,8 @@ AHEAD = 2  # stages in flight before the operand is loaded (cuda_gemv.cu)
 AHEAD_PULL = 1
 PDL = True
 # The plain and gated forms keep their operand in registers, as fp32, where K is at most this
-# (cuda_gemv.cu's XREG); PAGEDLLM_GEMV_X_REGS=0 reads it from shared memory for every row.
+# (cuda_gemv.cu's XREG) with PAGEDLLM_GEMV_X_REGS=1; by default it is read from shared memory
+# for every row.
 X_REGS_ENV_VAR = "PAGEDLLM_GEMV_X_REGS"
 X_REGS_MAX_K = 2048
 # Weights of at most this many MiB split their rows statically, the chunks past the slabs one to
@@ -115,8 +116,10 @@ def aligned(*tensors: torch.Tensor | None) -> bool:
 
 
 def x_regs(mode: str, k: int) -> bool:
-    """Whether the kernel keeps the operand in registers for this form and K (X_REGS_MAX_K)."""
-    return mode != "add_rmsnorm" and k <= X_REGS_MAX_K and on_by_default(X_REGS_ENV_VAR)
+    """Whether the kernel keeps the operand in registers for this form and K (X_REGS_MAX_K):
+    PAGEDLLM_GEMV_X_REGS=1; off by default (L1 at TP=2 on 2 x H200 took 20-25 us a step longer
+    with it, docs/benchmarks.md, twenty-first session)."""
+    return mode != "add_rmsnorm" and k <= X_REGS_MAX_K and os.environ.get(X_REGS_ENV_VAR, "0").strip() == "1"
 
 
 def static_tail(weight: torch.Tensor) -> bool:
