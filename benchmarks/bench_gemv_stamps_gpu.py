@@ -17,7 +17,8 @@ Writes $OUT/gemv_stamps.json. The stamps come from wrapping `cuda_gemv.gemv` and
 first (as `__mp_main__`), so they carry the same wrappers; everything else runs under the
 `__main__` guard. Stamping costs three global-timer reads and stores per CTA; set
 `GEMV_STAMPS=0` for TPOT alone. `STAGE_STAMPS=1` also stamps each CTA's stages (when issued,
-when warp 0 had the bytes, when its rows were done) and prints them per kind of GEMV.
+when warp 0 had the bytes, when its rows were done; and warp 0's SM clocks for its last row's
+products, its warp sum and the rest) and prints them per kind of GEMV.
 """
 
 from __future__ import annotations
@@ -41,8 +42,7 @@ from pagedllm.worker import worker as worker_module  # noqa: E402
 # BENCH_DECODE_PARTITION_TOKENS, BENCH_CUDA_DECODE_* (this script's own): see _apply_bench_knobs.
 KNOBS = ("PAGEDLLM_GEMV_PULL_WAIT", "PAGEDLLM_ATTENTION_PDL", "PAGEDLLM_GEMV_ALL_REDUCE", "PAGEDLLM_SHARDED_SAMPLING",
          "BENCH_DECODE_PARTITION_TOKENS", "PAGEDLLM_CUDA_DECODE_ATTENTION", "BENCH_CUDA_DECODE_WARPS",
-         "BENCH_CUDA_DECODE_CLUSTER", "PAGEDLLM_ONE_SHOT_EMBEDDING", "PAGEDLLM_ONE_SHOT_ARGMAX",
-         "PAGEDLLM_GEMV_X_REGS", "PAGEDLLM_GEMV_STATIC_TAIL_MIB")
+         "BENCH_CUDA_DECODE_CLUSTER", "PAGEDLLM_ONE_SHOT_EMBEDDING", "PAGEDLLM_ONE_SHOT_ARGMAX")
 _VARIANT_SWITCHES: dict[str, str | None] = {}  # switch -> its value before the last variant set it
 _records: dict[tuple[int, str], dict[str, Any]] = {}  # (weight pointer, mode) -> call record
 _unstamped_gemv = cuda_gemv.gemv
@@ -60,8 +60,8 @@ def _stamped_gemv(mode: str, x: torch.Tensor, weight: torch.Tensor, out: torch.T
                           pull=kwargs.get("pull") is not None,
                           stamps=torch.zeros(sms * 4, dtype=torch.int64, device=weight.device))
             if os.environ.get("STAGE_STAMPS", "0") == "1":
-                record["stage_stamps"] = torch.zeros(sms * cuda_gemv.STAGE_STAMPS * cuda_gemv.STAGE_WORDS, dtype=torch.int64,
-                                                     device=weight.device)
+                record["stage_stamps"] = torch.zeros(sms * cuda_gemv.STAGE_STAMPS * cuda_gemv.STAGE_WORDS,
+                                                     dtype=torch.int64, device=weight.device)
             _records[key] = record
         kwargs["stamps"] = record["stamps"]
         if "stage_stamps" in record:
@@ -109,8 +109,8 @@ def _gemv_stamps(self: Any) -> list[dict[str, Any]]:
         call = dict({k: v for k, v in r.items() if k not in ("stamps", "stage_stamps")}, stamps=stamps.tolist())
         if "stage_stamps" in r and j > 0:
             origin = int(calls[j - 1]["stamps"].view(-1, 4)[:, 2].max())
-            call["stages"] = _stage_rows(r["stage_stamps"].view(-1, cuda_gemv.STAGE_STAMPS, cuda_gemv.STAGE_WORDS).cpu(),
-                                         int(stamps[:, 0][stamps[:, 0] > 0].min()), origin)
+            stages = r["stage_stamps"].view(-1, cuda_gemv.STAGE_STAMPS, cuda_gemv.STAGE_WORDS).cpu()
+            call["stages"] = _stage_rows(stages, int(stamps[:, 0][stamps[:, 0] > 0].min()), origin)
         out.append(call)
     return out
 

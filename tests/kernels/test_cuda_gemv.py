@@ -33,33 +33,6 @@ def test_plan_fits_shared_memory_and_splits_the_rows() -> None:
     assert cuda_gemv.plan(4096, 120000) is None  # a row larger than the ring
 
 
-def test_static_tail_plan_leaves_at_most_one_chunk_a_cta() -> None:
-    for n, k in [(4096, 2048), (3072, 4096), (7, 8), (100000, 64)]:
-        p = cuda_gemv.plan(n, k, 132, static_tail=True)
-        assert p is not None and p.static_tail
-        chunks = -(-n // p.rows_per_stage)
-        assert 0 <= chunks - p.static_chunks * 132 < 132
-    for k in (8, 1048, 2048):  # the operand's fp32 copy (x_regs) before the ring still fits
-        p = cuda_gemv.plan(4096, k, 132, x_regs=True)
-        ring_offset = (1024 + 2 * k + 127) // 128 * 128 + (4 * k + 127) // 128 * 128
-        assert p is not None and ring_offset + p.num_slots * p.rows_per_stage * 2 * k <= 227 * 1024
-
-
-def test_switches_of_the_operand_in_registers_and_the_static_tail(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(cuda_gemv.X_REGS_ENV_VAR, raising=False)
-    monkeypatch.delenv(cuda_gemv.STATIC_TAIL_ENV_VAR, raising=False)
-    assert not cuda_gemv.x_regs("plain", 2048)  # off unless asked
-    monkeypatch.setenv(cuda_gemv.X_REGS_ENV_VAR, "1")
-    assert cuda_gemv.x_regs("plain", 2048) and cuda_gemv.x_regs("silu", 1048)
-    assert not cuda_gemv.x_regs("plain", 2056) and not cuda_gemv.x_regs("add_rmsnorm", 2048)
-    w = torch.zeros(4096, 2048, dtype=torch.bfloat16)  # 16 MiB
-    assert not cuda_gemv.static_tail(w)
-    monkeypatch.setenv(cuda_gemv.STATIC_TAIL_ENV_VAR, "16")
-    assert cuda_gemv.static_tail(w)
-    monkeypatch.setenv(cuda_gemv.STATIC_TAIL_ENV_VAR, "15.9")
-    assert not cuda_gemv.static_tail(w)
-
-
 def test_pulled_operand_waits_for_the_writer_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(cuda_gemv.PULL_WAIT_ENV_VAR, raising=False)
     assert not cuda_gemv.pull_waits_for_writer()
@@ -245,26 +218,3 @@ def test_pull_waits_for_a_peer_whose_rows_come_late() -> None:
         torch.cuda.synchronize()
         assert torch.equal(res_out, ref_res) and torch.equal(out, ref), f"call {call}"
         assert int(epoch[0]) == call + 1
-
-
-@gpu_only
-@pytest.mark.parametrize("mode", ["plain", "silu"])
-@pytest.mark.parametrize("n,k", [(4096, 2048), (1000, 1048), (300, 1992), (5, 8)])
-def test_operand_in_registers_and_static_tail_give_the_same_bits(monkeypatch: pytest.MonkeyPatch, mode: str,
-                                                                  n: int, k: int) -> None:
-    """The operand kept in registers (K <= 2048) and the tail split with no tickets change who
-    computes what and from where, never the sums: bitwise the default's results."""
-    if not cuda_gemv.available():
-        pytest.skip("the extension did not build here (no nvcc?)")
-    x, w, b, out, kwargs, ref, _ = _case(mode, n, k, seed=n + k + 1, bias=mode == "plain")
-    results = {}
-    for regs, tail in (("0", "0"), ("1", "0"), ("0", "1000"), ("1", "1000")):
-        monkeypatch.setenv(cuda_gemv.X_REGS_ENV_VAR, regs)
-        monkeypatch.setenv(cuda_gemv.STATIC_TAIL_ENV_VAR, tail)
-        results[regs, tail] = [cuda_gemv.gemv(mode, x, w, torch.empty_like(out), b).clone() for _ in range(2)]
-    torch.cuda.synchronize()
-    first = results["0", "0"][0]
-    assert (first.float() - ref).abs().max().item() <= 2 * 2**-8 * ref.abs().max().item()
-    for key, outs in results.items():
-        for o in outs:
-            assert torch.equal(o, first), key

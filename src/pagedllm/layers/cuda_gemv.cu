@@ -63,7 +63,6 @@ constexpr int kMaxWorld = 8;
 constexpr int kMaxPullWorld = 2;  // ranks a pulled operand sums (its loads are all in flight at once)
 constexpr int kStageStamps = 16;   // stages stamped per CTA (Params::stage_stamps)
 constexpr int kStageWords = 8;     // words a stamped stage takes (Params::stage_stamps)
-constexpr int kRegVecs = 8;        // XREG: the operand's vectors a lane keeps as fp32 (K <= 32 * 8 * 8)
 // Shared layout: [full barriers][empty barriers][chunk of each slot][misc] | operand | ring
 constexpr int kEmptyOffset = 256;
 constexpr int kChunkOffset = 512;
@@ -134,27 +133,15 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 __device__ __forceinline__ float bf(const __nv_bfloat16 v) { return __bfloat162float(v); }
 
-// A bf16 pair (one 32-bit word, first element low) widened to fp32 with integer ops: exact, as
-// cvt.f32.bf16 is, and it keeps the widening off the conversion pipe, which cvt may take.
-__device__ __forceinline__ float bf_lo(const uint32_t u) { return __uint_as_float(u << 16); }
-__device__ __forceinline__ float bf_hi(const uint32_t u) { return __uint_as_float(u & 0xFFFF0000u); }
-
-// fma8 with the operand already in fp32 (the same products in the same order: the bits agree).
-__device__ __forceinline__ void fma8f(const uint4 w4, const float (&x)[8], float& acc) {
-  const uint32_t w[4] = {w4.x, w4.y, w4.z, w4.w};
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    acc = fmaf(bf_lo(w[j]), x[2 * j], acc);
-    acc = fmaf(bf_hi(w[j]), x[2 * j + 1], acc);
-  }
-}
 __device__ __forceinline__ void fma8(const uint4 w4, const uint4 x4, float& acc) {
-  const uint32_t w[4] = {w4.x, w4.y, w4.z, w4.w};
-  const uint32_t x[4] = {x4.x, x4.y, x4.z, x4.w};
+  const __nv_bfloat162* wp = reinterpret_cast<const __nv_bfloat162*>(&w4);
+  const __nv_bfloat162* xp = reinterpret_cast<const __nv_bfloat162*>(&x4);
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    acc = fmaf(bf_lo(w[j]), bf_lo(x[j]), acc);
-    acc = fmaf(bf_hi(w[j]), bf_hi(x[j]), acc);
+    const float2 wf = __bfloat1622float2(wp[j]);
+    const float2 xf = __bfloat1622float2(xp[j]);
+    acc = fmaf(wf.x, xf.x, acc);
+    acc = fmaf(wf.y, xf.y, acc);
   }
 }
 
@@ -174,9 +161,6 @@ struct Params {
   unsigned long long* stage_stamps;
   int N, K, rows_per_stage, num_slots, static_chunks, ring_offset;
   int ahead;  // stages in flight before the operand is ready (0: no limit)
-  // 1: the chunks past the slabs (fewer than the CTAs) go one to each CTA in order, with no
-  // tickets (and no wait for the grid before, in the producer); 0: through the ticket counter
-  int static_tail;
   float eps;
   void* push[kMaxWorld];           // MODE 0/1: the site's buffer of each of num_push ranks; else out
   const void* pull;                // MODE 2: this rank's buffer of the site; null: the operand is x
@@ -241,13 +225,7 @@ __device__ __forceinline__ unsigned long long* stage_stamp(const Params& p, int 
              : nullptr;
 }
 
-// XREG: each lane keeps the operand's vectors it multiplies as fp32 in registers (K <= 2048)
-// instead of loading and widening them from shared memory for every row. At K = 2048 a warp's row
-// is 8 vectors a lane; with the operand in shared memory the consumers took ~0.8 us a stage of 8
-// such rows on an H200, as long as the weights take to stream, so the O projection at TP=2 took
-// ~4 us past its operand however many of its stages were already in (docs/benchmarks.md,
-// twenty-first session).
-template <int MODE, bool XREG>
+template <int MODE>
 __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
   extern __shared__ __align__(128) unsigned char smem[];
   uint64_t* full = reinterpret_cast<uint64_t*>(smem);
@@ -287,7 +265,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
       const int slot = st % S;
       // Draw the first ticket one stage before the slab ends: CTAs that streamed their slab
       // sooner draw sooner, and the atomic's round trip overlaps the wait for a free slot.
-      if (dynamic_chunks > 0 && !p.static_tail && !have_ticket && st + 1 >= p.static_chunks) {
+      if (dynamic_chunks > 0 && !have_ticket && st + 1 >= p.static_chunks) {
         // An earlier launch of this weight may still be drawing: PDL starts this grid early.
         pdl_wait();
         ticket = atomicAdd(p.tickets, 1ull);
@@ -302,8 +280,6 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
       int chunk = -1;
       if (st < p.static_chunks) {
         chunk = blockIdx.x * p.static_chunks + st;
-      } else if (dynamic_chunks > 0 && p.static_tail) {
-        chunk = st == p.static_chunks && static_cast<int>(blockIdx.x) < dynamic_chunks ? static_total + blockIdx.x : -1;
       } else if (dynamic_chunks > 0) {
         const int local = static_cast<int>(ticket % period);
         if (local < dynamic_chunks) {
@@ -467,11 +443,6 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
       if (blockIdx.x == 0) reinterpret_cast<uint4*>(p.res_out)[v] = s4;
     }
     reinterpret_cast<uint4*>(xs)[v] = packed;
-    if constexpr (XREG) {  // and widened, after it: the consumers load their vectors from here
-      float* wide = reinterpret_cast<float*>(smem + kOperandOffset + (K * 2 + 127) / 128 * 128) + v * 8;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) wide[j] = bf(o[j]);
-    }
   }
   float scale = 1.f;
   if constexpr (MODE == 2) {
@@ -491,20 +462,6 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
   // Every warp waits for every stage before releasing it, so an arrival always counts toward
   // that stage's phase.
   const uint4* xv = reinterpret_cast<const uint4*>(xs);
-  // Loaded already widened (not widened here from xs): the compiler would rather keep the bf16
-  // pairs and widen them again for every row, which is the work this form saves.
-  float xr[XREG ? kRegVecs : 1][8];
-  if constexpr (XREG) {
-    const float4* wide = reinterpret_cast<const float4*>(smem + kOperandOffset + (K * 2 + 127) / 128 * 128);
-#pragma unroll
-    for (int i = 0; i < kRegVecs; ++i) {
-      const int v = lane + 32 * i;
-      const float4 lo = v < kv ? wide[2 * v] : make_float4(0.f, 0.f, 0.f, 0.f);
-      const float4 hi = v < kv ? wide[2 * v + 1] : make_float4(0.f, 0.f, 0.f, 0.f);
-      xr[i][0] = lo.x, xr[i][1] = lo.y, xr[i][2] = lo.z, xr[i][3] = lo.w;
-      xr[i][4] = hi.x, xr[i][5] = hi.y, xr[i][6] = hi.z, xr[i][7] = hi.w;
-    }
-  }
   unsigned long long rows_done = 0;  // by this CTA (every consumer thread sees every stage)
   for (int st = 0;; ++st) {
     const int slot = st % S;
@@ -519,45 +476,30 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
     const int first = st * R;
     for (int j = ((warp - first % kWarps) + kWarps) % kWarps; j < rows_in; j += kWarps) {
       const uint4* wrow = reinterpret_cast<const uint4*>(ws + static_cast<int64_t>(j) * K);
-      float a[4] = {0.f, 0.f, 0.f, 0.f};
-      if constexpr (XREG) {
-        // Every load first (past the row's end, its last vector again, unused): loads under the
-        // conditions below would each wait for the one before, which the stage stamps showed
-        // (~1150 SM cycles for a row of 8 vectors a lane, the products alone ~300).
-        uint4 wv[kRegVecs];
-#pragma unroll
-        for (int i = 0; i < kRegVecs; ++i) wv[i] = wrow[min(lane + 32 * i, kv - 1)];
-        // The vectors fall to the accumulators as in the loop below (groups of four while a
-        // whole group is left, the rest to the first), so the sums are bitwise the same.
-#pragma unroll
-        for (int i = 0; i < kRegVecs; ++i) {
-          if (lane + 32 * (i & ~3) + 96 < kv) fma8f(wv[i], xr[i], a[i & 3]);
-          else if (lane + 32 * i < kv) fma8f(wv[i], xr[i], a[0]);
-        }
-      } else {
-        int v = lane;
-        for (; v + 96 < kv; v += 128) {
-          fma8(wrow[v], xv[v], a[0]);
-          fma8(wrow[v + 32], xv[v + 32], a[1]);
-          fma8(wrow[v + 64], xv[v + 64], a[2]);
-          fma8(wrow[v + 96], xv[v + 96], a[3]);
-        }
-        for (; v < kv; v += 32) fma8(wrow[v], xv[v], a[0]);
+      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+      int v = lane;
+      for (; v + 96 < kv; v += 128) {
+        fma8(wrow[v], xv[v], a0);
+        fma8(wrow[v + 32], xv[v + 32], a1);
+        fma8(wrow[v + 64], xv[v + 64], a2);
+        fma8(wrow[v + 96], xv[v + 96], a3);
       }
+      for (; v < kv; v += 32) fma8(wrow[v], xv[v], a0);
       if (stage_at) stage_at[5] = clock64();
-      const float sum = warp_sum((a[0] + a[1]) + (a[2] + a[3]));
+      const float sum = warp_sum((a0 + a1) + (a2 + a3));
       if (stage_at) stage_at[6] = clock64();
-      if (lane == 0) {
+      // Every lane holds the same sum (each butterfly step adds a pair of equal partials in
+      // either order). Pushing, lane r stores the row into rank r's buffer, so the stores to the
+      // ranks go out side by side: one lane storing them in turn took ~200 SM cycles a row more
+      // than a plain store, on the consumer's path (stage stamps, docs/benchmarks.md).
+      const bool pushing = MODE != 2 && p.num_push > 0;
+      if (pushing ? lane < p.num_push : lane == 0) {
         const int row = chunk * R + j;
         float y = sum * scale;
         if (p.bias != nullptr) y += bf(p.bias[row]);
-        if (MODE != 2 && p.num_push > 0) {  // this rank's partial row, into every rank's buffer
+        if (pushing) {  // this rank's partial row, into rank `lane`'s buffer
           const int64_t at = static_cast<int64_t>(p.rank) * p.N + row;
-          const uint32_t word = tag << 16 | __bfloat16_as_ushort(__float2bfloat16(y));
-#pragma unroll
-          for (int r = 0; r < kMaxWorld; ++r) {  // unrolled: the buffers' addresses are fixed offsets of p
-            if (r < p.num_push) st_word(static_cast<uint32_t*>(p.push[r]) + at, word);
-          }
+          st_word(static_cast<uint32_t*>(p.push[lane]) + at, tag << 16 | __bfloat16_as_ushort(__float2bfloat16(y)));
         } else {
           p.out[row] = __float2bfloat16(y);
         }
@@ -601,15 +543,11 @@ void gemv_m1(int64_t mode, torch::Tensor w, torch::Tensor x, c10::optional<torch
              int64_t num_slots, int64_t grid, int64_t static_chunks, int64_t ahead, bool pdl,
              c10::optional<torch::Tensor> stamps, std::vector<int64_t> push, c10::optional<torch::Tensor> pull,
              c10::optional<torch::Tensor> site_epoch, int64_t rank, int64_t world, bool pull_wait,
-             c10::optional<torch::Tensor> stage_stamps, bool x_regs, bool static_tail) {
+             c10::optional<torch::Tensor> stage_stamps) {
   const int N = w.size(0), K = w.size(1);
   TORCH_CHECK(K % 8 == 0 && K / 8 <= (mode == 2 ? kMaxVecs<2> : kMaxVecs<0>) * kConsumers,
               "gemv_m1: unsupported K ", K);
   TORCH_CHECK(num_slots >= 1 && num_slots <= kMaxSlots, "gemv_m1: num_slots out of range");
-  TORCH_CHECK(!x_regs || (mode != 2 && K / 8 <= kRegVecs * 32), "gemv_m1: x_regs is for the plain and gated forms, K <= ",
-              kRegVecs * 256);
-  TORCH_CHECK(!static_tail || N - static_chunks * grid * rows_per_stage <= grid * rows_per_stage,
-              "gemv_m1: a static tail takes at most one chunk a CTA");
   const c10::cuda::CUDAGuard guard(w.device());
   Params p;
   p.w = reinterpret_cast<const __nv_bfloat16*>(w.data_ptr());
@@ -628,11 +566,9 @@ void gemv_m1(int64_t mode, torch::Tensor w, torch::Tensor x, c10::optional<torch
   p.rows_per_stage = rows_per_stage;
   p.num_slots = num_slots;
   p.static_chunks = static_chunks;
-  // the operand in bf16, then (x_regs) in fp32: cuda_gemv.py's plan() makes the same layout
-  p.ring_offset = (kOperandOffset + K * 2 + 127) / 128 * 128 + (x_regs ? (K * 4 + 127) / 128 * 128 : 0);
+  p.ring_offset = (kOperandOffset + K * 2 + 127) / 128 * 128;
   p.eps = static_cast<float>(eps);
   p.ahead = static_cast<int>(ahead);
-  p.static_tail = static_tail ? 1 : 0;
   // The all-reduce on the GEMVs' backs (see the top of the file): push (MODE 0/1) or pull (MODE 2).
   TORCH_CHECK(world <= kMaxWorld && static_cast<int64_t>(push.size()) <= world && rank < world,
               "gemv_m1: bad site (world ", world, ", rank ", rank, ", ", push.size(), " buffers)");
@@ -651,12 +587,12 @@ void gemv_m1(int64_t mode, torch::Tensor w, torch::Tensor x, c10::optional<torch
   p.pull_wait = pull_wait ? 1 : 0;
   const int64_t smem = p.ring_offset + num_slots * rows_per_stage * static_cast<int64_t>(K) * 2;
   TORCH_CHECK(smem <= 227 * 1024, "gemv_m1: shared memory plan too large: ", smem);
-  static uint64_t attr_set[5] = {0, 0, 0, 0, 0};  // per kernel below, a bit per device
+  static uint64_t attr_set[3] = {0, 0, 0};  // per mode, a bit per device
   const int device = w.get_device();
-  auto go = [&](auto kernel, int which) {
-    if (device >= 64 || !(attr_set[which] >> device & 1)) {
+  auto go = [&](auto kernel) {
+    if (device >= 64 || !(attr_set[mode] >> device & 1)) {
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
-      if (device < 64) attr_set[which] |= uint64_t{1} << device;
+      if (device < 64) attr_set[mode] |= uint64_t{1} << device;
     }
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(static_cast<unsigned>(grid));
@@ -670,11 +606,9 @@ void gemv_m1(int64_t mode, torch::Tensor w, torch::Tensor x, c10::optional<torch
     cfg.numAttrs = 1;
     C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
   };
-  if (mode == 0 && x_regs) go(gemv_m1_kernel<0, true>, 3);
-  else if (mode == 0) go(gemv_m1_kernel<0, false>, 0);
-  else if (mode == 1 && x_regs) go(gemv_m1_kernel<1, true>, 4);
-  else if (mode == 1) go(gemv_m1_kernel<1, false>, 1);
-  else go(gemv_m1_kernel<2, false>, 2);
+  if (mode == 0) go(gemv_m1_kernel<0>);
+  else if (mode == 1) go(gemv_m1_kernel<1>);
+  else go(gemv_m1_kernel<2>);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("gemv_m1", &gemv_m1, "one-token bf16 GEMV (cuda_gemv.cu)"); }

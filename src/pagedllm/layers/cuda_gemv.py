@@ -58,14 +58,6 @@ AHEAD = 2  # stages in flight before the operand is loaded (cuda_gemv.cu)
 # operand). docs/benchmarks.md, sixteenth session.
 AHEAD_PULL = 1
 PDL = True
-# The plain and gated forms keep their operand in registers, as fp32, where K is at most this
-# (cuda_gemv.cu's XREG) with PAGEDLLM_GEMV_X_REGS=1; by default it is read from shared memory
-# for every row.
-X_REGS_ENV_VAR = "PAGEDLLM_GEMV_X_REGS"
-X_REGS_MAX_K = 2048
-# Weights of at most this many MiB split their rows statically, the chunks past the slabs one to
-# a CTA, with no ticket counter (GemvPlan.static_tail); 0: every weight takes the ticketed tail.
-STATIC_TAIL_ENV_VAR = "PAGEDLLM_GEMV_STATIC_TAIL_MIB"
 MODES = {"plain": 0, "silu": 1, "add_rmsnorm": 2}
 STAGE_STAMPS = 16  # stages stamped per CTA (cuda_gemv.cu's kStageStamps)
 STAGE_WORDS = 8  # int64 words a stamped stage takes (cuda_gemv.cu's kStageWords)
@@ -115,19 +107,6 @@ def aligned(*tensors: torch.Tensor | None) -> bool:
     return all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
 
 
-def x_regs(mode: str, k: int) -> bool:
-    """Whether the kernel keeps the operand in registers for this form and K (X_REGS_MAX_K):
-    PAGEDLLM_GEMV_X_REGS=1; off by default (L1 at TP=2 on 2 x H200 took 20-25 us a step longer
-    with it, docs/benchmarks.md, twenty-first session)."""
-    return mode != "add_rmsnorm" and k <= X_REGS_MAX_K and os.environ.get(X_REGS_ENV_VAR, "0").strip() == "1"
-
-
-def static_tail(weight: torch.Tensor) -> bool:
-    """Whether `weight` is split with no ticketed tail (PAGEDLLM_GEMV_STATIC_TAIL_MIB)."""
-    limit = float(os.environ.get(STATIC_TAIL_ENV_VAR, "0") or 0)
-    return weight.numel() * weight.element_size() <= limit * (1 << 20)
-
-
 def available() -> bool:
     """Whether the extension is built (building it on the first call)."""
     return enabled_by_env() and _module() is not None
@@ -142,25 +121,19 @@ class GemvPlan:
     static_chunks: int  # per CTA, before the ticketed tail
     n: int
     k: int
-    # True: the chunks past the slabs (fewer than the CTAs) go one to each CTA in order, no tickets
-    static_tail: bool = False
 
 
-def plan(n: int, k: int, sms: int = 132, static_tail: bool = False, x_regs: bool = False) -> GemvPlan | None:
+def plan(n: int, k: int, sms: int = 132) -> GemvPlan | None:
     """The stage size, ring depth and static split for weight [n, k], or None if a row does not
-    fit the shared memory. `static_tail`: every chunk assigned statically (the slabs take all
-    but fewer than `sms` chunks, which go one to each of the first CTAs). `x_regs`: the operand
-    also has an fp32 copy in shared memory (the kernel's XREG form)."""
+    fit the shared memory."""
     row_bytes = 2 * k
     rows = max(1, min(_MAX_ROWS_PER_STAGE, _STAGE_BYTES // row_bytes))
     stage_bytes = rows * row_bytes
-    ring_offset = (_OPERAND_OFFSET + row_bytes + 127) // 128 * 128 + ((4 * k + 127) // 128 * 128 if x_regs else 0)
+    ring_offset = (_OPERAND_OFFSET + row_bytes + 127) // 128 * 128
     slots = min(_MAX_SLOTS, _MAX_RING_BYTES // stage_bytes, (_SMEM_LIMIT - ring_offset) // stage_bytes)
     if slots < 2:
         return None
     chunks = -(-n // rows)
-    if static_tail:
-        return GemvPlan(rows, slots, chunks // sms, n, k, True)
     static = int(chunks * (1 - DYNAMIC_FRACTION)) // sms
     return GemvPlan(rows, slots, static, n, k)
 
@@ -217,8 +190,8 @@ def gemv(mode: str, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | N
     [1, K], `residual`, `norm_weight` [K] and `eps` the norm's, and `residual_out` [1, K]
     receives hidden + residual. Every tensor contiguous bf16 on one device; the caller checked
     `supports`. `stamps` (tests and benchmarks): per-CTA global-timer readings; `stage_stamps`
-    (int64, >= SMs x STAGE_STAMPS x STAGE_WORDS): per CTA and stage, when it was issued, when warp 0 had
-    its bytes and its rows done, and its chunk (cuda_gemv.cu).
+    (int64, >= SMs x STAGE_STAMPS x STAGE_WORDS): per CTA and stage, when it was issued, when
+    warp 0 had its bytes and its rows done, its chunk, and warp 0's SM clocks (cuda_gemv.cu).
 
     `push` ("plain" / "silu", no bias): the rows go to every rank's buffer of the site instead of
     `out` (None). `pull` ("add_rmsnorm"): the hidden state is the sum of the ranks' rows in the
@@ -229,7 +202,7 @@ def gemv(mode: str, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | N
         raise RuntimeError("the CUDA GEMV kernel is not built (see the log)")
     n, k = weight.shape
     sms = _num_sms(weight.device.index or 0)
-    p = plan(n, k, sms, static_tail(weight), x_regs(mode, k))
+    p = plan(n, k, sms)
     assert p is not None
     site = push or pull
     module.gemv_m1(MODES[mode], weight, x, residual, norm_weight, bias, x if out is None else out, residual_out,
@@ -237,7 +210,7 @@ def gemv(mode: str, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | N
                    AHEAD_PULL if pull else AHEAD, PDL,
                    stamps, list(push.addresses) if push else [], pull.buffer if pull else None,
                    site.epoch if site else None, site.rank if site else 0, site.world if site else 1,
-                   pull is not None and pull_waits_for_writer(), stage_stamps, x_regs(mode, k), p.static_tail)
+                   pull is not None and pull_waits_for_writer(), stage_stamps)
     return out
 
 
