@@ -490,8 +490,9 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
       if (stage_at) stage_at[6] = clock64();
       // Every lane holds the same sum (each butterfly step adds a pair of equal partials in
       // either order). Pushing, lane r stores the row into rank r's buffer, so the stores to the
-      // ranks go out side by side: one lane storing them in turn took ~200 SM cycles a row more
-      // than a plain store, on the consumer's path (stage stamps, docs/benchmarks.md).
+      // ranks go out side by side: two pushes from one lane in turn took ~100-250 SM cycles a
+      // row more than a plain store, on the warp's path to its next row (docs/benchmarks.md,
+      // twenty-first session).
       const bool pushing = MODE != 2 && p.num_push > 0;
       if (pushing ? lane < p.num_push : lane == 0) {
         const int row = chunk * R + j;
