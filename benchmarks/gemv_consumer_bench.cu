@@ -5,13 +5,15 @@
 //     nvcc -O3 -std=c++17 -arch=sm_90a -o /tmp/gemv_consumer benchmarks/gemv_consumer_bench.cu
 //     /tmp/gemv_consumer
 //
-// Each CTA (one per SM, 9 warps as the kernel has) fills a ring of stages from global memory
-// once, then runs the consumer protocol of the kernel over it: warp 8's lane 0 plays the
-// producer (waits for a slot to be released, marks it full; no bulk copy, the bytes are there),
-// the eight consumer warps wait for each stage, reduce its rows against the operand and release
-// it. Every result is checked against an fp64 host reference. Printed per variant and shape:
-// SM cycles a stage (the CTAs' mean of their slowest warp), the equivalent ns, and the rate a
-// CTA reduces weights at (GB/s; the weight stream gives an SM ~36 GB/s on an H200).
+// Each CTA (one per SM, 9 warps as the kernel has) runs the consumer protocol of the kernel over
+// a ring of stages: warp 8's lane 0 plays the producer (waits for a slot to be released, then
+// either marks it full, the bytes already there from a fill at the start ("resident"), or
+// bulk-copies the stage's rows into it as the kernel does, from a 0.2 MB weight buffer that
+// stays in L2 ("from L2": the shared memory also takes the copies' writes)); the eight consumer
+// warps wait for each stage, reduce its rows against the operand and release it. Every result
+// is checked against an fp64 host reference. Printed per variant, shape and feed: SM cycles a
+// stage (the CTAs' mean of their slowest warp), the equivalent us, and the rate a CTA reduces
+// weights at (GB/s; the weight stream from HBM gives an SM ~36 GB/s on an H200).
 //
 // Variants (docs/benchmarks.md, twenty-first session, asks for these):
 //   0 row/warp  - as cuda_gemv.cu: row j of a stage to warp j % 8, 4 accumulators, warp sum,
@@ -21,7 +23,8 @@
 //                 in the warp together (9 shuffles for 8 rows), then across warps through shared
 //                 memory once a stage (one named barrier);
 //   3 mma       - as 2, the products by mma.sync m16n8k16 (bf16 in, fp32 accumulate): the rows
-//                 are the B operand, the operand the A operand; no widening, no warp sum.
+//                 are the B operand, the operand the A operand; no widening, no warp sum;
+//   4 mma xreg  - as 3 with the warp's slice of the operand held in registers (K <= 2048).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -67,6 +70,17 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
         : "r"(smem_u32(bar)), "r"(parity)
         : "memory");
   } while (!done);
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+          smem_u32(dst)),
+      "l"(src), "r"(bytes), "r"(smem_u32(bar))
+      : "memory");
 }
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kConsumers) : "memory"); }
 __device__ __forceinline__ unsigned long long now_ns() {
@@ -131,6 +145,7 @@ struct Args {
   float* out;              // [grid, stages, rows]
   unsigned long long* clocks;  // [grid, 3]: slowest warp's cycles, ns of the loop, cycles of warp 0
   int K, rows, slots, stages;
+  int copy;  // 1: the producer bulk-copies every stage (from L2); 0: the bytes stay from the fill
 };
 
 template <int VARIANT>
@@ -149,6 +164,7 @@ __global__ void __launch_bounds__(kThreads, 1) consumer_kernel(const Args a) {
   const int ring_vecs = S * R * kv;
   for (int v = tid; v < ring_vecs; v += kThreads)
     reinterpret_cast<uint4*>(ring)[v] = reinterpret_cast<const uint4*>(a.w)[v];
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // before the bulk copies overwrite them
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
       mbar_init(&full[s], 1);
@@ -163,12 +179,27 @@ __global__ void __launch_bounds__(kThreads, 1) consumer_kernel(const Args a) {
     for (int st = 0; st < a.stages; ++st) {
       const int slot = st % S;
       if (st >= S) mbar_wait(&empty[slot], ((st / S) - 1) & 1);
-      mbar_arrive(&full[slot]);
+      if (a.copy) {
+        const uint32_t bytes = static_cast<uint32_t>(R) * K * 2;
+        mbar_expect_tx(&full[slot], bytes);
+        bulk_load(ring + static_cast<int64_t>(slot) * R * K, a.w + static_cast<int64_t>(slot) * R * K, bytes,
+                  &full[slot]);
+      } else {
+        mbar_arrive(&full[slot]);
+      }
     }
     return;
   }
 
   const uint4* xv = reinterpret_cast<const uint4*>(xs);
+  uint4 xr[VARIANT == 4 ? 8 : 1];  // VARIANT 4: lane (g, t)'s operand vectors, once for every stage
+  if constexpr (VARIANT == 4) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int v = warp * 4 + i * kWarps * 4 + (lane & 3);
+      xr[i] = v < kv ? xv[v] : make_uint4(0, 0, 0, 0);
+    }
+  }
   float* out = a.out + static_cast<int64_t>(blockIdx.x) * a.stages * R;
   consumers_sync();
   const unsigned long long c0 = clock64(), t0 = now_ns();
@@ -261,9 +292,24 @@ __global__ void __launch_bounds__(kThreads, 1) consumer_kernel(const Args a) {
           mma_bf16(c, x4.x, x4.x, x4.y, x4.y, w4.x, w4.y);
           mma_bf16(c, x4.z, x4.z, x4.w, x4.w, w4.z, w4.w);
         };
-        for (int base = warp * 4; base < kv; base += 2 * kWarps * 4) {
-          step(base, c0);
-          step(base + kWarps * 4, c1);
+        if constexpr (VARIANT == 4) {  // the warp's operand slice from registers (up to 8 steps)
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            const int v = warp * 4 + i * kWarps * 4 + t;
+            const uint4 w4 = has_row && v < kv ? wrow[v] : make_uint4(0, 0, 0, 0);
+            if (i & 1) {  // i is known here (unrolled): two chains of mmas
+              mma_bf16(c1, xr[i].x, xr[i].x, xr[i].y, xr[i].y, w4.x, w4.y);
+              mma_bf16(c1, xr[i].z, xr[i].z, xr[i].w, xr[i].w, w4.z, w4.w);
+            } else {
+              mma_bf16(c0, xr[i].x, xr[i].x, xr[i].y, xr[i].y, w4.x, w4.y);
+              mma_bf16(c0, xr[i].z, xr[i].z, xr[i].w, xr[i].w, w4.z, w4.w);
+            }
+          }
+        } else {
+          for (int base = warp * 4; base < kv; base += 2 * kWarps * 4) {
+            step(base, c0);
+            step(base + kWarps * 4, c1);
+          }
         }
         __syncwarp();
         if (lane == 0) mbar_arrive(&empty[slot]);
@@ -301,15 +347,16 @@ struct Shape {
 
 template <int VARIANT>
 void run(const Shape& sh, int sms, int stages, const std::vector<float>& wf, const std::vector<float>& xf,
-         const __nv_bfloat16* dw, const __nv_bfloat16* dx, const char* label) {
-  if ((VARIANT >= 2 && sh.rows > 8) || (VARIANT == 1 && sh.rows < 16)) return;  // what each variant serves
+         const __nv_bfloat16* dw, const __nv_bfloat16* dx, const char* label, int copy) {
+  // what each variant serves
+  if ((VARIANT >= 2 && sh.rows > 8) || (VARIANT == 1 && sh.rows < 16) || (VARIANT == 4 && sh.K > 2048)) return;
   const int smem = kOperandOffset + (sh.K * 2 + 127) / 128 * 128 + sh.slots * sh.rows * sh.K * 2;
   CHECK(cudaFuncSetAttribute(consumer_kernel<VARIANT>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   float* dout;
   unsigned long long* dclk;
   CHECK(cudaMalloc(&dout, sizeof(float) * sms * stages * sh.rows));
   CHECK(cudaMalloc(&dclk, sizeof(unsigned long long) * sms * 3));
-  Args a{dw, dx, dout, dclk, sh.K, sh.rows, sh.slots, stages};
+  Args a{dw, dx, dout, dclk, sh.K, sh.rows, sh.slots, stages, copy};
   for (int rep = 0; rep < 3; ++rep) consumer_kernel<VARIANT><<<sms, kThreads, smem>>>(a);  // the last one counts
   CHECK(cudaGetLastError());
   CHECK(cudaDeviceSynchronize());
@@ -340,8 +387,9 @@ void run(const Shape& sh, int sms, int stages, const std::vector<float>& wf, con
   cycles /= sms * static_cast<double>(stages);
   ns /= sms * static_cast<double>(stages);
   const double gbs = sh.rows * sh.K * 2.0 / ns;  // bytes a ns = GB/s
-  std::printf("%-12s %-14s %8.0f cycles/stage %7.3f us/stage %7.1f GB/s a CTA  max err %.2e of %.2e %s\n", sh.name,
-              label, cycles, ns / 1e3, gbs, worst, scale, worst <= 1e-3 * scale + 1e-6 ? "ok" : "WRONG");
+  std::printf("%-11s %-9s %-12s %8.0f cycles/stage %7.3f us/stage %7.1f GB/s a CTA  max err %.1e of %.1e %s\n",
+              sh.name, copy ? "from L2" : "resident", label, cycles, ns / 1e3, gbs, worst, scale,
+              worst <= 1e-3 * scale + 1e-6 ? "ok" : "WRONG");
   CHECK(cudaFree(dout));
   CHECK(cudaFree(dclk));
 }
@@ -381,10 +429,13 @@ int main() {
     CHECK(cudaMalloc(&dx, sh.K * 2));
     CHECK(cudaMemcpy(dw, wb.data(), ring * 2, cudaMemcpyHostToDevice));
     CHECK(cudaMemcpy(dx, xb.data(), sh.K * 2, cudaMemcpyHostToDevice));
-    run<0>(sh, sms, stages, wf, xf, dw, dx, "0 row/warp");
-    run<1>(sh, sms, stages, wf, xf, dw, dx, "1 2 rows");
-    run<2>(sh, sms, stages, wf, xf, dw, dx, "2 K split");
-    run<3>(sh, sms, stages, wf, xf, dw, dx, "3 mma");
+    for (int copy = 0; copy < 2; ++copy) {
+      run<0>(sh, sms, stages, wf, xf, dw, dx, "0 row/warp", copy);
+      run<1>(sh, sms, stages, wf, xf, dw, dx, "1 2 rows", copy);
+      run<2>(sh, sms, stages, wf, xf, dw, dx, "2 K split", copy);
+      run<3>(sh, sms, stages, wf, xf, dw, dx, "3 mma", copy);
+      run<4>(sh, sms, stages, wf, xf, dw, dx, "4 mma xreg", copy);
+    }
     CHECK(cudaFree(dw));
     CHECK(cudaFree(dx));
   }
