@@ -5,6 +5,8 @@
 //     nvcc -O3 -std=c++17 -arch=sm_90a -o /tmp/gemv_consumer benchmarks/gemv_consumer_bench.cu
 //     /tmp/gemv_consumer
 //
+// The barrier, bulk-copy and fma8 helpers are cuda_gemv.cu's, repeated here so that this builds
+// in seconds without torch's headers.
 // Each CTA (one per SM, 9 warps as the kernel has) runs the consumer protocol of the kernel over
 // a ring of stages: warp 8's lane 0 plays the producer (waits for a slot to be released, then
 // either marks it full, the bytes already there from a fill at the start ("resident"), or
