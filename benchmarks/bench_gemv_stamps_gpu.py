@@ -102,16 +102,16 @@ def _gemv_stamps(self: Any) -> list[dict[str, Any]]:
     """Worker method: every stamped call in first-call order, with its stamps [CTAs][4] (and,
     with STAGE_STAMPS=1, its stages summarised from the previous call's last CTA done)."""
     torch.cuda.synchronize()
-    calls = sorted(_records.values(), key=lambda r: r["order"])
     out = []
-    for j, r in enumerate(calls):
+    previous = None  # the call before's stamps, on the host
+    for r in sorted(_records.values(), key=lambda r: r["order"]):
         stamps = r["stamps"].view(-1, 4).cpu()
         call = dict({k: v for k, v in r.items() if k not in ("stamps", "stage_stamps")}, stamps=stamps.tolist())
-        if "stage_stamps" in r and j > 0:
-            origin = int(calls[j - 1]["stamps"].view(-1, 4)[:, 2].max())
+        if "stage_stamps" in r and previous is not None:
             stages = r["stage_stamps"].view(-1, cuda_gemv.STAGE_STAMPS, cuda_gemv.STAGE_WORDS).cpu()
-            call["stages"] = _stage_rows(stages, int(stamps[:, 0][stamps[:, 0] > 0].min()), origin)
+            call["stages"] = _stage_rows(stages, int(stamps[:, 0][stamps[:, 0] > 0].min()), int(previous[:, 2].max()))
         out.append(call)
+        previous = stamps
     return out
 
 
@@ -172,12 +172,17 @@ def gemv_span_us(calls: list[dict[str, Any]]) -> float:
     return (max(dones) - min(starts)) / 1e3
 
 
+def _kind(call: dict[str, Any]) -> tuple:
+    """A GEMV's kind, as the summaries group them: mode, shape, pulled, pushed."""
+    return call["mode"], tuple(call["shape"]), call["pull"], call["push"]
+
+
 def summary(rows: list[dict[str, Any]], first_layer: int = 4, last_layer: int = 27) -> list[str]:
     """One line per kind of GEMV (mode, shape, pull, push): the mean over the middle layers."""
     kinds: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         if 4 * first_layer + 1 <= row["j"] <= 4 * last_layer + 2:
-            kinds.setdefault((row["mode"], tuple(row["shape"]), row["pull"], row["push"]), []).append(row)
+            kinds.setdefault(_kind(row), []).append(row)
     fields = ("start_min", "start_med", "operand_med", "operand_max", "done_med", "done_max")
     return [f"{kind}: n={len(rs)} " + " ".join(f"{f}={statistics.mean(r[f] for r in rs):.2f}" for f in fields)
             for kind, rs in kinds.items()]
@@ -189,7 +194,7 @@ def stage_summary(calls: list[dict[str, Any]], first_layer: int = 4, last_layer:
     kinds: dict[tuple, dict[int, list[dict[str, Any]]]] = {}
     for j, call in enumerate(calls):
         if call.get("stages") and 4 * first_layer <= j <= 4 * last_layer + 3:
-            kind = kinds.setdefault((call["mode"], tuple(call["shape"]), call["pull"], call["push"]), {})
+            kind = kinds.setdefault(_kind(call), {})
             for row in call["stages"]:
                 kind.setdefault(row["st"], []).append(row)
     lines = []
