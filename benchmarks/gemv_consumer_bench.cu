@@ -232,20 +232,23 @@ __global__ void __launch_bounds__(kThreads, 1) consumer_kernel(const Args a) {
         const bool second = j + kWarps < R;
         const uint4* r0 = reinterpret_cast<const uint4*>(ws + static_cast<int64_t>(j) * K);
         const uint4* r1 = reinterpret_cast<const uint4*>(ws + static_cast<int64_t>(second ? j + kWarps : j) * K);
-        float p0 = 0.f, p1 = 0.f, q0 = 0.f, q1 = 0.f;
+        // four accumulators a row as in variant 0 (the same sums), one operand load for both rows
+        float p[4] = {0.f, 0.f, 0.f, 0.f}, q[4] = {0.f, 0.f, 0.f, 0.f};
         int v = lane;
-        for (; v + 32 < kv; v += 64) {
-          const uint4 xa = xv[v], xb = xv[v + 32];
-          fma8(r0[v], xa, p0);
-          fma8(r1[v], xa, q0);
-          fma8(r0[v + 32], xb, p1);
-          fma8(r1[v + 32], xb, q1);
+        for (; v + 96 < kv; v += 128) {
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            const uint4 xa = xv[v + 32 * u];
+            fma8(r0[v + 32 * u], xa, p[u]);
+            fma8(r1[v + 32 * u], xa, q[u]);
+          }
         }
         for (; v < kv; v += 32) {
-          fma8(r0[v], xv[v], p0);
-          fma8(r1[v], xv[v], q0);
+          const uint4 xa = xv[v];
+          fma8(r0[v], xa, p[0]);
+          fma8(r1[v], xa, q[0]);
         }
-        float s0 = p0 + p1, s1 = q0 + q1;
+        float s0 = (p[0] + p[1]) + (p[2] + p[3]), s1 = (q[0] + q[1]) + (q[2] + q[3]);
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) {  // both sums' shuffles side by side
           s0 += __shfl_xor_sync(0xffffffffu, s0, o);
