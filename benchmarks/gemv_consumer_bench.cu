@@ -5,8 +5,8 @@
 //     nvcc -O3 -std=c++17 -arch=sm_90a -o /tmp/gemv_consumer benchmarks/gemv_consumer_bench.cu
 //     /tmp/gemv_consumer
 //
-// The barrier, bulk-copy and fma8 helpers are cuda_gemv.cu's, repeated here so that this builds
-// in seconds without torch's headers.
+// The CTA's shape and the barrier, bulk-copy and fma8 helpers are the kernel's own
+// (layers/cuda_gemv_device.cuh, which needs no torch), so this builds in seconds.
 // Each CTA (one per SM, 9 warps as the kernel has) runs the consumer protocol of the kernel over
 // a ring of stages: warp 8's lane 0 plays the producer (waits for a slot to be released, then
 // either marks it full, the bytes already there from a fill at the start ("resident"), or
@@ -30,6 +30,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include "../src/pagedllm/layers/cuda_gemv_device.cuh"  // the kernel's shape, barriers, bulk copies, fma8
+
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -47,65 +49,10 @@
 
 namespace {
 
-constexpr int kWarps = 8;
-constexpr int kThreads = (kWarps + 1) * 32;
-constexpr int kConsumers = kWarps * 32;
 constexpr int kBarOffset = 0;        // full[32], empty[32]: 512 bytes
 constexpr int kPartialOffset = 512;  // 2 x [8 warps][16 rows] floats: 1024 bytes
 constexpr int kOperandOffset = 1536;
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(smem_u32(bar)), "r"(parity)
-        : "memory");
-  } while (!done);
-}
-__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-          smem_u32(dst)),
-      "l"(src), "r"(bytes), "r"(smem_u32(bar))
-      : "memory");
-}
-__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kConsumers) : "memory"); }
-__device__ __forceinline__ unsigned long long now_ns() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-__device__ __forceinline__ void fma8(const uint4 w4, const uint4 x4, float& acc) {
-  const __nv_bfloat162* wp = reinterpret_cast<const __nv_bfloat162*>(&w4);
-  const __nv_bfloat162* xp = reinterpret_cast<const __nv_bfloat162*>(&x4);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const float2 wf = __bfloat1622float2(wp[j]);
-    const float2 xf = __bfloat1622float2(xp[j]);
-    acc = fmaf(wf.x, xf.x, acc);
-    acc = fmaf(wf.y, xf.y, acc);
-  }
-}
 __device__ __forceinline__ void mma_bf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                          uint32_t b0, uint32_t b1) {
   asm volatile(

@@ -42,6 +42,7 @@ DISABLE_ENV_VAR = "PAGEDLLM_DISABLE_CUDA_GEMV"
 PREFER_ENV_VAR = "PAGEDLLM_PREFER_CUDA_GEMV"
 PREFER_MIN_BYTES = 16 << 20  # see preferred()
 _SOURCE = Path(__file__).with_name("cuda_gemv.cu")
+_HEADERS = (Path(__file__).with_name("cuda_gemv_device.cuh"),)  # included by _SOURCE
 _MAX_RING_BYTES = 192 * 1024  # the stage ring; + the operand and barriers stays under 227 KB
 _STAGE_BYTES = 32 * 1024  # one bulk copy: whole rows, about this many bytes
 _MAX_ROWS_PER_STAGE = 16
@@ -71,7 +72,7 @@ def enabled_by_env() -> bool:
 @functools.cache
 def _module() -> ModuleType | None:
     """The compiled extension, or None when it cannot be built here."""
-    return load_extension("pagedllm_cuda_gemv", _SOURCE, "CUDA GEMV kernel")
+    return load_extension("pagedllm_cuda_gemv", _SOURCE, "CUDA GEMV kernel", _HEADERS)
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor, mode: str) -> bool:
