@@ -23,9 +23,9 @@ def load_extension(name: str, source: Path, what: str, headers: Sequence[Path] =
     try:
         from torch.utils.cpp_extension import load
 
-        digest = hashlib.sha256(b"".join(path.read_bytes() for path in headers)).hexdigest()[:16]
         flags = ["-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a"]
         if headers:
+            digest = hashlib.sha256(b"".join(path.read_bytes() for path in headers)).hexdigest()[:16]
             flags.append(f"-DPAGEDLLM_HEADERS_HASH=0x{digest}")
         return load(name=name, sources=[str(source)], extra_cuda_cflags=flags, verbose=False)
     except Exception as exc:  # noqa: BLE001 - no nvcc, no headers, a compiler error: fall back
