@@ -178,6 +178,47 @@ def test_all_reduce_carried_by_push_and_pull_equals_the_one_shot_sum(writer_mode
 
 
 @gpu_only
+@pytest.mark.parametrize("writer_mode", ["plain", "silu"])
+def test_local_hand_off_by_tags_is_the_plain_hand_off(writer_mode: str) -> None:
+    """One GPU (local_exchanges, world 1): the row-parallel GEMV pushes its tagged rows into the
+    site, the add + RMSNorm GEMV takes them by their tags without waiting for the writer grid;
+    bitwise the output of the plain hand-off (the writer's bf16 rows as the reader's input), call
+    after call, with CUDA-graph replays of the pair as the engine runs them."""
+    if not cuda_gemv.available():
+        pytest.skip("the extension did not build here (no nvcc?)")
+    hidden, k_o, n_reader = 4096, 2048, 3072
+    g = torch.Generator(device="cuda").manual_seed(23)
+    w_o = (torch.randn(hidden, k_o, device="cuda", generator=g) * 0.05).bfloat16()
+    w_r = (torch.randn(n_reader, hidden, device="cuda", generator=g) * 0.05).bfloat16()
+    nw = (1 + 0.1 * torch.randn(hidden, device="cuda", generator=g)).bfloat16()
+    (site,) = cuda_gemv.local_exchanges([hidden], torch.device("cuda"))
+    width = k_o * (2 if writer_mode == "silu" else 1)
+    x = torch.empty(1, width, device="cuda", dtype=torch.bfloat16)
+    residual = torch.empty(1, hidden, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(1, n_reader, device="cuda", dtype=torch.bfloat16)
+    res_out = torch.empty_like(residual)
+
+    def pair() -> None:
+        cuda_gemv.gemv(writer_mode, x, w_o, None, push=site)
+        cuda_gemv.gemv("add_rmsnorm", residual, w_r, out, None, residual, nw, 1e-6, res_out, pull=site)
+
+    pair()  # the extension's first launches outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        pair()
+    for call in range(4):
+        x.copy_(torch.randn(1, width, device="cuda", generator=g).bfloat16())
+        residual.copy_(torch.randn(1, hidden, device="cuda", generator=g).bfloat16())
+        graph.replay() if call % 2 else pair()
+        rows = cuda_gemv.gemv(writer_mode, x, w_o, torch.empty(1, hidden, device="cuda", dtype=torch.bfloat16))
+        ref, ref_res = torch.empty_like(out), torch.empty_like(residual)
+        cuda_gemv.gemv("add_rmsnorm", rows, w_r, ref, None, residual, nw, 1e-6, ref_res)
+        torch.cuda.synchronize()
+        assert torch.equal(out, ref) and torch.equal(res_out, ref_res), f"call {call}"
+    assert int(site.epoch[0]) == 5  # the warm-up, the capture's launch-free record excluded, 4 calls
+
+
+@gpu_only
 def test_pull_waits_for_a_peer_whose_rows_come_late() -> None:
     """The reader's fallback: when the peer's rows are not in at its first load (stale tags), it
     waits for the counts and reloads. The peer is a side stream that writes rank 1's tagged words

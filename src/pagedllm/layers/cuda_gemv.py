@@ -174,6 +174,21 @@ class Exchange:
     world: int
 
 
+def local_exchanges(sizes: list[int], device: torch.device) -> list[Exchange]:
+    """Sites of `sizes` elements each for one GPU (world 1), in its own memory: no all-reduce to
+    carry, only the hand-off. The add + RMSNorm GEMV then takes the row-parallel GEMV's rows by
+    their tags as they land instead of waiting for that grid to complete (`griddepcontrol.wait`
+    and the memory flush after it), as the pulled operand of two ranks does; the sum of one
+    rank's rows is those rows, so the output is bitwise the plain hand-off's. Made at model
+    load (linear.prepare_gemv_all_reduce)."""
+    exchanges = []
+    for n in sizes:
+        buffer = torch.zeros(exchange_buffer_bytes(1, n) // 8, dtype=torch.int64, device=device)
+        epoch = torch.zeros(2, dtype=torch.int64, device=device)
+        exchanges.append(Exchange(buffer, (buffer.data_ptr(),), epoch, 0, 1))
+    return exchanges
+
+
 def exchange_buffer_bytes(world: int, n: int) -> int:
     """Bytes of one rank's buffer of a site of `n` elements: the ranks' rows as 4-byte tagged
     words, then a count each."""
@@ -231,7 +246,8 @@ MAX_PULL_WORLD = 2  # ranks a pulled operand sums (cuda_gemv.cu's kMaxPullWorld)
 
 def exchange_enabled_by_env() -> bool:
     """False when PAGEDLLM_GEMV_ALL_REDUCE is '0' or 'false' (on by default: L1 at TP=2 on
-    2 x H200 took 2.589 ms with it, 2.697 without; docs/benchmarks.md, fifteenth session)."""
+    2 x H200 took 2.589 ms with it, 2.697 without; docs/benchmarks.md, fifteenth session). On
+    one GPU it switches the tagged hand-off of `local_exchanges`."""
     return on_by_default(EXCHANGE_ENV_VAR)
 
 

@@ -11,7 +11,8 @@ streams the weight closer to memory bandwidth than cuBLAS at those sizes. It rep
 local matmul: the all-reduce and bias handling are the same on both paths. One exception, at one
 token on two GPUs: where the CUDA GEMV serves a row-parallel layer and the add + RMSNorm
 projection after it, the all-reduce rides on the two kernels (`forward_deferred`,
-`PendingAllReduce`, `prepare_gemv_all_reduce`; `PAGEDLLM_GEMV_ALL_REDUCE=0` turns it off).
+`PendingAllReduce`, `prepare_gemv_all_reduce`; `PAGEDLLM_GEMV_ALL_REDUCE=0` turns it off). On
+one GPU the same two kernels hand the rows over by their tags (no all-reduce to carry).
 """
 
 from __future__ import annotations
@@ -299,11 +300,16 @@ def prepare_gemv_all_reduce(model: nn.Module) -> int:
     (unless PAGEDLLM_GEMV_ALL_REDUCE=0: two ranks with symmetric memory, sm_90+, bf16 weights
     the CUDA kernel takes, no bias) the symmetric buffers of its site; returns how many. A
     collective: every rank calls it at model load, in the same module order (never in a
-    forward, which may be under CUDA-graph capture)."""
+    forward, which may be under CUDA-graph capture).
+
+    On one GPU (no all-reduce) the same sites, in local memory, carry the hand-off alone: the
+    add + RMSNorm GEMV after the layer takes its rows by their tags instead of waiting for the
+    layer's grid to complete (cuda_gemv.local_exchanges)."""
     from pagedllm.custom_all_reduce import _all_ranks_agree
 
     comm = distributed.get_custom_all_reduce()
-    if comm is None or get_tp_size() != 2:
+    tp_size = get_tp_size()
+    if not (tp_size == 1 or (comm is not None and tp_size == 2)):
         return 0
     from pagedllm.layers import cuda_gemv
 
@@ -312,10 +318,12 @@ def prepare_gemv_all_reduce(model: nn.Module) -> int:
         return 0
     weight = layers[0].weight
     ok = (weight.is_cuda and torch.cuda.get_device_capability(weight.device)[0] >= 9 and cuda_gemv.available())
-    if not _all_ranks_agree(ok, weight.device, comm.group):  # e.g. the extension built on one rank only
+    if not (ok if tp_size == 1 else _all_ranks_agree(ok, weight.device, comm.group)):  # e.g. built on one rank only
         return 0
     sites = [layer for layer in layers if layer.weight.dtype == torch.bfloat16 and layer.weight.shape[0] % 8 == 0
              and cuda_gemv.preferred(layer.weight)]
-    for layer, exchange in zip(sites, comm.exchanges([layer.weight.shape[0] for layer in sites])):
+    sizes = [layer.weight.shape[0] for layer in sites]
+    exchanges = cuda_gemv.local_exchanges(sizes, weight.device) if tp_size == 1 else comm.exchanges(sizes)
+    for layer, exchange in zip(sites, exchanges):
         layer.exchange = exchange
     return len(sites)
