@@ -39,10 +39,12 @@ from pagedllm.attention import cuda_decode  # noqa: E402
 from pagedllm.layers import cuda_gemv  # noqa: E402
 from pagedllm.worker import worker as worker_module  # noqa: E402
 
-# BENCH_DECODE_PARTITION_TOKENS, BENCH_CUDA_DECODE_* (this script's own): see _apply_bench_knobs.
+# BENCH_DECODE_PARTITION_TOKENS, BENCH_CUDA_DECODE_*, BENCH_GEMV_AHEAD_PULL (this script's own):
+# see _apply_bench_knobs.
 KNOBS = ("PAGEDLLM_GEMV_PULL_WAIT", "PAGEDLLM_ATTENTION_PDL", "PAGEDLLM_GEMV_ALL_REDUCE", "PAGEDLLM_SHARDED_SAMPLING",
          "BENCH_DECODE_PARTITION_TOKENS", "PAGEDLLM_CUDA_DECODE_ATTENTION", "BENCH_CUDA_DECODE_WARPS",
-         "BENCH_CUDA_DECODE_CLUSTER", "PAGEDLLM_ONE_SHOT_EMBEDDING", "PAGEDLLM_ONE_SHOT_ARGMAX")
+         "BENCH_CUDA_DECODE_CLUSTER", "PAGEDLLM_ONE_SHOT_EMBEDDING", "PAGEDLLM_ONE_SHOT_ARGMAX",
+         "PAGEDLLM_GEMV_LOCAL_HANDOFF", "BENCH_GEMV_AHEAD_PULL")
 _VARIANT_SWITCHES: dict[str, str | None] = {}  # switch -> its value before the last variant set it
 _records: dict[tuple[int, str], dict[str, Any]] = {}  # (weight pointer, mode) -> call record
 _unstamped_gemv = cuda_gemv.gemv
@@ -133,17 +135,18 @@ worker_module.Worker.all_reduce_path = _all_reduce_path  # type: ignore[attr-def
 
 def _apply_bench_knobs() -> None:
     """The decode partitions of BENCH_DECODE_PARTITION_TOKENS, the CUDA decode kernel's warps per
-    CTA (BENCH_CUDA_DECODE_WARPS) and largest cluster (BENCH_CUDA_DECODE_CLUSTER); unset: the
-    engine's."""
+    CTA (BENCH_CUDA_DECODE_WARPS) and largest cluster (BENCH_CUDA_DECODE_CLUSTER), the CUDA
+    GEMV's stages ahead of a pulled operand (BENCH_GEMV_AHEAD_PULL); unset: the engine's."""
     from pagedllm.attention import triton_backend
 
     value = os.environ.get("BENCH_DECODE_PARTITION_TOKENS")
     triton_backend.DECODE_PARTITION_TOKENS = int(value) if value else None
-    cuda_decode.WARPS = int(os.environ.get("BENCH_CUDA_DECODE_WARPS") or _ENGINE_DECODE[0])
-    cuda_decode.MAX_CLUSTER = int(os.environ.get("BENCH_CUDA_DECODE_CLUSTER") or _ENGINE_DECODE[1])
+    cuda_decode.WARPS = int(os.environ.get("BENCH_CUDA_DECODE_WARPS") or _ENGINE_DEFAULTS[0])
+    cuda_decode.MAX_CLUSTER = int(os.environ.get("BENCH_CUDA_DECODE_CLUSTER") or _ENGINE_DEFAULTS[1])
+    cuda_gemv.AHEAD_PULL = int(os.environ.get("BENCH_GEMV_AHEAD_PULL") or _ENGINE_DEFAULTS[2])
 
 
-_ENGINE_DECODE = (cuda_decode.WARPS, cuda_decode.MAX_CLUSTER)
+_ENGINE_DEFAULTS = (cuda_decode.WARPS, cuda_decode.MAX_CLUSTER, cuda_gemv.AHEAD_PULL)
 _apply_bench_knobs()  # in the spawned workers: they import this file with the variant's environment
 
 

@@ -41,6 +41,14 @@ def test_pulled_operand_waits_for_the_writer_only_when_asked(monkeypatch: pytest
         assert cuda_gemv.pull_waits_for_writer() is expected
 
 
+def test_local_handoff_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(cuda_gemv.LOCAL_HANDOFF_ENV_VAR, raising=False)
+    assert not cuda_gemv.local_handoff_enabled()
+    for value, expected in (("1", True), ("0", False), ("", False)):
+        monkeypatch.setenv(cuda_gemv.LOCAL_HANDOFF_ENV_VAR, value)
+        assert cuda_gemv.local_handoff_enabled() is expected
+
+
 def test_switch_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(cuda_gemv.DISABLE_ENV_VAR, "1")
     assert not cuda_gemv.enabled_by_env() and not cuda_gemv.available()

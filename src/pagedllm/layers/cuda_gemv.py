@@ -174,6 +174,17 @@ class Exchange:
     world: int
 
 
+LOCAL_HANDOFF_ENV_VAR = "PAGEDLLM_GEMV_LOCAL_HANDOFF"
+
+
+def local_handoff_enabled() -> bool:
+    """Whether one GPU hands rows over by their tags (`local_exchanges`): PAGEDLLM_GEMV_LOCAL_HANDOFF=1.
+    Off by default: L1 at TP=1 on an H200 took 4.003 ms with it against 3.887 without
+    (docs/benchmarks.md, twenty-second session); kept to measure what the tagged hand-off costs
+    over the plain one, which the all-reduce sites of two GPUs pay too."""
+    return os.environ.get(LOCAL_HANDOFF_ENV_VAR, "0").strip().lower() not in ("", "0", "false")
+
+
 def local_exchanges(sizes: list[int], device: torch.device) -> list[Exchange]:
     """Sites of `sizes` elements each for one GPU (world 1), in its own memory: no all-reduce to
     carry, only the hand-off. The add + RMSNorm GEMV then takes the row-parallel GEMV's rows by
@@ -246,8 +257,7 @@ MAX_PULL_WORLD = 2  # ranks a pulled operand sums (cuda_gemv.cu's kMaxPullWorld)
 
 def exchange_enabled_by_env() -> bool:
     """False when PAGEDLLM_GEMV_ALL_REDUCE is '0' or 'false' (on by default: L1 at TP=2 on
-    2 x H200 took 2.589 ms with it, 2.697 without; docs/benchmarks.md, fifteenth session). On
-    one GPU it switches the tagged hand-off of `local_exchanges`."""
+    2 x H200 took 2.589 ms with it, 2.697 without; docs/benchmarks.md, fifteenth session)."""
     return on_by_default(EXCHANGE_ENV_VAR)
 
 

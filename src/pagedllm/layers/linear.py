@@ -12,7 +12,7 @@ local matmul: the all-reduce and bias handling are the same on both paths. One e
 token on two GPUs: where the CUDA GEMV serves a row-parallel layer and the add + RMSNorm
 projection after it, the all-reduce rides on the two kernels (`forward_deferred`,
 `PendingAllReduce`, `prepare_gemv_all_reduce`; `PAGEDLLM_GEMV_ALL_REDUCE=0` turns it off). On
-one GPU the same two kernels hand the rows over by their tags (no all-reduce to carry).
+one GPU the same two kernels can hand the rows over by their tags (`PAGEDLLM_GEMV_LOCAL_HANDOFF=1`).
 """
 
 from __future__ import annotations
@@ -302,16 +302,18 @@ def prepare_gemv_all_reduce(model: nn.Module) -> int:
     collective: every rank calls it at model load, in the same module order (never in a
     forward, which may be under CUDA-graph capture).
 
-    On one GPU (no all-reduce) the same sites, in local memory, carry the hand-off alone: the
-    add + RMSNorm GEMV after the layer takes its rows by their tags instead of waiting for the
-    layer's grid to complete (cuda_gemv.local_exchanges)."""
+    On one GPU with PAGEDLLM_GEMV_LOCAL_HANDOFF=1 (off by default: slower) the same sites, in
+    local memory, carry the hand-off alone: the add + RMSNorm GEMV after the layer takes its
+    rows by their tags instead of waiting for the layer's grid to complete
+    (cuda_gemv.local_exchanges)."""
     from pagedllm.custom_all_reduce import _all_ranks_agree
 
     comm = distributed.get_custom_all_reduce()
     tp_size = get_tp_size()
-    if not (tp_size == 1 or (comm is not None and tp_size == 2)):
-        return 0
     from pagedllm.layers import cuda_gemv
+
+    if not ((tp_size == 1 and cuda_gemv.local_handoff_enabled()) or (comm is not None and tp_size == 2)):
+        return 0
 
     layers = [m for m in model.modules() if isinstance(m, RowParallelLinear) and m.bias is None]
     if not layers or not cuda_gemv.exchange_enabled_by_env():
