@@ -143,8 +143,8 @@ def test_preferred_untimed_for_large_weights(monkeypatch: pytest.MonkeyPatch) ->
 
 @gpu_only
 @pytest.mark.parametrize("writer_mode", ["plain", "silu"])
-@pytest.mark.parametrize("pull_wait", ["0", "1"])
-def test_all_reduce_carried_by_push_and_pull_equals_the_one_shot_sum(writer_mode: str, pull_wait: str,
+@pytest.mark.parametrize("pull_wait,pull_poll", [("0", "0"), ("1", "0"), ("0", "1")])
+def test_all_reduce_carried_by_push_and_pull_equals_the_one_shot_sum(writer_mode: str, pull_wait: str, pull_poll: str,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Two ranks simulated on one GPU: each pushes its O- (or gated down-) projection rows into the one site buffer
     (its rows and its count), the add + RMSNorm GEMV waits for both counts and sums the rows;
@@ -152,6 +152,7 @@ def test_all_reduce_carried_by_push_and_pull_equals_the_one_shot_sum(writer_mode
     and running the GEMV on that, call after call (the site's calls advance). The reader trusts
     the tags alone (the default) or also waits for the writer grid (PAGEDLLM_GEMV_PULL_WAIT=1)."""
     monkeypatch.setenv(cuda_gemv.PULL_WAIT_ENV_VAR, pull_wait)
+    monkeypatch.setenv(cuda_gemv.PULL_POLL_ENV_VAR, pull_poll)  # stale words polled alone
     if not cuda_gemv.available():
         pytest.skip("the extension did not build here (no nvcc?)")
     hidden, k_o, n_reader = 4096, 2048, 3072
@@ -187,11 +188,14 @@ def test_all_reduce_carried_by_push_and_pull_equals_the_one_shot_sum(writer_mode
 
 @gpu_only
 @pytest.mark.parametrize("writer_mode", ["plain", "silu"])
-def test_local_hand_off_by_tags_is_the_plain_hand_off(writer_mode: str) -> None:
+@pytest.mark.parametrize("pull_poll", ["0", "1"])
+def test_local_hand_off_by_tags_is_the_plain_hand_off(writer_mode: str, pull_poll: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """One GPU (local_exchanges, world 1): the row-parallel GEMV pushes its tagged rows into the
     site, the add + RMSNorm GEMV takes them by their tags without waiting for the writer grid;
     bitwise the output of the plain hand-off (the writer's bf16 rows as the reader's input), call
     after call, with CUDA-graph replays of the pair as the engine runs them."""
+    monkeypatch.setenv(cuda_gemv.PULL_POLL_ENV_VAR, pull_poll)
     if not cuda_gemv.available():
         pytest.skip("the extension did not build here (no nvcc?)")
     hidden, k_o, n_reader = 4096, 2048, 3072
@@ -227,11 +231,14 @@ def test_local_hand_off_by_tags_is_the_plain_hand_off(writer_mode: str) -> None:
 
 
 @gpu_only
-def test_pull_waits_for_a_peer_whose_rows_come_late() -> None:
+@pytest.mark.parametrize("pull_poll", ["0", "1"])
+def test_pull_waits_for_a_peer_whose_rows_come_late(pull_poll: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The reader's fallback: when the peer's rows are not in at its first load (stale tags), it
-    waits for the counts and reloads. The peer is a side stream that writes rank 1's tagged words
-    and count ~1 ms after the reader has started (small kernels that fit beside the reader's
-    CTAs); the result must still be bitwise the one-shot sum's (passed on an H200 at cadb64c)."""
+    waits for the counts and reloads (or, PAGEDLLM_GEMV_PULL_POLL=1, polls the stale words). The
+    peer is a side stream that writes rank 1's tagged words and count ~1 ms after the reader has
+    started (small kernels that fit beside the reader's CTAs); the result must still be bitwise
+    the one-shot sum's (passed on an H200 at cadb64c)."""
+    monkeypatch.setenv(cuda_gemv.PULL_POLL_ENV_VAR, pull_poll)
     if not cuda_gemv.available():
         pytest.skip("the extension did not build here (no nvcc?)")
     hidden, k_o, n_reader = 4096, 2048, 3072

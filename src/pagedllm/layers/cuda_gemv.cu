@@ -88,6 +88,7 @@ struct Params {
   unsigned long long* site_epoch;  // pull: [2] the site's completed calls, reader CTAs done
   int num_push, rank, world;
   int pull_wait;  // pull: the consumers also wait for the writer grid (griddepcontrol.wait); 0: the tags suffice
+  int pull_poll;  // pull: a thread with stale words polls them alone; 0: thread 0 waits for the counts first
 };
 
 // The counts after a site buffer's words (n per rank): one per writing rank.
@@ -282,11 +283,13 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
           if (tid + i * kConsumers < kv && r < p.world) stale |= !tagged(q[i][r], tag);
         }
       }
-      if (consumers_any(stale)) {
+      // pull_poll: a thread with stale words polls just those, and each lands as soon as its
+      // writer CTA stored it, not when the last writer CTA has counted its rows.
+      if (p.pull_poll ? stale : consumers_any(stale)) {
         // A peer's rows are still on their way: one thread waits for every rank's count (polling
         // all the words would flood L2), then each thread reloads its stale words, and polls any
         // a count overtook (rare) until it lands.
-        if (tid == 0) {
+        if (!p.pull_poll && tid == 0) {
           const unsigned long long* counts = site_counts(p.pull, p.world, K);
           const unsigned long long target = (site_calls + 1) * static_cast<unsigned long long>(K);
           PeerDeadline deadline;
@@ -294,7 +297,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
             for (unsigned spins = 1; ld_volatile(counts + r) < target; ++spins) deadline.check(spins);
           }
         }
-        consumers_sync();
+        if (!p.pull_poll) consumers_sync();
 #pragma unroll
         for (int i = 0; i < kMaxVecs<MODE>; ++i) {
           const int v = tid + i * kConsumers;
@@ -304,6 +307,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
             const uint32_t* at = words + static_cast<int64_t>(r) * K + v * 8;
             PeerDeadline deadline;
             for (unsigned spins = 1; !tagged(q[i][r], tag); ++spins) {
+              if (p.pull_poll) __nanosleep(64);  // the polls of every stale thread share L2 and NVLink
               q[i][r][0] = ld_volatile_v4(at);
               q[i][r][1] = ld_volatile_v4(at + 4);
               deadline.check(spins);
@@ -464,7 +468,7 @@ void gemv_m1(int64_t mode, torch::Tensor w, torch::Tensor x, c10::optional<torch
              c10::optional<torch::Tensor> res_out, torch::Tensor tickets, double eps, int64_t rows_per_stage,
              int64_t num_slots, int64_t grid, int64_t static_chunks, int64_t ahead, bool pdl,
              c10::optional<torch::Tensor> stamps, std::vector<int64_t> push, c10::optional<torch::Tensor> pull,
-             c10::optional<torch::Tensor> site_epoch, int64_t rank, int64_t world, bool pull_wait,
+             c10::optional<torch::Tensor> site_epoch, int64_t rank, int64_t world, bool pull_wait, bool pull_poll,
              c10::optional<torch::Tensor> stage_stamps) {
   const int N = w.size(0), K = w.size(1);
   TORCH_CHECK(K % 8 == 0 && K / 8 <= (mode == 2 ? kMaxVecs<2> : kMaxVecs<0>) * kConsumers,
@@ -507,6 +511,7 @@ void gemv_m1(int64_t mode, torch::Tensor w, torch::Tensor x, c10::optional<torch
   p.rank = static_cast<int>(rank);
   p.world = static_cast<int>(world);
   p.pull_wait = pull_wait ? 1 : 0;
+  p.pull_poll = pull_poll ? 1 : 0;
   const int64_t smem = p.ring_offset + num_slots * rows_per_stage * static_cast<int64_t>(K) * 2;
   TORCH_CHECK(smem <= 227 * 1024, "gemv_m1: shared memory plan too large: ", smem);
   static uint64_t attr_set[3] = {0, 0, 0};  // per mode, a bit per device

@@ -237,12 +237,22 @@ def gemv(mode: str, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | N
                    AHEAD_PULL if pull else AHEAD, PDL,
                    stamps, list(push.addresses) if push else [], pull.buffer if pull else None,
                    site.epoch if site else None, site.rank if site else 0, site.world if site else 1,
-                   pull is not None and pull_waits_for_writer(), stage_stamps)
+                   pull is not None and pull_waits_for_writer(), pull is not None and pull_polls(), stage_stamps)
     return out
 
 
 EXCHANGE_ENV_VAR = "PAGEDLLM_GEMV_ALL_REDUCE"
 PULL_WAIT_ENV_VAR = "PAGEDLLM_GEMV_PULL_WAIT"
+
+
+PULL_POLL_ENV_VAR = "PAGEDLLM_GEMV_PULL_POLL"
+
+
+def pull_polls() -> bool:
+    """Whether a pulled operand's threads with stale words poll just those words
+    (PAGEDLLM_GEMV_PULL_POLL=1) instead of one thread waiting for every writer CTA's count
+    first (the default; cuda_gemv.cu)."""
+    return os.environ.get(PULL_POLL_ENV_VAR, "0").strip().lower() not in ("", "0", "false")
 
 
 def pull_waits_for_writer() -> bool:
