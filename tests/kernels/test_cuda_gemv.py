@@ -56,6 +56,14 @@ def test_switch_off(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not cuda_gemv.supports(x, torch.zeros(32, 64, dtype=torch.bfloat16), "plain")
 
 
+def _assert_site_calls(epoch: torch.Tensor, calls: int) -> None:
+    """A site's epoch after `calls` calls: every reader CTA counted once a call, and the calls
+    themselves in epoch[0] unless they are derived from that count (PAGEDLLM_GEMV_EPOCH_BY_COUNT)."""
+    sms = torch.cuda.get_device_properties(epoch.device).multi_processor_count
+    assert int(epoch[1]) == calls * sms
+    assert int(epoch[0]) == (0 if cuda_gemv.epoch_by_count() else calls)
+
+
 def _case(mode: str, n: int, k: int, seed: int, bias: bool):
     g = torch.Generator(device="cuda").manual_seed(seed)
     w = (torch.randn(n, k, device="cuda", generator=g) * 0.05).bfloat16()
@@ -143,8 +151,10 @@ def test_preferred_untimed_for_large_weights(monkeypatch: pytest.MonkeyPatch) ->
 
 @gpu_only
 @pytest.mark.parametrize("writer_mode", ["plain", "silu"])
-@pytest.mark.parametrize("pull_wait,pull_poll", [("0", "0"), ("1", "0"), ("0", "1")])
+@pytest.mark.parametrize("pull_wait,pull_poll,by_count", [("0", "0", "0"), ("1", "0", "0"), ("0", "1", "0"),
+                                                            ("0", "0", "1"), ("0", "1", "1")])
 def test_all_reduce_carried_by_push_and_pull_equals_the_one_shot_sum(writer_mode: str, pull_wait: str, pull_poll: str,
+                                                                     by_count: str,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Two ranks simulated on one GPU: each pushes its O- (or gated down-) projection rows into the one site buffer
     (its rows and its count), the add + RMSNorm GEMV waits for both counts and sums the rows;
@@ -153,6 +163,7 @@ def test_all_reduce_carried_by_push_and_pull_equals_the_one_shot_sum(writer_mode
     the tags alone (the default) or also waits for the writer grid (PAGEDLLM_GEMV_PULL_WAIT=1)."""
     monkeypatch.setenv(cuda_gemv.PULL_WAIT_ENV_VAR, pull_wait)
     monkeypatch.setenv(cuda_gemv.PULL_POLL_ENV_VAR, pull_poll)  # stale words polled alone
+    monkeypatch.setenv(cuda_gemv.EPOCH_BY_COUNT_ENV_VAR, by_count)  # calls from the reader CTAs' count
     if not cuda_gemv.available():
         pytest.skip("the extension did not build here (no nvcc?)")
     hidden, k_o, n_reader = 4096, 2048, 3072
@@ -181,7 +192,7 @@ def test_all_reduce_carried_by_push_and_pull_equals_the_one_shot_sum(writer_mode
         cuda_gemv.gemv("add_rmsnorm", summed, w_r, ref, None, residual, nw, 1e-6, ref_res)
         torch.cuda.synchronize()
         assert torch.equal(res_out, ref_res) and torch.equal(out, ref), f"call {call}"
-        assert int(epoch[0]) == call + 1
+        _assert_site_calls(epoch, call + 1)
         counts = buffer[-2:].tolist()  # every rank's rows counted, once per call
         assert counts == [hidden * (call + 1)] * 2
 
@@ -189,13 +200,15 @@ def test_all_reduce_carried_by_push_and_pull_equals_the_one_shot_sum(writer_mode
 @gpu_only
 @pytest.mark.parametrize("writer_mode", ["plain", "silu"])
 @pytest.mark.parametrize("pull_poll", ["0", "1"])
-def test_local_hand_off_by_tags_is_the_plain_hand_off(writer_mode: str, pull_poll: str,
+@pytest.mark.parametrize("by_count", ["0", "1"])
+def test_local_hand_off_by_tags_is_the_plain_hand_off(writer_mode: str, pull_poll: str, by_count: str,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """One GPU (local_exchanges, world 1): the row-parallel GEMV pushes its tagged rows into the
     site, the add + RMSNorm GEMV takes them by their tags without waiting for the writer grid;
     bitwise the output of the plain hand-off (the writer's bf16 rows as the reader's input), call
     after call, with CUDA-graph replays of the pair as the engine runs them."""
     monkeypatch.setenv(cuda_gemv.PULL_POLL_ENV_VAR, pull_poll)
+    monkeypatch.setenv(cuda_gemv.EPOCH_BY_COUNT_ENV_VAR, by_count)
     if not cuda_gemv.available():
         pytest.skip("the extension did not build here (no nvcc?)")
     hidden, k_o, n_reader = 4096, 2048, 3072
@@ -227,18 +240,20 @@ def test_local_hand_off_by_tags_is_the_plain_hand_off(writer_mode: str, pull_pol
         cuda_gemv.gemv("add_rmsnorm", rows, w_r, ref, None, residual, nw, 1e-6, ref_res)
         torch.cuda.synchronize()
         assert torch.equal(out, ref) and torch.equal(res_out, ref_res), f"call {call}"
-    assert int(site.epoch[0]) == 5  # the warm-up, the capture's launch-free record excluded, 4 calls
+    _assert_site_calls(site.epoch, 5)  # the warm-up and 4 calls (the capture launches nothing)
 
 
 @gpu_only
-@pytest.mark.parametrize("pull_poll", ["0", "1"])
-def test_pull_waits_for_a_peer_whose_rows_come_late(pull_poll: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("pull_poll,by_count", [("0", "0"), ("1", "0"), ("1", "1")])
+def test_pull_waits_for_a_peer_whose_rows_come_late(pull_poll: str, by_count: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The reader's fallback: when the peer's rows are not in at its first load (stale tags), it
     waits for the counts and reloads (or, PAGEDLLM_GEMV_PULL_POLL=1, polls the stale words). The
     peer is a side stream that writes rank 1's tagged words and count ~1 ms after the reader has
     started (small kernels that fit beside the reader's CTAs); the result must still be bitwise
     the one-shot sum's (passed on an H200 at cadb64c)."""
     monkeypatch.setenv(cuda_gemv.PULL_POLL_ENV_VAR, pull_poll)
+    monkeypatch.setenv(cuda_gemv.EPOCH_BY_COUNT_ENV_VAR, by_count)
     if not cuda_gemv.available():
         pytest.skip("the extension did not build here (no nvcc?)")
     hidden, k_o, n_reader = 4096, 2048, 3072
@@ -273,4 +288,4 @@ def test_pull_waits_for_a_peer_whose_rows_come_late(pull_poll: str, monkeypatch:
         cuda_gemv.gemv("add_rmsnorm", summed, w_r, ref, None, residual, nw, 1e-6, ref_res)
         torch.cuda.synchronize()
         assert torch.equal(res_out, ref_res) and torch.equal(out, ref), f"call {call}"
-        assert int(epoch[0]) == call + 1
+        _assert_site_calls(epoch, call + 1)

@@ -89,6 +89,10 @@ struct Params {
   int num_push, rank, world;
   int pull_wait;  // pull: the consumers also wait for the writer grid (griddepcontrol.wait); 0: the tags suffice
   int pull_poll;  // pull: a thread with stale words polls them alone; 0: thread 0 waits for the counts first
+  // push / pull: the site's calls are the reader CTAs counted in site_epoch[1] over the grid (a
+  // reader CTA counts itself once its operand is in); 0: site_epoch[0], which the reader's last
+  // CTA advances at its end (a fence and a returning atomic on every reader CTA's way out)
+  int epoch_by_count;
 };
 
 // The counts after a site buffer's words (n per rank): one per writing rank.
@@ -138,6 +142,11 @@ __device__ __forceinline__ bool tagged(const uint4 (&q)[2], uint32_t tag) {
 }
 __device__ __forceinline__ void red_add_sys(unsigned long long* p, unsigned long long v) {
   asm volatile("red.relaxed.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+// The site's completed calls (see Params::epoch_by_count; every GEMV of a site runs on one grid).
+__device__ __forceinline__ unsigned long long site_calls_now(const Params& p) {
+  return p.epoch_by_count ? ld_volatile(p.site_epoch + 1) / gridDim.x : ld_volatile(p.site_epoch);
 }
 
 // This CTA's stamps of stage st (see Params::stage_stamps), or null when not stamped.
@@ -238,7 +247,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
   // The site's calls: stable from the writer's start to the reader's end (the reader's last CTA
   // advances them, and the next writer starts after that reader). A reader's thread 0 reads them
   // with the counts (below); a writer needs them only for its first stored row.
-  unsigned long long site_calls = p.site_epoch != nullptr && !pulling ? ld_volatile(p.site_epoch) : 0;
+  unsigned long long site_calls = p.site_epoch != nullptr && !pulling ? site_calls_now(p) : 0;
   const int kv = K / 8;  // 16-byte vectors of one row
   constexpr int kArrays = MODE == 0 ? 1 : (MODE == 1 ? 2 : 3);
   uint4 in[kArrays][kMaxVecs<MODE>];
@@ -260,7 +269,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
       // Optimistically, in the round trip of the loads above: the site's calls (each thread reads
       // the one word) and every rank's words. Their tags say whether all rows are in.
       const uint32_t* words = static_cast<const uint32_t*>(p.pull);
-      site_calls = ld_volatile(p.site_epoch);
+      site_calls = site_calls_now(p);
       uint4 q[kMaxVecs<MODE>][kMaxPullWorld][2];
 #pragma unroll
       for (int i = 0; i < kMaxVecs<MODE>; ++i) {
@@ -381,6 +390,9 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
   }
   consumers_sync();
   if (tid == 0) *operand_ready = 1;
+  // Counted by epoch: this CTA is done with the site's words (every consumer loaded its own before
+  // the barrier above), so it counts itself now rather than on its way out.
+  if (MODE == 2 && p.pull != nullptr && p.epoch_by_count && tid == 0) red_add_sys(p.site_epoch + 1, 1ull);
   if (p.stamps && tid == 0) p.stamps[blockIdx.x * 4 + 1] = now_ns();
 
   // Stage st holds chunk slot_chunk[slot]: R rows, row j going to warp (st * R + j) % kWarps.
@@ -445,7 +457,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
       for (int r = 0; r < p.num_push; ++r) red_add_sys(site_counts(p.push[r], p.world, p.N) + p.rank, rows_done);
     }
   }
-  if (MODE == 2 && p.pull != nullptr) {  // the last CTA done with the site's rows advances its calls
+  if (MODE == 2 && p.pull != nullptr && !p.epoch_by_count) {  // the last CTA done with the site's rows advances its calls
     consumers_sync();
     if (tid == 0) {
       __threadfence();
@@ -469,7 +481,7 @@ void gemv_m1(int64_t mode, torch::Tensor w, torch::Tensor x, c10::optional<torch
              int64_t num_slots, int64_t grid, int64_t static_chunks, int64_t ahead, bool pdl,
              c10::optional<torch::Tensor> stamps, std::vector<int64_t> push, c10::optional<torch::Tensor> pull,
              c10::optional<torch::Tensor> site_epoch, int64_t rank, int64_t world, bool pull_wait, bool pull_poll,
-             c10::optional<torch::Tensor> stage_stamps) {
+             bool epoch_by_count, c10::optional<torch::Tensor> stage_stamps) {
   const int N = w.size(0), K = w.size(1);
   TORCH_CHECK(K % 8 == 0 && K / 8 <= (mode == 2 ? kMaxVecs<2> : kMaxVecs<0>) * kConsumers,
               "gemv_m1: unsupported K ", K);
@@ -512,6 +524,7 @@ void gemv_m1(int64_t mode, torch::Tensor w, torch::Tensor x, c10::optional<torch
   p.world = static_cast<int>(world);
   p.pull_wait = pull_wait ? 1 : 0;
   p.pull_poll = pull_poll ? 1 : 0;
+  p.epoch_by_count = epoch_by_count ? 1 : 0;
   const int64_t smem = p.ring_offset + num_slots * rows_per_stage * static_cast<int64_t>(K) * 2;
   TORCH_CHECK(smem <= 227 * 1024, "gemv_m1: shared memory plan too large: ", smem);
   static uint64_t attr_set[3] = {0, 0, 0};  // per mode, a bit per device

@@ -237,12 +237,25 @@ def gemv(mode: str, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | N
                    AHEAD_PULL if pull else AHEAD, PDL,
                    stamps, list(push.addresses) if push else [], pull.buffer if pull else None,
                    site.epoch if site else None, site.rank if site else 0, site.world if site else 1,
-                   pull is not None and pull_waits_for_writer(), pull is not None and pull_polls(), stage_stamps)
+                   pull is not None and pull_waits_for_writer(), pull is not None and pull_polls(),
+                   site is not None and epoch_by_count(), stage_stamps)
     return out
 
 
 EXCHANGE_ENV_VAR = "PAGEDLLM_GEMV_ALL_REDUCE"
 PULL_WAIT_ENV_VAR = "PAGEDLLM_GEMV_PULL_WAIT"
+
+
+EPOCH_BY_COUNT_ENV_VAR = "PAGEDLLM_GEMV_EPOCH_BY_COUNT"
+
+
+def epoch_by_count() -> bool:
+    """Whether a site's calls are counted by its reader CTAs as their operand is in
+    (PAGEDLLM_GEMV_EPOCH_BY_COUNT=1) instead of advanced by the reader's last CTA at its end,
+    behind a fence and a returning atomic on every reader CTA's way out (the default;
+    cuda_gemv.cu). Both GEMVs of a site must agree: it is read at every call, so set it before
+    the engine starts."""
+    return os.environ.get(EPOCH_BY_COUNT_ENV_VAR, "0").strip().lower() not in ("", "0", "false")
 
 
 PULL_POLL_ENV_VAR = "PAGEDLLM_GEMV_PULL_POLL"
