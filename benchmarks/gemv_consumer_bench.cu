@@ -30,7 +30,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include "../src/pagedllm/layers/cuda_gemv_device.cuh"  // the kernel's shape, barriers, bulk copies, fma8
+#include "../src/pagedllm/layers/cuda_gemv_device.cuh"  // the kernel's shape, barriers, bulk copies, row products
 
 #include <cmath>
 #include <cstdint>
@@ -160,16 +160,7 @@ __global__ void __launch_bounds__(kThreads, 1) consumer_kernel(const Args a) {
       const int first = st * R;
       for (int j = ((warp - first % kWarps) + kWarps) % kWarps; j < R; j += kWarps) {
         const uint4* wrow = reinterpret_cast<const uint4*>(ws + static_cast<int64_t>(j) * K);
-        float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-        int v = lane;
-        for (; v + 96 < kv; v += 128) {
-          fma8(wrow[v], xv[v], a0);
-          fma8(wrow[v + 32], xv[v + 32], a1);
-          fma8(wrow[v + 64], xv[v + 64], a2);
-          fma8(wrow[v + 96], xv[v + 96], a3);
-        }
-        for (; v < kv; v += 32) fma8(wrow[v], xv[v], a0);
-        const float sum = warp_sum((a0 + a1) + (a2 + a3));
+        const float sum = warp_sum(row_partial(wrow, xv, kv, lane));
         if (lane == 0) out[st * R + j] = sum;
       }
       __syncwarp();

@@ -399,6 +399,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
   // Every warp waits for every stage before releasing it, so an arrival always counts toward
   // that stage's phase.
   const uint4* xv = reinterpret_cast<const uint4*>(xs);
+  const bool pushing = MODE != 2 && p.num_push > 0;
   unsigned long long rows_done = 0;  // by this CTA (every consumer thread sees every stage)
   for (int st = 0;; ++st) {
     const int slot = st % S;
@@ -412,25 +413,15 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
     const __nv_bfloat16* ws = ring + slot * stage_elems;
     const int first = st * R;
     for (int j = ((warp - first % kWarps) + kWarps) % kWarps; j < rows_in; j += kWarps) {
-      const uint4* wrow = reinterpret_cast<const uint4*>(ws + static_cast<int64_t>(j) * K);
-      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-      int v = lane;
-      for (; v + 96 < kv; v += 128) {
-        fma8(wrow[v], xv[v], a0);
-        fma8(wrow[v + 32], xv[v + 32], a1);
-        fma8(wrow[v + 64], xv[v + 64], a2);
-        fma8(wrow[v + 96], xv[v + 96], a3);
-      }
-      for (; v < kv; v += 32) fma8(wrow[v], xv[v], a0);
+      const float partial = row_partial(reinterpret_cast<const uint4*>(ws + static_cast<int64_t>(j) * K), xv, kv, lane);
       if (stage_at) stage_at[5] = clock64();
-      const float sum = warp_sum((a0 + a1) + (a2 + a3));
+      const float sum = warp_sum(partial);
       if (stage_at) stage_at[6] = clock64();
       // Every lane holds the same sum (each butterfly step adds a pair of equal partials in
       // either order). Pushing, lane r stores the row into rank r's buffer, so the stores to the
       // ranks go out side by side: two pushes from one lane in turn took ~100-250 SM cycles a
       // row more than a plain store, on the warp's path to its next row (docs/benchmarks.md,
       // twenty-first session).
-      const bool pushing = MODE != 2 && p.num_push > 0;
       if (pushing ? lane < p.num_push : lane == 0) {
         const int row = chunk * R + j;
         float y = sum * scale;

@@ -90,4 +90,19 @@ __device__ __forceinline__ void fma8(const uint4 w4, const uint4 x4, float& acc)
   }
 }
 
+// This lane's share of row `wrow` (kv 16-byte vectors) times the operand `xv`: vectors lane,
+// lane + 32, ... into four accumulators, summed as (a0 + a1) + (a2 + a3); warp_sum finishes it.
+__device__ __forceinline__ float row_partial(const uint4* wrow, const uint4* xv, int kv, int lane) {
+  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+  int v = lane;
+  for (; v + 96 < kv; v += 128) {
+    fma8(wrow[v], xv[v], a0);
+    fma8(wrow[v + 32], xv[v + 32], a1);
+    fma8(wrow[v + 64], xv[v + 64], a2);
+    fma8(wrow[v + 96], xv[v + 96], a3);
+  }
+  for (; v < kv; v += 32) fma8(wrow[v], xv[v], a0);
+  return (a0 + a1) + (a2 + a3);
+}
+
 }  // namespace
