@@ -122,7 +122,7 @@ class SymmMemAllReduce:
         for span in spans:  # every site starts on a _SITE_ALIGN boundary (the kernel's vector loads)
             offsets.append(offsets[-1] + -(-span // _SITE_ALIGN) * _SITE_ALIGN)
         buffer, addresses = self._symmetric_zeros(offsets[-1] // 8, torch.int64)
-        epochs = torch.zeros(len(sizes), 2, dtype=torch.int64, device=self.device)
+        epochs = torch.zeros(len(sizes), 1, dtype=torch.int64, device=self.device)
         self._await_peers_zeroed()
         self._exchange_buffers.append(buffer)
         return [Exchange(buffer[offset // 8 : (offset + span) // 8], tuple(a + offset for a in addresses), epochs[i],

@@ -57,11 +57,9 @@ def test_switch_off(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _assert_site_calls(epoch: torch.Tensor, calls: int) -> None:
-    """A site's epoch after `calls` calls: every reader CTA counted once a call, and the calls
-    themselves in epoch[0] unless they are derived from that count (PAGEDLLM_GEMV_EPOCH_BY_COUNT)."""
+    """A site's epoch after `calls` calls: every reader CTA (one per SM) counted once a call."""
     sms = torch.cuda.get_device_properties(epoch.device).multi_processor_count
-    assert int(epoch[1]) == calls * sms
-    assert int(epoch[0]) == (0 if cuda_gemv.epoch_by_count() else calls)
+    assert epoch.tolist() == [calls * sms]
 
 
 def _case(mode: str, n: int, k: int, seed: int, bias: bool):
@@ -151,10 +149,10 @@ def test_preferred_untimed_for_large_weights(monkeypatch: pytest.MonkeyPatch) ->
 
 @gpu_only
 @pytest.mark.parametrize("writer_mode", ["plain", "silu"])
-@pytest.mark.parametrize("pull_wait,pull_poll,by_count", [("0", "0", "0"), ("1", "0", "0"), ("0", "1", "0"),
-                                                            ("0", "0", "1"), ("0", "1", "1")])
+@pytest.mark.parametrize("pull_wait,pull_poll,by_operand", [("0", "0", "0"), ("1", "0", "0"), ("0", "1", "0"),
+                                                              ("0", "0", "1"), ("0", "1", "1")])
 def test_all_reduce_carried_by_push_and_pull_equals_the_one_shot_sum(writer_mode: str, pull_wait: str, pull_poll: str,
-                                                                     by_count: str,
+                                                                     by_operand: str,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Two ranks simulated on one GPU: each pushes its O- (or gated down-) projection rows into the one site buffer
     (its rows and its count), the add + RMSNorm GEMV waits for both counts and sums the rows;
@@ -162,8 +160,8 @@ def test_all_reduce_carried_by_push_and_pull_equals_the_one_shot_sum(writer_mode
     and running the GEMV on that, call after call (the site's calls advance). The reader trusts
     the tags alone (the default) or also waits for the writer grid (PAGEDLLM_GEMV_PULL_WAIT=1)."""
     monkeypatch.setenv(cuda_gemv.PULL_WAIT_ENV_VAR, pull_wait)
-    monkeypatch.setenv(cuda_gemv.PULL_POLL_ENV_VAR, pull_poll)  # stale words polled alone
-    monkeypatch.setenv(cuda_gemv.EPOCH_BY_COUNT_ENV_VAR, by_count)  # calls from the reader CTAs' count
+    monkeypatch.setenv(cuda_gemv.PULL_POLL_ENV_VAR, pull_poll)  # stale words polled alone, no counts
+    monkeypatch.setenv(cuda_gemv.TICKETS_BY_OPERAND_ENV_VAR, by_operand)  # the reader's tickets once its operand is in
     if not cuda_gemv.available():
         pytest.skip("the extension did not build here (no nvcc?)")
     hidden, k_o, n_reader = 4096, 2048, 3072
@@ -172,7 +170,7 @@ def test_all_reduce_carried_by_push_and_pull_equals_the_one_shot_sum(writer_mode
     w_r = (torch.randn(n_reader, hidden, device="cuda", generator=g) * 0.05).bfloat16()
     nw = (1 + 0.1 * torch.randn(hidden, device="cuda", generator=g)).bfloat16()
     buffer = torch.zeros(cuda_gemv.exchange_buffer_bytes(2, hidden) // 8, dtype=torch.int64, device="cuda")
-    epoch = torch.zeros(2, dtype=torch.int64, device="cuda")
+    epoch = torch.zeros(1, dtype=torch.int64, device="cuda")
     for call in range(3):
         width = k_o * (2 if writer_mode == "silu" else 1)
         x = [torch.randn(1, width, device="cuda", generator=g).bfloat16() for _ in range(2)]
@@ -193,22 +191,21 @@ def test_all_reduce_carried_by_push_and_pull_equals_the_one_shot_sum(writer_mode
         torch.cuda.synchronize()
         assert torch.equal(res_out, ref_res) and torch.equal(out, ref), f"call {call}"
         _assert_site_calls(epoch, call + 1)
-        counts = buffer[-2:].tolist()  # every rank's rows counted, once per call
-        assert counts == [hidden * (call + 1)] * 2
+        counts = buffer[-2:].tolist()  # every rank's rows counted, once per call (none when polled)
+        assert counts == [0 if pull_poll == "1" else hidden * (call + 1)] * 2
 
 
 @gpu_only
 @pytest.mark.parametrize("writer_mode", ["plain", "silu"])
-@pytest.mark.parametrize("pull_poll", ["0", "1"])
-@pytest.mark.parametrize("by_count", ["0", "1"])
-def test_local_hand_off_by_tags_is_the_plain_hand_off(writer_mode: str, pull_poll: str, by_count: str,
+@pytest.mark.parametrize("pull_poll,by_operand", [("0", "0"), ("1", "0"), ("0", "1")])
+def test_local_hand_off_by_tags_is_the_plain_hand_off(writer_mode: str, pull_poll: str, by_operand: str,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """One GPU (local_exchanges, world 1): the row-parallel GEMV pushes its tagged rows into the
     site, the add + RMSNorm GEMV takes them by their tags without waiting for the writer grid;
     bitwise the output of the plain hand-off (the writer's bf16 rows as the reader's input), call
     after call, with CUDA-graph replays of the pair as the engine runs them."""
     monkeypatch.setenv(cuda_gemv.PULL_POLL_ENV_VAR, pull_poll)
-    monkeypatch.setenv(cuda_gemv.EPOCH_BY_COUNT_ENV_VAR, by_count)
+    monkeypatch.setenv(cuda_gemv.TICKETS_BY_OPERAND_ENV_VAR, by_operand)
     if not cuda_gemv.available():
         pytest.skip("the extension did not build here (no nvcc?)")
     hidden, k_o, n_reader = 4096, 2048, 3072
@@ -244,8 +241,8 @@ def test_local_hand_off_by_tags_is_the_plain_hand_off(writer_mode: str, pull_pol
 
 
 @gpu_only
-@pytest.mark.parametrize("pull_poll,by_count", [("0", "0"), ("1", "0"), ("1", "1")])
-def test_pull_waits_for_a_peer_whose_rows_come_late(pull_poll: str, by_count: str,
+@pytest.mark.parametrize("pull_poll,by_operand", [("0", "0"), ("1", "0"), ("0", "1")])
+def test_pull_waits_for_a_peer_whose_rows_come_late(pull_poll: str, by_operand: str,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """The reader's fallback: when the peer's rows are not in at its first load (stale tags), it
     waits for the counts and reloads (or, PAGEDLLM_GEMV_PULL_POLL=1, polls the stale words). The
@@ -253,7 +250,7 @@ def test_pull_waits_for_a_peer_whose_rows_come_late(pull_poll: str, by_count: st
     started (small kernels that fit beside the reader's CTAs); the result must still be bitwise
     the one-shot sum's (passed on an H200 at cadb64c)."""
     monkeypatch.setenv(cuda_gemv.PULL_POLL_ENV_VAR, pull_poll)
-    monkeypatch.setenv(cuda_gemv.EPOCH_BY_COUNT_ENV_VAR, by_count)
+    monkeypatch.setenv(cuda_gemv.TICKETS_BY_OPERAND_ENV_VAR, by_operand)
     if not cuda_gemv.available():
         pytest.skip("the extension did not build here (no nvcc?)")
     hidden, k_o, n_reader = 4096, 2048, 3072
@@ -263,7 +260,7 @@ def test_pull_waits_for_a_peer_whose_rows_come_late(pull_poll: str, by_count: st
     nw = (1 + 0.1 * torch.randn(hidden, device="cuda", generator=g)).bfloat16()
     buffer = torch.zeros(cuda_gemv.exchange_buffer_bytes(2, hidden) // 8, dtype=torch.int64, device="cuda")
     words = buffer.view(torch.int32)
-    epoch = torch.zeros(2, dtype=torch.int64, device="cuda")
+    epoch = torch.zeros(1, dtype=torch.int64, device="cuda")
     site = cuda_gemv.Exchange(buffer, (buffer.data_ptr(),), epoch, 0, 2)
     peer_stream = torch.cuda.Stream()
     for call in range(2):

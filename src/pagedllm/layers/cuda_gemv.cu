@@ -24,8 +24,9 @@
 // The all-reduce between a row-parallel GEMV and the add + RMSNorm GEMV after it can ride on the
 // two kernels instead of a kernel of its own. A site's buffer (symmetric memory, one per rank)
 // holds the ranks' rows as 4-byte words, bf16 | tag << 16 [world][n], then one 8-byte count per
-// writing rank; the tag is the site's call count + 1 (mod 2^16; calls: a counter the reader's
-// last CTA advances), so a word of the call before never passes for this call's. The writer
+// writing rank; the tag is the site's call count + 1 (mod 2^16; calls: the reader CTAs that took
+// their operand, counted by each as it does, over the grid), so a word of the call before never
+// passes for this call's. The writer
 // stores each output row into every rank's buffer, and each CTA, once its rows are issued, adds
 // their number to its rank's count there, with no fence: the count is a hint that lets one
 // thread per reader CTA wait cheaply, and the tags make it safe when a count overtakes its rows.
@@ -85,14 +86,18 @@ struct Params {
   float eps;
   void* push[kMaxWorld];           // MODE 0/1: the site's buffer of each of num_push ranks; else out
   const void* pull;                // MODE 2: this rank's buffer of the site; null: the operand is x
-  unsigned long long* site_epoch;  // pull: [2] the site's completed calls, reader CTAs done
+  // push / pull: [1] the reader CTAs that have taken the site's operand, so far. Every GEMV of a
+  // site runs one CTA per SM, so this over the grid is the site's completed calls.
+  unsigned long long* site_epoch;
   int num_push, rank, world;
   int pull_wait;  // pull: the consumers also wait for the writer grid (griddepcontrol.wait); 0: the tags suffice
-  int pull_poll;  // pull: a thread with stale words polls them alone; 0: thread 0 waits for the counts first
-  // push / pull: the site's calls are the reader CTAs counted in site_epoch[1] over the grid (a
-  // reader CTA counts itself once its operand is in); 0: site_epoch[0], which the reader's last
-  // CTA advances at its end (a fence and a returning atomic on every reader CTA's way out)
-  int epoch_by_count;
+  // push / pull: a reader thread with stale words polls them alone, and the writers count no
+  // rows; 0: a reader CTA's thread 0 waits for every writer's count first, then its threads reload
+  int pull_poll;
+  // pull: the producer draws its first ticket once the operand is in, not after griddepcontrol.wait
+  // (the writer grid complete, its stores into the peers acknowledged), and waits for the writer
+  // grid only on its way out; 0: it waits before its first ticket
+  int tickets_by_operand;
 };
 
 // The counts after a site buffer's words (n per rank): one per writing rank.
@@ -144,9 +149,10 @@ __device__ __forceinline__ void red_add_sys(unsigned long long* p, unsigned long
   asm volatile("red.relaxed.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
-// The site's completed calls (see Params::epoch_by_count; every GEMV of a site runs on one grid).
+// The site's completed calls (see Params::site_epoch). A reader CTA reads them before it counts
+// itself, while at most gridDim.x - 1 CTAs of its own call have: the quotient is still exact.
 __device__ __forceinline__ unsigned long long site_calls_now(const Params& p) {
-  return p.epoch_by_count ? ld_volatile(p.site_epoch + 1) / gridDim.x : ld_volatile(p.site_epoch);
+  return ld_volatile(p.site_epoch) / gridDim.x;
 }
 
 // This CTA's stamps of stage st (see Params::stage_stamps), or null when not stamped.
@@ -188,6 +194,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
   if (warp == kWarps) {  // the producer: the weights need nothing an earlier kernel writes
     if (lane != 0) return;
     pdl_trigger();
+    const bool by_operand = MODE == 2 && p.pull != nullptr && p.tickets_by_operand;
     int landed = 0;
     const unsigned long long period = static_cast<unsigned long long>(dynamic_chunks) + gridDim.x;
     unsigned long long ticket = 0;
@@ -197,8 +204,16 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
       // Draw the first ticket one stage before the slab ends: CTAs that streamed their slab
       // sooner draw sooner, and the atomic's round trip overlaps the wait for a free slot.
       if (dynamic_chunks > 0 && !have_ticket && st + 1 >= p.static_chunks) {
-        // An earlier launch of this weight may still be drawing: PDL starts this grid early.
-        pdl_wait();
+        // An earlier launch of this weight may still be drawing: PDL starts this grid early. A
+        // pulled operand in vouches for it too: every row of it was stored by a writer CTA past
+        // its own griddepcontrol.wait, and every grid before the writer waits for its
+        // predecessor before it completes (this one too, on its way out).
+        if (by_operand) {
+          while (!*operand_ready) {
+          }
+        } else {
+          pdl_wait();
+        }
         ticket = atomicAdd(p.tickets, 1ull);
         have_ticket = true;
       }
@@ -225,6 +240,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
       }
       if (chunk < 0) {  // no more rows: release the consumers
         mbar_arrive(&full[slot]);
+        if (by_operand) pdl_wait();  // this grid completes after the writer grid (see above)
         return;
       }
       const int rows_in = min(R, p.N - chunk * R);
@@ -244,9 +260,9 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
   // its own wait, and this CTA holds an SM only after a writer CTA left it; it is read past L1.
   const bool skip_wait = pulling && !p.pull_wait;
   if (!skip_wait) pdl_wait();
-  // The site's calls: stable from the writer's start to the reader's end (the reader's last CTA
-  // advances them, and the next writer starts after that reader). A reader's thread 0 reads them
-  // with the counts (below); a writer needs them only for its first stored row.
+  // The site's calls: stable from the writer's start until the reader's CTAs count themselves
+  // (the next writer starts after that reader). A reader's threads read them with its words
+  // (below); a writer needs them only for its first stored row.
   unsigned long long site_calls = p.site_epoch != nullptr && !pulling ? site_calls_now(p) : 0;
   const int kv = K / 8;  // 16-byte vectors of one row
   constexpr int kArrays = MODE == 0 ? 1 : (MODE == 1 ? 2 : 3);
@@ -292,8 +308,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
           if (tid + i * kConsumers < kv && r < p.world) stale |= !tagged(q[i][r], tag);
         }
       }
-      // pull_poll: a thread with stale words polls just those, and each lands as soon as its
-      // writer CTA stored it, not when the last writer CTA has counted its rows.
+      // pull_poll: a thread with stale words polls just those (the writers count no rows), and
+      // each lands as soon as its writer CTA stored it, not when the last one counted its rows.
       if (p.pull_poll ? stale : consumers_any(stale)) {
         // A peer's rows are still on their way: one thread waits for every rank's count (polling
         // all the words would flood L2), then each thread reloads its stale words, and polls any
@@ -390,9 +406,11 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
   }
   consumers_sync();
   if (tid == 0) *operand_ready = 1;
-  // Counted by epoch: this CTA is done with the site's words (every consumer loaded its own before
-  // the barrier above), so it counts itself now rather than on its way out.
-  if (MODE == 2 && p.pull != nullptr && p.epoch_by_count && tid == 0) red_add_sys(p.site_epoch + 1, 1ull);
+  // This CTA is done with the site's words (every consumer loaded its own before the barrier
+  // above): it counts itself now, fire and forget. Counting on its way out instead (the last CTA
+  // advancing the calls behind a fence and a returning atomic) kept each reader grid ~0.5 us
+  // longer (docs/benchmarks.md, twenty-third session).
+  if (pulling && tid == 0) red_add_sys(p.site_epoch, 1ull);
   if (p.stamps && tid == 0) p.stamps[blockIdx.x * 4 + 1] = now_ns();
 
   // Stage st holds chunk slot_chunk[slot]: R rows, row j going to warp (st * R + j) % kWarps.
@@ -442,18 +460,10 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
     consumers_sync();
     if (tid == 0) p.stamps[blockIdx.x * 4 + 2] = now_ns();
   }
-  if (MODE != 2 && p.num_push > 0) {  // this CTA's rows are out: count them in every rank's buffer
+  if (pushing && !p.pull_poll) {  // this CTA's rows are out: count them in every rank's buffer
     consumers_sync();
     if (tid == 0 && rows_done > 0) {  // no fence: the count is a hint (see the top of the file)
       for (int r = 0; r < p.num_push; ++r) red_add_sys(site_counts(p.push[r], p.world, p.N) + p.rank, rows_done);
-    }
-  }
-  if (MODE == 2 && p.pull != nullptr && !p.epoch_by_count) {  // the last CTA done with the site's rows advances its calls
-    consumers_sync();
-    if (tid == 0) {
-      __threadfence();
-      if (atomicAdd(p.site_epoch + 1, 1ull) == (site_calls + 1) * gridDim.x - 1)
-        atomicExch(p.site_epoch, site_calls + 1);
     }
   }
 }
@@ -472,7 +482,7 @@ void gemv_m1(int64_t mode, torch::Tensor w, torch::Tensor x, c10::optional<torch
              int64_t num_slots, int64_t grid, int64_t static_chunks, int64_t ahead, bool pdl,
              c10::optional<torch::Tensor> stamps, std::vector<int64_t> push, c10::optional<torch::Tensor> pull,
              c10::optional<torch::Tensor> site_epoch, int64_t rank, int64_t world, bool pull_wait, bool pull_poll,
-             bool epoch_by_count, c10::optional<torch::Tensor> stage_stamps) {
+             bool tickets_by_operand, c10::optional<torch::Tensor> stage_stamps) {
   const int N = w.size(0), K = w.size(1);
   TORCH_CHECK(K % 8 == 0 && K / 8 <= (mode == 2 ? kMaxVecs<2> : kMaxVecs<0>) * kConsumers,
               "gemv_m1: unsupported K ", K);
@@ -515,7 +525,7 @@ void gemv_m1(int64_t mode, torch::Tensor w, torch::Tensor x, c10::optional<torch
   p.world = static_cast<int>(world);
   p.pull_wait = pull_wait ? 1 : 0;
   p.pull_poll = pull_poll ? 1 : 0;
-  p.epoch_by_count = epoch_by_count ? 1 : 0;
+  p.tickets_by_operand = tickets_by_operand ? 1 : 0;
   const int64_t smem = p.ring_offset + num_slots * rows_per_stage * static_cast<int64_t>(K) * 2;
   TORCH_CHECK(smem <= 227 * 1024, "gemv_m1: shared memory plan too large: ", smem);
   static uint64_t attr_set[3] = {0, 0, 0};  // per mode, a bit per device

@@ -169,7 +169,7 @@ class Exchange:
 
     buffer: torch.Tensor  # this rank's buffer, in symmetric memory (exchange_buffer_bytes, zeroed)
     addresses: tuple[int, ...]  # the buffers the writer stores into: every rank's, as mapped here
-    epoch: torch.Tensor  # int64 [2] on this device: the site's completed calls, the reader's CTAs done
+    epoch: torch.Tensor  # int64 [1] on this device: the reader CTAs that took the site's operand (calls x SMs)
     rank: int
     world: int
 
@@ -195,7 +195,7 @@ def local_exchanges(sizes: list[int], device: torch.device) -> list[Exchange]:
     exchanges = []
     for n in sizes:
         buffer = torch.zeros(exchange_buffer_bytes(1, n) // 8, dtype=torch.int64, device=device)
-        epoch = torch.zeros(2, dtype=torch.int64, device=device)
+        epoch = torch.zeros(1, dtype=torch.int64, device=device)
         exchanges.append(Exchange(buffer, (buffer.data_ptr(),), epoch, 0, 1))
     return exchanges
 
@@ -237,8 +237,8 @@ def gemv(mode: str, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | N
                    AHEAD_PULL if pull else AHEAD, PDL,
                    stamps, list(push.addresses) if push else [], pull.buffer if pull else None,
                    site.epoch if site else None, site.rank if site else 0, site.world if site else 1,
-                   pull is not None and pull_waits_for_writer(), pull is not None and pull_polls(),
-                   site is not None and epoch_by_count(), stage_stamps)
+                   pull is not None and pull_waits_for_writer(), site is not None and pull_polls(),
+                   pull is not None and tickets_by_operand(), stage_stamps)
     return out
 
 
@@ -246,25 +246,24 @@ EXCHANGE_ENV_VAR = "PAGEDLLM_GEMV_ALL_REDUCE"
 PULL_WAIT_ENV_VAR = "PAGEDLLM_GEMV_PULL_WAIT"
 
 
-EPOCH_BY_COUNT_ENV_VAR = "PAGEDLLM_GEMV_EPOCH_BY_COUNT"
+TICKETS_BY_OPERAND_ENV_VAR = "PAGEDLLM_GEMV_TICKETS_BY_OPERAND"
 
 
-def epoch_by_count() -> bool:
-    """Whether a site's calls are counted by its reader CTAs as their operand is in
-    (PAGEDLLM_GEMV_EPOCH_BY_COUNT=1) instead of advanced by the reader's last CTA at its end,
-    behind a fence and a returning atomic on every reader CTA's way out (the default;
-    cuda_gemv.cu). Both GEMVs of a site must agree: it is read at every call, so set it before
-    the engine starts."""
-    return os.environ.get(EPOCH_BY_COUNT_ENV_VAR, "0").strip().lower() not in ("", "0", "false")
+def tickets_by_operand() -> bool:
+    """Whether a pulled operand's producer draws its first ticket once the operand is in
+    (PAGEDLLM_GEMV_TICKETS_BY_OPERAND=1) instead of after the writer grid completes, its stores
+    into the peers acknowledged (the default; cuda_gemv.cu)."""
+    return os.environ.get(TICKETS_BY_OPERAND_ENV_VAR, "0").strip().lower() not in ("", "0", "false")
 
 
 PULL_POLL_ENV_VAR = "PAGEDLLM_GEMV_PULL_POLL"
 
 
 def pull_polls() -> bool:
-    """Whether a pulled operand's threads with stale words poll just those words
-    (PAGEDLLM_GEMV_PULL_POLL=1) instead of one thread waiting for every writer CTA's count
-    first (the default; cuda_gemv.cu)."""
+    """Whether a pulled operand's threads with stale words poll just those words, and the
+    writers count no rows (PAGEDLLM_GEMV_PULL_POLL=1), instead of one reader thread waiting
+    for every writer CTA's count first (the default; cuda_gemv.cu). Both GEMVs of a site must
+    agree: it is read at every call, so set it before the engine starts."""
     return os.environ.get(PULL_POLL_ENV_VAR, "0").strip().lower() not in ("", "0", "false")
 
 
