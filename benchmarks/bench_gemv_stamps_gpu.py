@@ -44,8 +44,7 @@ from pagedllm.worker import worker as worker_module  # noqa: E402
 KNOBS = ("PAGEDLLM_GEMV_PULL_WAIT", "PAGEDLLM_ATTENTION_PDL", "PAGEDLLM_GEMV_ALL_REDUCE", "PAGEDLLM_SHARDED_SAMPLING",
          "BENCH_DECODE_PARTITION_TOKENS", "PAGEDLLM_CUDA_DECODE_ATTENTION", "BENCH_CUDA_DECODE_WARPS",
          "BENCH_CUDA_DECODE_CLUSTER", "PAGEDLLM_ONE_SHOT_EMBEDDING", "PAGEDLLM_ONE_SHOT_ARGMAX",
-         "PAGEDLLM_GEMV_LOCAL_HANDOFF", "BENCH_GEMV_AHEAD_PULL", "PAGEDLLM_GEMV_PULL_POLL",
-         "PAGEDLLM_GEMV_TICKETS_BY_OPERAND")
+         "PAGEDLLM_GEMV_LOCAL_HANDOFF", "BENCH_GEMV_AHEAD_PULL", "PAGEDLLM_GEMV_PULL_POLL")
 _VARIANT_SWITCHES: dict[str, str | None] = {}  # switch -> its value before the last variant set it
 _records: dict[tuple[int, str], dict[str, Any]] = {}  # (weight pointer, mode) -> call record
 _unstamped_gemv = cuda_gemv.gemv

@@ -41,6 +41,14 @@ def test_pulled_operand_waits_for_the_writer_only_when_asked(monkeypatch: pytest
         assert cuda_gemv.pull_waits_for_writer() is expected
 
 
+def test_pull_polls_unless_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(cuda_gemv.PULL_POLL_ENV_VAR, raising=False)
+    assert cuda_gemv.pull_polls()
+    for value, expected in (("0", False), ("false", False), ("1", True)):
+        monkeypatch.setenv(cuda_gemv.PULL_POLL_ENV_VAR, value)
+        assert cuda_gemv.pull_polls() is expected
+
+
 def test_local_handoff_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(cuda_gemv.LOCAL_HANDOFF_ENV_VAR, raising=False)
     assert not cuda_gemv.local_handoff_enabled()
@@ -149,19 +157,17 @@ def test_preferred_untimed_for_large_weights(monkeypatch: pytest.MonkeyPatch) ->
 
 @gpu_only
 @pytest.mark.parametrize("writer_mode", ["plain", "silu"])
-@pytest.mark.parametrize("pull_wait,pull_poll,by_operand", [("0", "0", "0"), ("1", "0", "0"), ("0", "1", "0"),
-                                                              ("0", "0", "1"), ("0", "1", "1")])
+@pytest.mark.parametrize("pull_wait,pull_poll", [("0", "1"), ("1", "0"), ("0", "0")])
 def test_all_reduce_carried_by_push_and_pull_equals_the_one_shot_sum(writer_mode: str, pull_wait: str, pull_poll: str,
-                                                                     by_operand: str,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Two ranks simulated on one GPU: each pushes its O- (or gated down-) projection rows into the one site buffer
-    (its rows and its count), the add + RMSNorm GEMV waits for both counts and sums the rows;
-    bitwise equal to summing the ranks' bf16 partials in rank order (the one-shot all-reduce)
-    and running the GEMV on that, call after call (the site's calls advance). The reader trusts
-    the tags alone (the default) or also waits for the writer grid (PAGEDLLM_GEMV_PULL_WAIT=1)."""
+    (with PAGEDLLM_GEMV_PULL_POLL=0 also its count), the add + RMSNorm GEMV takes both ranks'
+    rows by their tags and sums them; bitwise equal to summing the ranks' bf16 partials in rank
+    order (the one-shot all-reduce) and running the GEMV on that, call after call (the site's
+    calls advance). The reader trusts the tags alone (the default) or also waits for the writer
+    grid (PAGEDLLM_GEMV_PULL_WAIT=1)."""
     monkeypatch.setenv(cuda_gemv.PULL_WAIT_ENV_VAR, pull_wait)
     monkeypatch.setenv(cuda_gemv.PULL_POLL_ENV_VAR, pull_poll)  # stale words polled alone, no counts
-    monkeypatch.setenv(cuda_gemv.TICKETS_BY_OPERAND_ENV_VAR, by_operand)  # the reader's tickets once its operand is in
     if not cuda_gemv.available():
         pytest.skip("the extension did not build here (no nvcc?)")
     hidden, k_o, n_reader = 4096, 2048, 3072
@@ -197,15 +203,14 @@ def test_all_reduce_carried_by_push_and_pull_equals_the_one_shot_sum(writer_mode
 
 @gpu_only
 @pytest.mark.parametrize("writer_mode", ["plain", "silu"])
-@pytest.mark.parametrize("pull_poll,by_operand", [("0", "0"), ("1", "0"), ("0", "1")])
-def test_local_hand_off_by_tags_is_the_plain_hand_off(writer_mode: str, pull_poll: str, by_operand: str,
+@pytest.mark.parametrize("pull_poll", ["1", "0"])
+def test_local_hand_off_by_tags_is_the_plain_hand_off(writer_mode: str, pull_poll: str,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """One GPU (local_exchanges, world 1): the row-parallel GEMV pushes its tagged rows into the
     site, the add + RMSNorm GEMV takes them by their tags without waiting for the writer grid;
     bitwise the output of the plain hand-off (the writer's bf16 rows as the reader's input), call
     after call, with CUDA-graph replays of the pair as the engine runs them."""
     monkeypatch.setenv(cuda_gemv.PULL_POLL_ENV_VAR, pull_poll)
-    monkeypatch.setenv(cuda_gemv.TICKETS_BY_OPERAND_ENV_VAR, by_operand)
     if not cuda_gemv.available():
         pytest.skip("the extension did not build here (no nvcc?)")
     hidden, k_o, n_reader = 4096, 2048, 3072
@@ -241,16 +246,14 @@ def test_local_hand_off_by_tags_is_the_plain_hand_off(writer_mode: str, pull_pol
 
 
 @gpu_only
-@pytest.mark.parametrize("pull_poll,by_operand", [("0", "0"), ("1", "0"), ("0", "1")])
-def test_pull_waits_for_a_peer_whose_rows_come_late(pull_poll: str, by_operand: str,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("pull_poll", ["1", "0"])
+def test_pull_waits_for_a_peer_whose_rows_come_late(pull_poll: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The reader's fallback: when the peer's rows are not in at its first load (stale tags), it
-    waits for the counts and reloads (or, PAGEDLLM_GEMV_PULL_POLL=1, polls the stale words). The
+    polls the stale words (or, PAGEDLLM_GEMV_PULL_POLL=0, waits for the counts and reloads). The
     peer is a side stream that writes rank 1's tagged words and count ~1 ms after the reader has
     started (small kernels that fit beside the reader's CTAs); the result must still be bitwise
-    the one-shot sum's (passed on an H200 at cadb64c)."""
+    the one-shot sum's (both passed on an H200 in the twenty-third session)."""
     monkeypatch.setenv(cuda_gemv.PULL_POLL_ENV_VAR, pull_poll)
-    monkeypatch.setenv(cuda_gemv.TICKETS_BY_OPERAND_ENV_VAR, by_operand)
     if not cuda_gemv.available():
         pytest.skip("the extension did not build here (no nvcc?)")
     hidden, k_o, n_reader = 4096, 2048, 3072

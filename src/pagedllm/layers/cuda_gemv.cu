@@ -26,17 +26,18 @@
 // holds the ranks' rows as 4-byte words, bf16 | tag << 16 [world][n], then one 8-byte count per
 // writing rank; the tag is the site's call count + 1 (mod 2^16; calls: the reader CTAs that took
 // their operand, counted by each as it does, over the grid), so a word of the call before never
-// passes for this call's. The writer
-// stores each output row into every rank's buffer, and each CTA, once its rows are issued, adds
-// their number to its rank's count there, with no fence: the count is a hint that lets one
-// thread per reader CTA wait cheaply, and the tags make it safe when a count overtakes its rows.
-// The reader's consumers load every rank's words at once, in the round trip of their other
-// operand loads, and check the tags. Only when some word is stale (a peer's rows still on their
-// way) does its thread 0 wait until every count reaches (calls + 1) * n, after which the stale
-// words are reloaded (and any a count overtook polled until they land). The ranks' values are
+// passes for this call's. The writer stores each output row into every rank's buffer. The
+// reader's consumers load every rank's words at once, in the round trip of their other operand
+// loads, and check the tags; a thread whose words are not all in yet (a peer's rows still on
+// their way) polls just those until they land (pull_poll, the default). The ranks' values are
 // summed in rank order, as the one-shot all-reduce (one_shot_all_reduce.py) would. Each load
-// that waits for another costs a round trip of ~1 us while the weights stream: waiting for the
+// that waits for another costs a round trip of ~1 us while the weights stream: waiting for
 // counts first, then loading rank by rank, took 4 us more than a plain operand per site.
+// With pull_poll 0, each writer CTA, once its rows are issued, adds their number to its rank's
+// count in every buffer, with no fence (a hint: the tags make it safe when a count overtakes its
+// rows), and a reader CTA with a stale word has its thread 0 wait until every count reaches
+// (calls + 1) * n before its threads reload; that took 6-18 us a step more in L1 at TP=2
+// (docs/benchmarks.md, twenty-third session).
 // The reader's consumers do not pass griddepcontrol.wait (pull_wait 0, the default): the tags
 // vouch for every row, and the writer grid's completion would add the acknowledgement of its
 // stores into the peers (~1 us a site on 2 x H200). Its producer still waits before its tickets.
@@ -94,10 +95,6 @@ struct Params {
   // push / pull: a reader thread with stale words polls them alone, and the writers count no
   // rows; 0: a reader CTA's thread 0 waits for every writer's count first, then its threads reload
   int pull_poll;
-  // pull: the producer draws its first ticket once the operand is in, not after griddepcontrol.wait
-  // (the writer grid complete, its stores into the peers acknowledged), and waits for the writer
-  // grid only on its way out; 0: it waits before its first ticket
-  int tickets_by_operand;
 };
 
 // The counts after a site buffer's words (n per rank): one per writing rank.
@@ -194,7 +191,6 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
   if (warp == kWarps) {  // the producer: the weights need nothing an earlier kernel writes
     if (lane != 0) return;
     pdl_trigger();
-    const bool by_operand = MODE == 2 && p.pull != nullptr && p.tickets_by_operand;
     int landed = 0;
     const unsigned long long period = static_cast<unsigned long long>(dynamic_chunks) + gridDim.x;
     unsigned long long ticket = 0;
@@ -204,16 +200,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
       // Draw the first ticket one stage before the slab ends: CTAs that streamed their slab
       // sooner draw sooner, and the atomic's round trip overlaps the wait for a free slot.
       if (dynamic_chunks > 0 && !have_ticket && st + 1 >= p.static_chunks) {
-        // An earlier launch of this weight may still be drawing: PDL starts this grid early. A
-        // pulled operand in vouches for it too: every row of it was stored by a writer CTA past
-        // its own griddepcontrol.wait, and every grid before the writer waits for its
-        // predecessor before it completes (this one too, on its way out).
-        if (by_operand) {
-          while (!*operand_ready) {
-          }
-        } else {
-          pdl_wait();
-        }
+        // An earlier launch of this weight may still be drawing: PDL starts this grid early.
+        pdl_wait();
         ticket = atomicAdd(p.tickets, 1ull);
         have_ticket = true;
       }
@@ -240,7 +228,6 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
       }
       if (chunk < 0) {  // no more rows: release the consumers
         mbar_arrive(&full[slot]);
-        if (by_operand) pdl_wait();  // this grid completes after the writer grid (see above)
         return;
       }
       const int rows_in = min(R, p.N - chunk * R);
@@ -482,7 +469,7 @@ void gemv_m1(int64_t mode, torch::Tensor w, torch::Tensor x, c10::optional<torch
              int64_t num_slots, int64_t grid, int64_t static_chunks, int64_t ahead, bool pdl,
              c10::optional<torch::Tensor> stamps, std::vector<int64_t> push, c10::optional<torch::Tensor> pull,
              c10::optional<torch::Tensor> site_epoch, int64_t rank, int64_t world, bool pull_wait, bool pull_poll,
-             bool tickets_by_operand, c10::optional<torch::Tensor> stage_stamps) {
+             c10::optional<torch::Tensor> stage_stamps) {
   const int N = w.size(0), K = w.size(1);
   TORCH_CHECK(K % 8 == 0 && K / 8 <= (mode == 2 ? kMaxVecs<2> : kMaxVecs<0>) * kConsumers,
               "gemv_m1: unsupported K ", K);
@@ -525,7 +512,6 @@ void gemv_m1(int64_t mode, torch::Tensor w, torch::Tensor x, c10::optional<torch
   p.world = static_cast<int>(world);
   p.pull_wait = pull_wait ? 1 : 0;
   p.pull_poll = pull_poll ? 1 : 0;
-  p.tickets_by_operand = tickets_by_operand ? 1 : 0;
   const int64_t smem = p.ring_offset + num_slots * rows_per_stage * static_cast<int64_t>(K) * 2;
   TORCH_CHECK(smem <= 227 * 1024, "gemv_m1: shared memory plan too large: ", smem);
   static uint64_t attr_set[3] = {0, 0, 0};  // per mode, a bit per device

@@ -53,7 +53,7 @@ _SMEM_LIMIT = 227 * 1024
 # no coordination; the tail evens out the SMs that stream slower).
 DYNAMIC_FRACTION = 0.2
 AHEAD = 2  # stages in flight before the operand is loaded (cuda_gemv.cu)
-# A pulled operand takes several round trips (the rows' tags, maybe the counts, a reload), and
+# A pulled operand takes several round trips (the rows' tags, maybe polls of late ones), and
 # each queues behind this SM's bulk copies in flight: one stage ahead, not two, got it in 1-1.5
 # us sooner on 2 x H200 (L1 TP=2 -18 us a step; at TP=1 one stage ahead was slower for the plain
 # operand). docs/benchmarks.md, sixteenth session.
@@ -161,9 +161,9 @@ def _ticket_counter(weight: torch.Tensor, p: GemvPlan) -> torch.Tensor:
 @dataclass(frozen=True)
 class Exchange:
     """One all-reduce site carried by the GEMVs on either side of it (one token): the
-    row-parallel GEMV before it stores each output row into every rank's buffer as a tagged word
-    and counts them there, the add + RMSNorm GEMV after it waits for the counts, checks the tags
-    and sums the ranks' rows in rank order, as the one-shot all-reduce would (the same bits),
+    row-parallel GEMV before it stores each output row into every rank's buffer as a tagged word,
+    the add + RMSNorm GEMV after it takes the words by their tags (polling any not in yet) and
+    sums the ranks' rows in rank order, as the one-shot all-reduce would (the same bits),
     with no kernel of its own (cuda_gemv.cu explains the buffer). Made by
     `SymmMemAllReduce.exchanges`."""
 
@@ -202,7 +202,7 @@ def local_exchanges(sizes: list[int], device: torch.device) -> list[Exchange]:
 
 def exchange_buffer_bytes(world: int, n: int) -> int:
     """Bytes of one rank's buffer of a site of `n` elements: the ranks' rows as 4-byte tagged
-    words, then a count each."""
+    words, then a count each (written only with PAGEDLLM_GEMV_PULL_POLL=0)."""
     return world * (4 * n + 8)
 
 
@@ -237,8 +237,7 @@ def gemv(mode: str, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | N
                    AHEAD_PULL if pull else AHEAD, PDL,
                    stamps, list(push.addresses) if push else [], pull.buffer if pull else None,
                    site.epoch if site else None, site.rank if site else 0, site.world if site else 1,
-                   pull is not None and pull_waits_for_writer(), site is not None and pull_polls(),
-                   pull is not None and tickets_by_operand(), stage_stamps)
+                   pull is not None and pull_waits_for_writer(), site is not None and pull_polls(), stage_stamps)
     return out
 
 
@@ -246,25 +245,17 @@ EXCHANGE_ENV_VAR = "PAGEDLLM_GEMV_ALL_REDUCE"
 PULL_WAIT_ENV_VAR = "PAGEDLLM_GEMV_PULL_WAIT"
 
 
-TICKETS_BY_OPERAND_ENV_VAR = "PAGEDLLM_GEMV_TICKETS_BY_OPERAND"
-
-
-def tickets_by_operand() -> bool:
-    """Whether a pulled operand's producer draws its first ticket once the operand is in
-    (PAGEDLLM_GEMV_TICKETS_BY_OPERAND=1) instead of after the writer grid completes, its stores
-    into the peers acknowledged (the default; cuda_gemv.cu)."""
-    return os.environ.get(TICKETS_BY_OPERAND_ENV_VAR, "0").strip().lower() not in ("", "0", "false")
-
-
 PULL_POLL_ENV_VAR = "PAGEDLLM_GEMV_PULL_POLL"
 
 
 def pull_polls() -> bool:
-    """Whether a pulled operand's threads with stale words poll just those words, and the
-    writers count no rows (PAGEDLLM_GEMV_PULL_POLL=1), instead of one reader thread waiting
-    for every writer CTA's count first (the default; cuda_gemv.cu). Both GEMVs of a site must
-    agree: it is read at every call, so set it before the engine starts."""
-    return os.environ.get(PULL_POLL_ENV_VAR, "0").strip().lower() not in ("", "0", "false")
+    """Whether a pulled operand's threads with stale words poll just those words and the
+    writers count no rows (the default), or, with PAGEDLLM_GEMV_PULL_POLL=0, the writers count
+    their rows and one reader thread waits for every count first (cuda_gemv.cu). On by default:
+    L1 at TP=2 on 2 x H200 took 6-18 us a step less with it, in three calls (docs/benchmarks.md,
+    twenty-third session). Both GEMVs of a site must agree: it is read at every call, so set it
+    before the engine starts."""
+    return on_by_default(PULL_POLL_ENV_VAR)
 
 
 def pull_waits_for_writer() -> bool:
