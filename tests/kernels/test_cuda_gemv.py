@@ -155,6 +155,21 @@ def test_preferred_untimed_for_large_weights(monkeypatch: pytest.MonkeyPatch) ->
     assert not cuda_gemv.preferred(small) and not cuda_gemv.preferred(large)
 
 
+_SITE_SHAPE = (4096, 2048, 3072)  # a site's tests: hidden size, the writer's K, the reader's N
+
+
+def _site_weights(seed: int,
+                  writers: int = 1) -> tuple[torch.Generator, list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """A site's test weights from `seed`: the generator (for the inputs that follow), each
+    writer's [hidden, K] weight, the reader's [N, hidden] weight and its norm weight (bf16)."""
+    hidden, k_o, n_reader = _SITE_SHAPE
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w_o = [(torch.randn(hidden, k_o, device="cuda", generator=g) * 0.05).bfloat16() for _ in range(writers)]
+    w_r = (torch.randn(n_reader, hidden, device="cuda", generator=g) * 0.05).bfloat16()
+    nw = (1 + 0.1 * torch.randn(hidden, device="cuda", generator=g)).bfloat16()
+    return g, w_o, w_r, nw
+
+
 @gpu_only
 @pytest.mark.parametrize("writer_mode", ["plain", "silu"])
 @pytest.mark.parametrize("pull_wait,pull_poll", [("0", "1"), ("1", "0"), ("0", "0")])
@@ -170,11 +185,8 @@ def test_all_reduce_carried_by_push_and_pull_equals_the_one_shot_sum(writer_mode
     monkeypatch.setenv(cuda_gemv.PULL_POLL_ENV_VAR, pull_poll)  # stale words polled alone, no counts
     if not cuda_gemv.available():
         pytest.skip("the extension did not build here (no nvcc?)")
-    hidden, k_o, n_reader = 4096, 2048, 3072
-    g = torch.Generator(device="cuda").manual_seed(11)
-    w_o = [(torch.randn(hidden, k_o, device="cuda", generator=g) * 0.05).bfloat16() for _ in range(2)]
-    w_r = (torch.randn(n_reader, hidden, device="cuda", generator=g) * 0.05).bfloat16()
-    nw = (1 + 0.1 * torch.randn(hidden, device="cuda", generator=g)).bfloat16()
+    hidden, k_o, n_reader = _SITE_SHAPE
+    g, w_o, w_r, nw = _site_weights(11, writers=2)
     buffer = torch.zeros(cuda_gemv.exchange_buffer_bytes(2, hidden) // 8, dtype=torch.int64, device="cuda")
     epoch = torch.zeros(1, dtype=torch.int64, device="cuda")
     for call in range(3):
@@ -213,11 +225,8 @@ def test_local_hand_off_by_tags_is_the_plain_hand_off(writer_mode: str, pull_pol
     monkeypatch.setenv(cuda_gemv.PULL_POLL_ENV_VAR, pull_poll)
     if not cuda_gemv.available():
         pytest.skip("the extension did not build here (no nvcc?)")
-    hidden, k_o, n_reader = 4096, 2048, 3072
-    g = torch.Generator(device="cuda").manual_seed(23)
-    w_o = (torch.randn(hidden, k_o, device="cuda", generator=g) * 0.05).bfloat16()
-    w_r = (torch.randn(n_reader, hidden, device="cuda", generator=g) * 0.05).bfloat16()
-    nw = (1 + 0.1 * torch.randn(hidden, device="cuda", generator=g)).bfloat16()
+    hidden, k_o, n_reader = _SITE_SHAPE
+    g, (w_o,), w_r, nw = _site_weights(23)
     (site,) = cuda_gemv.local_exchanges([hidden], torch.device("cuda"))
     width = k_o * (2 if writer_mode == "silu" else 1)
     x = torch.empty(1, width, device="cuda", dtype=torch.bfloat16)
@@ -256,11 +265,8 @@ def test_pull_waits_for_a_peer_whose_rows_come_late(pull_poll: str, monkeypatch:
     monkeypatch.setenv(cuda_gemv.PULL_POLL_ENV_VAR, pull_poll)
     if not cuda_gemv.available():
         pytest.skip("the extension did not build here (no nvcc?)")
-    hidden, k_o, n_reader = 4096, 2048, 3072
-    g = torch.Generator(device="cuda").manual_seed(5)
-    w_o = (torch.randn(hidden, k_o, device="cuda", generator=g) * 0.05).bfloat16()
-    w_r = (torch.randn(n_reader, hidden, device="cuda", generator=g) * 0.05).bfloat16()
-    nw = (1 + 0.1 * torch.randn(hidden, device="cuda", generator=g)).bfloat16()
+    hidden, k_o, n_reader = _SITE_SHAPE
+    g, (w_o,), w_r, nw = _site_weights(5)
     buffer = torch.zeros(cuda_gemv.exchange_buffer_bytes(2, hidden) // 8, dtype=torch.int64, device="cuda")
     words = buffer.view(torch.int32)
     epoch = torch.zeros(1, dtype=torch.int64, device="cuda")
