@@ -33,7 +33,7 @@ from types import ModuleType
 import torch
 
 from pagedllm.cuda_extension import load_extension
-from pagedllm.envs import on_by_default
+from pagedllm.envs import off_by_default, on_by_default
 
 DISABLE_ENV_VAR = "PAGEDLLM_DISABLE_CUDA_GEMV"
 # Skip the timing and take this kernel wherever it serves: the tuner times each kernel alone, which
@@ -66,7 +66,7 @@ STAGE_WORDS = 8  # int64 words a stamped stage takes (cuda_gemv.cu's kStageWords
 
 def enabled_by_env() -> bool:
     """False when PAGEDLLM_DISABLE_CUDA_GEMV is set to anything but '', '0' or 'false'."""
-    return os.environ.get(DISABLE_ENV_VAR, "0").strip().lower() in ("", "0", "false")
+    return not off_by_default(DISABLE_ENV_VAR)
 
 
 @functools.cache
@@ -179,10 +179,10 @@ LOCAL_HANDOFF_ENV_VAR = "PAGEDLLM_GEMV_LOCAL_HANDOFF"
 
 def local_handoff_enabled() -> bool:
     """Whether one GPU hands rows over by their tags (`local_exchanges`): PAGEDLLM_GEMV_LOCAL_HANDOFF=1.
-    Off by default: L1 at TP=1 on an H200 took 4.003 ms with it against 3.887 without
-    (docs/benchmarks.md, twenty-second session); kept to measure what the tagged hand-off costs
+    Off by default: L1 at TP=1 on an H200 took 3.933 ms with it against 3.849 without
+    (docs/benchmarks.md, twenty-third session); kept to measure what the tagged hand-off costs
     over the plain one, which the all-reduce sites of two GPUs pay too."""
-    return os.environ.get(LOCAL_HANDOFF_ENV_VAR, "0").strip().lower() not in ("", "0", "false")
+    return off_by_default(LOCAL_HANDOFF_ENV_VAR)
 
 
 def local_exchanges(sizes: list[int], device: torch.device) -> list[Exchange]:
@@ -262,7 +262,7 @@ def pull_waits_for_writer() -> bool:
     """Whether a pulled operand's consumers also wait for the writer grid to complete
     (griddepcontrol.wait) before loading it: PAGEDLLM_GEMV_PULL_WAIT=1. Off by default: the
     rows' tags already vouch for them (cuda_gemv.cu)."""
-    return os.environ.get(PULL_WAIT_ENV_VAR, "0").strip().lower() not in ("", "0", "false")
+    return off_by_default(PULL_WAIT_ENV_VAR)
 
 
 MAX_PULL_WORLD = 2  # ranks a pulled operand sums (cuda_gemv.cu's kMaxPullWorld)
