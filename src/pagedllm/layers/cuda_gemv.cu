@@ -298,9 +298,10 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_m1_kernel(const Params p) {
       // pull_poll: a thread with stale words polls just those (the writers count no rows), and
       // each lands as soon as its writer CTA stored it, not when the last one counted its rows.
       if (p.pull_poll ? stale : consumers_any(stale)) {
-        // A peer's rows are still on their way: one thread waits for every rank's count (polling
-        // all the words would flood L2), then each thread reloads its stale words, and polls any
-        // a count overtook (rare) until it lands.
+        // A peer's rows are still on their way. Polled (the default): each thread with stale
+        // words polls just those, a short sleep between polls. Counted: one thread waits for
+        // every rank's count, then each thread reloads its stale words, and polls any a count
+        // overtook (rare) until it lands.
         if (!p.pull_poll && tid == 0) {
           const unsigned long long* counts = site_counts(p.pull, p.world, K);
           const unsigned long long target = (site_calls + 1) * static_cast<unsigned long long>(K);
