@@ -1,4 +1,4 @@
-"""Greedy tokens of every parallel layout on one 4-GPU machine (TP=1, 2, 4; TP=2 x PP=2), with
+"""Greedy tokens of every parallel layout that fits the machine (TP=1, 2, 4; PP=2; TP=2 x PP=2), with
 the CUDA GEMV kernel forced on a small random Llama so that batch-1 decodes take it, and the
 all-reduce sites' exchange (TP=2) on and off.
 
@@ -8,8 +8,10 @@ all-reduce sites' exchange (TP=2) on and off.
 What must hold (printed per layout as "identical to <reference>: k / n"):
 - fp32: every layout gives TP=1's tokens (fp32 runs no custom kernel of its own here);
 - bf16: the exchange gives the plain one-shot all-reduce's tokens (TP=2, and each TP=2 stage
-  of PP=2), and the one-shot all-reduce gives NCCL's (TP=4): each sums the ranks in the same
-  order, bit for bit. bf16 across TP sizes parts at near-ties and is printed for information.
+  of PP=2), the one-shot all-reduce gives NCCL's (TP=4), and PP=2 gives TP=1's (the same
+  kernels per layer): each sums in the same order, bit for bit. bf16 across TP sizes parts at
+  near-ties and is printed for information. Layouts needing more GPUs than the machine has are
+  skipped (on CPU every layout runs, over gloo).
 Every decode is batch 1 (max_num_seqs=1), the shape the CUDA GEMV and its exchange serve.
 Writes $OUT/check_layouts.json.
 """
@@ -23,6 +25,8 @@ import tempfile
 import time
 from typing import Any
 
+import torch
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from pagedllm import LLM, SamplingParams  # noqa: E402
 from pagedllm.worker import worker as worker_module  # noqa: E402
@@ -33,6 +37,7 @@ LAYOUTS: list[tuple[str, str, int, int, dict[str, str], dict[str, Any], str | No
     ("fp32_tp1", "float32", 1, 1, {}, {}, None),
     ("fp32_tp2", "float32", 2, 1, {}, {}, "fp32_tp1"),
     ("fp32_tp4", "float32", 4, 1, {}, {}, "fp32_tp1"),
+    ("fp32_pp2", "float32", 1, 2, {}, {}, "fp32_tp1"),
     ("fp32_tp2pp2", "float32", 2, 2, {}, {}, "fp32_tp1"),
     ("bf16_tp2_plain", "bfloat16", 2, 1, {"PAGEDLLM_GEMV_ALL_REDUCE": "0"}, {}, None),
     ("bf16_tp2", "bfloat16", 2, 1, {}, {}, "bf16_tp2_plain"),
@@ -40,6 +45,7 @@ LAYOUTS: list[tuple[str, str, int, int, dict[str, str], dict[str, Any], str | No
     ("bf16_tp4_nccl", "bfloat16", 4, 1, {}, {"disable_custom_all_reduce": True}, None),
     ("bf16_tp4", "bfloat16", 4, 1, {}, {}, "bf16_tp4_nccl"),
     ("bf16_tp1", "bfloat16", 1, 1, {}, {}, None),
+    ("bf16_pp2", "bfloat16", 1, 2, {}, {}, "bf16_tp1"),
 ]
 INFORMATIVE = {"bf16_tp2": "bf16_tp1", "bf16_tp4": "bf16_tp1"}  # near-ties may part these
 
@@ -68,7 +74,10 @@ def main() -> None:
     result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as path:
         build_tiny_model("LlamaForCausalLM", path, configs={"LlamaForCausalLM": shape})
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else None
         for name, dtype, tp, pp, env, engine_kw, _ in LAYOUTS:
+            if gpus is not None and tp * pp > gpus:
+                continue
             saved = {k: os.environ.get(k) for k in env}
             os.environ.update(env)
             t0 = time.perf_counter()
@@ -94,11 +103,11 @@ def main() -> None:
                 result[name][f"identical_to_{ref}"] = f"{same} / {len(prompts)}"
                 if required and same != len(prompts):
                     result[name]["MISMATCH"] = True
-    print("\n| layout | ranks: exchange layers | compared | error |\n| --- | --- | --- | --- |")
+    print("\n| layout | ranks: exchange layers | compared | error or mismatch |\n| --- | --- | --- | --- |")
     for name, res in result.items():
         layers = [r["gemv_exchange_layers"] for r in res.get("ranks", [])]
         compared = "; ".join(f"{k[13:]}: {v}" for k, v in res.items() if k.startswith("identical_to_"))
-        print(f"| {name} | {layers} | {compared} | {res.get('error', '')} |")
+        print(f"| {name} | {layers} | {compared} | {res.get('error', 'MISMATCH' if res.get('MISMATCH') else '')} |")
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "check_layouts.json"), "w") as f:
