@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed")
 
 from pagedllm.attention import triton_backend as tb  # noqa: E402
-from pagedllm.worker.cuda_graph import CUDAGraphRunner, prefill_capture_sizes  # noqa: E402
+from pagedllm.worker.cuda_graph import CUDAGraphRunner, capture_sizes, prefill_capture_sizes  # noqa: E402
 from tests.kernels.test_triton_attention import DEVICE, SCALE, make_batch, max_error, new_token_positions_and_slots  # noqa: E402
 
 MAX_MODEL_LEN = 160
@@ -46,6 +46,42 @@ def test_prefill_capture_sizes_double_up_to_256_then_step_by_128_up_to_the_limit
     # Every step of up to 2048 tokens gets a graph with fewer than 128 padding tokens past 256.
     for tokens in range(257, 2049):
         assert 0 <= next(size for size in sizes if size >= tokens) - tokens < 128
+
+
+def test_decode_capture_sizes_end_at_max_num_seqs() -> None:
+    assert capture_sizes(1) == [1]
+    assert capture_sizes(3) == [1, 2, 3]
+    assert capture_sizes(8) == [1, 2, 4, 8]
+    assert capture_sizes(12) == [1, 2, 4, 8, 12]
+    assert capture_sizes(24) == [1, 2, 4, 8, 16, 24]
+
+
+@pytest.mark.parametrize("max_num_seqs", [1, 2, 8])
+def test_prefill_capture_keeps_every_request_within_max_model_len(max_num_seqs: int) -> None:
+    """Capturing a prefill graph of more tokens than max_model_len once put them all in one
+    request, whose block-table row the attention then read past its end: an illegal address on
+    the GPU when the table has one or two rows (--max-num-seqs 1 or 2 with a short
+    --max-model-len). Now the tokens are whole prompts of at most max_model_len each, and no
+    graph is larger than max_batch such prompts."""
+    runner = make_runner(max_num_seqs=max_num_seqs, max_prefill_tokens=512)
+    assert runner.prefill_sizes[-1] == min(512, max_num_seqs * MAX_MODEL_LEN)
+    kv_cache = torch.randn(2, 4, BLOCK_SIZE, 2, 16, device=DEVICE)
+    for tokens in runner.prefill_sizes:
+        runner.stage_prefill_capture(tokens)
+        md = runner.prefill_metadata(tokens)
+        starts = md.query_start_loc.tolist()
+        query_lens = [b - a for a, b in zip(starts, starts[1:])]
+        assert starts[0] == 0 and starts[-1] == tokens and min(query_lens) >= 0
+        assert max(query_lens) <= MAX_MODEL_LEN
+        owners = [i for i, n in enumerate(query_lens) if n]
+        assert owners == list(range(len(owners)))  # the requests with tokens come first
+        assert md.seq_lens[owners].tolist() == [query_lens[i] for i in owners]  # fresh prompts
+        assert not md.block_tables.any() and torch.equal(md.slot_mapping, torch.full((tokens,), -1, device=DEVICE))
+    # The largest graph's staged step runs through the attention as captured.
+    tokens = runner.prefill_sizes[-1]
+    query = torch.randn(tokens, 4, 16, device=DEVICE)
+    out = tb.paged_attention(query, kv_cache, runner.prefill_metadata(tokens), SCALE)
+    assert torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize(("query_lens", "seq_lens", "group"), [

@@ -40,7 +40,7 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     """The ladder of batch sizes to capture: 1, 2, 4, 8, then every multiple of 8."""
     sizes = [b for b in (1, 2, 4) if b <= max_num_seqs]
     sizes += list(range(8, max_num_seqs + 1, 8))
-    if sizes[-1] != max_num_seqs and max_num_seqs > 8:
+    if sizes[-1] != max_num_seqs:  # e.g. 3 or 12: the largest batch must have a graph too
         sizes.append(max_num_seqs)
     return sizes
 
@@ -95,7 +95,8 @@ class CUDAGraphRunner:
         self.device = device
         self.sizes = capture_sizes(max_num_seqs)
         self.max_batch = self.sizes[-1]
-        self.prefill_sizes = prefill_capture_sizes(max_prefill_tokens)
+        # No step the graphs serve holds more tokens than max_batch requests of max_model_len each.
+        self.prefill_sizes = prefill_capture_sizes(min(max_prefill_tokens, self.max_batch * max_model_len))
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // block_size)
         self.choose_splits = choose_splits
@@ -156,6 +157,26 @@ class CUDAGraphRunner:
             query_start_loc_cpu=[0] + [tokens] * reqs, seq_lens_cpu=[self.max_model_len] * reqs,
         )
 
+    def stage_prefill_capture(self, tokens: int) -> None:
+        """Fill the static buffers for the warm-up and capture of the prefill graph of `tokens`
+        tokens: whole fresh prompts of at most max_model_len tokens each (the first requests;
+        the rest own none), every block-table entry block 0, every slot -1 (nothing written).
+
+        A request must not be longer than max_model_len: the kernels would read its block-table
+        row past its end (with one or two rows, past the whole table: an illegal address)."""
+        self.slot_mapping.fill_(-1)
+        self.block_tables.zero_()
+        self.seq_lens.fill_(1)
+        reqs = min(tokens, self.max_batch)
+        query_lens = [min(self.max_model_len, tokens - start) for start in range(0, tokens, self.max_model_len)]
+        if len(query_lens) > reqs:
+            raise ValueError(f"a prefill graph of {tokens} tokens cannot be captured with {reqs} requests of at "
+                             f"most {self.max_model_len} tokens")
+        self.seq_lens[: len(query_lens)].copy_(torch.tensor(query_lens), non_blocking=False)
+        ends = torch.tensor(query_lens).cumsum(0).tolist()
+        starts = [0] + ends + [tokens] * (reqs - len(query_lens))
+        self.prefill_query_start_loc[: reqs + 1].copy_(torch.tensor(starts, dtype=torch.int32))
+
     def _capture_one(self, tokens: int, metadata: AttentionMetadata) -> tuple[torch.cuda.CUDAGraph, GraphOutput]:
         args: tuple = (self.input_ids[:tokens], self.positions[:tokens], metadata)
         if self.intermediate is not None:
@@ -174,14 +195,8 @@ class CUDAGraphRunner:
     def capture(self) -> None:
         """Capture every size, largest first so smaller graphs reuse its memory pool."""
         start = time.perf_counter()
-        # Warm-up and capture of the prefill graphs: one request holding every token, reading
-        # block 0 and writing nowhere.
-        self.slot_mapping.fill_(-1)
-        self.seq_lens.fill_(1)
         for tokens in reversed(self.prefill_sizes):
-            self.prefill_query_start_loc.fill_(tokens)
-            self.prefill_query_start_loc[0] = 0
-            self.seq_lens[0] = tokens
+            self.stage_prefill_capture(tokens)
             self.prefill_graphs[tokens], self.prefill_outputs[tokens] = self._capture_one(
                 tokens, self.prefill_metadata(tokens))
         self.seq_lens.fill_(1)
