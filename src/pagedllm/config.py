@@ -68,6 +68,14 @@ class SchedulerConfig:
     # not sample learn the sampled tokens this way).
     include_last_token_ids: bool = False
 
+    @property
+    def max_step_tokens(self) -> int:
+        """The most tokens one step can hold: the token budget, or max_num_seqs requests of
+        max_model_len tokens each where that is fewer. The memory profile and the warm-up run
+        steps of this size; a larger one would need a dummy prompt longer than the model serves
+        (positions past the rotary tables, block-table rows read past their end)."""
+        return min(self.max_num_batched_tokens, self.max_num_seqs * self.max_model_len)
+
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}.")

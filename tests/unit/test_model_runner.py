@@ -18,6 +18,25 @@ def test_profile_run_executes_a_full_budget_step_and_cleans_up(tmp_path):
     assert runner.requests == {} and runner.kv_caches == []
 
 
+def test_profile_step_holds_no_prompt_longer_than_max_model_len(tmp_path):
+    """With few sequences and a short max_model_len, the full token budget would be one dummy
+    prompt far past max_model_len (on the GPU: an illegal address in the rotary and attention
+    kernels at start-up). The profile and warm-up steps are capped at what a step can hold."""
+    from pagedllm.worker.model_runner import _dummy_prompt_lengths
+
+    build_tiny_model("LlamaForCausalLM", str(tmp_path))
+    config = create_engine_config(EngineArgs(model=str(tmp_path), skip_tokenizer_init=True, device="cpu",
+                                             max_num_seqs=2, max_model_len=96))
+    sched = config.scheduler_config
+    assert sched.max_num_batched_tokens > 2 * 96 and sched.max_step_tokens == 2 * 96
+    assert max(_dummy_prompt_lengths(sched.max_step_tokens, sched.max_num_seqs)) == 96
+    worker = Worker(config)
+    worker.load_model()
+    runner = worker.model_runner
+    assert runner.profile_run(sched.max_step_tokens, sched.max_num_seqs) == 2 * 6 * runner.kv_cache_bytes_per_block()
+    assert runner.requests == {}
+
+
 def test_warm_up_prefills_through_the_real_pool_and_leaves_no_request_behind(tmp_path):
     from pagedllm import LLM, SamplingParams
 

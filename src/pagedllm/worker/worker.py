@@ -86,7 +86,7 @@ class Worker:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         baseline_allocated = torch.cuda.memory_allocated(self.device)
-        temporary_cache = self.model_runner.profile_run(sched.max_num_batched_tokens, sched.max_num_seqs)
+        temporary_cache = self.model_runner.profile_run(sched.max_step_tokens, sched.max_num_seqs)
         torch.cuda.synchronize(self.device)
         activation_peak = torch.cuda.max_memory_allocated(self.device) - baseline_allocated - temporary_cache
         torch.cuda.empty_cache()
@@ -108,7 +108,7 @@ class Worker:
             if not self.config.enforce_eager:
                 self.model_runner.capture_cuda_graphs(sched.max_num_seqs, sched.max_model_len,
                                                       self.config.cuda_graph_max_prefill_tokens)
-            self.model_runner.warm_up(sched.max_num_batched_tokens, sched.max_num_seqs)
+            self.model_runner.warm_up(sched.max_step_tokens, sched.max_num_seqs)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Run one scheduled step."""
