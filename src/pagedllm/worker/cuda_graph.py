@@ -37,7 +37,8 @@ logger = logging.getLogger(__name__)
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
-    """The ladder of batch sizes to capture: 1, 2, 4, 8, then every multiple of 8."""
+    """The ladder of batch sizes to capture: 1, 2, 4, 8, then every multiple of 8, and
+    max_num_seqs itself (none larger)."""
     sizes = [b for b in (1, 2, 4) if b <= max_num_seqs]
     sizes += list(range(8, max_num_seqs + 1, 8))
     if sizes[-1] != max_num_seqs:  # e.g. 3 or 12: the largest batch must have a graph too
