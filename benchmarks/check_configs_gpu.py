@@ -90,6 +90,7 @@ def main() -> None:
     names = list(CONFIGS)
     if args.only:  # the references run first
         names = ["eager", "bf16_default"] + [n for n in args.only.split(",") if n not in ("eager", "bf16_default")]
+    from gpu_check import comparisons, write_results
     from tests.models.tiny_models import build_tiny_model
 
     result: dict[str, Any] = {}
@@ -119,12 +120,9 @@ def main() -> None:
             print(name, result[name], flush=True)
     print("\n| config | engine arguments | started and ran | greedy tokens == reference |\n| --- | --- | --- | --- |")
     for name, res in result.items():
-        compared = "; ".join(f"{k[13:]}: {v}" for k, v in res.items() if k.startswith("identical_to_")) or "-"
-        print(f"| {name} | {CONFIGS[name]} | {'yes' if res['ok'] else 'NO: ' + res.get('error', '')} | {compared} |")
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "check_configs.json"), "w") as f:
-            json.dump(result, f, indent=1)
+        ran = "yes" if res["ok"] else "NO: " + res.get("error", "")
+        print(f"| {name} | {CONFIGS[name]} | {ran} | {comparisons(res) or '-'} |")
+    write_results(result, "check_configs.json")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Writes $OUT/check_layouts.json.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -65,6 +64,9 @@ worker_module.Worker.layout_info = _layout_info  # type: ignore[attr-defined]
 
 def main() -> None:
     """Run every layout, compare each with its reference, print a table, write JSON."""
+    # Here, not at module level: the spawned workers import this file, and gpu_check touches GPU 0.
+    from gpu_check import comparisons, write_results
+
     os.environ["PAGEDLLM_PREFER_CUDA_GEMV"] = "1"  # the small model's GEMVs take the CUDA kernel
     shape = {**TINY_CONFIGS["LlamaForCausalLM"], "hidden_size": 512, "intermediate_size": 1536,
              "num_attention_heads": 8, "num_key_value_heads": 4, "num_hidden_layers": 4}
@@ -108,12 +110,9 @@ def main() -> None:
     print("\n| layout | ranks: exchange layers | compared | error or mismatch |\n| --- | --- | --- | --- |")
     for name, res in result.items():
         layers = [r["gemv_exchange_layers"] for r in res.get("ranks", [])]
-        compared = "; ".join(f"{k[13:]}: {v}" for k, v in res.items() if k.startswith("identical_to_"))
-        print(f"| {name} | {layers} | {compared} | {res.get('error', 'MISMATCH' if res.get('MISMATCH') else '')} |")
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "check_layouts.json"), "w") as f:
-            json.dump(result, f, indent=1)
+        flag = res.get("error", "MISMATCH" if res.get("MISMATCH") else "")
+        print(f"| {name} | {layers} | {comparisons(res)} | {flag} |")
+    write_results(result, "check_layouts.json")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,12 @@ def write_results(results: dict, filename: str) -> None:
         print(f"wrote {path}")
 
 
+def comparisons(result: dict) -> str:
+    """A result's `identical_to_<reference>` fields as "reference: k / n; ..." (a table cell)."""
+    prefix = "identical_to_"
+    return "; ".join(f"{key[len(prefix):]}: {value}" for key, value in result.items() if key.startswith(prefix))
+
+
 def section(name):
     """Decorator: calling the function records its result in RESULTS under `name` (see `record`)."""
     def wrap(fn):
