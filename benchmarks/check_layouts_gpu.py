@@ -97,7 +97,10 @@ def main() -> None:
                 result[name] = {"error": f"{type(exc).__name__}: {exc}"}
             finally:
                 for k, v in saved.items():
-                    os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
             print(name, result[name], flush=True)
     for name, *_, reference in LAYOUTS:
         pairs = [(reference, True)] + ([(INFORMATIVE[name], False)] if name in INFORMATIVE else [])

@@ -24,6 +24,7 @@ Inputs are copied into static buffers and only the real rows of the output are u
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -173,10 +174,9 @@ class CUDAGraphRunner:
         if len(query_lens) > reqs:
             raise ValueError(f"a prefill graph of {tokens} tokens cannot be captured with {reqs} requests of at "
                              f"most {self.max_model_len} tokens")
-        self.seq_lens[: len(query_lens)].copy_(torch.tensor(query_lens), non_blocking=False)
-        ends = torch.tensor(query_lens).cumsum(0).tolist()
-        starts = [0] + ends + [tokens] * (reqs - len(query_lens))
-        self.prefill_query_start_loc[: reqs + 1].copy_(torch.tensor(starts, dtype=torch.int32))
+        self.seq_lens[: len(query_lens)].copy_(torch.tensor(query_lens))
+        starts = torch.tensor([0, *itertools.accumulate(query_lens)], dtype=torch.int32)
+        pad_query_start_loc(starts, self.prefill_query_start_loc[: reqs + 1])
 
     def _capture_one(self, tokens: int, metadata: AttentionMetadata) -> tuple[torch.cuda.CUDAGraph, GraphOutput]:
         args: tuple = (self.input_ids[:tokens], self.positions[:tokens], metadata)
